@@ -1,0 +1,1893 @@
+# Print from Ultimaker Cura over the network, as to an Ultimaker printer
+#
+# This file may be distributed under the terms of the GNU GPLv3 license.
+#
+# Cura's bundled "UM3NetworkPrinting" plugin finds printers through zeroconf
+# (_ultimaker._tcp) and talks to them with a small HTTP "cluster API".  This
+# module answers that API from inside Klippy: a threaded HTTP server reads
+# status snapshots published by the reactor, stores uploads in the
+# virtual_sdcard directory, keeps a persistent print queue and sends its
+# commands (SDCARD_PRINT_FILE, PAUSE, RESUME, CANCEL_PRINT) back through the
+# reactor.  HTTP threads never touch printer objects.
+import errno
+import http.server
+import ipaddress
+import json
+import logging
+import os
+import re
+import shutil
+import socket
+import socketserver
+import tempfile
+import threading
+import time
+import unicodedata
+import uuid
+import zlib
+
+# Ultimaker machine types Cura knows: option value -> (BOM number, variant).
+# The BOM number makes Cura create that machine definition; the variant is
+# the display name Cura shows (and the picture it picks).
+CURA_MACHINES = {
+    "ultimaker_s3": (213482, "Ultimaker S3"),
+    "ultimaker_s5": (9051, "Ultimaker S5"),
+    "ultimaker3": (9066, "Ultimaker 3"),
+    "ultimaker3_extended": (9511, "Ultimaker 3 Extended"),
+}
+# Cura refuses firmware below 4.0.0 and sends UFP from 4.4 on.
+FIRMWARE_VERSION = "5.2.11"
+SERVICE_TYPE = "_ultimaker._tcp.local."
+SNAPSHOT_INTERVAL = 0.5
+COMMAND_TIMEOUT = 5.
+MAX_JSON_BODY = 64 * 1024
+MAX_MATERIAL_BODY = 4 * 1024 * 1024
+MAX_PREVIEW_SIZE = 16 * 1024 * 1024
+READ_CHUNK = 256 * 1024
+GCODE_EXTENSIONS = (".gcode", ".g", ".gco")
+UPLOAD_EXTENSIONS = (".ufp", ".gcode.gz") + GCODE_EXTENSIONS
+
+# Servers of earlier printer objects.  Klippy does not re-import modules on
+# RESTART, so this list survives and lets load_config() release a port that
+# a missed klippy:disconnect left bound.
+_live_instances = []
+
+
+class CommandError(Exception):
+    pass
+
+
+class HTTPError(Exception):
+    def __init__(self, status, message, close=False):
+        Exception.__init__(self, message)
+        self.status = status
+        self.message = message
+        self.close = close
+
+
+def _host_ipv4_addresses(bind_address):
+    # The addresses Cura may use to reach this host, best first: Cura uses
+    # only the first one it is given.
+    if bind_address not in ("0.0.0.0", "::"):
+        return [bind_address]
+    try:
+        import ifaddr
+        ips = [ip.ip for adapter in ifaddr.get_adapters()
+               for ip in adapter.ips if isinstance(ip.ip, str)]
+    except Exception:
+        logging.exception("cura_connection: cannot list interfaces")
+        ips = []
+    usable = [ip for ip in ips if not ip.startswith("127.")]
+    usable.sort(key=lambda ip: ip.startswith("169.254."))
+    return usable or ["127.0.0.1"]
+
+
+######################################################################
+# Klippy bridge: the only code that touches printer objects
+######################################################################
+
+class PendingCommand:
+    def __init__(self, script):
+        self.script = script
+        self.done = threading.Event()
+        self.error = None
+        self.snapshot = None
+
+    def wait(self, timeout=COMMAND_TIMEOUT):
+        if not self.done.wait(timeout):
+            raise CommandError("Klipper did not finish %s within %.0f s"
+                               % (self.script, timeout))
+        if self.error is not None:
+            raise CommandError(self.error)
+        return self.snapshot
+
+
+class KlippyBridge:
+    def __init__(self, config, on_snapshot):
+        self.printer = config.get_printer()
+        self.reactor = self.printer.get_reactor()
+        self.on_snapshot = on_snapshot
+        self.closing = False
+        self.seq = 0
+        self.status_objects = []
+        self.extruder_names = []
+        self.gcode = None
+        # Readers in other threads only ever see a complete snapshot: a new
+        # dict is built and swapped in, never changed afterwards.
+        self.snapshot = {"seq": 0, "klippy_state": "startup",
+                         "state_message": "Klipper is starting",
+                         "print_stats": {}, "virtual_sdcard": {},
+                         "pause_resume": {}, "extruders": [],
+                         "heater_bed": None}
+        self.printer.register_event_handler("klippy:connect",
+                                            self._handle_connect)
+        self.reactor.register_timer(self._publish_timer, self.reactor.NOW)
+
+    def _handle_connect(self):
+        self.gcode = self.printer.lookup_object("gcode")
+        names = ["webhooks", "print_stats", "virtual_sdcard",
+                 "pause_resume", "heater_bed", "toolhead"]
+        for i in range(99):
+            name = "extruder%d" % (i,) if i else "extruder"
+            if self.printer.lookup_object(name, None) is None:
+                break
+            self.extruder_names.append(name)
+        self.status_objects = [
+            (name, self.printer.lookup_object(name))
+            for name in names + self.extruder_names
+            if self.printer.lookup_object(name, None) is not None]
+
+    def _collect(self, eventtime):
+        st = {}
+        for name, obj in self.status_objects:
+            try:
+                st[name] = obj.get_status(eventtime)
+            except Exception:
+                logging.exception("cura_connection: %s status", name)
+        msg, state = self.printer.get_state_message()
+        ps = st.get("print_stats", {})
+        vsd = st.get("virtual_sdcard", {})
+        self.seq += 1
+        bed = st.get("heater_bed")
+        return {
+            "seq": self.seq, "time": time.time(),
+            "klippy_state": state, "state_message": msg.strip(),
+            "print_stats": {k: ps.get(k) for k in (
+                "state", "filename", "print_duration", "total_duration",
+                "filament_used", "message")},
+            "virtual_sdcard": {k: vsd.get(k) for k in (
+                "progress", "is_active", "file_position", "file_size")},
+            "pause_resume": {"is_paused": st.get("pause_resume", {}).get(
+                "is_paused", False)},
+            "extruders": [{"name": n,
+                           "temperature": st.get(n, {}).get("temperature"),
+                           "target": st.get(n, {}).get("target")}
+                          for n in self.extruder_names],
+            "heater_bed": bed and {"temperature": bed.get("temperature"),
+                                   "target": bed.get("target")},
+            "homed_axes": st.get("toolhead", {}).get("homed_axes", ""),
+        }
+
+    def publish(self, eventtime):
+        snap = self._collect(eventtime)
+        self.snapshot = snap
+        self.on_snapshot(snap)
+        return snap
+
+    def _publish_timer(self, eventtime):
+        self.publish(eventtime)
+        return eventtime + SNAPSHOT_INTERVAL
+
+    def submit(self, script):
+        # Called from other threads: the script runs in the reactor, where
+        # run_script may pause cooperatively for the G-code mutex.
+        cmd = PendingCommand(script)
+        if self.closing or self.gcode is None:
+            cmd.error = "Klipper is not ready"
+            cmd.done.set()
+            return cmd
+        def run(eventtime):
+            try:
+                self.gcode.run_script(script)
+            except Exception as e:
+                cmd.error = str(e) or e.__class__.__name__
+            cmd.snapshot = self.publish(self.reactor.monotonic())
+            cmd.done.set()
+        self.reactor.register_async_callback(run)
+        return cmd
+
+    def run_gcode(self, script, timeout=COMMAND_TIMEOUT):
+        return self.submit(script).wait(timeout)
+
+
+######################################################################
+# Job store: the queue, the job on the printer and the history
+######################################################################
+
+ACTIVE = ("pre_print", "printing", "pausing", "paused", "resuming",
+          "aborting")
+# Status shown on the printer card after a print -> status in the history
+ENDED = {"wait_cleanup": "finished", "aborted_wait_cleanup": "aborted",
+         "failed_wait_cleanup": "failed"}
+END_OF_PRINT = {"complete": "wait_cleanup",
+                "cancelled": "aborted_wait_cleanup",
+                "standby": "aborted_wait_cleanup",
+                "error": "failed_wait_cleanup"}
+START_GRACE = 30.
+JOB_FIELDS = ("uuid", "name", "filename", "owner", "created_at", "status",
+              "source", "time_estimate", "time_elapsed", "time_total",
+              "preview", "started", "force", "message", "finished_at")
+
+
+class Job:
+    def __init__(self, **fields):
+        self.uuid = str(uuid.uuid4())
+        self.name = self.filename = ""
+        self.owner = "Cura"
+        self.created_at = time.strftime("%Y-%m-%dT%H:%M:%S.000000Z",
+                                        time.gmtime())
+        self.status = "queued"
+        self.source = "cura"
+        self.time_estimate = self.time_elapsed = self.time_total = 0
+        self.preview = None
+        self.started = self.force = False
+        self.message = ""
+        self.finished_at = None
+        for k, v in fields.items():
+            if k in JOB_FIELDS:
+                setattr(self, k, v)
+        # Not persisted: which snapshots may judge this job, and the
+        # PAUSE/RESUME/CANCEL_PRINT command still in flight.
+        self.start_seq = 0
+        self.start_time = 0.
+        self.pending = None
+
+    def to_dict(self):
+        return {k: getattr(self, k) for k in JOB_FIELDS}
+
+    def summary(self):
+        return {"uuid": self.uuid, "name": self.name, "owner": self.owner,
+                "status": self.status, "filename": self.filename}
+
+
+def estimate_time_total(estimate, elapsed, progress):
+    # Blend the slicer's estimate with what the progress so far predicts,
+    # trusting the observation more as the print goes on.
+    total = float(estimate or 0)
+    if progress and progress > 0.01 and elapsed > 0:
+        observed = elapsed / progress
+        total = observed if not total else (
+            (1. - progress) * total + progress * observed)
+    return int(max(total, elapsed + 1))
+
+
+class JobStore:
+    def __init__(self, path, history_size, auto_start_next):
+        self.path = path
+        self.history_size = history_size
+        self.auto_start_next = auto_start_next
+        self.lock = threading.RLock()
+        self.save_lock = threading.Lock()
+        self.current = None
+        self.queue = []
+        self.history = []
+        self.plate_clear = True
+        self.dirty = False
+        self.status_cache = {}
+        self._load()
+
+    def _load(self):
+        try:
+            with open(self.path, "r") as f:
+                data = json.load(f)
+        except FileNotFoundError:
+            data = {}
+        except (OSError, ValueError) as e:
+            # Keep the damaged file for the user; start with an empty queue.
+            logging.error("cura_connection: cannot read %s: %s", self.path, e)
+            try:
+                os.replace(self.path, self.path + ".bad")
+            except OSError:
+                pass
+            data = {}
+        def jobs(items):
+            return [Job(**d) for d in items or [] if isinstance(d, dict)]
+        self.queue = jobs(data.get("queue"))
+        self.history = jobs(data.get("history"))
+        cur = jobs([data["current"]] if data.get("current") else [])
+        self.current = cur[0] if cur else None
+        self.plate_clear = bool(data.get("plate_clear", True))
+        if self.current is not None and self.current.status in ACTIVE:
+            # A new printer object cannot still be printing that file.
+            self._end(self.current, "failed_wait_cleanup",
+                      "Interrupted by a Klipper restart")
+            self.dirty = True
+        self._update_status_cache()
+
+    def save(self):
+        with self.save_lock:
+            with self.lock:
+                data = {"version": 1, "plate_clear": self.plate_clear,
+                        "current": self.current and self.current.to_dict(),
+                        "queue": [j.to_dict() for j in self.queue],
+                        "history": [j.to_dict() for j in self.history]}
+                self.dirty = False
+            write_file_atomic(self.path, json.dumps(data, indent=1).encode())
+
+    def _update_status_cache(self):
+        # get_status() runs in the reactor: hand it a ready-made dict
+        cur = self.current
+        self.status_cache = {
+            "current_job": cur and cur.summary(),
+            "queue": [j.summary() for j in self.queue],
+            "plate_clear": self.plate_clear}
+
+    def _changed(self):
+        self.dirty = True
+        self._update_status_cache()
+
+    def all_jobs(self):
+        with self.lock:
+            cur = [self.current] if self.current else []
+            return cur, list(self.queue), list(self.history)
+
+    def find(self, job_uuid):
+        with self.lock:
+            for job in ([self.current] if self.current else []) + \
+                    self.queue + self.history:
+                if job.uuid == job_uuid:
+                    return job
+        return None
+
+    def files_in_use(self):
+        with self.lock:
+            jobs = self.queue + ([self.current] if self.current else [])
+            return set(j.filename for j in jobs)
+
+    def add(self, job):
+        with self.lock:
+            self.queue.append(job)
+            self._changed()
+
+    def move(self, job_uuid, position):
+        with self.lock:
+            job = self._queued(job_uuid)
+            self.queue.remove(job)
+            self.queue.insert(min(position, len(self.queue)), job)
+            self._changed()
+
+    def delete(self, job_uuid):
+        with self.lock:
+            job = self.find(job_uuid)
+            if job is None:
+                raise HTTPError(404, "No print job %s" % (job_uuid,))
+            if job in self.queue:
+                self.queue.remove(job)
+            elif job in self.history:
+                self.history.remove(job)
+            elif job.status in ENDED:
+                self._retire(job)
+            else:
+                raise HTTPError(409, "Print job %s is %s; abort it first"
+                                % (job.name, job.status))
+            self._changed()
+            return job
+
+    def set_force(self, job_uuid, force):
+        with self.lock:
+            job = self.find(job_uuid)
+            if job is None:
+                raise HTTPError(404, "No print job %s" % (job_uuid,))
+            job.force = force
+            self._changed()
+
+    def _queued(self, job_uuid):
+        for job in self.queue:
+            if job.uuid == job_uuid:
+                return job
+        if self.find(job_uuid) is None:
+            raise HTTPError(404, "No print job %s" % (job_uuid,))
+        raise HTTPError(409, "Print job %s is not queued" % (job_uuid,))
+
+    def plate_cleared(self):
+        # Runs in the reactor (G-code command): memory only, the runner
+        # thread saves.
+        with self.lock:
+            cur = self.current
+            if cur is not None and cur.status in ACTIVE:
+                raise CommandError("A print is running (%s)" % (cur.name,))
+            if cur is not None:
+                self._retire(cur)
+            self.plate_clear = True
+            self._changed()
+
+    def _end(self, job, status, message=""):
+        job.status = status
+        job.pending = None
+        job.message = message or job.message
+        job.finished_at = time.time()
+        if status == "wait_cleanup":
+            job.time_total = max(job.time_total, job.time_elapsed)
+        self.plate_clear = self.auto_start_next
+
+    def _retire(self, job):
+        if self.current is job:
+            self.current = None
+        job.status = ENDED.get(job.status, job.status)
+        self.history.insert(0, job)
+        del self.history[self.history_size:]
+
+    def begin_start(self, job):
+        with self.lock:
+            if job in self.queue:
+                self.queue.remove(job)
+            if self.current is not None:
+                self._retire(self.current)
+            self.current = job
+            job.status = "pre_print"
+            job.started = True
+            job.start_seq = float("inf")  # no snapshot judges it yet
+            job.start_time = time.monotonic()
+            self.plate_clear = False
+            self._changed()
+
+    def finish_start(self, job, error, snapshot_seq):
+        with self.lock:
+            job.start_seq = snapshot_seq
+            if error is not None and self.current is job:
+                # The file never started: keep the plate free for the next.
+                job.status = "failed_wait_cleanup"
+                job.message = error
+                self._retire(job)
+                self.plate_clear = True
+            self._changed()
+
+    def set_pending(self, job, action, cmd):
+        with self.lock:
+            job.pending = (job.status, cmd)
+            job.status = action
+            self._changed()
+
+    def needs_external_job(self, snap):
+        ps = snap["print_stats"]
+        if snap["klippy_state"] != "ready" or ps.get("state") not in (
+                "printing", "paused"):
+            return None
+        with self.lock:
+            cur = self.current
+            if cur is not None and snap["seq"] < cur.start_seq:
+                return None
+            if cur is None or cur.status not in ACTIVE \
+                    or cur.filename != ps.get("filename"):
+                return ps.get("filename")
+        return None
+
+    @staticmethod
+    def _settled(cmd, snap):
+        # done, and this snapshot was taken after the command ran
+        return cmd.done.is_set() and (cmd.snapshot is None
+                                      or snap["seq"] >= cmd.snapshot["seq"])
+
+    def reconcile(self, snap, external_job=None):
+        """Follow Klipper's print_stats; return the queued job to start.
+
+        external_job: a Job made (outside the lock: it reads the file) for
+        a print this store did not start."""
+        with self.lock:
+            cur = self.current
+            if cur is not None and cur.pending is not None \
+                    and self._settled(cur.pending[1], snap):
+                prev, cmd = cur.pending
+                cur.pending = None
+                if cmd.error is not None:
+                    cur.status = prev
+                    self._changed()
+            if snap["klippy_state"] != "ready":
+                if (cur is not None and cur.status in ACTIVE
+                        and snap["klippy_state"] in ("shutdown", "error")):
+                    self._end(cur, "failed_wait_cleanup",
+                              snap["state_message"])
+                    self._changed()
+                return None
+            if cur is not None and snap["seq"] < cur.start_seq:
+                return None
+            ps = snap["print_stats"]
+            state = ps.get("state")
+            if state in ("printing", "paused"):
+                if (cur is None or cur.status not in ACTIVE
+                        or cur.filename != ps.get("filename")):
+                    # Started from Mainsail, KlipperScreen, a macro...
+                    if cur is not None and cur.status in ACTIVE:
+                        self._end(cur, "aborted_wait_cleanup")
+                    if cur is not None:
+                        self._retire(cur)
+                    cur = self.current = external_job or Job(
+                        name=ps["filename"], filename=ps["filename"],
+                        owner="Klipper", source="klipper")
+                    cur.status = "printing"
+                    cur.started = True
+                    self._changed()
+                if cur.pending is None:
+                    status = "paused" if state == "paused" else "printing"
+                    if cur.status != status:
+                        cur.status = status
+                        self._changed()
+                cur.time_elapsed = int(ps.get("print_duration") or 0)
+                cur.time_total = estimate_time_total(
+                    cur.time_estimate, cur.time_elapsed,
+                    snap["virtual_sdcard"].get("progress"))
+                if self.plate_clear:
+                    self.plate_clear = False
+                    self._changed()
+                return None
+            if cur is not None and cur.status in ACTIVE:
+                if (cur.status == "pre_print" and state == "standby"
+                        and time.monotonic() - cur.start_time < START_GRACE):
+                    return None
+                cur.time_elapsed = int(ps.get("print_duration") or 0)
+                self._end(cur, END_OF_PRINT.get(state, "aborted_wait_cleanup"),
+                          ps.get("message") or "")
+                self._changed()
+            if self.plate_clear and self.queue:
+                return self.queue[0]
+            return None
+
+
+def write_file_atomic(path, data):
+    # temp file, fsync, rename, fsync the directory: all or nothing
+    dirname = os.path.dirname(path)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=dirname)
+    os.fchmod(fd, 0o644)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    dfd = os.open(dirname, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+class JobRunner:
+    """Thread that follows snapshots, saves the queue and starts jobs."""
+    def __init__(self, bridge, store, metadata_reader):
+        self.bridge = bridge
+        self.store = store
+        self.metadata_reader = metadata_reader
+        self.wake = threading.Event()
+        self.stopping = False
+        self.thread = threading.Thread(target=self._run, daemon=True,
+                                       name="cura_connection jobs")
+        self.thread.start()
+
+    def _make_external_job(self, filename):
+        meta = self.metadata_reader(filename)
+        name = os.path.basename(filename)
+        for ext in GCODE_EXTENSIONS:
+            if name.lower().endswith(ext):
+                name = name[:-len(ext)]
+        return Job(name=name, filename=filename, owner="Klipper",
+                   source="klipper", time_estimate=meta["time_estimate"],
+                   time_total=meta["time_estimate"], preview=meta["preview"])
+
+    def _run(self):
+        while not self.stopping:
+            self.wake.wait(1.)
+            self.wake.clear()
+            if self.stopping:
+                break
+            try:
+                self._step()
+            except Exception:
+                logging.exception("cura_connection: job runner")
+
+    def _step(self):
+        snap = self.bridge.snapshot
+        filename = self.store.needs_external_job(snap)
+        external = filename and self._make_external_job(filename)
+        job = self.store.reconcile(snap, external)
+        if self.store.dirty:
+            self.store.save()
+        if job is None:
+            return
+        self.store.begin_start(job)
+        self.store.save()
+        cmd = self.bridge.submit("SDCARD_PRINT_FILE FILENAME=%s"
+                                 % (job.filename,))
+        error = None
+        try:
+            seq = cmd.wait()["seq"]
+        except CommandError as e:
+            if cmd.done.is_set():
+                error = str(e)
+                seq = cmd.snapshot["seq"] if cmd.snapshot else 0
+            else:
+                seq = self.bridge.snapshot["seq"] + 1
+        if error:
+            logging.info("cura_connection: cannot start %s: %s",
+                         job.filename, error)
+        self.store.finish_start(job, error, seq)
+        self.store.save()
+        self.wake.set()
+
+    def stop(self):
+        self.stopping = True
+        self.wake.set()
+        self.thread.join(2.)
+
+
+######################################################################
+# File intake: uploads, G-code metadata, materials
+######################################################################
+
+def safe_base_name(filename, default="print"):
+    # Only the base name, letters/digits and a few safe marks, no leading
+    # dot: the result can't escape the folder, hide, or break a G-code line.
+    name = filename.replace("\\", "/").rsplit("/", 1)[-1]
+    name = unicodedata.normalize("NFC", name)
+    name = "".join(c if c.isalnum() or c in "._-()+" else "_" for c in name)
+    name = name.lstrip(".")
+    while len(name.encode("utf-8")) > 200:
+        name = name[:-1]
+    return name or default
+
+
+def split_upload_name(filename):
+    # "benchy.gcode.gz" -> ("benchy", ".gcode.gz")
+    lower = filename.lower()
+    for ext in UPLOAD_EXTENSIONS:
+        if lower.endswith(ext) and len(filename) > len(ext):
+            return filename[:-len(ext)], ext
+    return filename, ""
+
+
+THUMB_RE = re.compile(
+    rb"^; thumbnail(?:_(PNG|JPG|QOI))? begin (\d+)x(\d+) \d+\s*$(.*?)"
+    rb"^; thumbnail(?:_(?:PNG|JPG|QOI))? end", re.M | re.S)
+DURATION_RE = re.compile(rb"(\d+)\s*([dhms])")
+TIME_PATTERNS = [
+    re.compile(rb"^;TIME:\s*(\d+(?:\.\d+)?)\s*$", re.M),         # Cura
+    re.compile(rb"^;PRINT\.TIME:\s*(\d+)\s*$", re.M),            # Griffin
+    re.compile(rb"^;\s*estimated printing time(?: \(normal mode\))?\s*"
+               rb"=\s*(.+?)\s*$", re.M),                         # Prusa/Orca
+]
+FILAMENT_PATTERNS = [
+    (re.compile(rb"^;Filament used:\s*([\d.]+)m", re.M), 1000.),  # Cura
+    (re.compile(rb"^;\s*filament used \[mm\]\s*=\s*([\d.]+)", re.M), 1.),
+]
+HEADER_BYTES = 1024 * 1024
+TAIL_BYTES = 256 * 1024
+
+
+def parse_duration(text):
+    try:
+        return int(float(text))
+    except ValueError:
+        pass
+    scale = {b"d": 86400, b"h": 3600, b"m": 60, b"s": 1}
+    return sum(int(n) * scale[u] for n, u in DURATION_RE.findall(text))
+
+
+def parse_gcode_metadata(head, tail):
+    """Slicer estimate, filament and the biggest embedded PNG thumbnail."""
+    meta = {"time_estimate": 0, "filament_mm": 0., "thumbnail": None}
+    for text in (head, tail):
+        for pattern in TIME_PATTERNS:
+            m = pattern.search(text)
+            if m and not meta["time_estimate"]:
+                meta["time_estimate"] = parse_duration(m.group(1))
+        for pattern, scale in FILAMENT_PATTERNS:
+            m = pattern.search(text)
+            if m and not meta["filament_mm"]:
+                try:
+                    meta["filament_mm"] = float(m.group(1)) * scale
+                except ValueError:
+                    pass
+    best = 0
+    for m in THUMB_RE.finditer(head):
+        kind, w, h = m.group(1), int(m.group(2)), int(m.group(3))
+        if kind not in (None, b"PNG") or w * h <= best:
+            continue
+        data = b"".join(line[1:].strip() for line in m.group(4).split(b"\n")
+                        if line.startswith(b";"))
+        try:
+            import base64
+            png = base64.b64decode(data, validate=True)
+        except ValueError:
+            continue
+        if png.startswith(b"\x89PNG"):
+            meta["thumbnail"], best = png, w * h
+    return meta
+
+
+def read_gcode_metadata(path):
+    with open(path, "rb") as f:
+        head = f.read(HEADER_BYTES)
+        size = os.fstat(f.fileno()).st_size
+        tail = b""
+        if size > HEADER_BYTES:
+            f.seek(max(HEADER_BYTES, size - TAIL_BYTES))
+            tail = f.read()
+    return parse_gcode_metadata(head, tail)
+
+
+class GzipWriter:
+    """Decompresses a .gcode.gz upload while it streams to disk."""
+    def __init__(self, f):
+        self.f = f
+        self.z = zlib.decompressobj(47)  # gzip or zlib header, auto
+
+    def write(self, data):
+        while data:
+            self.f.write(self.z.decompress(data, READ_CHUNK))
+            data = self.z.unconsumed_tail
+            if self.z.eof:
+                # a new gzip member may follow (concatenated .gz files)
+                data = self.z.unused_data + data
+                self.z = zlib.decompressobj(47)
+
+    def close(self):
+        self.f.write(self.z.flush())
+
+
+class Upload:
+    """One multipart upload streaming into a hidden temp file."""
+    def __init__(self, intake):
+        self.intake = intake
+        self.fields = {}
+        self.filename = None
+        self.kind = None
+        self.tmp_path = None
+        self.file = None
+        self.writer = None
+        self._headers = {}
+        self._field = None
+        self._name = None
+        self._in_file = False
+
+    # python-multipart callbacks
+    def on_part_begin(self):
+        self._headers = {}
+        self._field = None
+
+    def on_header_field(self, data, start, end):
+        self._field = (self._field or b"") + data[start:end]
+
+    def on_header_value(self, data, start, end):
+        key = (self._field or b"").lower()
+        self._headers[key] = self._headers.get(key, b"") + data[start:end]
+
+    def on_header_end(self):
+        self._field = None
+
+    def on_headers_finished(self):
+        from python_multipart.multipart import parse_options_header
+        disp, params = parse_options_header(
+            self._headers.get(b"content-disposition", b""))
+        self._name = params.get(b"name", b"").decode("utf-8", "replace")
+        fname = params.get(b"filename")
+        self._in_file = fname is not None
+        if not self._in_file:
+            self.fields[self._name] = b""
+            return
+        if self.filename is not None:
+            raise HTTPError(400, "Only one file per upload", close=True)
+        self.filename = fname.decode("utf-8", "replace")
+        base, ext = split_upload_name(self.filename)
+        if not ext:
+            raise HTTPError(415, "Unsupported file type %r: send .ufp, "
+                            ".gcode or .gcode.gz" % (self.filename,),
+                            close=True)
+        if ext == ".ufp" and self.intake.charon is None:
+            raise HTTPError(415, "UFP files need libcharon (python3-charon)"
+                            " in Klipper's Python environment", close=True)
+        self.kind = ext
+        fd, self.tmp_path = tempfile.mkstemp(
+            prefix=".cura-upload-", suffix=".part", dir=self.intake.gcodes)
+        os.fchmod(fd, 0o644)
+        self.file = os.fdopen(fd, "wb")
+        self.writer = GzipWriter(self.file) if ext == ".gcode.gz" \
+            else self.file
+
+    def on_part_data(self, data, start, end):
+        if self._in_file:
+            self.writer.write(memoryview(data)[start:end])
+            return
+        value = self.fields[self._name] + data[start:end]
+        if len(value) > 4096:
+            raise HTTPError(400, "Form field %s is too long" % (self._name,),
+                            close=True)
+        self.fields[self._name] = value
+
+    def on_part_end(self):
+        if self._in_file and self.file is not None:
+            if self.writer is not self.file:
+                self.writer.close()
+            self.file.flush()
+            os.fsync(self.file.fileno())
+            self.file.close()
+            self.file = None
+        self._in_file = False
+
+    def discard(self):
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+        if self.tmp_path is not None:
+            try:
+                os.unlink(self.tmp_path)
+            except OSError:
+                pass
+            self.tmp_path = None
+
+
+class FileIntake:
+    """Turns uploads into .gcode files (plus thumbnails) in the gcodes dir."""
+    def __init__(self, gcodes, max_upload_size):
+        self.gcodes = gcodes
+        self.thumbs = os.path.join(gcodes, ".thumbs")
+        self.max_upload_size = max_upload_size
+        try:
+            import Charon.VirtualFile
+            import Charon.OpenMode
+            self.charon = Charon
+        except ImportError:
+            logging.warning("cura_connection: libcharon (python3-charon) is "
+                            "not importable; UFP uploads are refused")
+            self.charon = None
+
+    def check_space(self, length):
+        st = os.statvfs(self.gcodes)
+        free = st.f_bavail * st.f_frsize
+        if length + 16 * 1024 * 1024 > free:
+            raise HTTPError(507, "Not enough free disk space: %d MiB free, "
+                            "%d MiB needed" % (free >> 20, length >> 20),
+                            close=True)
+
+    def receive(self, rfile, length, boundary):
+        """Read a multipart body from rfile; returns (Upload, gcode path)."""
+        from python_multipart.multipart import MultipartParser
+        upload = Upload(self)
+        callbacks = {n: getattr(upload, n) for n in (
+            "on_part_begin", "on_header_field", "on_header_value",
+            "on_header_end", "on_headers_finished", "on_part_data",
+            "on_part_end")}
+        parser = MultipartParser(boundary, callbacks)
+        buf = bytearray(READ_CHUNK)
+        remaining = length
+        try:
+            while remaining:
+                n = rfile.readinto(memoryview(buf)[:min(remaining,
+                                                        READ_CHUNK)])
+                if not n:
+                    raise HTTPError(400, "Upload ended after %d of %d bytes"
+                                    % (length - remaining, length),
+                                    close=True)
+                remaining -= n
+                parser.write(bytes(memoryview(buf)[:n]))
+            parser.finalize()
+            if upload.tmp_path is None or upload.file is not None:
+                raise HTTPError(400, "No complete file part in the upload")
+            return upload, self._finish(upload)
+        except OSError as e:
+            upload.discard()
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise HTTPError(507, "Disk full while storing the upload",
+                                close=True)
+            raise
+        except Exception as e:
+            upload.discard()
+            if isinstance(e, HTTPError):
+                raise
+            if e.__class__.__module__.startswith("python_multipart"):
+                raise HTTPError(400, "Malformed multipart body: %s" % (e,),
+                                close=True)
+            if isinstance(e, zlib.error):
+                raise HTTPError(400, "Broken .gcode.gz file: %s" % (e,),
+                                close=True)
+            raise
+
+    def _finish(self, upload):
+        """Unpack a UFP, read metadata, move the G-code into place."""
+        thumbnail = None
+        gcode_tmp = upload.tmp_path
+        if upload.kind == ".ufp":
+            gcode_tmp, thumbnail = self._unpack_ufp(upload.tmp_path)
+            os.unlink(upload.tmp_path)
+            upload.tmp_path = gcode_tmp
+        meta = read_gcode_metadata(gcode_tmp)
+        thumbnail = thumbnail or meta["thumbnail"]
+        base = safe_base_name(split_upload_name(upload.filename)[0])
+        final = self._place(gcode_tmp, base)
+        upload.tmp_path = None
+        name = os.path.basename(final)
+        meta["preview"] = None
+        if thumbnail:
+            meta["preview"] = self._store_thumbnail(name, thumbnail)
+        return name, meta
+
+    def _unpack_ufp(self, path):
+        # libcharon reads the package; fall back to plain zip reading for
+        # packages whose G-code header it rejects (non-Griffin flavours).
+        fd, gcode_tmp = tempfile.mkstemp(prefix=".cura-upload-",
+                                         suffix=".part", dir=self.gcodes)
+        thumbnail = None
+        os.fchmod(fd, 0o644)
+        try:
+            with os.fdopen(fd, "wb") as out:
+                try:
+                    vf = self.charon.VirtualFile.VirtualFile()
+                    vf.open(path, self.charon.OpenMode.OpenMode.ReadOnly)
+                    try:
+                        shutil.copyfileobj(vf.getStream("/3D/model.gcode"),
+                                           out, READ_CHUNK)
+                        try:
+                            thumbnail = vf.getStream("/Metadata/thumbnail.png"
+                                                     ).read(MAX_PREVIEW_SIZE)
+                        except (FileNotFoundError, KeyError):
+                            pass
+                    finally:
+                        vf.close()
+                except (FileNotFoundError, KeyError):
+                    raise HTTPError(400, "The UFP file has no G-code")
+                except Exception as e:
+                    if isinstance(e, (HTTPError, OSError)):
+                        raise
+                    logging.info("cura_connection: libcharon refused %s "
+                                 "(%s); reading it as a zip", path, e)
+                    out.seek(0)
+                    out.truncate()
+                    thumbnail = self._unpack_zip(path, out)
+                out.flush()
+                os.fsync(out.fileno())
+        except BaseException:
+            os.unlink(gcode_tmp)
+            raise
+        return gcode_tmp, thumbnail
+
+    def _unpack_zip(self, path, out):
+        import zipfile
+        try:
+            with zipfile.ZipFile(path) as z:
+                names = {n.lstrip("/"): n for n in z.namelist()}
+                if "3D/model.gcode" not in names:
+                    raise HTTPError(400, "The UFP file has no G-code")
+                with z.open(names["3D/model.gcode"]) as src:
+                    shutil.copyfileobj(src, out, READ_CHUNK)
+                thumb = names.get("Metadata/thumbnail.png")
+                return z.read(thumb)[:MAX_PREVIEW_SIZE] if thumb else None
+        except zipfile.BadZipFile as e:
+            raise HTTPError(400, "Not a UFP (zip) file: %s" % (e,))
+
+    def _place(self, tmp, base):
+        # A free name, taken atomically: existing files (and the one being
+        # printed) are never overwritten.
+        for i in range(10000):
+            name = "%s.gcode" % (base,) if not i else "%s-%d.gcode" % (base, i)
+            final = os.path.join(self.gcodes, name)
+            try:
+                os.link(tmp, final)
+            except FileExistsError:
+                continue
+            except OSError as e:
+                if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EXDEV):
+                    raise
+                # no hard links (vfat): reserve the name, then replace it
+                try:
+                    os.close(os.open(final, os.O_CREAT | os.O_EXCL))
+                except FileExistsError:
+                    continue
+                os.replace(tmp, final)
+                return final
+            os.unlink(tmp)
+            return final
+        raise HTTPError(409, "No free file name for %s" % (base,))
+
+    def _store_thumbnail(self, gcode_name, png):
+        # Moonraker, Mainsail and Fluidd look for <name>.png in .thumbs/
+        os.makedirs(self.thumbs, exist_ok=True)
+        rel = os.path.join(".thumbs", gcode_name[:-len(".gcode")] + ".png")
+        write_file_atomic(os.path.join(self.gcodes, rel), png)
+        return rel
+
+    def read_metadata(self, filename):
+        # For prints started outside Cura: the slicer's estimate and a
+        # thumbnail Moonraker may have extracted.
+        meta = {"time_estimate": 0, "preview": None}
+        path = os.path.join(self.gcodes, filename)
+        try:
+            meta["time_estimate"] = read_gcode_metadata(path)["time_estimate"]
+        except OSError:
+            return meta
+        dirname, name = os.path.split(filename)
+        stem = os.path.splitext(name)[0]
+        thumbs = os.path.join(self.gcodes, dirname, ".thumbs")
+        try:
+            found = [n for n in os.listdir(thumbs)
+                     if n.startswith(stem) and n.endswith(".png")
+                     and re.match(r"^(-\d+x\d+)?$", n[len(stem):-4])]
+        except OSError:
+            found = []
+        if found:
+            biggest = max(found, key=lambda n: os.path.getsize(
+                os.path.join(thumbs, n)))
+            meta["preview"] = os.path.join(dirname, ".thumbs", biggest)
+        return meta
+
+    def read_preview(self, rel):
+        path = os.path.realpath(os.path.join(self.gcodes, rel))
+        if not path.startswith(os.path.realpath(self.gcodes) + os.sep):
+            return None
+        try:
+            with open(path, "rb") as f:
+                return f.read(MAX_PREVIEW_SIZE)
+        except OSError:
+            return None
+
+
+MATERIAL_NS = "{http://www.ultimaker.com/material}"
+MATERIAL_SUFFIX = ".xml.fdm_material"
+
+
+class MaterialStore:
+    """Material profiles Cura syncs, kept so each is sent only once."""
+    def __init__(self, path):
+        self.path = path
+        self.lock = threading.Lock()
+        self.index = None   # guid -> material info, read on first use
+
+    @staticmethod
+    def parse(data):
+        from defusedxml import ElementTree
+        from defusedxml import DefusedXmlException
+        try:
+            root = ElementTree.fromstring(data)
+        except (ElementTree.ParseError, DefusedXmlException, ValueError) as e:
+            raise HTTPError(400, "Not a valid material file: %s" % (e,))
+        if root.tag != MATERIAL_NS + "fdmmaterial":
+            raise HTTPError(400, "Not an fdmmaterial document")
+        meta = root.find(MATERIAL_NS + "metadata")
+        def text(path):
+            el = meta.find(path) if meta is not None else None
+            return (el.text or "").strip() if el is not None else ""
+        guid = text(MATERIAL_NS + "GUID")
+        try:
+            version = int(text(MATERIAL_NS + "version"))
+            uuid.UUID(guid)
+        except ValueError:
+            raise HTTPError(400, "Material file needs a GUID and a version")
+        if version < 1:
+            raise HTTPError(400, "Material version must be 1 or more")
+        name = MATERIAL_NS + "name/" + MATERIAL_NS
+        return {"guid": guid, "version": version,
+                "brand": text(name + "brand"),
+                "material": text(name + "material"),
+                "color": text(name + "color"),
+                "color_code": text(MATERIAL_NS + "color_code")}
+
+    def _load(self):
+        if self.index is not None:
+            return
+        self.index = {}
+        os.makedirs(self.path, exist_ok=True)
+        for fname in sorted(os.listdir(self.path)):
+            if not fname.endswith(MATERIAL_SUFFIX):
+                continue
+            try:
+                with open(os.path.join(self.path, fname), "rb") as f:
+                    info = self.parse(f.read())
+            except (OSError, HTTPError) as e:
+                logging.info("cura_connection: skipping material %s: %s",
+                             fname, e)
+                continue
+            info["file"] = fname
+            old = self.index.get(info["guid"])
+            if old is None or old["version"] < info["version"]:
+                self.index[info["guid"]] = info
+
+    def list(self):
+        with self.lock:
+            self._load()
+            return [dict(m) for m in self.index.values()]
+
+    def add(self, filename, data):
+        name = safe_base_name(filename, "")
+        if not name.endswith(MATERIAL_SUFFIX) or name == MATERIAL_SUFFIX:
+            raise HTTPError(400, "Material file names end in %s"
+                            % (MATERIAL_SUFFIX,))
+        info = self.parse(data)
+        with self.lock:
+            self._load()
+            old = self.index.get(info["guid"])
+            if old is not None and old["version"] >= info["version"]:
+                return False
+            write_file_atomic(os.path.join(self.path, name), data)
+            if old is not None and old["file"] != name:
+                try:
+                    os.unlink(os.path.join(self.path, old["file"]))
+                except OSError:
+                    pass
+            info["file"] = name
+            self.index[info["guid"]] = info
+            return True
+
+
+######################################################################
+# HTTP routes: Cura's cluster API
+######################################################################
+
+UUID_RE = r"([0-9a-fA-F-]{1,64})"
+ROUTES = [
+    ("GET", r"/api/v1/system", "get_system"),
+    ("POST", r"/api/v1/auth/request", "post_auth_request"),
+    ("GET", r"/api/v1/auth/check/([0-9a-zA-Z]{1,64})", "get_auth_check"),
+    ("GET", r"/api/v1/auth/verify", "get_auth_verify"),
+    ("GET", r"/cluster-api/v1/printers", "get_printers"),
+    ("GET", r"/cluster-api/v1/print_jobs", "get_print_jobs"),
+    ("POST", r"/cluster-api/v1/print_jobs", "post_print_job"),
+    ("GET", r"/cluster-api/v1/print_jobs/%s" % UUID_RE, "get_print_job"),
+    ("PUT", r"/cluster-api/v1/print_jobs/%s" % UUID_RE, "put_print_job"),
+    ("DELETE", r"/cluster-api/v1/print_jobs/%s" % UUID_RE,
+     "delete_print_job"),
+    ("PUT", r"/cluster-api/v1/print_jobs/%s/action" % UUID_RE, "put_action"),
+    ("POST", r"/cluster-api/v1/print_jobs/%s/action/move" % UUID_RE,
+     "post_move"),
+    ("GET", r"/cluster-api/v1/print_jobs/%s/preview_image" % UUID_RE,
+     "get_preview_image"),
+    ("GET", r"/cluster-api/v1/materials", "get_materials"),
+    ("POST", r"/cluster-api/v1/materials", "post_material"),
+]
+COMPILED_ROUTES = [(m, re.compile(p + "$"), h) for m, p, h in ROUTES]
+ACTIONS = {"pause": (("printing",), "pausing", "PAUSE"),
+           "print": (("paused",), "resuming", "RESUME"),
+           "abort": (ACTIVE, "aborting", "CANCEL_PRINT")}
+
+
+class CuraApi:
+    """The cluster API: turns requests into JSON from snapshots and store."""
+    def __init__(self, conn):
+        self.conn = conn
+        self.bridge = conn.bridge
+        self.store = conn.store
+        self.intake = conn.intake
+        self.materials = conn.materials
+        self.auth_keys = {}
+
+    def route(self, method, path):
+        path = path.rstrip("/") or "/"
+        allowed = []
+        for m, regex, handler in COMPILED_ROUTES:
+            match = regex.match(path)
+            if match:
+                if m == method:
+                    return getattr(self, handler), match.groups()
+                allowed.append(m)
+        if allowed:
+            raise HTTPError(405, "%s is not allowed on %s (use %s)"
+                            % (method, path, ", ".join(allowed)))
+        raise HTTPError(404, "No such endpoint: %s" % (path,))
+
+    # JSON models
+    def printer_configuration(self, snap):
+        return [{"extruder_index": i,
+                 "print_core_id": self.conn.print_core_ids[i],
+                 "material": None}
+                for i in range(self.conn.extruder_count)]
+
+    def printer_json(self, snap, req):
+        cur = self.store.current
+        kstate = snap["klippy_state"]
+        if kstate == "startup":
+            status = "booting"
+        elif kstate != "ready":
+            status = "error"
+        elif (cur is not None and cur.status in ACTIVE) or \
+                snap["print_stats"].get("state") in ("printing", "paused"):
+            status = "printing"
+        else:
+            status = "idle"
+        return {
+            "enabled": True, "firmware_version": FIRMWARE_VERSION,
+            "friendly_name": self.conn.name, "unique_name": self.conn.name,
+            "ip_address": req.reachable_ip(),
+            "machine_variant": self.conn.machine_variant,
+            "status": status, "uuid": self.conn.printer_uuid,
+            "configuration": self.printer_configuration(snap),
+            "build_plate": {"type": "glass"}, "reserved_by": None,
+            "maintenance_required": False,
+            "firmware_update_status": "up_to_date",
+            "latest_available_firmware": FIRMWARE_VERSION,
+            # extra fields, ignored by Cura, read by the web page
+            "klipper_state": kstate, "state_message": snap["state_message"],
+            "extruders": snap["extruders"], "heater_bed": snap["heater_bed"],
+            "plate_clear": self.store.plate_clear,
+        }
+
+    def job_json(self, job, linked):
+        d = {"uuid": job.uuid, "name": job.name, "owner": job.owner,
+             "created_at": job.created_at, "status": job.status,
+             "started": job.started, "force": job.force,
+             "machine_variant": self.conn.machine_variant,
+             "time_total": int(job.time_total or job.time_estimate or 0),
+             "time_elapsed": int(job.time_elapsed or 0),
+             "configuration": self.printer_configuration(None),
+             "constraints": [], "configuration_changes_required": [],
+             "impediments_to_printing": [], "build_plate": {"type": "glass"},
+             "compatible_machine_families": [self.conn.machine_variant],
+             "filename": job.filename, "source": job.source}
+        if job.message:
+            d["message"] = job.message
+        # Only the job on the printer may point at it (Cura pitfall 6)
+        if linked:
+            d["printer_uuid"] = d["assigned_to"] = self.conn.printer_uuid
+        elif job.started:
+            d["printed_on_uuid"] = self.conn.printer_uuid
+        return d
+
+    # Handlers: (request, *url groups) -> (status, JSON-able or bytes)
+    def get_system(self, req):
+        return 200, {
+            "guid": self.conn.printer_uuid, "firmware": FIRMWARE_VERSION,
+            "hostname": socket.gethostname(), "name": self.conn.name,
+            "platform": "Klipper %s" % (self.conn.klipper_version,),
+            "variant": self.conn.machine_variant,
+            "hardware": {"typeid": self.conn.machine_bom, "revision": 0},
+        }
+
+    def post_auth_request(self, req):
+        # Cura >= 5.11 asks for credentials and then signs requests with
+        # them (HTTP Digest); they are handed out and accepted.
+        req.read_json(optional=True)
+        key_id = uuid.uuid4().hex
+        self.auth_keys[key_id] = uuid.uuid4().hex
+        return 200, {"id": key_id, "key": self.auth_keys[key_id]}
+
+    def get_auth_check(self, req, key_id):
+        known = key_id in self.auth_keys
+        return 200, {"message": "authorized" if known else "unknown"}
+
+    def get_auth_verify(self, req):
+        return 200, {"message": "ok"}
+
+    def get_printers(self, req):
+        return 200, [self.printer_json(self.bridge.snapshot, req)]
+
+    def get_print_jobs(self, req):
+        cur, queue, history = self.store.all_jobs()
+        return 200, ([self.job_json(j, True) for j in cur]
+                     + [self.job_json(j, False) for j in queue + history])
+
+    def _job(self, job_uuid):
+        job = self.store.find(job_uuid)
+        if job is None:
+            raise HTTPError(404, "No print job %s" % (job_uuid,))
+        return job
+
+    def get_print_job(self, req, job_uuid):
+        job = self._job(job_uuid)
+        return 200, self.job_json(job, job is self.store.current)
+
+    def get_preview_image(self, req, job_uuid):
+        job = self._job(job_uuid)
+        data = job.preview and self.intake.read_preview(job.preview)
+        if not data:
+            raise HTTPError(404, "Print job %s has no preview image"
+                            % (job.name,))
+        return 200, data
+
+    def post_print_job(self, req):
+        req.require_control()
+        length = req.content_length(required=True)
+        if length > self.intake.max_upload_size:
+            raise HTTPError(413, "Upload of %d MiB is larger than "
+                            "max_upload_size (%d MiB)" % (
+                                length >> 20,
+                                self.intake.max_upload_size >> 20),
+                            close=True)
+        self.intake.check_space(length)
+        boundary = req.multipart_boundary()
+        req.send_continue()
+        upload, (filename, meta) = self.intake.receive(req.rfile, length,
+                                                       boundary)
+        req.body_left = 0
+        owner = upload.fields.get("owner", b"").decode("utf-8", "replace")
+        job = Job(name=os.path.splitext(filename)[0], filename=filename,
+                  owner=owner.strip()[:100] or "Cura",
+                  time_estimate=meta["time_estimate"],
+                  time_total=meta["time_estimate"], preview=meta["preview"])
+        self.store.add(job)
+        self.store.save()
+        self.conn.runner.wake.set()
+        logging.info("cura_connection: received %s from %s (%s)",
+                     filename, job.owner, req.client_address[0])
+        return 200, {"uuid": job.uuid, "name": job.name,
+                     "filename": filename, "status": job.status}
+
+    def put_action(self, req, job_uuid):
+        req.require_control()
+        body = req.read_json()
+        action = body.get("action") if isinstance(body, dict) else None
+        if action not in ACTIONS:
+            raise HTTPError(400, "action must be one of %s"
+                            % (", ".join(sorted(ACTIONS)),))
+        job = self._job(job_uuid)
+        need, transient, script = ACTIONS[action]
+        with self.store.lock:
+            if job is not self.store.current or job.status not in need \
+                    or job.pending is not None:
+                raise HTTPError(409, "Cannot %s print job %s while it is %s"
+                                % (action, job.name, job.status))
+            cmd = self.bridge.submit(script)
+            self.store.set_pending(job, transient, cmd)
+        try:
+            cmd.wait()
+        except CommandError as e:
+            self.conn.runner.wake.set()
+            if cmd.done.is_set():
+                raise HTTPError(409, "%s failed: %s" % (script, e))
+            return 202, {"message": str(e), "status": job.status}
+        self.conn.runner.wake.set()
+        return 200, {"status": job.status}
+
+    def post_move(self, req, job_uuid):
+        req.require_control()
+        body = req.read_json()
+        pos = body.get("to_position") if isinstance(body, dict) else None
+        if not isinstance(pos, int) or isinstance(pos, bool) or pos < 0 \
+                or body.get("list", "queued") != "queued":
+            raise HTTPError(400, 'Expected {"to_position": <n>, '
+                            '"list": "queued"}')
+        self.store.move(job_uuid, pos)
+        self.store.save()
+        return 200, {"message": "moved"}
+
+    def put_print_job(self, req, job_uuid):
+        req.require_control()
+        body = req.read_json()
+        if not isinstance(body, dict) or not isinstance(body.get("force"),
+                                                        bool):
+            raise HTTPError(400, 'Expected {"force": true}')
+        self.store.set_force(job_uuid, body["force"])
+        self.store.save()
+        return 200, {"message": "ok"}
+
+    def delete_print_job(self, req, job_uuid):
+        req.require_control()
+        self.store.delete(job_uuid)
+        self.store.save()
+        self.conn.runner.wake.set()
+        return 200, {"message": "deleted"}
+
+    def get_materials(self, req):
+        return 200, [{"guid": m["guid"], "version": m["version"],
+                      "brand": m["brand"], "material": m["material"],
+                      "color": m["color"]}
+                     for m in self.materials.list()]
+
+    def post_material(self, req):
+        req.require_control()
+        body = req.read_body(MAX_MATERIAL_BODY)
+        boundary = req.multipart_boundary()
+        parts = parse_small_multipart(body, boundary)
+        files = [p for p in parts if p["filename"] is not None
+                 and p["name"] != "signature_file"]
+        if len(files) != 1:
+            raise HTTPError(400, "Send one material file in part 'file'")
+        added = self.materials.add(files[0]["filename"], files[0]["data"])
+        if not added:
+            return 200, {"message": "not added: the printer has this "
+                         "version or a newer one"}
+        return 200, {"message": "stored"}
+
+
+def parse_small_multipart(body, boundary):
+    from python_multipart.multipart import MultipartParser, \
+        parse_options_header
+    parts = []
+    hdrs = {}
+    cur = {}
+    def on_part_begin():
+        hdrs.clear()
+        cur.clear()
+        cur.update({"field": b"", "data": b""})
+    def on_header_field(data, s, e):
+        cur["field"] += data[s:e]
+    def on_header_value(data, s, e):
+        key = cur["field"].lower()
+        hdrs[key] = hdrs.get(key, b"") + data[s:e]
+    def on_header_end():
+        cur["field"] = b""
+    def on_part_data(data, s, e):
+        cur["data"] += data[s:e]
+    def on_part_end():
+        _, params = parse_options_header(hdrs.get(b"content-disposition",
+                                                  b""))
+        fname = params.get(b"filename")
+        parts.append({"name": params.get(b"name", b"").decode("utf-8",
+                                                              "replace"),
+                      "filename": fname.decode("utf-8", "replace")
+                      if fname is not None else None,
+                      "data": cur["data"]})
+    parser = MultipartParser(boundary, {
+        "on_part_begin": on_part_begin, "on_header_field": on_header_field,
+        "on_header_value": on_header_value, "on_header_end": on_header_end,
+        "on_part_data": on_part_data, "on_part_end": on_part_end})
+    try:
+        parser.write(body)
+        parser.finalize()
+    except Exception as e:
+        raise HTTPError(400, "Malformed multipart body: %s" % (e,))
+    return parts
+
+
+class CuraRequestHandler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"   # keep-alive, as Qt uses it
+    server_version = "cura_connection"
+    timeout = 60.   # a client that stops sending frees its thread
+
+    def setup(self):
+        http.server.BaseHTTPRequestHandler.setup(self)
+        self.server.track(self.connection, True)
+
+    def finish(self):
+        try:
+            http.server.BaseHTTPRequestHandler.finish(self)
+        finally:
+            self.server.track(self.connection, False)
+
+    def log_message(self, fmt, *args):
+        logging.debug("cura_connection: %s %s", self.client_address[0],
+                      fmt % args)
+
+    def handle_expect_100(self):
+        # Answer "100 Continue" only once the upload has been accepted
+        self.expect_continue = True
+        return True
+
+    def send_continue(self):
+        if getattr(self, "expect_continue", False):
+            self.expect_continue = False
+            self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            self.wfile.flush()
+
+    def do_GET(self):
+        self.dispatch("GET")
+
+    def do_POST(self):
+        self.dispatch("POST")
+
+    def do_PUT(self):
+        self.dispatch("PUT")
+
+    def do_DELETE(self):
+        self.dispatch("DELETE")
+
+    def do_HEAD(self):
+        self.send_json(405, {"message": "HEAD is not supported"})
+
+    def do_OPTIONS(self):
+        self.send_json(405, {"message": "OPTIONS is not supported"})
+
+    do_PATCH = do_OPTIONS
+
+    def dispatch(self, method):
+        self.body_left = 0
+        self.expect_continue = getattr(self, "expect_continue", False)
+        try:
+            if self.server.closing:
+                raise HTTPError(503, "Klipper is restarting", close=True)
+            length = self.headers.get("Content-Length")
+            if self.headers.get("Transfer-Encoding"):
+                raise HTTPError(411, "Send a Content-Length, not chunks",
+                                close=True)
+            try:
+                self.body_left = int(length) if length else 0
+                if self.body_left < 0:
+                    raise ValueError
+            except ValueError:
+                raise HTTPError(400, "Bad Content-Length", close=True)
+            path = self.path.split("?", 1)[0]
+            handler, args = self.server.api.route(method, path)
+            status, body = handler(self, *args)
+            self.send_json(status, body)
+        except HTTPError as e:
+            if e.status >= 500:
+                logging.info("cura_connection: %s %s: %s", method,
+                             self.path, e.message)
+            self.send_json(e.status, {"message": e.message,
+                                      "status": e.status},
+                           close=e.close)
+        except (ConnectionError, socket.timeout):
+            self.close_connection = True
+        except Exception:
+            logging.exception("cura_connection: %s %s", method, self.path)
+            self.send_json(500, {"message": "Internal error; see klippy.log",
+                                 "status": 500}, close=True)
+
+    def send_error(self, code, message=None, explain=None):
+        # http.server's own errors (bad request line, huge headers...)
+        self.send_json(code, {"message": message or explain or
+                              "Bad request", "status": code}, close=True)
+
+    def send_json(self, status, body, close=False):
+        if isinstance(body, bytes):
+            data, ctype = body, image_type(body)
+        else:
+            data = json.dumps(body).encode()
+            ctype = "application/json"
+        if self.expect_continue:
+            # The client still waits for "100 Continue": it never sent the
+            # body, and must not send it now.
+            self.expect_continue = False
+            self.body_left = 0
+            close = True
+        if self.body_left and not close:
+            # Keep the connection in step: skip a small unread body
+            if self.body_left > MAX_JSON_BODY:
+                close = True
+            else:
+                self.rfile.read(self.body_left)
+                self.body_left = 0
+        if close or self.server.closing:
+            self.close_connection = True
+        try:
+            self.send_response(status)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(data)))
+            self.send_header("Cache-Control", "no-store")
+            if self.close_connection:
+                self.send_header("Connection", "close")
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(data)
+            self.wfile.flush()
+        except (ConnectionError, socket.timeout):
+            self.close_connection = True
+            return
+        if self.close_connection and self.body_left:
+            self.linger()
+
+    def linger(self):
+        # The client may still be sending a body we refused: read a bounded
+        # amount of it so it can see our reply instead of a reset.
+        try:
+            self.connection.shutdown(socket.SHUT_WR)
+            self.connection.settimeout(2.)
+            left = min(self.body_left, 64 * 1024 * 1024)
+            deadline = time.monotonic() + 5.
+            while left > 0 and time.monotonic() < deadline:
+                data = self.connection.recv(min(left, READ_CHUNK))
+                if not data:
+                    break
+                left -= len(data)
+        except OSError:
+            pass
+
+    # helpers for CuraApi handlers
+    def reachable_ip(self):
+        # The address Cura reached us on: Host (nginx or iptables keep it)
+        # when it is an IP, else this socket's local address.
+        host = (self.headers.get("Host") or "").strip()
+        if host.startswith("["):
+            host = host[1:].split("]", 1)[0]
+        elif host.count(":") == 1:
+            host = host.split(":", 1)[0]
+        try:
+            return str(ipaddress.ip_address(host))
+        except ValueError:
+            return self.connection.getsockname()[0]
+
+    def require_control(self):
+        pass
+
+    def content_length(self, required=False):
+        if required and self.headers.get("Content-Length") is None:
+            raise HTTPError(411, "Content-Length required", close=True)
+        return self.body_left
+
+    def read_body(self, limit):
+        if self.body_left > limit:
+            raise HTTPError(413, "Request body over %d bytes" % (limit,),
+                            close=True)
+        self.send_continue()
+        data = self.rfile.read(self.body_left)
+        if len(data) < self.body_left:
+            raise HTTPError(400, "Request body ended early", close=True)
+        self.body_left = 0
+        return data
+
+    def read_json(self, optional=False):
+        data = self.read_body(MAX_JSON_BODY)
+        if not data.strip() and optional:
+            return {}
+        try:
+            return json.loads(data.decode("utf-8"))
+        except ValueError as e:
+            raise HTTPError(400, "Body is not JSON: %s" % (e,))
+
+    def multipart_boundary(self):
+        from python_multipart.multipart import parse_options_header
+        ctype, params = parse_options_header(
+            self.headers.get("Content-Type", ""))
+        boundary = params.get(b"boundary")
+        if ctype != b"multipart/form-data" or not boundary \
+                or len(boundary) > 200:
+            raise HTTPError(400, "Expected multipart/form-data with a "
+                            "boundary", close=True)
+        return boundary
+
+
+def image_type(data):
+    if data.startswith(b"\x89PNG"):
+        return "image/png"
+    if data.startswith(b"\xff\xd8"):
+        return "image/jpeg"
+    return "application/octet-stream"
+
+
+class CuraHTTPServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
+    daemon_threads = True
+    block_on_close = False   # a stuck handler must not hold up a restart
+    allow_reuse_address = True
+    request_queue_size = 64
+
+    def __init__(self, address, api):
+        self.api = api
+        self.closing = False
+        self.connections = set()
+        self.conn_lock = threading.Lock()
+        http.server.HTTPServer.__init__(self, address, CuraRequestHandler)
+
+    def server_bind(self):
+        # HTTPServer.server_bind resolves the host name (slow with a bad
+        # DNS setup); nothing here needs it.
+        socketserver.TCPServer.server_bind(self)
+
+    def track(self, sock, add):
+        with self.conn_lock:
+            if add:
+                self.connections.add(sock)
+            else:
+                self.connections.discard(sock)
+
+    def close(self):
+        self.closing = True
+        self.shutdown()
+        self.server_close()
+        # Keep-alive connections from before a restart must not go on
+        # talking to this instance.
+        with self.conn_lock:
+            conns = list(self.connections)
+        for sock in conns:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+
+class CuraHTTPServer6(CuraHTTPServer):
+    address_family = socket.AF_INET6
+
+
+######################################################################
+# Discovery: the zeroconf announcement Cura browses for
+######################################################################
+
+class ZeroconfAnnouncer:
+    def __init__(self, name, port, bind_address, properties):
+        self.name = name
+        self.port = port
+        self.bind_address = bind_address
+        self.properties = properties
+        self.stop_event = threading.Event()
+        # register/unregister block for about a second: never in the reactor
+        self.thread = threading.Thread(target=self._run, daemon=True,
+                                       name="cura_connection zeroconf")
+        self.thread.start()
+
+    def _run(self):
+        try:
+            import zeroconf
+        except ImportError:
+            logging.warning("cura_connection: python zeroconf is missing; "
+                            "Cura will not discover this printer")
+            return
+        zc = info = None
+        try:
+            addresses = _host_ipv4_addresses(self.bind_address)
+            interfaces = zeroconf.InterfaceChoice.All
+            if self.bind_address not in ("0.0.0.0", "::"):
+                interfaces = [self.bind_address]
+            zc = zeroconf.Zeroconf(interfaces=interfaces)
+            host = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())
+            info = zeroconf.ServiceInfo(
+                SERVICE_TYPE, "%s.%s" % (self.name, SERVICE_TYPE),
+                addresses=[socket.inet_aton(a) for a in addresses],
+                port=self.port, properties=self.properties,
+                server="%s.local." % (host,))
+            if self.stop_event.is_set():
+                return
+            zc.register_service(info, allow_name_change=True)
+            logging.info("cura_connection: announced %s on %s",
+                         info.name, ", ".join(addresses))
+            self.stop_event.wait()
+            zc.unregister_service(info)
+        except Exception:
+            logging.exception("cura_connection: zeroconf announcement")
+        finally:
+            if zc is not None:
+                zc.close()
+
+    def stop(self):
+        self.stop_event.set()
+        self.thread.join(5.)
+
+
+######################################################################
+# The [cura_connection] section
+######################################################################
+
+class CuraConnection:
+    def __init__(self, config):
+        self.printer = config.get_printer()
+        while _live_instances:
+            logging.info("cura_connection: closing server left open by a "
+                         "previous printer instance")
+            _live_instances.pop().close()
+        # Config
+        self.port = config.getint("port", 8080, minval=0, maxval=65535)
+        self.address = config.get("address", "0.0.0.0")
+        try:
+            ipaddress.ip_address(self.address)
+        except ValueError:
+            raise config.error("cura_connection: address '%s' is not an IP "
+                               "address" % (self.address,))
+        self.use_zeroconf = config.getboolean("zeroconf", True)
+        self.name = config.get("name", socket.gethostname()).strip()
+        if not self.name or len(self.name.encode("utf-8")) > 63 \
+                or "." in self.name:
+            raise config.error("cura_connection: name must be 1-63 bytes "
+                               "without dots")
+        machine = config.getchoice("cura_machine",
+                                   {k: k for k in CURA_MACHINES},
+                                   "ultimaker_s3")
+        self.machine_bom, self.machine_variant = CURA_MACHINES[machine]
+        max_upload = config.getint("max_upload_size", 1024, minval=1)
+        history_size = config.getint("history_size", 20, minval=0,
+                                     maxval=1000)
+        auto_start_next = config.getboolean("auto_start_next", False)
+        if not config.has_section("virtual_sdcard"):
+            raise config.error("cura_connection needs a [virtual_sdcard] "
+                               "section: uploads are stored in its path")
+        gcodes = os.path.normpath(os.path.expanduser(
+            config.getsection("virtual_sdcard").get("path")))
+        data_path = os.path.normpath(os.path.expanduser(config.get(
+            "data_path", os.path.join(gcodes, ".cura_connection"))))
+        self.extruder_count = 0
+        self.print_core_ids = []
+        while config.has_section("extruder%s" % (self.extruder_count or "")):
+            sec = config.getsection("extruder%s" % (self.extruder_count
+                                                    or ""))
+            nozzle = sec.getfloat("nozzle_diameter", 0.4, above=0.)
+            self.print_core_ids.append("AA %g" % (nozzle,))
+            self.extruder_count += 1
+        if not self.extruder_count:
+            # Cura needs at least one extruder box on the printer card
+            self.extruder_count, self.print_core_ids = 1, ["AA 0.4"]
+        self.printer_uuid = str(uuid.uuid5(uuid.NAMESPACE_DNS,
+                                           "cura-connection." + self.name))
+        self.klipper_version = self.printer.get_start_args().get(
+            "software_version", "unknown")
+        try:
+            os.makedirs(gcodes, exist_ok=True)
+            os.makedirs(data_path, exist_ok=True)
+        except OSError as e:
+            raise config.error("cura_connection: cannot create %s" % (e,))
+        # The parts, in data order
+        self.runner = None
+        self.bridge = KlippyBridge(config, self._handle_snapshot)
+        self.store = JobStore(os.path.join(data_path, "queue.json"),
+                              history_size, auto_start_next)
+        self.intake = FileIntake(gcodes, max_upload << 20)
+        self.materials = MaterialStore(os.path.join(data_path, "materials"))
+        self.api = CuraApi(self)
+        # Bind now: a busy port is a config error, not a crash later.
+        server_class = CuraHTTPServer6 if ":" in self.address \
+            else CuraHTTPServer
+        try:
+            self.server = server_class((self.address, self.port), self.api)
+        except OSError as e:
+            raise config.error("cura_connection: cannot listen on %s:%d: %s"
+                               % (self.address, self.port, e.strerror))
+        self.bound_port = self.server.server_address[1]
+        self.server_thread = threading.Thread(
+            target=self.server.serve_forever, kwargs={"poll_interval": 0.2},
+            daemon=True, name="cura_connection http")
+        self.server_thread.start()
+        self.runner = JobRunner(self.bridge, self.store,
+                                self.intake.read_metadata)
+        self.announcer = None
+        if self.use_zeroconf:
+            self.announcer = ZeroconfAnnouncer(
+                self.name, self.bound_port, self.address, {
+                    "type": "printer", "name": self.name,
+                    "machine": str(self.machine_bom),
+                    "firmware_version": FIRMWARE_VERSION,
+                    "cluster_size": "1"})
+        _live_instances.append(self)
+        self.closed = False
+        # G-code commands
+        gcode = self.printer.lookup_object("gcode")
+        gcode.register_command("CURA_BUILD_PLATE_CLEARED",
+                               self.cmd_CURA_BUILD_PLATE_CLEARED,
+                               desc=self.cmd_CURA_BUILD_PLATE_CLEARED_help)
+        gcode.register_command("CURA_QUEUE", self.cmd_CURA_QUEUE,
+                               desc=self.cmd_CURA_QUEUE_help)
+        self.printer.register_event_handler("klippy:disconnect",
+                                            self._handle_disconnect)
+        logging.info("cura_connection: serving Cura on %s:%d",
+                     self.address, self.bound_port)
+
+    def _handle_snapshot(self, snap):
+        if self.runner is not None:
+            self.runner.wake.set()
+
+    def _handle_disconnect(self):
+        self.close()
+
+    def close(self):
+        if self.closed:
+            return
+        self.closed = True
+        self.bridge.closing = True
+        self.server.close()
+        self.server_thread.join(2.)
+        self.runner.stop()
+        if self.announcer is not None:
+            self.announcer.stop()
+        if self in _live_instances:
+            _live_instances.remove(self)
+        logging.info("cura_connection: released port %d", self.bound_port)
+
+    cmd_CURA_BUILD_PLATE_CLEARED_help = (
+        "Confirm the build plate is empty so the next Cura job can start")
+    def cmd_CURA_BUILD_PLATE_CLEARED(self, gcmd):
+        try:
+            self.store.plate_cleared()
+        except CommandError as e:
+            raise gcmd.error(str(e))
+        self.runner.wake.set()
+        n = len(self.store.queue)
+        gcmd.respond_info("Build plate marked clear; %d job(s) queued" % n)
+
+    cmd_CURA_QUEUE_help = "List the jobs Cura sent to this printer"
+    def cmd_CURA_QUEUE(self, gcmd):
+        cur, queue, _ = self.store.all_jobs()
+        lines = ["Printer: %s (%s)" % (
+            cur[0].name, cur[0].status) if cur else "Printer: no job"]
+        lines += ["%d. %s (%s, from %s)" % (i + 1, j.name, j.status, j.owner)
+                  for i, j in enumerate(queue)]
+        if not queue:
+            lines.append("Queue is empty")
+        if not self.store.plate_clear:
+            lines.append("Waiting for CURA_BUILD_PLATE_CLEARED")
+        gcmd.respond_info("\n".join(lines))
+
+    def get_status(self, eventtime):
+        status = dict(self.store.status_cache)
+        status["port"] = self.bound_port
+        status["address"] = self.address
+        return status
+
+
+def load_config(config):
+    return CuraConnection(config)

