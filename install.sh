@@ -8,6 +8,7 @@ set -euo pipefail
 
 # Moonraker's update manager reads this line (install_script) to learn which
 # Debian packages the extension needs.
+# shellcheck disable=SC2034
 PKGLIST="python3-charon"
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd -P)
@@ -75,7 +76,7 @@ info() { printf '    %s\n' "$*"; }
 warn() { printf 'WARNING: %s\n' "$*" >&2; }
 die()  { printf 'ERROR: %s\n' "$*" >&2; exit 1; }
 
-need_arg() { [ $# -ge 2 ] && [ -n "$2" ] || die "option $1 needs a value (see --help)"; }
+need_arg() { if [ $# -lt 2 ] || [ -z "$2" ]; then die "option $1 needs a value (see --help)"; fi; }
 while [ $# -gt 0 ]; do
     case "$1" in
         --klipper-dir) need_arg "$@"; KLIPPER_DIR=$2; shift 2 ;;
@@ -93,9 +94,10 @@ while [ $# -gt 0 ]; do
         *) die "unknown option: $1 (see --help)" ;;
     esac
 done
-[[ "$PORT" =~ ^[0-9]+$ ]] && [ "$PORT" -ge 1 ] && [ "$PORT" -le 65535 ] \
-    || die "--port must be a TCP port number, got '$PORT'"
-[ "$PORT" != 80 ] || die "--port 80: the module cannot share port 80 with a redirect; pick another port"
+if ! [[ "$PORT" =~ ^[0-9]{1,5}$ ]] || [ "$PORT" -lt 1 ] || [ "$PORT" -gt 65535 ]; then
+    die "--port must be a TCP port number, got '$PORT'"
+fi
+[ "$PORT" != 80 ] || die "--port 80: Klippy does not run as root, so the module cannot listen on port 80; keep the default 8080 and let install.sh route port 80 to it"
 if [ "$(id -u)" -eq 0 ] && [ -n "${SUDO_USER:-}" ] && [ "$SUDO_USER" != root ]; then
     die "run install.sh as $SUDO_USER, without sudo: it asks for sudo itself where needed"
 fi
@@ -134,15 +136,6 @@ priv_check() {
         return 1
     fi
     as_root "$@" >/dev/null 2>&1
-}
-
-# priv_output CMD...: a root-only command whose output we read (iptables -S).
-priv_output() {
-    if [ "$DRY_RUN" = 1 ]; then
-        printf 'would run: %s\n' "$(quote "$@")" >&2
-        return 0
-    fi
-    as_root "$@"
 }
 
 # System configuration files (under the nginx dir) are changed directly when we
@@ -189,15 +182,16 @@ match_final_newline() {   # ORIGINAL REWRITTEN
 # 1. Module link
 # ---------------------------------------------------------------------------
 klipper_exclude_file() {   # prints the Klipper checkout's .git/info/exclude, if any
-    local p
-    git -C "$KLIPPER_DIR" rev-parse --git-dir >/dev/null 2>&1 || return 1
+    local p top
+    top=$(git -C "$KLIPPER_DIR" rev-parse --show-toplevel 2>/dev/null) || return 1
+    [ "$top" = "$(cd "$KLIPPER_DIR" && pwd -P)" ] || return 1
     p=$(git -C "$KLIPPER_DIR" rev-parse --git-path info/exclude) || return 1
     case "$p" in /*) ;; *) p="$KLIPPER_DIR/$p" ;; esac
     printf '%s\n' "$p"
 }
 
 install_module() {
-    local extras="$KLIPPER_DIR/klippy/extras" link exclude
+    local extras="$KLIPPER_DIR/klippy/extras" link exclude old
     say "Linking the module into Klipper"
     [ -f "$MODULE" ] || die "$MODULE not found: run install.sh from a complete cura_connection checkout"
     [ -d "$extras" ] || die "$extras not found: is Klipper installed in $KLIPPER_DIR? (use --klipper-dir)"
@@ -205,8 +199,9 @@ install_module() {
     if [ -L "$link" ] && [ "$(readlink "$link")" = "$MODULE" ]; then
         info "$link already links to $MODULE"
     elif [ -L "$link" ]; then
+        old=$(readlink "$link")
         ln -sfn "$MODULE" "$link"
-        info "$link now links to $MODULE (was $(readlink "$link"))"
+        info "$link now links to $MODULE (was $old)"
     elif [ -e "$link" ]; then
         die "$link exists and is not a link: move it away, then run install.sh again"
     else
@@ -249,6 +244,8 @@ VENV_PY=""
 check_venv() {
     VENV_PY="$KLIPPY_ENV/bin/python"
     [ -x "$VENV_PY" ] || die "$VENV_PY not found: is Klippy's venv at $KLIPPY_ENV? (use --klippy-env)"
+    KLIPPY_ENV=$(cd "$KLIPPY_ENV" && pwd)   # absolute, for moonraker.conf
+    VENV_PY="$KLIPPY_ENV/bin/python"
     "$VENV_PY" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 8) else 1)' \
         || die "$KLIPPY_ENV runs $("$VENV_PY" -V 2>&1); cura_connection needs Python 3.8 or newer (rebuild Klippy's venv with Python 3, e.g. with KIAUH)"
 }
@@ -314,170 +311,154 @@ uninstall_charon() {
 # 4. Port 80
 # ---------------------------------------------------------------------------
 SNIPPET="$NGINX_DIR/snippets/cura_connection.conf"
+INCLUDE_LINE="include $SNIPPET; # $MARK"
 
 nginx_site_files() {   # files nginx reads that may hold server blocks
     local f
     for f in "$NGINX_DIR"/sites-enabled/* "$NGINX_DIR"/conf.d/*.conf "$NGINX_DIR"/nginx.conf; do
-        [ -f "$f" ] && printf '%s\n' "$f"
+        if [ -f "$f" ]; then printf '%s\n' "$f"; fi
     done
-    return 0
 }
 
-# Prints, for each server block in FILE that listens on port 80, the number of
-# its first "listen ... 80" line, unless the block already has our include.
+# Prints, for each server block in a file that listens on port 80 and does not
+# include our snippet yet, "LISTEN_LINE:CLOSING_LINE": the number of its first
+# "listen ... 80" line (for the indentation) and of the line that closes it
+# (the include goes right before that). Counts braces with comments stripped;
+# "server {" may be split over two lines.
+# shellcheck disable=SC2016
 NGINX_AWK='
-function count(s, ch,   n) { n = gsub(ch, "", s); return n }
+function start_server(d) { in_srv = 1; srv_depth = d; listen80 = 0; marked = 0 }
 {
-    raw = $0; code = $0; sub(/#.*/, "", code)
-    start_depth = depth
-    if (!in_srv && (pending || code ~ /^[ \t]*server[ \t]*(\{|$)/)) {
-        if (code ~ /\{/) { in_srv = 1; srv_depth = depth; listen80 = 0; marked = 0; pending = 0 }
-        else if (code ~ /^[ \t]*server[ \t]*$/) pending = 1
-    }
-    if (in_srv) {
-        if (index(raw, mark)) marked = 1
-        if (start_depth == srv_depth + 1 && !listen80 &&
+    code = $0; sub(/#.*/, "", code)
+    d0 = depth
+    opens = gsub(/[{]/, "{", code); closes = gsub(/[}]/, "}", code)
+    if (!in_srv) {
+        if (pending && code ~ /^[ \t]*[{]/) start_server(d0)
+        else if (code ~ /^[ \t]*server[ \t]*[{]/) start_server(d0)
+        if (code ~ /^[ \t]*server[ \t]*$/) pending = 1
+        else if (code !~ /^[ \t]*$/) pending = 0
+    } else {
+        if (index($0, mark)) marked = 1
+        if (d0 == srv_depth + 1 && !listen80 &&
             code ~ /^[ \t]*listen[ \t]+([^ \t;]*:)?80([ \t;]|$)/) listen80 = NR
     }
-    depth += count(code, "{") - count(code, "}")
-    if (in_srv && depth <= srv_depth && start_depth > srv_depth - (code ~ /\{/ ? 1 : 0)) {
-        if (depth <= srv_depth && NR != srv_start) {
-            if (listen80 && !marked) print listen80
-            in_srv = 0
-        }
+    depth = d0 + opens - closes
+    if (in_srv && depth <= srv_depth) {
+        if (listen80 && !marked) print listen80 ":" NR
+        in_srv = 0
     }
-    if (in_srv && start_depth == srv_depth && code ~ /\{/ && !srv_start_set) { srv_start = NR; srv_start_set = 1 }
-    if (!in_srv) srv_start_set = 0
 }'
-
-nginx_port80_lines() {   # FILE
-    awk -v mark="$MARK" "$NGINX_AWK" "$1"
+nginx_port80_blocks() {   # FILE -> "LISTEN:CLOSE" pairs, space separated
+    awk -v mark="$MARK" "$NGINX_AWK" "$1" | tr '\n' ' '
 }
 
-nginx_has_port80_site() {
+nginx_serves_port80() {   # a port-80 server block, or one we already changed
     local f
     while IFS= read -r f; do
-        if [ -n "$(nginx_port80_lines "$f")" ] || grep -qF "$MARK" "$f"; then return 0; fi
+        if [ -n "$(nginx_port80_blocks "$f")" ] || grep -qF "$MARK" "$f"; then return 0; fi
     done < <(nginx_site_files)
     return 1
 }
 
 write_snippet() {   # DEST
+    local loc
     cat >"$1" <<EOF
-# Cura "print over network" requests -> cura_connection (Klipper extra) on
-# port $PORT. Written by cura_connection's install.sh, which includes this file
-# in the nginx server block that listens on port 80; "install.sh --uninstall"
-# removes both. ^~ and = locations win over Moonraker's regex location
-# ~ ^/(printer|api|access|machine|server)/ wherever they appear in the block.
-location ^~ /api/v1/ {
-    include $SNIPPET_PROXY;
-}
-location ^~ /cluster-api/ {
-    include $SNIPPET_PROXY;
-}
-location = /print_jobs {
-    include $SNIPPET_PROXY;
-}
-location ^~ /print_jobs/ {
-    include $SNIPPET_PROXY;
-}
-location = /printers {
-    include $SNIPPET_PROXY;
-}
-location ^~ /printers/ {
-    include $SNIPPET_PROXY;
+# Ultimaker Cura's "print over network" requests -> cura_connection (Klipper
+# extra) on port $PORT. Written by cura_connection's install.sh, which includes
+# this file in the nginx server block listening on port 80; "install.sh
+# --uninstall" removes both. "^~" and "=" locations win over Moonraker's
+# "location ~ ^/(printer|api|access|machine|server)/" wherever they stand.
+EOF
+    for loc in "^~ /api/v1/" "^~ /cluster-api/" "= /print_jobs" "^~ /print_jobs/" "= /printers" "^~ /printers/"; do
+        cat >>"$1" <<EOF
+
+location $loc {
+    proxy_pass http://127.0.0.1:$PORT;
+    proxy_http_version 1.1;
+    proxy_set_header Connection "";
+    proxy_set_header Host \$http_host;
+    proxy_set_header X-Real-IP \$remote_addr;
+    proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
+    proxy_set_header X-Forwarded-Proto \$scheme;
+    proxy_set_header X-Forwarded-Host \$http_host;
+    # print jobs arrive in one upload: no size limit, streamed through
+    client_max_body_size 0;
+    proxy_request_buffering off;
+    proxy_buffering off;
+    proxy_send_timeout 600s;
+    proxy_read_timeout 600s;
 }
 EOF
-}
-SNIPPET_PROXY="$NGINX_DIR/snippets/cura_connection_proxy.conf"
-write_proxy_snippet() {   # DEST
-    cat >"$1" <<EOF
-# Proxy settings for the locations in cura_connection.conf (install.sh).
-proxy_pass http://127.0.0.1:$PORT;
-proxy_http_version 1.1;
-proxy_set_header Host \$http_host;
-proxy_set_header X-Real-IP \$remote_addr;
-proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
-proxy_set_header X-Forwarded-Proto \$scheme;
-proxy_set_header X-Forwarded-Host \$http_host;
-proxy_set_header Connection "";
-# Print jobs are uploaded in one request: no size limit, streamed to the module
-# as they arrive instead of being spooled by nginx first.
-client_max_body_size 0;
-proxy_request_buffering off;
-proxy_buffering off;
-proxy_connect_timeout 10s;
-proxy_send_timeout 600s;
-proxy_read_timeout 600s;
-EOF
+    done
 }
 
-# Puts SRC's content in DEST (a file under the nginx dir) if it differs; shows
-# the content when a dry run only prints the write.
-put_nginx_file() {   # SRC DEST
-    if [ -f "$2" ] && cmp -s "$1" "$2"; then
-        info "$2 is up to date"
-        return 0
-    fi
-    sys_do "$(dirname "$2")" mkdir -p "$(dirname "$2")"
-    sys_put "$1" "$2"
-    if [ "$DRY_RUN" = 1 ] && ! can_write "$2"; then
-        sed 's/^/    | /' "$1"
-    else
-        info "wrote $2"
-    fi
-}
-
-nginx_reload() {
+nginx_test_and_reload() {
     if [ "$DRY_RUN" = 0 ] && ! have nginx; then
-        warn "nginx is not installed here, so the configuration is not tested or reloaded"
+        warn "nginx is not installed, so its configuration is neither tested nor reloaded"
         return 0
     fi
-    priv nginx -t || return 1
+    local conf=()
+    if [ -f "$NGINX_DIR/nginx.conf" ]; then conf=(-c "$NGINX_DIR/nginx.conf"); fi
+    priv nginx -t "${conf[@]}" || return 1
     priv systemctl reload nginx || warn "could not reload nginx: run 'sudo systemctl reload nginx'"
 }
 
-NGINX_CHANGED=()   # "original-backup|file" pairs, to roll back if nginx -t fails
+# Reports a change to PATH: DONE when it was made, WOULD when a dry run only
+# printed the command.
+report() {   # PATH DONE WOULD
+    if can_write "$1"; then info "$2"; else info "$3"; fi
+}
+
 port80_nginx() {
-    local f real n lines indent
-    say "nginx serves port 80: adding the Cura locations to its site"
+    local f real blocks n=0 snippet_existed=0 pair
+    local -a changed=()
+    say "nginx serves port 80: routing Cura's paths to port $PORT there"
     write_snippet "$TMPD/snippet.conf"
-    write_proxy_snippet "$TMPD/proxy.conf"
-    put_nginx_file "$TMPD/proxy.conf" "$SNIPPET_PROXY"
-    put_nginx_file "$TMPD/snippet.conf" "$SNIPPET"
-    n=0
+    if [ -f "$SNIPPET" ] && cmp -s "$TMPD/snippet.conf" "$SNIPPET"; then
+        info "$SNIPPET is up to date"
+    else
+        [ -e "$SNIPPET" ] && snippet_existed=1
+        [ -d "$(dirname "$SNIPPET")" ] || sys_do "$(dirname "$SNIPPET")" mkdir -p "$(dirname "$SNIPPET")"
+        sys_put "$TMPD/snippet.conf" "$SNIPPET"
+        report "$SNIPPET" "wrote $SNIPPET" "would write $SNIPPET with these locations to http://127.0.0.1:$PORT:"
+        can_write "$SNIPPET" || sed -n 's/^location \(.*\) {$/      location \1/p' "$TMPD/snippet.conf"
+    fi
     while IFS= read -r f; do
-        lines=$(nginx_port80_lines "$f")
-        if [ -z "$lines" ]; then
-            grep -qF "$MARK" "$f" && info "$f already includes $SNIPPET"
+        blocks=$(nginx_port80_blocks "$f")
+        if [ -z "$blocks" ]; then
+            if grep -qF "$MARK" "$f"; then info "$f already includes the snippet"; fi
             continue
         fi
         real=$(readlink -f "$f")   # sites-enabled/x is usually a link to sites-available/x
         n=$((n + 1))
         cp "$real" "$TMPD/orig.$n"
-        # shellcheck disable=SC2016
-        awk -v lines="$lines" -v inc="include $SNIPPET; # $MARK" '
-            BEGIN { split(lines, a, "\n"); for (i in a) at[a[i]] = 1 }
+        # the include goes last in each such server block, indented like its "listen"
+        awk -v blocks="$blocks" -v inc="$INCLUDE_LINE" '
+            BEGIN {
+                k = split(blocks, b, " ")
+                for (i = 1; i <= k; i++) { split(b[i], lc, ":"); listen[lc[1]] = lc[2] }
+            }
+            (NR in listen) { match($0, /^[ \t]*/); indent[listen[NR]] = substr($0, 1, RLENGTH) }
+            (NR in indent) { print indent[NR] inc }
             { print }
-            (NR in at) { match($0, /^[ \t]*/); print substr($0, 1, RLENGTH) inc }
         ' "$real" >"$TMPD/new.$n"
         match_final_newline "$real" "$TMPD/new.$n"
         sys_put "$TMPD/new.$n" "$real"
-        NGINX_CHANGED+=("$TMPD/orig.$n|$real")
-        info "added 'include $SNIPPET;' to the port-80 server block in $real"
+        changed+=("$TMPD/orig.$n|$real")
+        report "$real" "added '$INCLUDE_LINE' to the port-80 server block of $real" \
+            "would add '$INCLUDE_LINE' to the port-80 server block of $real"
     done < <(nginx_site_files)
-    if ! nginx_reload; then
-        local pair
-        for pair in "${NGINX_CHANGED[@]}"; do sys_put "${pair%%|*}" "${pair#*|}"; done
-        die "nginx rejected the configuration (see above); the site file was restored. Rerun with --no-port80 to skip this step."
+    if ! nginx_test_and_reload; then
+        for pair in "${changed[@]}"; do sys_put "${pair%%|*}" "${pair#*|}"; done
+        [ "$snippet_existed" = 1 ] || sys_do "$SNIPPET" rm -f "$SNIPPET"
+        die "nginx rejected the configuration (see above); its files are restored. Use --no-port80 to skip this step."
     fi
-    # An earlier install without nginx may have left our redirect, which would
-    # now hide the web UI: drop it.
-    iptables_remove_ours quiet
+    # A redirect left by an earlier install without nginx would hide the web UI.
+    remove_redirects all
 }
 
-nginx_uninstall() {
-    local f real n=0 changed=0
+uninstall_nginx() {
+    local f real n=0 touched=0
     say "Removing the nginx include"
     while IFS= read -r f; do
         grep -qF "$MARK" "$f" || continue
@@ -486,100 +467,105 @@ nginx_uninstall() {
         grep -vF "$MARK" "$real" >"$TMPD/un.$n" || true
         match_final_newline "$real" "$TMPD/un.$n"
         sys_put "$TMPD/un.$n" "$real"
-        info "removed the cura_connection include from $real"
-        changed=1
+        report "$real" "removed the include from $real" "would remove the include from $real"
+        touched=1
     done < <(nginx_site_files)
-    for f in "$SNIPPET" "$SNIPPET_PROXY"; do
-        if [ -e "$f" ]; then
-            sys_do "$f" rm -f "$f"
-            info "removed $f"
-            changed=1
-        fi
-    done
-    if [ "$changed" = 1 ]; then
-        nginx_reload || warn "nginx -t failed after removing the include; check the nginx configuration"
+    if [ -e "$SNIPPET" ]; then
+        sys_do "$SNIPPET" rm -f "$SNIPPET"
+        report "$SNIPPET" "removed $SNIPPET" "would remove $SNIPPET"
+        touched=1
+    fi
+    if [ "$touched" = 1 ]; then
+        nginx_test_and_reload || warn "nginx -t fails after removing the include: check the nginx configuration"
     else
         info "nothing of cura_connection in $NGINX_DIR"
     fi
 }
 
-iptables_families() {   # the iptables commands to manage rules with
-    have iptables && echo iptables
-    have ip6tables && echo ip6tables
-    return 0
-}
-
+# Our iptables rule carries a comment, so it is found again without touching
+# anyone else's rules.
 RULE=(-p tcp --dport 80 -m comment --comment "$RULE_TAG" -j REDIRECT --to-ports "$PORT")
 
-# Deletes our tagged PREROUTING rules; with "stale" only those whose target port
-# is not --port, with "quiet" nothing is printed when there is none.
-iptables_remove_ours() {   # MODE: all | stale | quiet
-    local mode=$1 bin line removed=0
-    local -a words
-    for bin in $(iptables_families); do
-        while IFS= read -r line; do
-            case "$line" in *"--comment $RULE_TAG "*|*"--comment \"$RULE_TAG\""*) ;; *) continue ;; esac
-            if [ "$mode" = stale ] && [[ "$line" == *"--to-ports $PORT" ]]; then continue; fi
-            read -ra words <<<"$line"
-            [ "${words[0]}" = "-A" ] || continue
-            words[0]="-D"
-            priv "$bin" -t nat "${words[@]}" && removed=1
-            info "$bin: removed redirect rule (${line#-A })"
-        done < <(priv_output "$bin" -t nat -S PREROUTING 2>&1 >/dev/null | sed -n 's/^/    /p' >&2
-                 priv_output "$bin" -t nat -S PREROUTING 2>/dev/null || true)
-        if [ "$DRY_RUN" = 1 ] && [ "$mode" = all ]; then
-            printf 'would run: %s\n' "$(quote "$bin" -t nat -D PREROUTING "${RULE[@]}")   (each rule tagged $RULE_TAG)"
-            removed=1
-        fi
-    done
-    if [ "$removed" = 1 ]; then iptables_save; fi
-    return 0
+iptables_cmds() {   # the installed iptables commands
+    if have iptables; then echo iptables; fi
+    if have ip6tables; then echo ip6tables; fi
 }
 
 iptables_save() {
     if have netfilter-persistent || [ "$DRY_RUN" = 1 ]; then
-        priv netfilter-persistent save || warn "netfilter-persistent save failed: the rules will not survive a reboot"
+        priv netfilter-persistent save || warn "netfilter-persistent save failed: the change will not survive a reboot"
     else
         warn "netfilter-persistent is not installed: the change will not survive a reboot"
     fi
 }
 
+# Deletes our PREROUTING rules: all of them, or (stale) those that redirect to
+# a port other than --port.
+remove_redirects() {   # all|stale
+    local mode=$1 bin line listing removed=0
+    local -a words
+    for bin in $(iptables_cmds); do
+        if [ "$DRY_RUN" = 1 ]; then
+            printf 'would run: %s\n' "$(quote "$bin" -t nat -S PREROUTING)"
+            if [ "$mode" = all ]; then
+                printf 'would run: %s   (for each rule tagged %s)\n' \
+                    "$(quote "$bin" -t nat -D PREROUTING "${RULE[@]}")" "$RULE_TAG"
+            fi
+            continue
+        fi
+        listing=$(as_root "$bin" -t nat -S PREROUTING 2>/dev/null) || listing=""
+        while IFS= read -r line; do
+            case "$line" in "-A PREROUTING "*"--comment $RULE_TAG "*) ;; *) continue ;; esac
+            if [ "$mode" = stale ] && [[ "$line" == *"--to-ports $PORT" ]]; then continue; fi
+            read -ra words <<<"$line"
+            words[0]="-D"
+            if as_root "$bin" -t nat "${words[@]}"; then
+                info "$bin: removed '${line#-A }'"
+                removed=1
+            fi
+        done <<<"$listing"
+    done
+    if [ "$removed" = 1 ]; then iptables_save; fi
+}
+
 port80_iptables() {
-    local bin fams
-    say "No web server of nginx on port 80: redirecting port 80 to $PORT with iptables"
+    local bin cmds added=0
+    say "nginx does not serve port 80: redirecting port 80 to $PORT with iptables"
     if ! have iptables || ! have netfilter-persistent; then
         info "installing iptables and iptables-persistent"
         apt_install iptables iptables-persistent
     fi
-    if have ss && ss -Hltn 'sport = :80' 2>/dev/null | grep -q .; then
-        warn "something else listens on port 80 here; the redirect hides it from the network"
+    if have ss && [ -n "$(ss -Hltn 'sport = :80' 2>/dev/null)" ]; then
+        warn "another program listens on port 80; the redirect hides it from the network"
     fi
-    fams=$(iptables_families)
-    # In a dry run the packages were not really installed: use both commands.
-    [ -n "$fams" ] || { [ "$DRY_RUN" = 1 ] && fams=$'iptables\nip6tables'; }
-    [ -n "$fams" ] || die "iptables is not available after installing it"
-    iptables_remove_ours stale
-    for bin in $fams; do
+    cmds=$(iptables_cmds)
+    if [ -z "$cmds" ]; then
+        # only in a dry run, where the packages above were not installed
+        [ "$DRY_RUN" = 1 ] || die "iptables is missing after installing it"
+        cmds="iptables ip6tables"
+    fi
+    remove_redirects stale
+    for bin in $cmds; do
         if priv_check "$bin" -t nat -C PREROUTING "${RULE[@]}"; then
-            info "$bin: redirect 80 -> $PORT already present"
+            info "$bin: redirect 80 -> $PORT is already there"
         elif priv "$bin" -t nat -A PREROUTING "${RULE[@]}"; then
+            added=1
             [ "$DRY_RUN" = 1 ] || info "$bin: added redirect 80 -> $PORT"
         elif [ "$bin" = ip6tables ]; then
-            warn "ip6tables could not add the redirect (no IPv6 nat?); IPv4 works, and Cura only uses IPv4"
+            warn "ip6tables could not add the redirect (no IPv6 nat here?); Cura uses IPv4 anyway"
         else
-            die "iptables could not add the redirect rule"
+            die "iptables could not add the redirect"
         fi
     done
-    iptables_save
-    info "note: PREROUTING does not see connections from this host itself; test from another machine"
+    # saving persists the whole current rule set, so only when ours changed
+    if [ "$added" = 1 ]; then iptables_save; fi
+    info "PREROUTING does not see connections made from this host: test port 80 from another machine"
 }
 
 install_port80() {
     if [ "$DO_PORT80" = 0 ]; then
-        say "Port 80: skipped (--no-port80); Cura must reach the module on port 80 some other way"
-        return 0
-    fi
-    if nginx_has_port80_site && { [ "$DRY_RUN" = 1 ] || have nginx; }; then
+        say "Port 80: skipped (--no-port80); Cura only talks to port 80, so route it to $PORT yourself"
+    elif nginx_serves_port80 && { [ "$DRY_RUN" = 1 ] || have nginx; }; then
         port80_nginx
     else
         port80_iptables
@@ -591,12 +577,12 @@ uninstall_port80() {
         say "Port 80: skipped (--no-port80)"
         return 0
     fi
-    nginx_uninstall
+    uninstall_nginx
     say "Removing the iptables redirect"
-    if [ -z "$(iptables_families)" ]; then
-        info "iptables is not installed: no rule to remove"
+    if [ -z "$(iptables_cmds)" ]; then
+        info "iptables is not installed: there is no rule to remove"
     else
-        iptables_remove_ours all
+        remove_redirects all
     fi
 }
 
@@ -671,21 +657,28 @@ uninstall_moonraker() {
 # ---------------------------------------------------------------------------
 # 6./7. printer.cfg and Klipper restart
 # ---------------------------------------------------------------------------
-printer_cfg_has_section() {
-    [ -d "$CONFIG_DIR" ] && grep -rqs --include='*.cfg' '^\[cura_connection\]' "$CONFIG_DIR"
+config_has_section() {   # NAME: is [NAME] in printer.cfg or a .cfg file next to it?
+    [ -d "$CONFIG_DIR" ] && grep -Rqs --include='*.cfg' "^\\[$1\\]" "$CONFIG_DIR"
 }
 
 check_printer_cfg() {
     say "printer.cfg"
-    if printer_cfg_has_section; then
+    if config_has_section cura_connection; then
         info "[cura_connection] is configured in $CONFIG_DIR"
-        return 0
+    else
+        info "add this to $CONFIG_DIR/printer.cfg to enable the module:"
+        echo
+        echo "    [cura_connection]"
+        if [ "$PORT" = 8080 ]; then echo "    #port: 8080"; else echo "    port: $PORT"; fi
+        echo
     fi
-    info "add this to $CONFIG_DIR/printer.cfg to enable the module:"
-    echo
-    echo "    [cura_connection]"
-    if [ "$PORT" = 8080 ]; then echo "    #port: 8080"; else echo "    port: $PORT"; fi
-    echo
+    if ! config_has_section virtual_sdcard; then
+        info "cura_connection stores uploads in the [virtual_sdcard] path; add one, e.g.:"
+        echo
+        echo "    [virtual_sdcard]"
+        echo "    path: ~/printer_data/gcodes"
+        echo
+    fi
 }
 
 restart_klipper() {
@@ -699,13 +692,13 @@ restart_klipper() {
 
 # ---------------------------------------------------------------------------
 main() {
-    [ "$DRY_RUN" = 1 ] && say "Dry run: commands that need root are printed, not run"
+    if [ "$DRY_RUN" = 1 ]; then say "Dry run: commands that need root are printed, not run"; fi
     if [ "$UNINSTALL" = 1 ]; then
         uninstall_module
         uninstall_charon
         uninstall_port80
         uninstall_moonraker
-        if printer_cfg_has_section; then
+        if config_has_section cura_connection; then
             warn "[cura_connection] is still in $CONFIG_DIR: remove it, or Klipper will not start without the module"
             [ "$DO_RESTART" = 0 ] || say "Not restarting Klipper until that section is removed"
         else

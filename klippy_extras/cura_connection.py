@@ -1436,6 +1436,11 @@ class CuraRequestHandler(http.server.BaseHTTPRequestHandler):
 
     def setup(self):
         http.server.BaseHTTPRequestHandler.setup(self)
+        # Replies go out as header + body writes: without NODELAY, Nagle
+        # and delayed ACKs add ~40 ms to every keep-alive request.
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.body_left = 0
+        self.expect_continue = False
         self.server.track(self.connection, True)
 
     def finish(self):
@@ -1454,7 +1459,7 @@ class CuraRequestHandler(http.server.BaseHTTPRequestHandler):
         return True
 
     def send_continue(self):
-        if getattr(self, "expect_continue", False):
+        if self.expect_continue:
             self.expect_continue = False
             self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
             self.wfile.flush()
@@ -1472,16 +1477,16 @@ class CuraRequestHandler(http.server.BaseHTTPRequestHandler):
         self.dispatch("DELETE")
 
     def do_HEAD(self):
-        self.send_json(405, {"message": "HEAD is not supported"})
+        self.dispatch("HEAD")
 
     def do_OPTIONS(self):
-        self.send_json(405, {"message": "OPTIONS is not supported"})
+        self.dispatch("OPTIONS")
 
-    do_PATCH = do_OPTIONS
+    def do_PATCH(self):
+        self.dispatch("PATCH")
 
     def dispatch(self, method):
         self.body_left = 0
-        self.expect_continue = getattr(self, "expect_continue", False)
         try:
             if self.server.closing:
                 raise HTTPError(503, "Klipper is restarting", close=True)
@@ -1651,6 +1656,10 @@ class CuraHTTPServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
         # HTTPServer.server_bind resolves the host name (slow with a bad
         # DNS setup); nothing here needs it.
         socketserver.TCPServer.server_bind(self)
+
+    def handle_error(self, request, client_address):
+        logging.exception("cura_connection: request from %s",
+                          client_address[0])
 
     def track(self, sock, add):
         with self.conn_lock:

@@ -8,7 +8,7 @@ event loop until Cura's own callback ran or the HTTP reply finished.
 
 Cura is not started.  The plugin code runs unmodified; what this module adds
 is the smallest host-application scaffolding the code paths need (see
-docs/cura-protocol.md section 7):
+section 7 of the project's cura-protocol.md notes):
 
 * a synthetic ``UM3NetworkPrinting`` package (its ``__init__`` registers the
   plugin with a running Cura) and ``import cura.CuraApplication`` first (else a
@@ -37,6 +37,7 @@ import queue
 import sys
 import threading
 import time
+import traceback
 import types
 import warnings
 from pathlib import Path
@@ -47,6 +48,7 @@ DEFAULT_CURA_ROOT = REPO / ".cache" / "cura" / "root"
 HTTP_STATUS = None  # QNetworkRequest.HttpStatusCodeAttribute, set by load()
 
 _log = logging.getLogger("cura")
+_log.addHandler(logging.NullHandler())  # records still propagate (pytest shows them)
 
 
 # --------------------------------------------------------------------------
@@ -59,7 +61,8 @@ class CuraClientError(Exception):
     def __init__(self, message, log=()):
         self.log = list(log)
         if self.log:
-            message += "\nCura logged:\n  " + "\n  ".join(self.log)
+            shown = [line if len(line) <= 800 else line[:800] + "..." for line in self.log]
+            message += "\nCura logged:\n  " + "\n  ".join(shown)
         super().__init__(message)
 
 
@@ -121,8 +124,9 @@ class _LogCapture:
     def mark(self):
         return len(self.lines)
 
-    def since(self, mark, types="wec"):
-        return ["%s: %s" % (t, m) for t, m in self.lines[mark:] if t in types]
+    def since(self, mark, kinds="wec"):
+        """Warnings/errors logged after mark() returned `mark`."""
+        return ["%s: %s" % (k, m) for k, m in self.lines[mark:] if k in kinds]
 
 
 class _MaterialRegistry:
@@ -247,7 +251,9 @@ def load(cura_root=None):
     with warnings.catch_warnings():
         # Uranium/Cura 4.13 sources trigger DeprecationWarnings (invalid escapes, imp).
         warnings.simplefilter("ignore")
-        import cura.CuraApplication  # first: breaks a circular import in cura.PrinterOutput
+        import UM  # noqa: F401  (its __init__ re-enables DeprecationWarnings)
+        warnings.simplefilter("ignore")
+        import cura.CuraApplication  # noqa: F401  first: avoids a circular import
         from PyQt5.QtCore import QCoreApplication
         from PyQt5.QtNetwork import QNetworkRequest
         from UM.Logger import Logger
@@ -363,7 +369,6 @@ def _run_until(predicate, timeout):
     finally:
         wakeup.stop()
     if slots.caught:
-        import traceback
         text = "".join(traceback.format_exception(*slots.caught[0]))
         raise CuraCrashError("Cura's code raised in a Qt slot:\n" + text, _cura.logs.since(mark))
     return done
@@ -415,7 +420,7 @@ class ClusterApi:
     def _on_finished(self, qreply):
         self._finished.append(_Reply(qreply))
 
-    def _fetch(self, start, what, expect_list):
+    def _fetch(self, start, what, shape=None):
         mark = _cura.logs.mark()
         results = []
         self._errors.clear()
@@ -426,10 +431,15 @@ class ClusterApi:
             raise CuraTimeoutError("%s: no reply within %ss" % (what, self.timeout))
         if results:
             value = results[0]
-            if expect_list and not isinstance(value, list):
+            # Cura's parser accepts either JSON shape; the code it then calls
+            # back into only works with one of them.
+            if shape == "list" and not isinstance(value, list):
                 raise CuraParseError(
                     "%s: Cura parsed a single object (%s) where its device code iterates a list"
                     % (what, type(value).__name__), _cura.logs.since(mark))
+            if shape == "object" and isinstance(value, list):
+                raise CuraParseError("%s: Cura parsed a list where its code expects one object" % what,
+                                     _cura.logs.since(mark))
             return value
         reply = self._finished[count]
         if reply.status is None:
@@ -441,19 +451,19 @@ class ClusterApi:
 
     def system(self):
         """GET /api/v1/system -> PrinterSystemStatus (add-by-IP)."""
-        return self._fetch(self._client.getSystem, "GET /api/v1/system", False)
+        return self._fetch(self._client.getSystem, "GET /api/v1/system", "object")
 
     def printers(self):
         """GET /cluster-api/v1/printers -> [ClusterPrinterStatus]."""
-        return self._fetch(self._client.getPrinters, "GET printers", True)
+        return self._fetch(self._client.getPrinters, "GET printers", "list")
 
     def print_jobs(self):
         """GET /cluster-api/v1/print_jobs -> [ClusterPrintJobStatus]."""
-        return self._fetch(self._client.getPrintJobs, "GET print_jobs", True)
+        return self._fetch(self._client.getPrintJobs, "GET print_jobs", "list")
 
     def materials(self):
         """GET /cluster-api/v1/materials -> [ClusterMaterial]."""
-        return self._fetch(self._client.getMaterials, "GET materials", True)
+        return self._fetch(self._client.getMaterials, "GET materials", "list")
 
     def preview_image(self, uuid):
         """GET .../print_jobs/<uuid>/preview_image, stored the way Cura does
@@ -469,7 +479,7 @@ class ClusterApi:
                 done(data)
             self._client.getPrintJobPreviewImage(uuid, on_finished)
         try:
-            self._fetch(start, "GET preview_image", False)
+            self._fetch(start, "GET preview_image")
         except CuraHttpError:
             return None
         return job.getPreviewImage()
@@ -545,9 +555,6 @@ class _MonitorDevice:
     def close(self):
         self._connected = False
 
-    def setJobState(self, print_job_uuid, state):
-        raise NotImplementedError("monitor_view is read-only; use ClusterApi actions")
-
 
 class _ProgressMessage:
     """Stands in for PrintJobUploadProgressMessage (a Message needs the app)."""
@@ -586,7 +593,6 @@ class _PostingDevice:
 
     def __init__(self, address, owner="alice"):
         self._address = address
-        self.address = address
         self._api_prefix = ""
         self._user_agent = _cura.user_agent
         self._owner = owner
@@ -625,7 +631,8 @@ _BORROWED = {
     _MonitorDevice: {
         "UltimakerNetworkedPrinterOutputDevice": [
             "_responseReceived", "_updatePrinters", "_checkIfClusterHost", "setActivePrinter",
-            "_updatePrintJobs", "_createPrintJobModel", "_updateAssignedPrinter"],
+            "_updatePrintJobs", "_createPrintJobModel", "_updateAssignedPrinter",
+            "QUEUED_PRINT_JOBS_STATES"],
     },
     _PostingDevice: {
         "LocalClusterOutputDevice": ["_startPrintJobUpload", "_onPrintJobUploadProgress"],
@@ -659,16 +666,46 @@ class MonitorView:
         self.device = _MonitorDevice(key)
 
     def update(self, printers, jobs):
-        printers = [p if not isinstance(p, dict) else _cura.ClusterPrinterStatus(**p) for p in printers]
-        jobs = [j if not isinstance(j, dict) else _cura.ClusterPrintJobStatus(**j) for j in jobs]
-        with _SlotExceptions() as slots:  # models emit Qt signals; keep PyQt from aborting
+        try:  # parse dicts like ClusterApiClient._parseModels does
+            printers = [p if not isinstance(p, dict) else _cura.ClusterPrinterStatus(**p) for p in printers]
+            jobs = [j if not isinstance(j, dict) else _cura.ClusterPrintJobStatus(**j) for j in jobs]
+        except (TypeError, ValueError) as error:
+            raise CuraParseError("Cura's models rejected the data: %s" % error) from error
+        mark = _cura.logs.mark()
+        try:
             _cura.UltimakerNetworkedPrinterOutputDevice._updatePrinters(self.device, printers)
             _cura.UltimakerNetworkedPrinterOutputDevice._updatePrintJobs(self.device, jobs)
-        if slots.caught:
-            raise slots.caught[0][1]
+        except Exception as error:
+            # In Cura these run inside the reply's Qt slot: an exception there
+            # is an uncaught crash, not a handled parse error.
+            raise CuraCrashError("Cura's Monitor-tab update raised:\n" + traceback.format_exc(),
+                                 _cura.logs.since(mark)) from error
         return self.view()
 
+    def poll(self, api):
+        """One poll cycle as Cura runs it: GET printers, then print_jobs."""
+        return self.update(api.printers(), api.print_jobs())
+
     def view(self):
+        """What the Monitor tab shows, read from Cura's own Qt models:
+
+        {"printers": [{"key", "name", "unique_name", "type" (machine_variant),
+                       "state", "camera_url", "buildplate", "firmware_version",
+                       "extruders": [{"position", "hotend_id",
+                                      "material": None or {"name", "brand",
+                                                  "type", "color", "guid"}}],
+                       "active_job": None or a job dict}],
+         "queue": [{"key", "name", "owner", "state", "time_total",
+                    "assigned_printer", "machine_variant"}],  # queuedPrintJobs
+         "active_jobs": [names],  # activePrintJobs
+         "jobs": [job dict for every job Cura keeps, in reply order],
+         "active_printer": name of the selected printer card,
+         "not_cluster_host": bool}
+
+        A job dict: key, name, owner, state, time_elapsed, time_total,
+        time_remaining, progress (0..1), is_active, assigned_printer (name),
+        machine_variant, configuration_changes (type_of_change list).
+        """
         device = self.device
         cls = _cura.UltimakerNetworkedPrinterOutputDevice
         queued = cls.queuedPrintJobs.fget(device)
@@ -686,7 +723,8 @@ class MonitorView:
 
 
 def monitor_view(printers, jobs):
-    """One poll through Cura's Monitor-tab code; see MonitorView.view()."""
+    """One poll through Cura's Monitor-tab code (fresh device); returns
+    MonitorView.view()."""
     return MonitorView().update(printers, jobs)
 
 
@@ -750,6 +788,7 @@ def upload(address, path, file_name=None, owner="alice", unique_name=None, timeo
     "upload never finishes" hang Cura users see.
     """
     load()
+    mark = _cura.logs.mark()
     data = Path(path).read_bytes()
     device = _PostingDevice(address, owner)
     device._active_exported_job = _PreparedJob(file_name or Path(path).name, data)
@@ -760,7 +799,8 @@ def upload(address, path, file_name=None, owner="alice", unique_name=None, timeo
     reply = device.replies[0]
     if reply.status is None:
         raise CuraNoResponseError("upload: no HTTP response (%s); Cura's upload never finishes" % reply.error)
-    assert device.upload_completed == 1, "Cura did not run its completion handler"
+    if device.upload_completed != 1:
+        raise CuraClientError("upload: Cura did not run its completion handler", _cura.logs.since(mark))
     return reply.status, reply.body
 
 
@@ -874,7 +914,10 @@ def sync_materials(address, timeout=30.0):
         return result
 
     device = _PostingDevice(address)
-    job = _cura.SendMaterialJob(device=device)
+    with warnings.catch_warnings():
+        # Cura 4.13 calls Thread.setDaemon(), deprecated since Python 3.10.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        job = _cura.SendMaterialJob(device=device)
     # What job._onGetMaterials does before handing over to its worker thread:
     job._remote_materials = {material.guid: material for material in remote}
 
@@ -962,11 +1005,12 @@ def discover(timeout=10.0, wait_for=None):
     client = _cura.ZeroConfClient()
     client.addedNetworkCluster.connect(found.added)
     client.removedNetworkCluster.connect(found.removed)
+    mark = _cura.logs.mark()
     deadline = time.monotonic() + timeout
     with _patched(Signal, _app=signal_app):
         client.start()
         if client._zero_conf is None:
-            raise CuraClientError("Cura's ZeroConfClient could not start", _cura.logs.since(0))
+            raise CuraClientError("Cura's ZeroConfClient could not start", _cura.logs.since(mark))
         try:
             while time.monotonic() < deadline:
                 if wait_for is not None and len(found.devices) >= wait_for:

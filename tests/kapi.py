@@ -46,12 +46,18 @@ class KlippyAPI:
         """False once Klippy has closed its end (e.g. after a restart)."""
         if self.closed:
             return False
+        # Peek without blocking (with a timeout set, Python would first wait
+        # for readability whatever the recv flags)
+        timeout = self.sock.gettimeout()
+        self.sock.settimeout(0.)
         try:
-            data = self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
-        except (BlockingIOError, InterruptedError):
+            data = self.sock.recv(1, socket.MSG_PEEK)
+        except BlockingIOError:
             return True
         except OSError:
             return False
+        finally:
+            self.sock.settimeout(timeout)
         return bool(data)
 
     def _read_msg(self):

@@ -11,12 +11,9 @@ klippy_test_extras/cura_test_tools.py).  Standard library only: pytest (in
         k.gcode("SDCARD_PRINT_FILE FILENAME=" + k.write_gcode("a.gcode"))
         k.wait_print_state("complete")
         url = k.base_url()
-
-See /work/shared/docs/klippy-harness.md for the background.
 """
-import ctypes
 import os
-import signal
+import shutil
 import subprocess
 import tempfile
 import time
@@ -49,7 +46,9 @@ FLAVORS = {
     },
 }
 
-DEFAULT_MODULE_OPTIONS = {"port": 0, "zeroconf": "False"}
+# Tests stay on loopback: the module's own default address is 0.0.0.0
+DEFAULT_MODULE_OPTIONS = {"port": 0, "address": "127.0.0.1",
+                          "zeroconf": "False"}
 
 
 def selected_flavors():
@@ -84,8 +83,8 @@ def extras_dir(flavor):
 def install_module(flavor):
     """Symlink cura_connection.py and cura_test_tools.py into the flavor's
     klippy/extras/ (idempotent).  A source that does not exist yet is
-    skipped: Kalico imports every module it finds there at start-up, and a
-    dangling link would log a traceback each time."""
+    skipped: Kalico scans every module there at start-up, and a dangling
+    link would log an import traceback each time."""
     dest_dir = extras_dir(flavor)
     for src in MODULE_SOURCES:
         if not os.path.exists(src):
@@ -110,14 +109,12 @@ class KlippyNotReady(RuntimeError):
 
 
 def _die_with_parent():
-    # Runs in the child before exec: have Linux SIGTERM Klippy if the test
-    # process dies without stopping it (PR_SET_PDEATHSIG = 1).  Note: this
-    # fires when the *thread* that started Klippy exits.
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGTERM, 0, 0, 0)
-    except (OSError, AttributeError):
-        pass
+    # util-linux setpriv has Linux SIGTERM Klippy if the test process dies
+    # without stopping it (no preexec_fn: unsafe in threaded test runs).
+    # Note: this fires when the *thread* that started Klippy exits.
+    if shutil.which("setpriv"):
+        return ["setpriv", "--pdeathsig", "TERM", "--"]
+    return []
 
 
 class Klippy:
@@ -155,7 +152,7 @@ class Klippy:
 
     # Files
     def config_text(self):
-        """printer.cfg: heater-only printer, kinematics none (doc section 0)."""
+        """printer.cfg: a heater-only printer with kinematics none."""
         parts = ["""\
 [mcu]
 serial: /dev/null
@@ -180,6 +177,9 @@ min_temp: -273
 max_temp: 300
 nozzle_diameter: 0.4
 filament_diameter: 1.75
+# Real sliced files (primes, purges) must not trip extrusion limits
+max_extrude_only_distance: 1000
+max_extrude_cross_section: 50
 """ % (name, pin, pin + 1))
         if self.extruders > 1:
             for i in range(self.extruders):
@@ -255,16 +255,17 @@ path: %s
         self._log_offset = (os.path.getsize(self.log_path)
                             if os.path.exists(self.log_path) else 0)
         spec = FLAVORS[self.flavor]
-        cmd = [spec["python"]] + spec["args"] + [
+        cmd = _die_with_parent() + [spec["python"]] + spec["args"] + [
             self.cfg_path, "-o", "/dev/null", "-d", self.dict_path,
             "-a", self.sock_path, "-I", self.pty_path, "-l", self.log_path]
         self._out = open(self.out_path, "ab")
         self._start_time = time.monotonic()
+        self.start_seconds = None
         # Own session: a Ctrl-C in the terminal must reach only the harness
         self.proc = subprocess.Popen(
             cmd, cwd=self.workdir, stdin=subprocess.DEVNULL,
             stdout=self._out, stderr=subprocess.STDOUT,
-            start_new_session=True, preexec_fn=_die_with_parent)
+            start_new_session=True)
         return self
 
     @property
@@ -296,25 +297,27 @@ path: %s
             except (OSError, RuntimeError, TimeoutError,
                     subprocess.TimeoutExpired):
                 pass
-        self._drop_api()
         if self.proc.poll() is None:
             self.proc.terminate()
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
-                self.proc.wait()
+        return self._reap()
+
+    def kill9(self):
+        if self.running:
+            self.proc.kill()
+        return self._reap()
+
+    def _reap(self):
+        self._drop_api()
+        if self.proc is not None:
+            self.proc.wait()
         if self._out is not None:
             self._out.close()
             self._out = None
-        return self.proc.returncode
-
-    def kill9(self):
-        self._drop_api()
-        if self.running:
-            self.proc.kill()
-        if self.proc is not None:
-            self.proc.wait()
+        return self.proc.returncode if self.proc is not None else None
 
     def __enter__(self):
         if not self.running:

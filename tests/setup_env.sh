@@ -13,7 +13,7 @@ SUDO=""
 
 APT_PKGS="libusb-dev python3-venv python3-charon python3-pyqt5 python3-pyqt5.qtquick
   python3-numpy python3-scipy python3-arcus python3-keyring python3-shapely
-  python3-pynest2d python3-zeroconf iproute2 util-linux"
+  python3-pynest2d python3-zeroconf iproute2 util-linux nginx shellcheck"
 missing=""
 for p in $APT_PKGS; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing="$missing $p"

