@@ -923,10 +923,12 @@ class FileIntake:
         thumbnail = None
         os.fchmod(fd, 0o644)
         try:
-            with os.fdopen(fd, "wb") as out:
+            with os.fdopen(fd, "wb") as out, open(path, "rb") as src:
                 try:
                     vf = self.charon.VirtualFile.VirtualFile()
-                    vf.open(path, self.charon.OpenMode.OpenMode.ReadOnly)
+                    # by MIME type: the temp file's name ends in .part
+                    vf.openStream(src, "application/x-ufp",
+                                  self.charon.OpenMode.OpenMode.ReadOnly)
                     try:
                         shutil.copyfileobj(vf.getStream("/3D/model.gcode"),
                                            out, READ_CHUNK)
@@ -1062,8 +1064,10 @@ class MaterialStore:
         guid = text(MATERIAL_NS + "GUID")
         try:
             version = int(text(MATERIAL_NS + "version"))
-            uuid.UUID(guid)
         except ValueError:
+            version = None
+        # Not always a well-formed UUID: fdm-materials ships "...59p3"
+        if version is None or not re.match(r"^[\w-]{1,100}$", guid):
             raise HTTPError(400, "Material file needs a GUID and a version")
         if version < 1:
             raise HTTPError(400, "Material version must be 1 or more")

@@ -326,7 +326,8 @@ def test_material_store(tmp_path):
 
 @pytest.mark.parametrize("data,why", [
     (MATERIAL % (GUID, 0), "version"),
-    (MATERIAL % ("not-a-guid", 1), "GUID"),
+    (MATERIAL % ("", 1), "GUID"),
+    (MATERIAL % ("a b;c", 1), "GUID"),
     ("<fdmmaterial/>", "fdmmaterial"),
     ("not xml at all", "valid"),
     ('<?xml version="1.0"?><!DOCTYPE x [<!ENTITY a "aaaa">'

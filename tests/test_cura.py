@@ -1,0 +1,176 @@
+"""Cura 4.13's own UM3NetworkPrinting code against the module in the real
+Klippy: every reply must parse into Cura's models and show on its Monitor
+tab; uploads, actions and the material sync go through Cura's code."""
+import time
+
+import pytest
+
+import cura_client
+import gcode_samples
+
+
+@pytest.fixture(scope="session")
+def cura():
+    return cura_client.load()
+
+
+def address(k):
+    return "127.0.0.1:%d" % (k.cura_port(),)
+
+
+def wait_view(api, view, pred, timeout=20., what="Cura's view"):
+    deadline = time.monotonic() + timeout
+    while True:
+        state = view.poll(api)
+        if pred(state):
+            return state
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out waiting for %s; last: %r"
+                                 % (what, state))
+        time.sleep(0.2)
+
+
+def active(state):
+    return state["printers"][0]["active_job"]
+
+
+def test_cura_parses_every_reply(cura, klippy_factory):
+    k = klippy_factory(extruders=2, module_options={"name": "klipper-test"})
+    api = cura_client.ClusterApi(address(k))
+    system = api.system()
+    assert system.name == "klipper-test" and system.hardware["typeid"] \
+        == 213482
+    printers = api.printers()
+    jobs = api.print_jobs()
+    assert api.materials() == []
+    view = cura_client.monitor_view(printers, jobs)
+    card = view["printers"][0]
+    assert card["name"] == "klipper-test"
+    assert card["type"] == "Ultimaker S3"
+    assert card["state"] == "idle"
+    assert card["camera_url"] == "http://127.0.0.1:8080/?action=stream"
+    assert [e["hotend_id"] for e in card["extruders"]] == ["AA 0.4"] * 2
+    assert card["active_job"] is None and view["queue"] == []
+    assert not view["not_cluster_host"]
+
+
+def test_print_from_klipper_shows_on_card(cura, klippy):
+    fname = klippy.write_gcode("console_print.gcode", moves=600,
+                               sleep_every=10, sleep_s=0.1,
+                               header=";TIME:120\n")
+    klippy.gcode("SDCARD_PRINT_FILE FILENAME=%s" % (fname,))
+    api = cura_client.ClusterApi(address(klippy))
+    view = cura_client.MonitorView()
+    state = wait_view(api, view, lambda s: active(s) and active(s)[
+        "progress"] and active(s)["progress"] > 0, what="progress")
+    job = active(state)
+    assert job["name"] == "console_print"
+    assert job["state"] == "printing" and job["owner"] == "Klipper"
+    assert 0 < job["progress"] < 100
+    assert state["printers"][0]["state"] == "printing"
+
+
+def test_material_sync_sends_each_material_once(cura, klippy):
+    addr = address(klippy)
+    sent = cura_client.sync_materials(addr, timeout=120)
+    assert len(sent) > 200        # Debian's fdm-materials: 230 files
+    assert all(r[0] == 200 and b"not added" not in r[1]
+               for r in sent.replies.values())
+    stored = cura_client.ClusterApi(addr).materials()
+    assert len(stored) == len(set(m.guid for m in stored))
+    assert all(m.version >= 1 for m in stored)
+    # Cura's second connection has nothing left to send
+    assert list(cura_client.sync_materials(addr)) == []
+    # ... and neither after a restart (the files persist)
+    klippy.restart()
+    assert list(cura_client.sync_materials(address(klippy))) == []
+
+
+def test_print_over_network(cura, klippy, tmp_path):
+    addr = address(klippy)
+    api = cura_client.ClusterApi(addr)
+    view = cura_client.MonitorView()
+    first = tmp_path / "benchy.ufp"
+    cura_client.make_ufp(str(first), gcode_samples.cura_gcode(
+        print_time=1800, count=800, sleep_every=10, sleep_s=0.1),
+        thumbnail_png=gcode_samples.png(32, 24))
+    status, body = cura_client.upload(addr, str(first), owner="alice")
+    assert status == 200, body
+    # Klippy prints the file Cura sent
+    klippy.wait_print_state("printing")
+    ps = klippy.query("print_stats")["print_stats"]
+    assert ps["filename"] == "benchy.gcode"
+    state = wait_view(api, view, lambda s: active(s) is not None,
+                      what="active job")
+    job = active(state)
+    assert (job["name"], job["owner"], job["state"]) == \
+        ("benchy", "alice", "printing")
+    assert job["time_total"] >= 1800 - 1
+    # a second job waits in Cura's queue
+    second = tmp_path / "phone stand.ufp"
+    cura_client.make_ufp(str(second), gcode_samples.cura_gcode(
+        print_time=600, count=100, sleep_every=10, sleep_s=0.1))
+    assert cura_client.upload(addr, str(second), owner="bob")[0] == 200
+    state = wait_view(api, view, lambda s: s["queue"], what="queue")
+    assert [(q["name"], q["owner"], q["state"]) for q in state["queue"]] \
+        == [("phone_stand", "bob", "queued")]
+    # the preview Cura shows is the UFP thumbnail
+    jobs = {j.name: j for j in api.print_jobs()}
+    image = api.preview_image(jobs["benchy"].uuid)
+    assert image is not None and not image.isNull()
+    assert (image.width(), image.height()) == (32, 24)
+    assert api.preview_image(jobs["phone_stand"].uuid) is None
+    # files where Mainsail and Moonraker look; no .ufp left behind
+    import os
+    names = sorted(os.listdir(klippy.gcodes_dir))
+    assert "benchy.gcode" in names and "phone_stand.gcode" in names
+    assert not [n for n in names if n.endswith((".ufp", ".part"))]
+    assert os.path.exists(os.path.join(klippy.gcodes_dir, ".thumbs",
+                                       "benchy.png"))
+
+
+def test_every_action_through_cura(cura, klippy, tmp_path):
+    addr = address(klippy)
+    api = cura_client.ClusterApi(addr)
+    view = cura_client.MonitorView()
+    names = ["one", "two", "three"]
+    for name in names:
+        path = tmp_path / (name + ".ufp")
+        cura_client.make_ufp(str(path), gcode_samples.cura_gcode(
+            print_time=900, count=3000, sleep_every=10, sleep_s=0.1))
+        assert cura_client.upload(addr, str(path))[0] == 200
+    wait_view(api, view, lambda s: active(s) and active(s)["state"]
+              == "printing" and len(s["queue"]) == 2, what="one printing")
+    uuids = {j.name: j.uuid for j in api.print_jobs()}
+    # pause, resume
+    assert api.pause(uuids["one"]) == 200
+    wait_view(api, view, lambda s: active(s)["state"] == "paused",
+              what="paused")
+    assert klippy.query("print_stats")["print_stats"]["state"] == "paused"
+    assert api.resume(uuids["one"]) == 200
+    wait_view(api, view, lambda s: active(s)["state"] == "printing",
+              what="printing again")
+    # move to top, force, delete (queued jobs)
+    assert api.move_to_top(uuids["three"]) == 200
+    state = wait_view(api, view, lambda s: [q["name"] for q in s["queue"]]
+                      == ["three", "two"], what="three first")
+    assert api.force(uuids["two"]) == 200
+    assert api.delete(uuids["two"]) == 200
+    wait_view(api, view, lambda s: [q["name"] for q in s["queue"]]
+              == ["three"], what="two deleted")
+    # actions in the wrong state are refused, and change nothing
+    assert api.pause(uuids["three"]) == 409
+    assert api.resume(uuids["one"]) == 409
+    # abort
+    assert api.abort(uuids["one"]) == 200
+    state = wait_view(api, view, lambda s: active(s)["state"]
+                      in ("aborted", "aborted_wait_cleanup"),
+                      what="aborted")
+    assert klippy.query("print_stats")["print_stats"]["state"] \
+        == "cancelled"
+    # the queue waits for the plate; then "three" starts
+    time.sleep(1.)
+    assert [q["name"] for q in view.poll(api)["queue"]] == ["three"]
+    klippy.gcode("CURA_BUILD_PLATE_CLEARED")
+    wait_view(api, view, lambda s: active(s) and active(s)["name"]
+              == "three" and not s["queue"], what="three printing")
