@@ -10,12 +10,14 @@
 # commands (SDCARD_PRINT_FILE, PAUSE, RESUME, CANCEL_PRINT) back through the
 # reactor.  HTTP threads never touch printer objects.
 import errno
+import http.client
 import http.server
 import ipaddress
 import json
 import logging
 import os
 import re
+import shlex
 import shutil
 import socket
 import socketserver
@@ -23,6 +25,7 @@ import tempfile
 import threading
 import time
 import unicodedata
+import urllib.parse
 import uuid
 import zlib
 
@@ -35,6 +38,11 @@ CURA_MACHINES = {
     "ultimaker3": (9066, "Ultimaker 3"),
     "ultimaker3_extended": (9511, "Ultimaker 3 Extended"),
 }
+# cura_machine: custom advertises the definition made from printer.cfg
+# (MachineDefinition) under a private BOM number: 9 digits starting with
+# 7, which no Ultimaker BOM is a prefix of (Cura matches by prefix).
+CUSTOM_MACHINE = "custom"
+CUSTOM_BOM_BASE = 700000000
 # Cura refuses firmware below 4.0.0 and sends UFP from 4.4 on.
 FIRMWARE_VERSION = "5.2.11"
 SERVICE_TYPE = "_ultimaker._tcp.local."
@@ -559,10 +567,12 @@ def write_file_atomic(path, data):
 
 class JobRunner:
     """Thread that follows snapshots, saves the queue and starts jobs."""
-    def __init__(self, bridge, store, metadata_reader):
+    def __init__(self, bridge, store, metadata_reader, also_save=()):
         self.bridge = bridge
         self.store = store
         self.metadata_reader = metadata_reader
+        # other state changed in the reactor (memory only) and saved here
+        self.also_save = list(also_save)
         self.wake = threading.Event()
         self.stopping = False
         self.thread = threading.Thread(target=self._run, daemon=True,
@@ -597,6 +607,9 @@ class JobRunner:
         job = self.store.reconcile(snap, external)
         if self.store.dirty:
             self.store.save()
+        for other in self.also_save:
+            if other.dirty:
+                other.save()
         if job is None:
             return
         self.store.begin_start(job)
@@ -853,8 +866,9 @@ class FileIntake:
                             "%d MiB needed" % (free >> 20, length >> 20),
                             close=True)
 
-    def receive(self, rfile, length, boundary):
-        """Read a multipart body from rfile; returns (Upload, gcode path)."""
+    def receive(self, read_into, length, boundary):
+        """Read a multipart body with read_into(buffer) -> byte count;
+        returns (Upload, (gcode name, metadata))."""
         from python_multipart.multipart import MultipartParser
         upload = Upload(self)
         callbacks = {n: getattr(upload, n) for n in (
@@ -866,8 +880,7 @@ class FileIntake:
         remaining = length
         try:
             while remaining:
-                n = rfile.readinto(memoryview(buf)[:min(remaining,
-                                                        READ_CHUNK)])
+                n = read_into(memoryview(buf)[:min(remaining, READ_CHUNK)])
                 if not n:
                     raise HTTPError(400, "Upload ended after %d of %d bytes"
                                     % (length - remaining, length),
@@ -1046,6 +1059,7 @@ class MaterialStore:
         self.path = path
         self.lock = threading.Lock()
         self.index = None   # guid -> material info, read on first use
+        self.resolved = {}  # resolve() answers, until the next add()
 
     @staticmethod
     def parse(data):
@@ -1122,7 +1136,156 @@ class MaterialStore:
                     pass
             info["file"] = name
             self.index[info["guid"]] = info
+            self.resolved.clear()
             return True
+
+    def resolve(self, entry):
+        """The stored profile a loaded-material entry names, or None: by
+        GUID, else the first match of material type, brand and colour
+        (name or code), Generic brand first."""
+        key = tuple(sorted(entry.items()))
+        with self.lock:
+            self._load()
+            if key in self.resolved:
+                return self.resolved[key]
+            found = None
+            if entry.get("guid"):
+                found = self.index.get(entry["guid"])
+            elif entry.get("material"):
+                want = entry["material"].lower()
+                brand = entry.get("brand", "").lower()
+                color = entry.get("color", "").lower()
+                matches = [m for m in self.index.values()
+                           if m["material"].lower() == want
+                           and (not brand or m["brand"].lower() == brand)
+                           and (not color or color in (
+                               m["color"].lower(), m["color_code"].lower()))]
+                if matches:
+                    found = min(matches, key=lambda m: (
+                        m["brand"].lower() != "generic", m["brand"],
+                        m["color"], m["guid"]))
+            self.resolved[key] = found and dict(found)
+            return self.resolved[key]
+
+
+MATERIAL_WORDS = ("GUID", "BRAND", "MATERIAL", "COLOR")
+COLOR_CODE_RE = re.compile(r"^#?([0-9a-fA-F]{6})$")
+
+
+def parse_material_words(words):
+    """{"GUID", "BRAND", "MATERIAL", "COLOR": text} (a subset) -> the entry
+    LoadedMaterials keeps; MATERIAL=empty means nothing is loaded."""
+    unknown = sorted(set(words) - set(MATERIAL_WORDS))
+    if unknown:
+        raise ValueError("Unknown parameter %s (use %s)"
+                         % (unknown[0], ", ".join(MATERIAL_WORDS)))
+    entry = {}
+    for key in MATERIAL_WORDS:
+        value = str(words.get(key) or "").strip()
+        if len(value) > 64 or not value.isprintable():
+            raise ValueError("%s must be at most 64 printable characters"
+                             % (key,))
+        if value:
+            entry[key.lower()] = value
+    if entry.get("material", "").lower() in ("empty", "none"):
+        return {"material": "empty"}
+    if "guid" in entry:
+        try:
+            entry["guid"] = str(uuid.UUID(entry["guid"]))
+        except ValueError:
+            raise ValueError("GUID=%s is not a GUID" % (entry["guid"],))
+    elif "material" not in entry:
+        raise ValueError("Give GUID=<guid> (a material Cura knows), or "
+                         "MATERIAL=<type> with optional BRAND= and COLOR=")
+    m = COLOR_CODE_RE.match(entry.get("color", ""))
+    if m:
+        entry["color"] = "#" + m.group(1).lower()
+    return entry
+
+
+def parse_material_option(text):
+    # "GUID=..." or "MATERIAL=PETG COLOR=#ff8000 BRAND=\"Some Brand\"",
+    # the words of SET_CURA_MATERIAL; a lone GUID is fine too.
+    words = {}
+    parts = shlex.split(text)
+    for part in parts:
+        key, sep, value = part.partition("=")
+        if not sep and len(parts) == 1:
+            key, value = "GUID", part
+        elif not sep:
+            raise ValueError("'%s' is not KEY=value" % (part,))
+        words[key.strip().upper()] = value
+    return parse_material_words(words)
+
+
+class LoadedMaterials:
+    """The material in each extruder, shown on Cura's printer card.
+
+    SET_CURA_MATERIAL changes it in the reactor, in memory only; the job
+    runner thread writes the file."""
+    def __init__(self, path, defaults):
+        self.path = path
+        self.names = [name for name, _ in defaults]
+        self.lock = threading.Lock()
+        self.save_lock = threading.Lock()
+        self.dirty = False
+        self.entries = dict(defaults)
+        saved = self._load()
+        for name in self.names:
+            if name in saved:
+                self.entries[name] = saved[name]
+        self._update_status_cache()
+
+    def _load(self):
+        try:
+            with open(self.path, "r") as f:
+                data = json.load(f)
+            extruders = data["extruders"]
+            extruders.items()
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError, KeyError, TypeError,
+                AttributeError) as e:
+            logging.error("cura_connection: cannot read %s: %s",
+                          self.path, e)
+            return {}
+        saved = {}
+        for name, entry in extruders.items():
+            try:
+                saved[name] = entry and parse_material_words(
+                    {k.upper(): v for k, v in entry.items()})
+            except (ValueError, AttributeError) as e:
+                logging.info("cura_connection: dropping saved material of "
+                             "%s: %s", name, e)
+        return saved
+
+    def _update_status_cache(self):
+        # get_status() runs in the reactor: hand it a ready-made dict
+        self.status_cache = {name: self.entries.get(name) and
+                             dict(self.entries[name]) for name in self.names}
+
+    def set(self, name, entry):
+        if name not in self.names:
+            raise CommandError("Unknown extruder '%s' (known: %s)"
+                               % (name, ", ".join(self.names)))
+        with self.lock:
+            self.entries[name] = entry
+            self.dirty = True
+            self._update_status_cache()
+
+    def get(self, index):
+        with self.lock:
+            if index >= len(self.names):
+                return None
+            return self.entries.get(self.names[index])
+
+    def save(self):
+        with self.save_lock:
+            with self.lock:
+                data = {"version": 1, "extruders": {
+                    name: self.entries.get(name) for name in self.names}}
+                self.dirty = False
+            write_file_atomic(self.path, json.dumps(data, indent=1).encode())
 
 
 ######################################################################
@@ -1300,9 +1463,8 @@ class CuraApi:
         self.intake.check_space(length)
         boundary = req.multipart_boundary()
         req.send_continue()
-        upload, (filename, meta) = self.intake.receive(req.rfile, length,
-                                                       boundary)
-        req.body_left = 0
+        upload, (filename, meta) = self.intake.receive(req.readinto_body,
+                                                       length, boundary)
         owner = upload.fields.get("owner", b"").decode("utf-8", "replace")
         job = Job(name=os.path.splitext(filename)[0], filename=filename,
                   owner=owner.strip()[:100] or "Cura",
@@ -1602,6 +1764,12 @@ class CuraRequestHandler(http.server.BaseHTTPRequestHandler):
         if required and self.headers.get("Content-Length") is None:
             raise HTTPError(411, "Content-Length required", close=True)
         return self.body_left
+
+    def readinto_body(self, buf):
+        # counts what is left, so an error reply knows what to skip
+        n = self.rfile.readinto(buf[:self.body_left])
+        self.body_left -= n
+        return n
 
     def read_body(self, limit):
         if self.body_left > limit:
