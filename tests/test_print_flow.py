@@ -175,3 +175,23 @@ def test_queue_survives_restart_and_kill(klippy_factory):
     assert js["long"]["status"] == "failed"
     assert not [f for f in visible_files(k) if f.endswith(".part")
                 or os.path.basename(f).startswith(".tmp-")]
+
+
+def test_errors_and_shutdown_fail_the_job(klippy):
+    base = klippy.base_url()
+    broken = gcode_samples.moves(20, 10, 0.1) + "M104 S5000\n"
+    assert upload(base, "broken.gcode", broken.encode()).status == 200
+    js = wait_jobs(base, lambda js: js and js[0]["status"]
+                   == "failed_wait_cleanup", what="failed job")
+    assert js[0]["name"] == "broken" and js[0]["message"]
+    klippy.gcode("CURA_BUILD_PLATE_CLEARED")
+    long_print = gcode_samples.moves(3000, 10, 0.1).encode()
+    assert upload(base, "long.gcode", long_print).status == 200
+    wait_jobs(base, lambda js: js[0]["status"] == "printing",
+              what="printing")
+    klippy.gcode("M112")
+    js = wait_jobs(base, lambda js: js[0]["status"] == "failed_wait_cleanup",
+                   what="failed after shutdown")
+    assert js[0]["name"] == "long"
+    assert httpc.get_json(base, "/cluster-api/v1/printers")[0]["status"] \
+        == "error"
