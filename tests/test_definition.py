@@ -1,0 +1,279 @@
+"""The Cura machine definition made from printer.cfg: Cura 4.13's own
+definition code parses it, and its BOM lookup (add-by-IP and zeroconf)
+maps what the module advertises with cura_machine: custom to it."""
+import io
+import json
+import re
+import zipfile
+
+import pytest
+
+import cura_definitions
+import cura_netns
+import httpc
+
+CARTESIAN = """
+[printer]
+kinematics: cartesian
+max_velocity: 250
+max_accel: 2500
+max_z_velocity: 12
+max_z_accel: 100
+
+[stepper_x]
+step_pin: PB0
+dir_pin: PB1
+enable_pin: !PB2
+microsteps: 16
+rotation_distance: 40
+endstop_pin: ^PB3
+position_endstop: 0
+position_min: -5
+position_max: 235
+homing_speed: 50
+
+[stepper_y]
+step_pin: PB4
+dir_pin: PB5
+enable_pin: !PB6
+microsteps: 16
+rotation_distance: 40
+endstop_pin: ^PB7
+position_endstop: 0
+position_max: 225
+homing_speed: 50
+
+[stepper_z]
+step_pin: PB8
+dir_pin: PB9
+enable_pin: !PB10
+microsteps: 16
+rotation_distance: 8
+endstop_pin: ^PB11
+position_endstop: 0
+position_max: 250
+
+[extruder1]
+nozzle_diameter: 0.6
+
+[gcode_macro PRINT_START]
+gcode:
+  G28
+
+[gcode_macro print_end]
+gcode:
+  M84
+"""
+DEF_ID = "cura_connection_voron"
+
+
+@pytest.fixture(scope="session")
+def cura():
+    return cura_definitions.load()
+
+
+def download(base, def_id=DEF_ID):
+    r = httpc.request(base, "GET", "/printers/cura_definition.zip")
+    assert r.status == 200 and r.headers["Content-Type"] == "application/zip"
+    assert def_id in r.headers["Content-Disposition"]
+    with zipfile.ZipFile(io.BytesIO(r.body)) as z:
+        files = {n: z.read(n) for n in z.namelist()}
+    # each file is also served on its own, the same
+    for name, data in files.items():
+        if name.endswith(".def.json"):
+            one = httpc.request(base, "GET", "/printers/cura_definition/"
+                                + name.split("/")[-1])
+            assert one.status == 200 and one.body == data
+    return files
+
+
+def prepends_heating(start_gcode):
+    # Cura's own test whether to add M190/M109 before the start G-code:
+    # the lines of CuraEngineBackend/StartSliceJob.py, run as they are
+    import cura_client
+    path = cura_client.DEFAULT_CURA_ROOT / \
+        "usr/lib/cura/plugins/CuraEngineBackend/StartSliceJob.py"
+    lines = path.read_text().splitlines()
+    first = next(i for i, l in enumerate(lines)
+                 if "bed_temperature_settings = [" in l)
+    block = "\n".join(l.strip() for l in lines[first:first + 6])
+    assert block.count("settings[") == 2, block
+    scope = {"re": re, "settings": {}, "start_gcode": start_gcode}
+    exec(block, scope)
+    return (scope["settings"]["material_bed_temp_prepend"],
+            scope["settings"]["material_print_temp_prepend"])
+
+
+def test_definition_from_printer_cfg(cura, klippy_factory):
+    k = klippy_factory(extruders=2, extra_cfg=CARTESIAN, module_options={
+        "name": "voron", "cura_machine": "custom"})
+    base = k.base_url()
+    files = download(base)
+    assert sorted(files) == [
+        "README.txt", "definitions/%s.def.json" % DEF_ID,
+        "extruders/%s_extruder_0.def.json" % DEF_ID,
+        "extruders/%s_extruder_1.def.json" % DEF_ID]
+    texts = {n.split("/")[-1][:-len(".def.json")]: d.decode()
+             for n, d in files.items() if n.endswith(".def.json")}
+
+    # Cura's DefinitionContainer reads them, with fdmprinter/fdmextruder
+    machine, valid = cura_definitions.parse(DEF_ID, texts[DEF_ID])
+    assert valid, "an override names a setting fdmprinter does not have"
+    prop = lambda key: machine.getProperty(key, "default_value")
+    assert machine.getName() == "voron (Klipper)"
+    assert (prop("machine_width"), prop("machine_depth"),
+            prop("machine_height")) == (235, 225, 250)
+    assert prop("machine_center_is_zero") is False
+    assert prop("machine_heated_bed") is True
+    assert prop("machine_extruder_count") == 2
+    assert prop("machine_gcode_flavor") == "RepRap (Marlin/Sprinter)"
+    assert (prop("machine_max_feedrate_x"), prop("machine_max_feedrate_z"),
+            prop("machine_acceleration")) == (250, 12, 2500)
+    meta = machine.getMetaData()
+    assert meta["manufacturer"] == "Ultimaker B.V."
+    assert meta["supports_network_connection"] is True
+    assert meta["supported_actions"] == ["DiscoverUM3Action"]
+    assert "application/x-ufp" in meta["file_formats"].split(";")
+    assert meta["preferred_material"] == "generic_pla_175"
+    for i, nozzle in enumerate([0.4, 0.6]):
+        ext_id = "%s_extruder_%d" % (DEF_ID, i)
+        assert meta["machine_extruder_trains"][str(i)] == ext_id
+        ext, valid = cura_definitions.parse(ext_id, texts[ext_id])
+        assert valid
+        assert ext.getMetaDataEntry("machine") == DEF_ID
+        assert ext.getMetaDataEntry("position") == str(i)
+        assert ext.getProperty("machine_nozzle_size", "default_value") \
+            == nozzle
+        assert ext.getProperty("material_diameter", "default_value") == 1.75
+        assert ext.getProperty("extruder_nr", "default_value") == i
+
+    # start/end G-code call the user's macros, with Cura's temperatures
+    start, end = prop("machine_start_gcode"), prop("machine_end_gcode")
+    expanded = cura_definitions.start_gcode(
+        start, {"initial_extruder_nr": 1,
+                "material_bed_temperature_layer_0": 65},
+        [{"material_print_temperature_layer_0": 215},
+         {"material_print_temperature_layer_0": 240}])
+    assert "PRINT_START BED_TEMP=65 EXTRUDER_TEMP=240" in expanded
+    # ... so Cura adds no heating of its own before the macro
+    assert prepends_heating(start) == (False, False)
+    assert end.strip() == "PRINT_END"
+
+    # the printer advertises the definition's BOM; Cura's add-by-IP code
+    # picks this definition once it is installed, and none before
+    bom = json.loads(texts[DEF_ID])["metadata"]["bom_numbers"][0]
+    assert re.match(r"^7\d{8}$", str(bom))
+    system = httpc.get_json(base, "/api/v1/system")
+    assert system["hardware"]["typeid"] == bom
+    printer = httpc.get_json(base, "/cluster-api/v1/printers")[0]
+    # Cura matches configurations by the definition's name
+    assert printer["machine_variant"] == system["variant"] \
+        == machine.getName()
+    assert printer["machine_definition"] == DEF_ID
+    address = "127.0.0.1:%d" % (k.cura_port(),)
+    with_ours = cura_definitions.DefinitionRegistry(texts)
+    assert cura_definitions.printer_type_by_ip(address, with_ours) == DEF_ID
+    stock = cura_definitions.DefinitionRegistry()
+    assert cura_definitions.printer_type_by_ip(address, stock) == "Unknown"
+    # ... and no real Ultimaker is taken for this printer
+    for bom_um, um in [("213482", "ultimaker_s3"), ("9051", "ultimaker_s5"),
+                       ("9066", "ultimaker3"),
+                       ("9511", "ultimaker3_extended")]:
+        assert cura_definitions.printer_type(
+            {"type": "printer", "name": "um", "machine": bom_um,
+             "firmware_version": "5.2.11"}, with_ours) == um
+    readme = files["README.txt"].decode()
+    assert "cura_machine: custom" in readme and str(bom) in readme
+
+    # "Sync with printer": Cura compares the printer's configuration with
+    # the one MachineManager makes for the active machine (definition
+    # name, no print core on a machine without variants, material GUIDs,
+    # default build plate); here through Cura's own model classes
+    import cura_client
+    from cura.PrinterOutput.Models.ExtruderConfigurationModel import \
+        ExtruderConfigurationModel
+    from cura.PrinterOutput.Models.MaterialOutputModel import \
+        MaterialOutputModel
+    from cura.PrinterOutput.Models.PrinterConfigurationModel import \
+        PrinterConfigurationModel
+    pla = "506c9f0d-e3aa-4bd4-b2d2-23e2425b1aa9"
+    k.gcode("SET_CURA_MATERIAL EXTRUDER=extruder GUID=%s" % (pla,))
+    k.gcode("SET_CURA_MATERIAL EXTRUDER=extruder1 GUID=%s" % (pla,))
+    view = cura_client.MonitorView()
+    view.poll(cura_client.ClusterApi(address))
+    on_printer = view.device._printers[0].printerConfiguration
+    active = PrinterConfigurationModel()
+    active.printerType = machine.getName()
+    extruders = []
+    for i in range(2):
+        ext = ExtruderConfigurationModel()
+        ext.position = i
+        ext.material = MaterialOutputModel(pla, "PLA", "Generic",
+                                           "Generic", "Generic PLA")
+        ext.hotendID = None
+        extruders.append(ext)
+    active.extruderConfigurations = extruders
+    active.buildplateConfiguration = machine.getProperty(
+        "machine_buildplate_type", "default_value")
+    assert on_printer == active, (str(on_printer), str(active))
+
+
+def test_definition_without_limits_or_macros(cura, klippy_factory):
+    # the harness printer: kinematics none, no macros, one extruder
+    k = klippy_factory(module_options={"name": "plain"})
+    base = k.base_url()
+    def_id = "cura_connection_plain"
+    texts = {n.split("/")[-1][:-len(".def.json")]: d.decode()
+             for n, d in download(base, def_id).items()
+             if n.endswith(".def.json")}
+    assert sorted(texts) == [def_id, def_id + "_extruder_0"]
+    machine, valid = cura_definitions.parse(def_id, texts[def_id])
+    assert valid
+    prop = lambda key: machine.getProperty(key, "default_value")
+    assert (prop("machine_width"), prop("machine_height")) == (200, 200)
+    assert prop("machine_extruder_count") == 1
+    start = prop("machine_start_gcode")
+    assert start.startswith("G28")
+    # no temperatures named: Cura heats before the start G-code itself
+    assert prepends_heating(start) == (True, True)
+    # not advertised: Cura still creates the configured Ultimaker
+    address = "127.0.0.1:%d" % (k.cura_port(),)
+    assert cura_definitions.printer_type_by_ip(
+        address, cura_definitions.DefinitionRegistry(texts)) \
+        == "ultimaker_s3"
+    r = httpc.request(base, "GET", "/printers/cura_definition/nope.def.json")
+    assert r.status == 404
+
+
+PROBE = r"""
+import json, sys, tempfile
+import klippy_harness, cura_client, cura_definitions, httpc
+cura_client.require_loopback_only()
+result = {}
+with klippy_harness.Klippy(%(flavor)r, tempfile.mkdtemp(), module_options={
+        "zeroconf": "True", "address": "0.0.0.0", "name": "zc-custom",
+        "cura_machine": "custom"}) as k:
+    found = cura_client.discover(timeout=15, wait_for=1)
+    base = "http://127.0.0.1:%%d" %% k.cura_port()
+    import io, zipfile
+    z = zipfile.ZipFile(io.BytesIO(httpc.request(
+        base, "GET", "/printers/cura_definition.zip").body))
+    texts = {n.split("/")[-1][:-9]: z.read(n).decode()
+             for n in z.namelist() if n.endswith(".def.json")}
+    result["properties"] = found[0]["properties"] if found else None
+    result["printer_type"] = found and cura_definitions.printer_type(
+        found[0]["properties"], cura_definitions.DefinitionRegistry(texts))
+print("RESULT " + json.dumps(result))
+"""
+
+
+@pytest.mark.skipif(not cura_netns.netns_available(),
+                    reason="needs network namespaces (root or userns)")
+def test_zeroconf_machine_maps_to_the_definition(flavor):
+    proc = cura_netns.run_python_in_netns(PROBE % {"flavor": flavor},
+                                          timeout=120)
+    lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stdout + proc.stderr
+    result = json.loads(lines[-1][len("RESULT "):])
+    assert re.match(r"^7\d{8}$", result["properties"]["machine"]), result
+    assert result["printer_type"] == "cura_connection_zc_custom"

@@ -1,0 +1,282 @@
+"""Faults: kill -9 of Klippy mid-upload and mid-print, a full disk (a tiny
+tmpfs in Klippy's own mount namespace), and many RESTARTs and
+FIRMWARE_RESTARTs in a row under a Cura-like poller."""
+import gzip
+import http.client
+import json
+import os
+import shutil
+import threading
+import time
+
+import pytest
+
+import gcode_samples
+import httpc
+import klippy_harness
+from hostile import (connect, free_port, is_json_error, read_reply,
+                     request_bytes, socket_count, thread_count, wait_for)
+
+JOBS = "/cluster-api/v1/print_jobs"
+
+
+def upload(base, filename, data, owner="alice"):
+    body, headers = httpc.multipart({"owner": owner},
+                                    {"file": (filename, data)})
+    return httpc.request(base, "POST", JOBS + "/", body=body,
+                         headers=headers)
+
+
+def upload_bytes(filename, data):
+    body, headers = httpc.multipart({"owner": "x"},
+                                    {"file": (filename, data)})
+    return request_bytes("POST", JOBS + "/", headers, body)
+
+
+def by_name(base):
+    return {j["name"]: j for j in httpc.get_json(base, JOBS)}
+
+
+def leftovers(folder):
+    """Partial uploads and half-written files anywhere below folder."""
+    out = []
+    for root, dirs, files in os.walk(folder):
+        out += [os.path.join(root, f) for f in files
+                if f.endswith(".part") or f.startswith(".tmp-")]
+    return out
+
+
+def test_kill9_mid_upload_and_mid_print(klippy_factory):
+    k = klippy_factory()
+    base, port = k.base_url(), k.cura_port()
+    long_print = gcode_samples.moves(3000, 10, 0.1).encode()
+    assert upload(base, "long.gcode", long_print).status == 200
+    assert upload(base, "next.gcode", b"G1 X1\n", owner="bob").status == 200
+    wait_for(lambda: by_name(base)["long"]["status"] == "printing", 20,
+             "long printing")
+    # an upload is half sent when Klippy dies
+    data = upload_bytes("cut.gcode", b"G1 X1 Y1\n" * 400000)
+    s = connect(port)
+    s.sendall(data[:len(data) // 2])
+    wait_for(lambda: [n for n in os.listdir(k.gcodes_dir)
+                      if n.endswith(".part")], 10, "partial upload")
+    k.kill9()
+    s.close()
+    k.start()
+    k.wait_ready()
+    base = k.base_url()
+    jobs = by_name(base)
+    assert set(jobs) == {"long", "next"}
+    # the interrupted print is reported, never silently restarted
+    assert jobs["long"]["status"] == "failed_wait_cleanup"
+    assert "restart" in jobs["long"]["message"]
+    assert jobs["next"]["status"] == "queued"
+    assert jobs["next"]["owner"] == "bob"
+    assert k.query("print_stats")["print_stats"]["state"] == "standby"
+    # no partial file, visible or hidden
+    assert sorted(os.listdir(k.gcodes_dir)) == [
+        ".cura_connection", "long.gcode", "next.gcode"]
+    assert leftovers(k.gcodes_dir) == []
+    assert "removed partial upload" in k.log_text()
+    # and it goes on: the queue starts once the plate is clear
+    k.gcode("CURA_BUILD_PLATE_CLEARED")
+    wait_for(lambda: by_name(base)["next"]["status"] in (
+        "printing", "wait_cleanup"), 20, "next started")
+    assert upload(base, "after.gcode", b"G1 X1\n").status == 200
+
+
+TMPFS_MIB = 32
+
+
+@pytest.fixture
+def small_disk(klippy_factory, monkeypatch):
+    """A Klippy whose gcodes folder is a 32 MiB tmpfs mounted in its own
+    mount namespace (unshare --mount; needs root).  The test reaches the
+    files through /proc/<pid>/root."""
+    if os.geteuid() != 0 or not shutil.which("unshare"):
+        pytest.skip("needs root and unshare for a private tmpfs")
+    k = klippy_factory(start=False)
+    outer = klippy_harness._die_with_parent
+
+    def in_namespace():
+        return ["unshare", "--mount", "--propagation", "private", "--",
+                "sh", "-c", 'mount -t tmpfs -o size=%dm cura-test "$0" '
+                '&& exec "$@"' % (TMPFS_MIB,), k.gcodes_dir] + outer()
+    monkeypatch.setattr(klippy_harness, "_die_with_parent", in_namespace)
+    k.start()
+    k.wait_ready()
+    with open("/proc/%d/mounts" % (k.pid,)) as f:
+        assert " %s tmpfs " % (k.gcodes_dir,) in f.read()
+    k.disk = "/proc/%d/root%s" % (k.pid, k.gcodes_dir)
+    return k
+
+
+def fill(path, leave=0):
+    """Fill the file system of path up to `leave` bytes free."""
+    filler = os.path.join(path, "filler")
+    chunk = b"\0" * (1 << 20)
+    with open(filler, "ab") as f:
+        try:
+            while True:
+                st = os.statvfs(path)
+                free = st.f_bavail * st.f_frsize - leave
+                if free <= 0:
+                    break
+                f.write(chunk[:min(len(chunk), free)])
+                f.flush()
+        except OSError:
+            pass
+    return filler
+
+
+def test_disk_full(small_disk):
+    k = small_disk
+    base, port = k.base_url(), k.cura_port()
+    disk = k.disk
+    assert upload(base, "first.gcode", b";TIME:5\nG1 X1\n").status == 200
+    before = by_name(base)
+    # 1. a .gcode.gz that unpacks to more than the disk holds
+    bomb = gzip.compress(b"G1 X1 Y1\n" * (8 << 20), 9)      # 72 MiB
+    r = upload(base, "bomb.gcode.gz", bomb)
+    assert is_json_error(r, 507), r
+    assert "Disk full" in r.json()["message"]
+    assert by_name(base).keys() == before.keys()
+    assert sorted(os.listdir(disk)) == [".cura_connection", "first.gcode"]
+    # 2. the disk fills up while an upload streams in
+    data = upload_bytes("streamed.gcode", b"G1 X2 Y2\n" * (1 << 20))  # 9 MiB
+    s = connect(port)
+    s.sendall(data[:len(data) // 3])
+    filler = fill(disk)
+    try:
+        s.sendall(data[len(data) // 3:])
+    except (BrokenPipeError, ConnectionResetError):
+        pass
+    r = read_reply(s)
+    s.close()
+    assert is_json_error(r, 507) and "Disk full" in r.json()["message"], r
+    assert leftovers(disk) == []
+    assert not os.path.exists(os.path.join(disk, "streamed.gcode"))
+    # 3. a full disk is seen before the body is read
+    r = upload(base, "later.gcode", b"G1 X1\n" * 1000)
+    assert is_json_error(r, 507) and "free" in r.json()["message"], r
+    # 4. saving the queue fails: a clear error, the old file stays whole
+    uuid = before["first"]["uuid"]
+    queue_json = os.path.join(disk, ".cura_connection", "queue.json")
+    with open(queue_json) as f:
+        saved = f.read()
+    fill(disk)
+    r = httpc.request(base, "PUT", JOBS + "/" + uuid,
+                      json_body={"force": True})
+    assert is_json_error(r, 507) and "Disk full" in r.json()["message"], r
+    with open(queue_json) as f:
+        assert f.read() == saved
+    assert httpc.get_json(base, "/cluster-api/v1/printers")[0]["status"]
+    assert k.info()["state"] == "ready"
+    # space again: the change is saved after all, uploads work
+    os.unlink(filler)
+    wait_for(lambda: '"force": true' in open(queue_json).read(), 10,
+             "queue saved")
+    r = upload(base, "again.gcode", b"G1 X1\n" * 1000)
+    assert r.status == 200, r
+    assert set(by_name(base)) == {"first", "again"}
+    assert leftovers(disk) == []
+    with open(queue_json) as f:
+        json.load(f)
+    log = k.log_text()
+    assert "Internal error" not in log and "request from" not in log
+
+
+class Poller:
+    """Cura's polling (every endpoint, keep-alive), fast, in a thread;
+    reconnects after errors.  Counts replies by kind."""
+    PATHS = ["/api/v1/system", "/cluster-api/v1/printers", JOBS,
+             "/cluster-api/v1/materials"]
+
+    def __init__(self, port, interval=0.05):
+        self.port = port
+        self.interval = interval
+        self.ok = 0
+        self.refused = 0          # connection refused/reset, 503
+        self.bad = []             # anything else: a bug
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+        self.thread.start()
+
+    def run(self):
+        conn = None
+        while not self.stop.is_set():
+            for path in self.PATHS:
+                try:
+                    if conn is None:
+                        conn = http.client.HTTPConnection(
+                            "127.0.0.1", self.port, timeout=10)
+                    conn.request("GET", path)
+                    r = conn.getresponse()
+                    body = r.read()
+                    if r.status == 503:
+                        self.refused += 1
+                        conn.close()
+                        conn = None
+                        continue
+                    if r.status != 200:
+                        self.bad.append((path, r.status, body[:200]))
+                        continue
+                    json.loads(body)
+                    self.ok += 1
+                except (OSError, http.client.HTTPException):
+                    self.refused += 1
+                    if conn is not None:
+                        conn.close()
+                    conn = None
+                    time.sleep(0.02)
+                except ValueError as e:
+                    self.bad.append((path, "not JSON", str(e)))
+            time.sleep(self.interval)
+        if conn is not None:
+            conn.close()
+
+    def close(self):
+        self.stop.set()
+        self.thread.join(15)
+
+
+@pytest.mark.slow
+def test_many_restarts_under_polling(klippy_factory, flavor):
+    # One flavor is enough: each restart takes ~1.3 s, the module's code
+    # path is the same, and test_foundation restarts both flavors 10 times.
+    if flavor != klippy_harness.selected_flavors()[0]:
+        pytest.skip("runs on the first flavor only (70 restarts take ~1.5 min)")
+    port = free_port()
+    k = klippy_factory(module_options={"port": port})
+    base = "http://127.0.0.1:%d" % (port,)
+    poller = Poller(port)
+    try:
+        counts = None
+        times = []
+        for i, firmware in enumerate([False] * 50 + [True] * 20):
+            seen = poller.ok
+            k.restart(firmware=firmware)
+            times.append(k.restart_seconds)
+            # released and bound again, and the poller gets answers
+            assert k.cura_port() == port
+            assert httpc.get_json(base, "/cluster-api/v1/printers")[0][
+                "status"] == "idle"
+            wait_for(lambda: poller.ok > seen + 4, 10, "poller answered")
+            assert poller.bad == []
+            if i == 1:
+                time.sleep(0.5)
+                counts = (thread_count(k.pid), socket_count(k.pid))
+    finally:
+        poller.close()
+    assert poller.bad == []
+    # Klippy itself leaks a pipe pair per restart (its serial queue), so
+    # count sockets; the poller's connection may come and go (+1).
+    wait_for(lambda: thread_count(k.pid) <= counts[0], 10, "threads to end")
+    wait_for(lambda: socket_count(k.pid) <= counts[1], 5, "sockets to close")
+    log = k.log_text()
+    assert log.count("cura_connection: released port %d" % (port,)) == 70
+    assert "Address already in use" not in log
+    print("70 restarts: %.2f s each on average (max %.2f s); poller: %d "
+          "answers, %d refused during restarts; %d threads, %d sockets"
+          % (sum(times) / len(times), max(times), poller.ok, poller.refused,
+             thread_count(k.pid), socket_count(k.pid)))

@@ -1,0 +1,441 @@
+"""Who may do what: trusted_clients, browsers on other sites, monitor-only
+mode and the pairing of Cura >= 5.11 (Digest, cura-protocol.md 2.3)."""
+import hashlib
+import os
+import sys
+import time
+import uuid
+
+import pytest
+
+import httpc
+import kapi
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..",
+                                "klippy_extras"))
+import cura_connection as cc  # noqa: E402
+
+JOBS = "/cluster-api/v1/print_jobs"
+GCODE = b";TIME:60\nG1 X1\nG1 X2\n"
+
+
+def upload(base, filename="part.gcode", headers=None):
+    body, h = httpc.multipart({"owner": "alice"},
+                              {"file": (filename, GCODE)})
+    h.update(headers or {})
+    return httpc.request(base, "POST", JOBS + "/", body=body, headers=h)
+
+
+def jobs(base):
+    return httpc.get_json(base, JOBS)
+
+
+def cura_files(k):
+    return sorted(f for f in os.listdir(k.gcodes_dir)
+                  if f != ".cura_connection")
+
+
+def is_json_error(r, status):
+    return (r.status == status
+            and r.headers["Content-Type"] == "application/json"
+            and r.json()["status"] == status and r.json()["message"])
+
+
+# Units: option parsing and address mapping
+
+def test_trusted_clients_parsing():
+    nets = cc.parse_trusted_clients(cc.DEFAULT_TRUSTED_CLIENTS)
+    assert len(nets) == 8
+    trusted = [cc.client_ip(a) for a in (
+        "127.0.0.1", "::1", "10.1.2.3", "172.31.0.1", "192.168.178.20",
+        "169.254.1.1", "fd00::5", "fe80::1%eth0", "::ffff:192.168.1.5")]
+    for ip in trusted:
+        assert any(ip in n for n in nets), ip
+    for a in ("8.8.8.8", "172.32.0.1", "2001:db8::1", "::ffff:8.8.8.8",
+              "100.64.0.1"):
+        ip = cc.client_ip(a)
+        assert not any(ip in n for n in nets), a
+    # one address, newline and comma lists
+    assert cc.parse_trusted_clients("192.168.1.5\n 10.0.0.0/8,::1") == [
+        cc.ipaddress.ip_network("192.168.1.5/32"),
+        cc.ipaddress.ip_network("10.0.0.0/8"),
+        cc.ipaddress.ip_network("::1/128")]
+    for bad in ("banana", "10.0.0.0/33", "300.1.1.1"):
+        with pytest.raises(ValueError):
+            cc.parse_trusted_clients(bad)
+
+
+def test_client_ip_behind_local_proxy():
+    # only a loopback peer (nginx from install.sh) may name another client
+    assert str(cc.client_ip("127.0.0.1", "192.168.1.9")) == "192.168.1.9"
+    assert str(cc.client_ip("::ffff:127.0.0.1", "8.8.8.8")) == "8.8.8.8"
+    assert str(cc.client_ip("192.168.1.9", "127.0.0.1")) == "192.168.1.9"
+    assert cc.client_ip("127.0.0.1", "not an ip") is None
+    assert cc.client_ip("garbage") is None
+
+
+def test_local_names():
+    for host in ("192.168.1.5", "::1", "voron", "voron.local", "voron.lan",
+                 "printer.fritz.box", "x.home.arpa"):
+        assert cc.is_local_name(host), host
+    for host in ("evil.example.com", "", "attacker.net", "a.b.c.d.e"):
+        assert not cc.is_local_name(host), host
+    assert cc.host_name("[::1]:8080") == "::1"
+    assert cc.host_name("Voron.Local:80") == "voron.local"
+
+
+def sign(method, uri, key_id, key, nonce="c0ffee", nc=1, cnonce=None,
+         algorithm="SHA-256"):
+    """The Authorization header Cura >= 5.11 sends (cura-protocol 2.3)."""
+    def h(s):
+        return hashlib.sha256(s.encode()).hexdigest()
+    cnonce = cnonce or uuid.uuid4().hex[:16]
+    ha1 = h("%s:Jedi-API:%s" % (key_id, key))
+    ha2 = h("%s:%s" % (method, uri))
+    response = h("%s:%s:%08x:%s:auth:%s" % (ha1, nonce, nc, cnonce, ha2))
+    return ('Digest username="%s", realm="Jedi-API", nonce="%s", uri="%s", '
+            'nc=%08x, cnonce="%s", qop=auth, response="%s", algorithm="%s"'
+            % (key_id, nonce, uri, nc, cnonce, response, algorithm))
+
+
+def test_digest_verify_unit(tmp_path):
+    auth = cc.AuthStore(str(tmp_path / "auth.json"))
+    key_id, key = auth.request("UltiMaker Cura", "user@pc\x1b[31m", "::1")
+    assert auth.listing()[0]["user"] == "user@pc?[31m"
+    auth.allow(key_id)
+    uri = JOBS + "/"
+    assert auth.verify("POST", uri, sign("POST", uri, key_id, key)) == key_id
+    # out of order within the window is fine, each (nonce, nc) once
+    assert auth.verify("GET", "/a", sign("GET", "/a", key_id, key, nc=5))
+    assert auth.verify("GET", "/a", sign("GET", "/a", key_id, key, nc=3))
+    for bad, status in [
+            (sign("GET", "/a", key_id, key, nc=3), 401),      # replay
+            (sign("GET", "/b", key_id, key, nc=9), 401),      # other uri
+            (sign("POST", "/a", key_id, key, nc=9), 401),     # other method
+            (sign("GET", "/a", key_id, "wrong", nc=9), 401),
+            (sign("GET", "/a", "nobody", key, nc=9), 401),
+            (sign("GET", "/a", key_id, key, nc=10, algorithm="MD5"), 401),
+            ("Basic dXNlcjpwYXNz", 403), (None, 403), ("Digest", 403),
+            ("Digest ", 401), ("Digest nc=zz, username=\"\"\"", 401)]:
+        with pytest.raises(cc.HTTPError) as e:
+            auth.verify("GET", "/a", bad)
+        assert e.value.status == status, bad
+        if status == 401:
+            assert dict(e.value.headers)["WWW-Authenticate"].startswith(
+                'Digest realm="Jedi-API", nonce="')
+    # far behind the highest count: refused, even if never seen
+    auth.verify("GET", "/a", sign("GET", "/a", key_id, key, nc=500))
+    with pytest.raises(cc.HTTPError):
+        auth.verify("GET", "/a", sign("GET", "/a", key_id, key, nc=400))
+    # persisted, private
+    auth.save()
+    assert oct(os.stat(str(tmp_path / "auth.json")).st_mode & 0o777) \
+        == "0o600"
+    again = cc.AuthStore(str(tmp_path / "auth.json"))
+    assert again.status(key_id) == "authorized"
+    # a damaged file is kept aside
+    (tmp_path / "auth.json").write_text("{broken")
+    assert cc.AuthStore(str(tmp_path / "auth.json")).listing() == []
+    assert (tmp_path / "auth.json.bad").exists()
+
+
+def test_pending_requests_are_bounded(tmp_path):
+    auth = cc.AuthStore(str(tmp_path / "auth.json"))
+    ids = [auth.request("Cura", "u%d" % i, "::1")[0] for i in range(40)]
+    assert len(auth.listing()) == cc.AuthStore.MAX_PENDING
+    assert auth.status(ids[-1]) == "unauthorized"
+    assert auth.status(ids[0]) == "unknown"
+
+
+def test_every_change_checks_control():
+    # a new route that changes something must call require_control()
+    import inspect
+    for method, pattern, handler in cc.ROUTES:
+        if method in ("GET", "HEAD") or handler == "post_auth_request":
+            continue
+        src = inspect.getsource(getattr(cc.CuraApi, handler))
+        assert "req.require_control()" in src, (method, pattern, handler)
+
+
+# The real Klippy
+
+def test_untrusted_clients_get_403(klippy_factory):
+    k = klippy_factory(module_options={"trusted_clients": "10.0.0.0/8"})
+    base = k.base_url()
+    for method, path in [("GET", "/cluster-api/v1/printers"),
+                         ("GET", "/api/v1/system"),
+                         ("POST", "/api/v1/auth/request"),
+                         ("DELETE", JOBS + "/" + "a" * 8)]:
+        r = httpc.request(base, method, path)
+        assert is_json_error(r, 403), (method, path, r)
+        assert "trusted_clients" in r.json()["message"]
+        assert r.headers.get("Connection") == "close"
+    r = upload(base)
+    assert is_json_error(r, 403)
+    assert cura_files(k) == []
+    # behind the local nginx, X-Real-IP names the client
+    r = httpc.request(base, "GET", "/api/v1/system",
+                      headers={"X-Real-IP": "10.9.8.7"})
+    assert r.status == 200
+    r = upload(base, headers={"X-Real-IP": "10.9.8.7"})
+    assert r.status == 200
+    assert [j["name"] for j in jobs_as(base, "10.1.1.1")] == ["part"]
+    assert k.info()["state"] == "ready"
+
+
+def jobs_as(base, ip):
+    r = httpc.request(base, "GET", JOBS, headers={"X-Real-IP": ip})
+    assert r.status == 200, r
+    return r.json()
+
+
+def test_default_trusts_loopback_and_lan_only(klippy):
+    base = klippy.base_url()
+    for ip, status in [("192.168.1.20", 200), ("10.0.0.1", 200),
+                       ("fe80::1", 200), ("fd12::7", 200),
+                       ("8.8.8.8", 403), ("2001:db8::1", 403),
+                       ("100.64.1.1", 403)]:
+        r = httpc.request(base, "GET", "/cluster-api/v1/printers",
+                          headers={"X-Real-IP": ip})
+        assert r.status == status, (ip, r)
+
+
+def test_ipv4_mapped_peers(klippy_factory):
+    # A dual-stack socket sees IPv4 clients as ::ffff:a.b.c.d; the check
+    # maps them back.  Bound to the mapped loopback address only.
+    k = klippy_factory(module_options={"address": "::ffff:127.0.0.1",
+                                       "trusted_clients": "127.0.0.0/8"})
+    r = httpc.request("http://127.0.0.1:%d" % (k.cura_port(),), "GET",
+                      "/cluster-api/v1/printers")
+    assert r.status == 200, r
+    k2 = klippy_factory(module_options={"address": "::1",
+                                        "trusted_clients": "127.0.0.0/8"})
+    r = httpc.request("http://[::1]:%d" % (k2.cura_port(),), "GET",
+                      "/cluster-api/v1/printers")
+    assert is_json_error(r, 403)
+    assert "::1 is not in trusted_clients" in r.json()["message"]
+
+
+def test_bad_access_options_are_config_errors(klippy_factory):
+    for opts, text in [({"trusted_clients": "10.0.0.0/33"}, "10.0.0.0/33"),
+                       ({"trusted_clients": "lan"}, "trusted_clients"),
+                       ({"trusted_clients": ","}, "trusted_clients"),
+                       ({"allow_control": "maybe"}, "allow_control"),
+                       ({"require_pairing": "2"}, "require_pairing")]:
+        k = klippy_factory(module_options=opts, wait=False)
+        info = k.wait_state("error")
+        assert text in info["state_message"], info
+        k.stop()
+
+
+def test_browser_on_another_site_cannot_change_anything(klippy):
+    base = klippy.base_url()
+    port = klippy.cura_port()
+    for headers in [{"Origin": "http://evil.example.com"},
+                    {"Origin": "null"},
+                    {"Origin": "http://[broken"},
+                    {"Referer": "http://192.168.1.66/attack.html"},
+                    # DNS rebinding: same origin, public name
+                    {"Host": "rebind.attacker.net",
+                     "Origin": "http://rebind.attacker.net"}]:
+        r = upload(base, headers=headers)
+        assert is_json_error(r, 403), (headers, r)
+        r = httpc.request(base, "PUT", JOBS + "/%s/action" % (uuid.uuid4(),),
+                          json_body={"action": "abort"}, headers=headers)
+        assert is_json_error(r, 403), (headers, r)
+        r = httpc.request(base, "POST", "/api/v1/auth/request",
+                          json_body={}, headers=headers)
+        assert is_json_error(r, 403), (headers, r)
+        # reading is harmless, and no CORS header lets the page read it
+        r = httpc.request(base, "GET", JOBS, headers=headers)
+        assert r.status == 200
+        assert not [h for h in r.headers if h.lower().startswith(
+            "access-control")]
+    assert cura_files(klippy) == [] and jobs(base) == []
+    # a refused request does not upset the keep-alive connection
+    conn = httpc.connect(base)
+    for _ in range(3):
+        r = httpc.request(conn, "PUT", JOBS + "/%s/action" % (uuid.uuid4(),),
+                          json_body={"action": "abort"},
+                          headers={"Origin": "http://evil.example.com"})
+        assert is_json_error(r, 403)
+        assert httpc.request(conn, "GET", JOBS).status == 200
+    conn.close()
+    # a CORS preflight gets no permission
+    r = httpc.request(base, "OPTIONS", JOBS + "/", headers={
+        "Origin": "http://evil.example.com",
+        "Access-Control-Request-Method": "POST"})
+    assert r.status >= 400 and "Access-Control-Allow-Origin" not in r.headers
+    # the printer's own page (same host, any port) and local names work
+    for headers in [{"Origin": "http://127.0.0.1:%d" % (port,)},
+                    {"Referer": "http://127.0.0.1/cura/"},
+                    {"Host": "voron.local", "Origin": "http://voron.local"},
+                    {"Host": "voron", "Referer": "http://voron:8080/x"}]:
+        r = upload(base, headers=headers)
+        assert r.status == 200, (headers, r)
+    assert len(jobs(base)) == 4
+
+
+def test_monitor_only(klippy_factory):
+    k = klippy_factory(module_options={"allow_control": "False"})
+    base = k.base_url()
+    job = uuid.uuid4()
+    fname = k.write_gcode("console.gcode", moves=400, sleep_every=10)
+    k.gcode("SDCARD_PRINT_FILE FILENAME=%s" % (fname,))
+    r = upload(base)
+    assert is_json_error(r, 403) and "allow_control" in r.json()["message"]
+    printing = None
+    for _ in range(100):
+        js = jobs(base)
+        if js and js[0]["status"] == "printing":
+            printing = js[0]["uuid"]
+            break
+        time.sleep(0.1)
+    assert printing
+    for method, path, body in [
+            ("PUT", JOBS + "/%s/action" % (printing,), {"action": "abort"}),
+            ("PUT", JOBS + "/%s/action" % (printing,), {"action": "pause"}),
+            ("POST", JOBS + "/%s/action/move" % (job,), {"to_position": 0}),
+            ("PUT", JOBS + "/%s" % (job,), {"force": True}),
+            ("DELETE", JOBS + "/%s" % (printing,), None)]:
+        r = httpc.request(base, method, path, json_body=body)
+        assert is_json_error(r, 403), (method, path, r)
+    body, h = httpc.multipart({}, {"file": ("x.xml.fdm_material", b"<x/>")})
+    r = httpc.request(base, "POST", "/cluster-api/v1/materials/", body=body,
+                      headers=h)
+    assert is_json_error(r, 403)
+    # reads still work, and the print goes on
+    assert httpc.get_json(base, "/cluster-api/v1/printers")[0]["status"] \
+        == "printing"
+    assert jobs(base)[0]["status"] == "printing"
+    assert httpc.get_json(base, "/api/v1/system")["name"]
+    assert cura_files(k) == ["console.gcode"]
+    k.gcode("CANCEL_PRINT")
+
+
+def wait_log(k, text):
+    # klippy.log is written by a background thread
+    deadline = time.monotonic() + 5.
+    while text not in k.log_text():
+        assert time.monotonic() < deadline, "%r not in klippy.log" % (text,)
+        time.sleep(0.05)
+
+
+class PairedCura:
+    """What Cura >= 5.11 does: ask for credentials, then sign requests."""
+    def __init__(self, base):
+        self.base = base
+        r = httpc.request(base, "POST", "/api/v1/auth/request", json_body={
+            "application": "UltiMaker Cura", "user": "user@laptop"})
+        assert r.status == 200, r
+        self.id, self.key = r.json()["id"], r.json()["key"]
+        self.nonce = uuid.uuid4().hex
+        self.nc = 0
+
+    def auth(self, method, uri):
+        self.nc += 1
+        return sign(method, uri, self.id, self.key, self.nonce, self.nc)
+
+    def request(self, method, uri, **kw):
+        headers = kw.pop("headers", {})
+        headers["Authorization"] = self.auth(method, uri)
+        return httpc.request(self.base, method, uri, headers=headers, **kw)
+
+    def upload(self, filename="part.gcode"):
+        uri = JOBS + "/"
+        return upload(self.base, filename, headers={
+            "Authorization": self.auth("POST", uri)})
+
+    def check(self):
+        return httpc.get_json(self.base, "/api/v1/auth/check/" + self.id)[
+            "message"]
+
+
+def test_pairing(klippy_factory):
+    k = klippy_factory(module_options={"require_pairing": "True"})
+    base = k.base_url()
+    # Cura before 5.11 sends no credentials: it may watch, not change
+    r = upload(base)
+    assert is_json_error(r, 403) and "CURA_PAIRING" in r.json()["message"]
+    assert httpc.get_json(base, "/cluster-api/v1/printers")[0]["status"] \
+        == "idle"
+    cura = PairedCura(base)
+    assert cura.check() == "unauthorized"
+    wait_log(k, "CURA_ALLOW ID=%s" % (cura.id,))
+    r = cura.upload()
+    assert is_json_error(r, 403) and "CURA_ALLOW" in r.json()["message"]
+    r = cura.request("GET", "/api/v1/auth/verify")
+    assert r.status == 403
+    k.gcode("CURA_PAIRING")
+    wait_log(k, "ID=%s UltiMaker Cura, user@laptop" % (cura.id,))
+    # another Cura asks too: CURA_ALLOW needs the ID now
+    other = PairedCura(base)
+    with pytest.raises(kapi.KlippyError):
+        k.gcode("CURA_ALLOW")
+    k.gcode("CURA_ALLOW ID=%s" % (cura.id,))
+    assert cura.check() == "authorized"
+    assert other.check() == "unauthorized"
+    assert cura.request("GET", "/api/v1/auth/verify").status == 200
+    r = cura.upload()
+    assert r.status == 200, r
+    job = r.json()["uuid"]
+    assert other.upload().status == 403
+    # the signature covers method and path; a captured header cannot be
+    # sent again (with another body), nor used for another request
+    header = cura.auth("PUT", JOBS + "/%s" % (job,))
+    r = httpc.request(base, "PUT", JOBS + "/%s" % (job,),
+                      json_body={"force": True},
+                      headers={"Authorization": header})
+    assert r.status == 200, r
+    r = httpc.request(base, "PUT", JOBS + "/%s" % (job,),
+                      json_body={"force": False},
+                      headers={"Authorization": header})
+    assert is_json_error(r, 401)
+    challenge = r.headers["WWW-Authenticate"]
+    assert 'realm="Jedi-API"' in challenge and "SHA-256" in challenge
+    r = httpc.request(base, "DELETE", JOBS + "/%s" % (job,),
+                      headers={"Authorization": header})
+    assert is_json_error(r, 401)
+    # Cura adopts the nonce of a 401 and counts from 1 again
+    cura.nonce = challenge.split('nonce="', 1)[1].split('"', 1)[0]
+    cura.nc = 0
+    r = cura.request("POST", JOBS + "/%s/action/move" % (job,),
+                     json_body={"to_position": 0, "list": "queued"})
+    assert r.status in (200, 409), r
+    # wrong key
+    r = httpc.request(base, "DELETE", JOBS + "/%s" % (job,), headers={
+        "Authorization": sign("DELETE", JOBS + "/%s" % (job,), cura.id,
+                              "0" * 32, nc=77)})
+    assert is_json_error(r, 401)
+    # allowed clients survive a restart
+    k.restart()
+    base = k.base_url()
+    cura.base = other.base = base
+    assert cura.check() == "authorized"
+    r = cura.upload("second.gcode")
+    assert r.status == 200, r
+    k.gcode("CURA_DENY ID=%s" % (cura.id,))
+    assert cura.check() == "unknown"
+    assert is_json_error(cura.upload("third.gcode"), 401)
+    # CURA_ALLOW without ID takes the only request waiting
+    k.gcode("CURA_ALLOW")
+    assert other.check() == "authorized"
+    assert other.upload("fourth.gcode").status == 200
+    assert {"second", "fourth"} <= {j["name"] for j in jobs(base)}
+    with open(os.path.join(k.gcodes_dir, ".cura_connection",
+                           "auth.json")) as f:
+        assert cura.id not in f.read()
+
+
+def test_pairing_off_accepts_any_digest(klippy):
+    # without require_pairing a Cura >= 5.11 is never refused, even with
+    # credentials the printer has forgotten
+    base = klippy.base_url()
+    r = upload(base, headers={"Authorization": sign(
+        "POST", JOBS + "/", "forgotten", "key")})
+    assert r.status == 200
+    cura = PairedCura(base)
+    assert cura.check() == "authorized"
+    assert cura.upload("b.gcode").status == 200
+    assert httpc.get_json(base, "/api/v1/auth/check/nobody") == {
+        "message": "unknown"}
