@@ -66,9 +66,10 @@ DEFAULT_TRUSTED_CLIENTS = ("127.0.0.0/8, ::1/128, 10.0.0.0/8, 172.16.0.0/12,"
                            " 192.168.0.0/16, 169.254.0.0/16, fc00::/7,"
                            " fe80::/10")
 GCODE_EXTENSIONS = (".gcode", ".g", ".gco")
-# Temp files of uploads name their process, so a restart can tell which
-# ones a crash or kill -9 left behind (remove_stale_uploads).
+# Temp files (uploads, atomic writes) name their process, so a restart can
+# tell which ones a crash or kill -9 left behind (remove_stale_temp_files).
 UPLOAD_TMP_PREFIX = ".cura-upload-%d-" % (os.getpid(),)
+WRITE_TMP_PREFIX = ".cura-tmp-%d-" % (os.getpid(),)
 UPLOAD_EXTENSIONS = (".ufp", ".gcode.gz") + GCODE_EXTENSIONS
 
 # Servers of earlier printer objects.  Klippy does not re-import modules on
@@ -566,7 +567,7 @@ class JobStore:
 def write_file_atomic(path, data, mode=0o644):
     # temp file, fsync, rename, fsync the directory: all or nothing
     dirname = os.path.dirname(path)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=dirname)
+    fd, tmp = tempfile.mkstemp(prefix=WRITE_TMP_PREFIX, dir=dirname)
     os.fchmod(fd, mode)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -684,21 +685,21 @@ def safe_base_name(filename, default="print"):
     return name or default
 
 
-def remove_stale_uploads(gcodes):
-    # Partial uploads of this process (a RESTART ended them) or of one that
+def remove_stale_temp_files(dirname):
+    # Partial files of this process (a RESTART ended them) or of one that
     # is gone; another Klippy sharing the folder keeps its own.
     try:
-        names = os.listdir(gcodes)
+        names = os.listdir(dirname)
     except OSError:
         return
     for name in names:
-        m = re.match(r"\.cura-upload-(\d+)-.*\.part$", name)
+        m = re.match(r"\.cura-(?:upload|tmp)-(\d+)-", name)
         if m is None or (int(m.group(1)) != os.getpid()
                          and os.path.exists("/proc/" + m.group(1))):
             continue
         try:
-            os.unlink(os.path.join(gcodes, name))
-            logging.info("cura_connection: removed partial upload %s", name)
+            os.unlink(os.path.join(dirname, name))
+            logging.info("cura_connection: removed partial file %s", name)
         except OSError:
             pass
 
@@ -2911,7 +2912,9 @@ class CuraConnection:
             os.path.join(data_path, "loaded_materials.json"),
             material_defaults)
         self.auth = AuthStore(os.path.join(data_path, "auth.json"))
-        remove_stale_uploads(gcodes)
+        for dirname in (gcodes, os.path.join(gcodes, ".thumbs"), data_path,
+                        os.path.join(data_path, "materials")):
+            remove_stale_temp_files(dirname)
         self.api = CuraApi(self)
         # Bind now: a busy port is a config error, not a crash later.
         server_class = CuraHTTPServer6 if ":" in self.address \

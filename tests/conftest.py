@@ -61,3 +61,10 @@ def klippy_factory(flavor, tmp_path, request):
 @pytest.fixture
 def klippy(klippy_factory):
     return klippy_factory()
+
+
+@pytest.fixture(scope="session")
+def cura():
+    """Cura 4.13's own network plugin code, loaded once (cura_client.py)."""
+    import cura_client
+    return cura_client.load()

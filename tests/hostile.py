@@ -7,6 +7,8 @@ import re
 import socket
 import time
 
+from httpc import wait_for  # noqa: F401 (re-exported)
+
 
 class RawReply:
     def __init__(self, status, headers, body, raw):
@@ -145,14 +147,3 @@ def socket_count(pid):
         except OSError:
             pass
     return n
-
-
-def wait_for(fn, timeout=15., what="condition", interval=0.1):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = fn()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError("timed out waiting for %s" % (what,))
-        time.sleep(interval)

@@ -2,7 +2,10 @@
 test controls keep-alive connections and sees every status and header."""
 import http.client
 import json
+import time
 import urllib.parse
+
+JOBS = "/cluster-api/v1/print_jobs"
 
 
 class Reply:
@@ -67,3 +70,31 @@ def multipart(fields, files, boundary="boundary_.oOo._MjE+Mzk/NDU="):
     body = b"".join(out)
     return body, {"Content-Type": 'multipart/form-data; boundary="%s"'
                   % (boundary,), "Content-Length": str(len(body))}
+
+
+def upload(base, filename, data, owner="alice"):
+    """POST a print file the way Cura does; returns the Reply."""
+    body, headers = multipart({"owner": owner}, {"file": (filename, data)})
+    return request(base, "POST", JOBS + "/", body=body, headers=headers)
+
+
+def jobs(base):
+    return get_json(base, JOBS)
+
+
+def printer(base):
+    printers = get_json(base, "/cluster-api/v1/printers")
+    assert len(printers) == 1, printers
+    return printers[0]
+
+
+def wait_for(fn, timeout=15., what="condition", interval=0.1):
+    """Poll fn until it returns something true; return that."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = fn()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out waiting for %s" % (what,))
+        time.sleep(interval)

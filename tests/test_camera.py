@@ -7,11 +7,11 @@ import os
 import socket
 import subprocess
 import sys
-import time
 
 import pytest
 
 import httpc
+from httpc import wait_for
 from mjpeg_source import BOUNDARY, COLORS, MjpegSource
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -22,17 +22,6 @@ def source():
     s = MjpegSource()
     yield s
     s.close()
-
-
-def wait_for(fn, timeout=10., what="condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = fn()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError("timed out waiting for %s" % (what,))
-        time.sleep(0.05)
 
 
 class StreamReader:

@@ -3,15 +3,8 @@ Klippy: every reply must parse into Cura's models and show on its Monitor
 tab; uploads, actions and the material sync go through Cura's code."""
 import time
 
-import pytest
-
 import cura_client
 import gcode_samples
-
-
-@pytest.fixture(scope="session")
-def cura():
-    return cura_client.load()
 
 
 def address(k):
@@ -152,8 +145,8 @@ def test_every_action_through_cura(cura, klippy, tmp_path):
               what="printing again")
     # move to top, force, delete (queued jobs)
     assert api.move_to_top(uuids["three"]) == 200
-    state = wait_view(api, view, lambda s: [q["name"] for q in s["queue"]]
-                      == ["three", "two"], what="three first")
+    wait_view(api, view, lambda s: [q["name"] for q in s["queue"]]
+              == ["three", "two"], what="three first")
     assert api.force(uuids["two"]) == 200
     assert api.delete(uuids["two"]) == 200
     wait_view(api, view, lambda s: [q["name"] for q in s["queue"]]
@@ -163,9 +156,8 @@ def test_every_action_through_cura(cura, klippy, tmp_path):
     assert api.resume(uuids["one"]) == 409
     # abort
     assert api.abort(uuids["one"]) == 200
-    state = wait_view(api, view, lambda s: active(s)["state"]
-                      in ("aborted", "aborted_wait_cleanup"),
-                      what="aborted")
+    wait_view(api, view, lambda s: active(s)["state"]
+              in ("aborted", "aborted_wait_cleanup"), what="aborted")
     assert klippy.query("print_stats")["print_stats"]["state"] \
         == "cancelled"
     # the queue waits for the plate; then "three" starts

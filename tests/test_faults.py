@@ -13,18 +13,11 @@ import pytest
 
 import gcode_samples
 import httpc
+from httpc import JOBS, upload
 import klippy_harness
 from hostile import (connect, free_port, is_json_error, read_reply,
                      request_bytes, socket_count, thread_count, wait_for)
 
-JOBS = "/cluster-api/v1/print_jobs"
-
-
-def upload(base, filename, data, owner="alice"):
-    body, headers = httpc.multipart({"owner": owner},
-                                    {"file": (filename, data)})
-    return httpc.request(base, "POST", JOBS + "/", body=body,
-                         headers=headers)
 
 
 def upload_bytes(filename, data):
@@ -42,7 +35,7 @@ def leftovers(folder):
     out = []
     for root, dirs, files in os.walk(folder):
         out += [os.path.join(root, f) for f in files
-                if f.endswith(".part") or f.startswith(".tmp-")]
+                if f.endswith(".part") or f.startswith(".cura-")]
     return out
 
 
@@ -77,7 +70,7 @@ def test_kill9_mid_upload_and_mid_print(klippy_factory):
     assert sorted(os.listdir(k.gcodes_dir)) == [
         ".cura_connection", "long.gcode", "next.gcode"]
     assert leftovers(k.gcodes_dir) == []
-    assert "removed partial upload" in k.log_text()
+    assert "removed partial file .cura-upload-" in k.log_text()
     # and it goes on: the queue starts once the plate is clear
     k.gcode("CURA_BUILD_PLATE_CLEARED")
     wait_for(lambda: by_name(base)["next"]["status"] in (

@@ -1,46 +1,12 @@
 """The module inside the real Klippy: endpoints, status following Klippy,
 prints started outside Cura, restarts and a busy port."""
-import os
 import socket
-import time
 
 import pytest
 
 import httpc
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for(fn, timeout=15., what="condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = fn()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError("timed out waiting for %s" % (what,))
-        time.sleep(0.1)
-
-
-def socket_count(pid):
-    fd_dir = "/proc/%d/fd" % (pid,)
-    links = []
-    for fd in os.listdir(fd_dir):
-        try:
-            links.append(os.readlink(os.path.join(fd_dir, fd)))
-        except OSError:
-            pass
-    return sum(link.startswith("socket:") for link in links)
-
-
-def printer(base):
-    printers = httpc.get_json(base, "/cluster-api/v1/printers")
-    assert len(printers) == 1
-    return printers[0]
+from hostile import free_port, socket_count
+from httpc import printer, wait_for
 
 
 def test_endpoints_answer_json(klippy_factory):
@@ -159,7 +125,7 @@ def test_restart_rebinds_and_leaks_nothing(klippy_factory, firmware):
     k = klippy_factory(module_options={"port": port})
     base = "http://127.0.0.1:%d" % (port,)
     printer(base)
-    threads = fds = None
+    threads = sockets = None
     for i in range(10):
         # Cura keeps its connection open between polls
         conn = httpc.connect(base)

@@ -10,10 +10,10 @@ import uuid
 import pytest
 
 import httpc
+from httpc import JOBS, jobs
 from hostile import (check_gcodes_dir, connect, is_json_error, read_reply,
                      request_bytes, send, thread_count, tree, wait_for)
 
-JOBS = "/cluster-api/v1/print_jobs"
 BOUNDARY = "boundary_.oOo._MjE+Mzk/NDU="
 GCODE = b";TIME:60\nG1 X1\nG1 X2\n"
 # request_timeout is undocumented: the tests shorten the 60 s to 1 s
@@ -61,10 +61,6 @@ class Watch:
                     if n.endswith(".part")]
         # no request ended in an exception
         assert "Traceback" not in self.k.log_text()
-
-
-def jobs(base):
-    return httpc.get_json(base, JOBS)
 
 
 def test_hostile_file_names(klippy_factory):

@@ -2,12 +2,12 @@
 Klippy, shown through Cura 4.13's own Monitor-tab code, kept over restarts."""
 import json
 import os
-import time
 
 import pytest
 
 import cura_client
 import httpc
+from httpc import printer, wait_for
 import kapi
 
 MATERIALS = (cura_client.DEFAULT_CURA_ROOT
@@ -26,20 +26,11 @@ HOUSE_XML = b"""<?xml version="1.0" encoding="UTF-8"?>
 """ % HOUSE_GUID.encode()
 
 
-@pytest.fixture(scope="session")
-def cura():
-    return cura_client.load()
-
-
 def post_material(base, filename, data):
     body, headers = httpc.multipart({}, {"file": (filename, data)})
     r = httpc.request(base, "POST", "/cluster-api/v1/materials/", body,
                       headers)
     assert r.status == 200, r
-
-
-def printer(base):
-    return httpc.get_json(base, "/cluster-api/v1/printers")[0]
 
 
 def materials(base):
@@ -51,17 +42,6 @@ def card(base):
     api = cura_client.ClusterApi(base.replace("http://", ""))
     view = cura_client.monitor_view(api.printers(), api.print_jobs())
     return [e["material"] for e in view["printers"][0]["extruders"]]
-
-
-def wait_for(fn, timeout=10., what="condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = fn()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError("timed out waiting for %s" % (what,))
-        time.sleep(0.1)
 
 
 def test_materials_on_cura_card_and_over_restarts(cura, klippy_factory):

@@ -5,20 +5,9 @@ import os
 import time
 
 import httpc
+from httpc import JOBS, jobs, upload
 import gcode_samples
 
-JOBS = "/cluster-api/v1/print_jobs"
-
-
-def upload(base, filename, data, owner="alice"):
-    body, headers = httpc.multipart({"owner": owner},
-                                    {"file": (filename, data)})
-    return httpc.request(base, "POST", JOBS + "/", body=body,
-                         headers=headers)
-
-
-def jobs(base):
-    return httpc.get_json(base, JOBS)
 
 
 def wait_jobs(base, pred, timeout=20., what="jobs"):
@@ -174,7 +163,7 @@ def test_queue_survives_restart_and_kill(klippy_factory):
     assert js["next"]["status"] == "finished"
     assert js["long"]["status"] == "failed"
     assert not [f for f in visible_files(k) if f.endswith(".part")
-                or os.path.basename(f).startswith(".tmp-")]
+                or os.path.basename(f).startswith(".cura-")]
 
 
 def test_errors_and_shutdown_fail_the_job(klippy):

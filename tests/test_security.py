@@ -9,13 +9,13 @@ import uuid
 import pytest
 
 import httpc
+from httpc import JOBS, jobs
 import kapi
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..",
                                 "klippy_extras"))
 import cura_connection as cc  # noqa: E402
 
-JOBS = "/cluster-api/v1/print_jobs"
 GCODE = b";TIME:60\nG1 X1\nG1 X2\n"
 
 
@@ -24,10 +24,6 @@ def upload(base, filename="part.gcode", headers=None):
                               {"file": (filename, GCODE)})
     h.update(headers or {})
     return httpc.request(base, "POST", JOBS + "/", body=body, headers=h)
-
-
-def jobs(base):
-    return httpc.get_json(base, JOBS)
 
 
 def cura_files(k):

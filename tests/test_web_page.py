@@ -11,6 +11,7 @@ import zlib
 import pytest
 
 import httpc
+from httpc import jobs, wait_for
 from mjpeg_source import MjpegSource
 
 ARTIFACTS = os.path.join(os.path.dirname(os.path.abspath(__file__)),
@@ -80,21 +81,6 @@ def upload(base, name, data, owner):
                       headers)
     assert r.status == 200, r
     return r.json()["uuid"]
-
-
-def jobs(base):
-    return httpc.get_json(base, "/cluster-api/v1/print_jobs")
-
-
-def wait_for(fn, timeout=15., what="condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = fn()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError("timed out waiting for %s" % (what,))
-        time.sleep(0.1)
 
 
 def texts(driver, css):
