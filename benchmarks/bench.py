@@ -385,6 +385,7 @@ class Bench:
         processes disturbed it, when retry: the job is then deleted)."""
         if not retry:
             return self._upload_once(key, name, label)
+
         def cleanup(r):
             self.samples[label].remove(r["samples"])
             self.forget(r)

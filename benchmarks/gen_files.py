@@ -11,7 +11,6 @@ The UFP is written with libcharon (Debian's python3-charon), exactly the calls
 Cura's UFPWriter (and tests/cura_client.make_ufp) makes, except that the
 G-code member is streamed block by block instead of held in memory.
 """
-import io
 import os
 import random
 import struct
@@ -259,8 +258,8 @@ def ensure(cache_dir, log=print):
     if not os.path.exists(path):
         # Size the G-code so that the package itself is about 200 MiB
         gsize = int(200 * mib * compression_ratio())
-        log("generating %s (%d MiB of G-code, deflated)" % (path,
-                                                           gsize // mib))
+        log("generating %s (%d MiB of G-code, deflated)"
+            % (path, gsize // mib))
         write_ufp(path, gsize)
     files["ufp200"] = path
     return files

@@ -21,8 +21,8 @@ if ! command -v unzip >/dev/null; then
 fi
 
 make_venv() {   # dir, requirements file
-    local v="$1" req="$2"
-    local stamp="$v/.done-$(sha1sum "$req" | cut -c1-12)"
+    local v="$1" req="$2" stamp
+    stamp="$v/.done-$(sha1sum "$req" | cut -c1-12)"
     if [ ! -f "$stamp" ]; then
         rm -rf "$v"
         python3 -m venv "$v"
