@@ -29,7 +29,17 @@ def _installed_flavors():
     return set()
 
 
-@pytest.fixture(params=klippy_harness.selected_flavors(), ids=lambda f: f)
+def pytest_generate_tests(metafunc):
+    # Every Klippy test runs on each flavor; the long ones marked
+    # one_flavor (restart loops, load, fuzzing) run on the first only.
+    if "flavor" in metafunc.fixturenames:
+        flavors = klippy_harness.selected_flavors()
+        if metafunc.definition.get_closest_marker("one_flavor"):
+            flavors = flavors[:1]
+        metafunc.parametrize("flavor", flavors, ids=flavors, indirect=True)
+
+
+@pytest.fixture
 def flavor(request, _installed_flavors):
     if request.param not in _installed_flavors:
         klippy_harness.install_module(request.param)

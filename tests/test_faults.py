@@ -234,11 +234,10 @@ class Poller:
 
 
 @pytest.mark.slow
+@pytest.mark.one_flavor   # first flavor only (70 restarts take ~1.5 min)
 def test_many_restarts_under_polling(klippy_factory, flavor):
     # One flavor is enough: each restart takes ~1.3 s, the module's code
     # path is the same, and test_foundation restarts both flavors 10 times.
-    if flavor != klippy_harness.selected_flavors()[0]:
-        pytest.skip("runs on the first flavor only (70 restarts take ~1.5 min)")
     port = free_port()
     k = klippy_factory(module_options={"port": port})
     base = "http://127.0.0.1:%d" % (port,)

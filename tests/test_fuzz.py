@@ -14,7 +14,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import klippy_harness
 from hostile import check_gcodes_dir, send, tree
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..",
@@ -195,9 +194,8 @@ header_values = st.one_of(
 
 
 @pytest.mark.slow
+@pytest.mark.one_flavor   # long-running: the first flavor is enough
 def test_fuzz_http_requests(klippy_factory, flavor):
-    if flavor != klippy_harness.selected_flavors()[0]:
-        pytest.skip("fuzzing runs on the first flavor only")
     k = klippy_factory(module_options={"request_timeout": 1,
                                        "max_upload_size": 2})
     port = k.cura_port()

@@ -13,7 +13,6 @@ import pytest
 
 import gcode_samples
 import httpc
-import klippy_harness
 from hostile import wait_for
 
 JOBS = "/cluster-api/v1/print_jobs"
@@ -120,9 +119,8 @@ def camera_source():
 
 
 @pytest.mark.slow
+@pytest.mark.one_flavor   # long-running: the first flavor is enough
 def test_twenty_pollers_an_upload_and_a_print(klippy_factory, flavor):
-    if flavor != klippy_harness.selected_flavors()[0]:
-        pytest.skip("load runs on the first flavor only")
     assert SECONDS <= 60 or os.environ.get("CURA_LOAD_SECONDS")
     source = camera_source()
     options = {}

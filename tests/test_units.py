@@ -334,7 +334,8 @@ def test_material_store(tmp_path):
      '<!ENTITY b "&a;&a;&a;&a;">]><fdmmaterial>&b;</fdmmaterial>', "valid"),
     ('<?xml version="1.0"?><!DOCTYPE x [<!ENTITY e SYSTEM '
      '"file:///etc/passwd">]><fdmmaterial>&e;</fdmmaterial>', "valid"),
-])
+], ids=["version 0", "no GUID", "bad GUID", "wrong root", "not XML",
+        "entity expansion", "external entity"])
 def test_material_rejects(tmp_path, data, why):
     m = cc.MaterialStore(str(tmp_path))
     with pytest.raises(cc.HTTPError) as e:
