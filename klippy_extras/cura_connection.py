@@ -3013,7 +3013,8 @@ class CuraConnection:
                   for i, j in enumerate(queue)]
         if not queue:
             lines.append("Queue is empty")
-        if not self.store.plate_clear:
+        if not self.store.plate_clear and queue and not (
+                cur and cur[0].status in ACTIVE):
             lines.append("Waiting for CURA_BUILD_PLATE_CLEARED")
         gcmd.respond_info("\n".join(lines))
 

@@ -184,3 +184,20 @@ def test_errors_and_shutdown_fail_the_job(klippy):
     assert js[0]["name"] == "long"
     assert httpc.get_json(base, "/cluster-api/v1/printers")[0]["status"] \
         == "error"
+
+
+def test_cura_queue_lists_the_queue_in_the_console(klippy):
+    base = klippy.base_url()
+    api = klippy.api
+    # what the Mainsail/Fluidd console would show
+    api.call("gcode/subscribe_output", {"response_template": {}})
+    long_print = gcode_samples.moves(3000, 10, 0.1).encode()
+    assert upload(base, "running.gcode", long_print).status == 200
+    assert upload(base, "waiting.gcode", b"G1 X1\n", owner="bob").status \
+        == 200
+    httpc.wait_for(lambda: jobs(base)[0]["status"] == "printing")
+    klippy.gcode("CURA_QUEUE")
+    text = "\n".join(str(n.get("params")) for n in api.notifications)
+    assert "Printer: running (printing)" in text
+    assert "1. waiting (queued, from bob)" in text
+    assert "Waiting for CURA_BUILD_PLATE_CLEARED" not in text
