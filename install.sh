@@ -218,17 +218,21 @@ install_module() {
     fi
 }
 
+remove_our_link() {   # link, target it must point at, say-function, note
+    if [ -L "$1" ] && [ "$(readlink "$1")" = "$2" ]; then
+        rm -f "$1"
+        info "removed $1"
+    elif [ -e "$1" ] || [ -L "$1" ]; then
+        "$3" "$1 is not a link to $2; left alone"
+    else
+        info "$4"
+    fi
+}
+
 uninstall_module() {
     local link="$KLIPPER_DIR/klippy/extras/cura_connection.py" exclude
     say "Removing the module link"
-    if [ -L "$link" ] && [ "$(readlink "$link")" = "$MODULE" ]; then
-        rm -f "$link"
-        info "removed $link"
-    elif [ -e "$link" ] || [ -L "$link" ]; then
-        warn "$link is not a link to $MODULE; left alone"
-    else
-        info "no link in $KLIPPER_DIR/klippy/extras"
-    fi
+    remove_our_link "$link" "$MODULE" warn "no link in $KLIPPER_DIR/klippy/extras"
     if exclude=$(klipper_exclude_file) && grep -qxF "$MODULE_REL" "$exclude" 2>/dev/null; then
         grep -vxF "$MODULE_REL" "$exclude" >"$TMPD/exclude" || true
         match_final_newline "$exclude" "$TMPD/exclude"
@@ -295,14 +299,7 @@ uninstall_charon() {
     fi
     VENV_PY="$KLIPPY_ENV/bin/python"
     link="$(venv_site)/Charon"
-    if [ -L "$link" ] && [ "$(readlink "$link")" = "$CHARON_DIR" ]; then
-        rm -f "$link"
-        info "removed $link"
-    elif [ -e "$link" ] || [ -L "$link" ]; then
-        info "$link is not a link to $CHARON_DIR; left alone"
-    else
-        info "no Charon link in the venv"
-    fi
+    remove_our_link "$link" "$CHARON_DIR" info "no Charon link in the venv"
     info "pip packages from klippy_extras/requirements.txt stay installed in $KLIPPY_ENV"
     info "(zeroconf, python-multipart, defusedxml; remove them with pip if nothing else needs them)"
 }

@@ -7,6 +7,7 @@ the same host.
 """
 
 import functools
+import json
 import os
 import subprocess
 import sys
@@ -45,6 +46,15 @@ def run_python_in_netns(source, timeout=60, env=None):
     env["PYTHONPATH"] = os.pathsep.join(
         [str(TESTS_DIR)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     return run_in_netns([sys.executable, "-c", source], timeout=timeout, env=env)
+
+
+def run_probe(source, timeout=120):
+    """Run a probe script in a fresh namespace; it prints its findings as
+    one line "RESULT <json>", which is returned decoded."""
+    proc = run_python_in_netns(source, timeout=timeout)
+    lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stdout + proc.stderr
+    return json.loads(lines[-1][len("RESULT "):])
 
 
 @functools.lru_cache(maxsize=None)

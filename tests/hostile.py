@@ -147,3 +147,11 @@ def socket_count(pid):
         except OSError:
             pass
     return n
+
+def assert_config_errors(klippy_factory, cases):
+    """Each (module options, text): Klippy refuses the config, naming it."""
+    for opts, text in cases:
+        k = klippy_factory(module_options=opts, wait=False)
+        info = k.wait_state("error")
+        assert text in info["state_message"], info
+        k.stop()

@@ -270,10 +270,6 @@ print("RESULT " + json.dumps(result))
 @pytest.mark.skipif(not cura_netns.netns_available(),
                     reason="needs network namespaces (root or userns)")
 def test_zeroconf_machine_maps_to_the_definition(flavor):
-    proc = cura_netns.run_python_in_netns(PROBE % {"flavor": flavor},
-                                          timeout=120)
-    lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
-    assert proc.returncode == 0 and lines, proc.stdout + proc.stderr
-    result = json.loads(lines[-1][len("RESULT "):])
+    result = cura_netns.run_probe(PROBE % {"flavor": flavor})
     assert re.match(r"^7\d{8}$", result["properties"]["machine"]), result
     assert result["printer_type"] == "cura_connection_zc_custom"

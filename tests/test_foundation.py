@@ -5,7 +5,7 @@ import socket
 import pytest
 
 import httpc
-from hostile import free_port, socket_count
+from hostile import assert_config_errors, free_port, socket_count
 from httpc import printer, wait_for
 
 
@@ -166,10 +166,7 @@ def test_busy_port_is_a_config_error(klippy_factory):
 
 
 def test_bad_option_values_are_config_errors(klippy_factory):
-    for opts, text in [({"port": 70000}, "port"),
-                       ({"cura_machine": "prusa"}, "cura_machine"),
-                       ({"address": "not-an-ip"}, "address")]:
-        k = klippy_factory(module_options=opts, wait=False)
-        info = k.wait_state("error")
-        assert text in info["state_message"], info
-        k.stop()
+    assert_config_errors(klippy_factory, [
+        ({"port": 70000}, "port"),
+        ({"cura_machine": "prusa"}, "cura_machine"),
+        ({"address": "not-an-ip"}, "address")])

@@ -160,6 +160,14 @@ def store(tmp_path):
     return cc.JobStore(str(tmp_path / "queue.json"), 3, False)
 
 
+def two_jobs(store):
+    a = cc.Job(name="a", filename="a.gcode")
+    b = cc.Job(name="b", filename="b.gcode")
+    store.add(a)
+    store.add(b)
+    return a, b
+
+
 def start(store, job, snap):
     assert store.reconcile(snap) is job
     store.begin_start(job)
@@ -168,10 +176,7 @@ def start(store, job, snap):
 
 def test_store_queue_lifecycle(store, tmp_path):
     snap = Snaps()
-    a, b = cc.Job(name="a", filename="a.gcode"), cc.Job(name="b",
-                                                         filename="b.gcode")
-    store.add(a)
-    store.add(b)
+    a, b = two_jobs(store)
     start(store, a, snap())
     assert a.status == "pre_print" and store.current is a
     assert store.reconcile(snap("printing", "a.gcode", 60, 0.5)) is None
@@ -289,10 +294,7 @@ def test_store_move_delete_force(store):
 def test_auto_start_next(tmp_path):
     store = cc.JobStore(str(tmp_path / "q.json"), 5, True)
     snap = Snaps()
-    a, b = cc.Job(name="a", filename="a.gcode"), cc.Job(name="b",
-                                                         filename="b.gcode")
-    store.add(a)
-    store.add(b)
+    a, b = two_jobs(store)
     start(store, a, snap())
     store.reconcile(snap("printing", "a.gcode"))
     assert store.reconcile(snap("complete", "a.gcode")) is b

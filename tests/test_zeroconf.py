@@ -2,7 +2,6 @@
 
 Multicast never leaves this machine: the Klippy and Cura's client run
 together inside a private network namespace that has only loopback."""
-import json
 
 import pytest
 
@@ -29,11 +28,7 @@ print("RESULT " + json.dumps(result))
 @pytest.mark.skipif(not cura_netns.netns_available(),
                     reason="needs network namespaces (root or userns)")
 def test_cura_discovers_the_printer(flavor):
-    proc = cura_netns.run_python_in_netns(PROBE % {"flavor": flavor},
-                                          timeout=120)
-    lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
-    assert proc.returncode == 0 and lines, proc.stdout + proc.stderr
-    result = json.loads(lines[-1][len("RESULT "):])
+    result = cura_netns.run_probe(PROBE % {"flavor": flavor})
     for found in (result["first"], result["after_restart"]):
         assert len(found) == 1, result
         dev = found[0]
