@@ -856,29 +856,27 @@ class GzipWriter:
             raise zlib.error("the file ends in the middle")
 
 
-class Upload:
-    """One multipart upload streaming into a hidden temp file."""
-    def __init__(self, intake):
-        self.intake = intake
-        self.fields = {}
-        self.filename = None
-        self.kind = None
-        self.tmp_path = None
-        self.file = None
-        self.writer = None
+class MultipartReader:
+    """python-multipart callbacks: collects each part's headers (bounded,
+    they are kept in memory) and hands on the part's name and file name.
+    Subclasses implement begin_part, on_part_data and on_part_end."""
+    def __init__(self):
         self._headers = {}
         self._field = None
-        self._name = None
-        self._in_file = False
+        self._header_bytes = 0
 
-    # python-multipart callbacks
+    def callbacks(self):
+        return {n: getattr(self, n) for n in (
+            "on_part_begin", "on_header_field", "on_header_value",
+            "on_header_end", "on_headers_finished", "on_part_data",
+            "on_part_end")}
+
     def on_part_begin(self):
         self._headers = {}
         self._field = None
         self._header_bytes = 0
 
     def _count_header(self, n):
-        # part headers are kept in memory: bound them
         self._header_bytes += n
         if self._header_bytes > 16384:
             raise HTTPError(400, "Multipart part headers are too long",
@@ -900,9 +898,29 @@ class Upload:
         from python_multipart.multipart import parse_options_header
         disp, params = parse_options_header(
             self._headers.get(b"content-disposition", b""))
-        self._name = params.get(b"name", b"").decode("utf-8", "replace")
         fname = params.get(b"filename")
-        self._in_file = fname is not None
+        self.begin_part(params.get(b"name", b"").decode("utf-8", "replace"),
+                        fname.decode("utf-8", "replace")
+                        if fname is not None else None)
+
+
+class Upload(MultipartReader):
+    """One multipart upload streaming into a hidden temp file."""
+    def __init__(self, intake):
+        MultipartReader.__init__(self)
+        self.intake = intake
+        self.fields = {}
+        self.filename = None
+        self.kind = None
+        self.tmp_path = None
+        self.file = None
+        self.writer = None
+        self._name = None
+        self._in_file = False
+
+    def begin_part(self, name, filename):
+        self._name = name
+        self._in_file = filename is not None
         if not self._in_file:
             if len(self.fields) >= 32:
                 raise HTTPError(400, "Too many form fields", close=True)
@@ -910,7 +928,7 @@ class Upload:
             return
         if self.filename is not None:
             raise HTTPError(400, "Only one file per upload", close=True)
-        self.filename = fname.decode("utf-8", "replace")
+        self.filename = filename
         base, ext = split_upload_name(self.filename)
         if not ext:
             raise HTTPError(415, "Unsupported file type %r: send .ufp, "
@@ -991,11 +1009,7 @@ class FileIntake:
         returns (Upload, (gcode name, metadata))."""
         from python_multipart.multipart import MultipartParser
         upload = Upload(self)
-        callbacks = {n: getattr(upload, n) for n in (
-            "on_part_begin", "on_header_field", "on_header_value",
-            "on_header_end", "on_headers_finished", "on_part_data",
-            "on_part_end")}
-        parser = MultipartParser(boundary, callbacks)
+        parser = MultipartParser(boundary, upload.callbacks())
         # One buffer, parsed in place: the parser hands each byte to the
         # callbacks, which write or copy it, before write() returns.
         buf = bytearray(UPLOAD_CHUNK)
@@ -2339,44 +2353,34 @@ class CuraApi:
             ("Content-Disposition", 'attachment; filename="%s"' % (fname,))])
 
 
+class SmallParts(MultipartReader):
+    """A small multipart body (a material file) read into memory."""
+    def __init__(self):
+        MultipartReader.__init__(self)
+        self.parts = []
+
+    def begin_part(self, name, filename):
+        self.parts.append({"name": name, "filename": filename, "data": b""})
+
+    def on_part_data(self, data, start, end):
+        self.parts[-1]["data"] += data[start:end]
+
+    def on_part_end(self):
+        pass
+
+
 def parse_small_multipart(body, boundary):
-    from python_multipart.multipart import MultipartParser, \
-        parse_options_header
-    parts = []
-    hdrs = {}
-    cur = {}
-    def on_part_begin():
-        hdrs.clear()
-        cur.clear()
-        cur.update({"field": b"", "data": b""})
-    def on_header_field(data, s, e):
-        cur["field"] += data[s:e]
-    def on_header_value(data, s, e):
-        key = cur["field"].lower()
-        hdrs[key] = hdrs.get(key, b"") + data[s:e]
-    def on_header_end():
-        cur["field"] = b""
-    def on_part_data(data, s, e):
-        cur["data"] += data[s:e]
-    def on_part_end():
-        _, params = parse_options_header(hdrs.get(b"content-disposition",
-                                                  b""))
-        fname = params.get(b"filename")
-        parts.append({"name": params.get(b"name", b"").decode("utf-8",
-                                                              "replace"),
-                      "filename": fname.decode("utf-8", "replace")
-                      if fname is not None else None,
-                      "data": cur["data"]})
-    parser = MultipartParser(boundary, {
-        "on_part_begin": on_part_begin, "on_header_field": on_header_field,
-        "on_header_value": on_header_value, "on_header_end": on_header_end,
-        "on_part_data": on_part_data, "on_part_end": on_part_end})
+    from python_multipart.multipart import MultipartParser
+    reader = SmallParts()
+    parser = MultipartParser(boundary, reader.callbacks())
     try:
         parser.write(body)
         parser.finalize()
+    except HTTPError:
+        raise
     except Exception as e:
         raise HTTPError(400, "Malformed multipart body: %s" % (e,))
-    return parts
+    return reader.parts
 
 
 class CuraRequestHandler(http.server.BaseHTTPRequestHandler):
