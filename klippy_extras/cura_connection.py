@@ -287,7 +287,43 @@ def estimate_time_total(estimate, elapsed, progress):
     return int(max(total, elapsed + 1))
 
 
-class JobStore:
+class SavedState:
+    """State kept in one JSON file.  G-code commands change it in the
+    reactor, in memory only (dirty); the job runner thread saves it.
+    Subclasses set path, lock, save_lock and dirty, and give state()."""
+    file_mode = 0o644
+
+    def read_file(self):
+        # The saved dict, or {}: a damaged file is kept aside as .bad
+        try:
+            with open(self.path, "r") as f:
+                data = json.load(f)
+            if not isinstance(data, dict):
+                raise ValueError("not a JSON object")
+            return data
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as e:
+            logging.error("cura_connection: cannot read %s: %s", self.path, e)
+            try:
+                os.replace(self.path, self.path + ".bad")
+            except OSError:
+                pass
+            return {}
+
+    def save(self):
+        with self.save_lock:
+            with self.lock:
+                data = json.dumps(self.state(), indent=1).encode()
+                self.dirty = False
+            try:
+                write_file_atomic(self.path, data, self.file_mode)
+            except BaseException:
+                self.dirty = True   # the runner tries again (disk full...)
+                raise
+
+
+class JobStore(SavedState):
     def __init__(self, path, history_size, auto_start_next):
         self.path = path
         self.history_size = history_size
@@ -303,19 +339,7 @@ class JobStore:
         self._load()
 
     def _load(self):
-        try:
-            with open(self.path, "r") as f:
-                data = json.load(f)
-        except FileNotFoundError:
-            data = {}
-        except (OSError, ValueError) as e:
-            # Keep the damaged file for the user; start with an empty queue.
-            logging.error("cura_connection: cannot read %s: %s", self.path, e)
-            try:
-                os.replace(self.path, self.path + ".bad")
-            except OSError:
-                pass
-            data = {}
+        data = self.read_file()
         def jobs(items):
             return [Job(**d) for d in items or [] if isinstance(d, dict)]
         self.queue = jobs(data.get("queue"))
@@ -330,20 +354,11 @@ class JobStore:
             self.dirty = True
         self._update_status_cache()
 
-    def save(self):
-        with self.save_lock:
-            with self.lock:
-                data = {"version": 1, "plate_clear": self.plate_clear,
-                        "current": self.current and self.current.to_dict(),
-                        "queue": [j.to_dict() for j in self.queue],
-                        "history": [j.to_dict() for j in self.history]}
-                self.dirty = False
-            try:
-                write_file_atomic(self.path,
-                                  json.dumps(data, indent=1).encode())
-            except BaseException:
-                self.dirty = True   # the runner tries again (disk full...)
-                raise
+    def state(self):
+        return {"version": 1, "plate_clear": self.plate_clear,
+                "current": self.current and self.current.to_dict(),
+                "queue": [j.to_dict() for j in self.queue],
+                "history": [j.to_dict() for j in self.history]}
 
     def _update_status_cache(self):
         # get_status() runs in the reactor: hand it a ready-made dict
@@ -594,8 +609,8 @@ class JobRunner:
         self.bridge = bridge
         self.store = store
         self.metadata_reader = metadata_reader
-        # other state changed in the reactor (memory only) and saved here
-        self.also_save = list(also_save)
+        # the queue and other state changed in the reactor, saved here
+        self.saved_states = [store] + list(also_save)
         self.wake = threading.Event()
         self.stopping = False
         self.thread = threading.Thread(target=self._run, daemon=True,
@@ -636,11 +651,9 @@ class JobRunner:
         filename = self.store.needs_external_job(snap)
         external = filename and self._make_external_job(filename)
         job = self.store.reconcile(snap, external)
-        if self.store.dirty:
-            self.store.save()
-        for other in self.also_save:
-            if other.dirty:
-                other.save()
+        for state in self.saved_states:
+            if state.dirty:
+                state.save()
         if job is None:
             return
         self.store.begin_start(job)
@@ -1355,7 +1368,7 @@ def parse_material_option(text):
     return parse_material_words(words)
 
 
-class LoadedMaterials:
+class LoadedMaterials(SavedState):
     """The material in each extruder, shown on Cura's printer card.
 
     SET_CURA_MATERIAL changes it in the reactor, in memory only; the job
@@ -1374,17 +1387,8 @@ class LoadedMaterials:
         self._update_status_cache()
 
     def _load(self):
-        try:
-            with open(self.path, "r") as f:
-                data = json.load(f)
-            extruders = data["extruders"]
-            extruders.items()
-        except FileNotFoundError:
-            return {}
-        except (OSError, ValueError, KeyError, TypeError,
-                AttributeError) as e:
-            logging.error("cura_connection: cannot read %s: %s",
-                          self.path, e)
+        extruders = self.read_file().get("extruders")
+        if not isinstance(extruders, dict):
             return {}
         saved = {}
         for name, entry in extruders.items():
@@ -1416,13 +1420,9 @@ class LoadedMaterials:
                 return None
             return self.entries.get(self.names[index])
 
-    def save(self):
-        with self.save_lock:
-            with self.lock:
-                data = {"version": 1, "extruders": {
-                    name: self.entries.get(name) for name in self.names}}
-                self.dirty = False
-            write_file_atomic(self.path, json.dumps(data, indent=1).encode())
+    def state(self):
+        return {"version": 1, "extruders": {
+            name: self.entries.get(name) for name in self.names}}
 
 
 ######################################################################
@@ -1812,7 +1812,7 @@ def clean_text(value, limit=64):
     return "".join(c if c.isprintable() else "?" for c in text)[:limit]
 
 
-class AuthStore:
+class AuthStore(SavedState):
     """The credentials Cura >= 5.11 asks for (POST /api/v1/auth/request)
     and which of them the user allowed (CURA_ALLOW), kept in auth.json."""
     MAX_PENDING = 16
@@ -1825,33 +1825,18 @@ class AuthStore:
         self.lock = threading.Lock()
         self.clients = {}    # id -> {"key", "application", "user", ...}
         self.nonces = {}     # id -> OrderedDict nonce -> set of nc seen
+        self.save_lock = threading.Lock()
         self.dirty = False   # changed by a G-code command: the runner saves
-        try:
-            with open(path, "r") as f:
-                data = json.load(f)
-            self.clients = {k: v for k, v in data["clients"].items()
+        clients = self.read_file().get("clients")
+        if isinstance(clients, dict):
+            self.clients = {k: v for k, v in clients.items()
                             if isinstance(v, dict)
                             and isinstance(v.get("key"), str)}
-        except FileNotFoundError:
-            pass
-        except (OSError, ValueError, KeyError, TypeError,
-                AttributeError) as e:
-            logging.error("cura_connection: cannot read %s: %s", path, e)
-            try:
-                os.replace(path, path + ".bad")
-            except OSError:
-                pass
 
-    def save(self):
-        with self.lock:
-            data = json.dumps({"version": 1, "clients": self.clients},
-                              indent=1).encode()
-            self.dirty = False
-        try:
-            write_file_atomic(self.path, data, 0o600)
-        except BaseException:
-            self.dirty = True
-            raise
+    file_mode = 0o600   # the keys are secrets
+
+    def state(self):
+        return {"version": 1, "clients": self.clients}
 
     def request(self, application, user, address):
         with self.lock:

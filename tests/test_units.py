@@ -269,9 +269,10 @@ def test_store_restart_reports_interrupted_job(tmp_path):
     assert [j.name for j in s2.queue] == ["b"] and not s2.plate_clear
 
 
-def test_store_damaged_file_is_kept_aside(tmp_path):
+@pytest.mark.parametrize("text", ["{not json", "[1, 2]"])
+def test_store_damaged_file_is_kept_aside(tmp_path, text):
     path = tmp_path / "queue.json"
-    path.write_text("{not json")
+    path.write_text(text)
     s = cc.JobStore(str(path), 5, False)
     assert s.queue == [] and (tmp_path / "queue.json.bad").exists()
 
