@@ -385,10 +385,11 @@ class JobStore(SavedState):
                     return job
         return None
 
-    def files_in_use(self):
-        with self.lock:
-            jobs = self.queue + ([self.current] if self.current else [])
-            return set(j.filename for j in jobs)
+    def get(self, job_uuid):
+        job = self.find(job_uuid)
+        if job is None:
+            raise HTTPError(404, "No print job %s" % (job_uuid,))
+        return job
 
     def add(self, job):
         with self.lock:
@@ -404,9 +405,7 @@ class JobStore(SavedState):
 
     def delete(self, job_uuid):
         with self.lock:
-            job = self.find(job_uuid)
-            if job is None:
-                raise HTTPError(404, "No print job %s" % (job_uuid,))
+            job = self.get(job_uuid)
             if job in self.queue:
                 self.queue.remove(job)
             elif job in self.history:
@@ -421,9 +420,7 @@ class JobStore(SavedState):
 
     def set_force(self, job_uuid, force):
         with self.lock:
-            job = self.find(job_uuid)
-            if job is None:
-                raise HTTPError(404, "No print job %s" % (job_uuid,))
+            job = self.get(job_uuid)
             job.force = force
             self._changed()
 
@@ -431,8 +428,7 @@ class JobStore(SavedState):
         for job in self.queue:
             if job.uuid == job_uuid:
                 return job
-        if self.find(job_uuid) is None:
-            raise HTTPError(404, "No print job %s" % (job_uuid,))
+        self.get(job_uuid)
         raise HTTPError(409, "Print job %s is not queued" % (job_uuid,))
 
     def plate_cleared(self):
@@ -2158,18 +2154,12 @@ class CuraApi:
         return 200, ([self.job_json(j, True) for j in cur]
                      + [self.job_json(j, False) for j in queue + history])
 
-    def _job(self, job_uuid):
-        job = self.store.find(job_uuid)
-        if job is None:
-            raise HTTPError(404, "No print job %s" % (job_uuid,))
-        return job
-
     def get_print_job(self, req, job_uuid):
-        job = self._job(job_uuid)
+        job = self.store.get(job_uuid)
         return 200, self.job_json(job, job is self.store.current)
 
     def get_preview_image(self, req, job_uuid):
-        job = self._job(job_uuid)
+        job = self.store.get(job_uuid)
         data = job.preview and self.intake.read_preview(job.preview)
         if not data:
             raise HTTPError(404, "Print job %s has no preview image"
@@ -2210,7 +2200,7 @@ class CuraApi:
         if not isinstance(action, str) or action not in ACTIONS:
             raise HTTPError(400, "action must be one of %s"
                             % (", ".join(sorted(ACTIONS)),))
-        job = self._job(job_uuid)
+        job = self.store.get(job_uuid)
         need, transient, script = ACTIONS[action]
         with self.store.lock:
             if job is not self.store.current or job.status not in need \
