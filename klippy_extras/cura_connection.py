@@ -82,6 +82,44 @@ class CommandError(Exception):
     pass
 
 
+class CuraError(Exception):
+    """A request the printer cannot carry out, said in the domain's terms.
+    Code outside the HTTP chapter raises these (never HTTPError); the HTTP
+    layer turns each kind into a status in one place (ERROR_STATUS)."""
+    def __init__(self, message):
+        Exception.__init__(self, message)
+        self.message = message
+
+
+class NotFound(CuraError):
+    """No such job, printer or file."""
+
+
+class Conflict(CuraError):
+    """Not possible in the current state: nothing was changed."""
+
+
+class BadInput(CuraError):
+    """The request or the file is malformed."""
+
+
+class TooLarge(CuraError):
+    """Over a configured limit (upload size, queue length...)."""
+
+
+class Unsupported(CuraError):
+    """A file type the printer cannot print."""
+
+
+class NoSpace(CuraError):
+    """Not enough free disk space: nothing was kept."""
+
+
+class StorageError(CuraError):
+    """A file or folder could not be read or written (the message names
+    the path and the cause): nothing was kept."""
+
+
 class HTTPError(Exception):
     def __init__(self, status, message, close=False, headers=()):
         Exception.__init__(self, message)
@@ -2358,6 +2396,11 @@ def parse_small_multipart(body, boundary):
     return reader.parts
 
 
+# The one place where errors of the domain become HTTP statuses
+ERROR_STATUS = {NotFound: 404, Conflict: 409, BadInput: 400, TooLarge: 413,
+                Unsupported: 415, NoSpace: 507, StorageError: 500}
+
+
 class CuraRequestHandler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"   # keep-alive, as Qt uses it
     default_request_version = "HTTP/1.0"   # every reply has a status line
@@ -2441,6 +2484,12 @@ class CuraRequestHandler(http.server.BaseHTTPRequestHandler):
             status, body = handler(self, *args)
             if status is not None:   # None: the handler replied (streams)
                 self.send_json(status, body)
+        except CuraError as e:
+            status = ERROR_STATUS[type(e)]
+            if status >= 500:
+                logging.info("cura_connection: %s %s: %s", method,
+                             self.path, e.message)
+            self.send_json(status, {"message": e.message, "status": status})
         except HTTPError as e:
             if e.status >= 500:
                 logging.info("cura_connection: %s %s: %s", method,
