@@ -1591,19 +1591,24 @@ class MachineDefinition:
         self.files = {}
         extruders = []
         i = 0
-        while config.has_section("extruder%s" % (i or "",)):
+        # Cura takes up to 16 extruders (machine_extruder_count)
+        while i < 16 and config.has_section("extruder%s" % (i or "",)):
             sec = "extruder%s" % (i or "",)
-            extruders.append((self._opt(config, sec, "nozzle_diameter", 0.4),
-                              self._opt(config, sec, "filament_diameter",
-                                        1.75)))
+            extruders.append((
+                self._number(self._opt(config, sec, "nozzle_diameter", 0.4)),
+                self._number(self._opt(config, sec, "filament_diameter",
+                                       1.75))))
             i += 1
         extruders = extruders or [(0.4, 1.75)]
+        macros = set(s.get_name().split(None, 1)[-1].upper()
+                     for s in config.get_prefix_sections("gcode_macro "))
         trains = {str(i): "%s_extruder_%d" % (self.id, i)
                   for i in range(len(extruders))}
         overrides = self._volume(config)
         overrides.update(self._motion(config))
         heated = config.has_section("heater_bed")
-        start, end = self._gcode(config, heated)
+        start, end = self._gcode(macros, heated)
+        self._tool_macros(macros, len(extruders))
         overrides.update({
             "machine_name": name,
             "machine_heated_bed": heated,
@@ -1657,35 +1662,56 @@ class MachineDefinition:
         except config.error:
             return default
 
+    @staticmethod
+    def _number(value):
+        # Whole numbers as JSON integers, as Cura's own definitions write
+        # them: Cura hands some values to code that takes only ints.
+        value = round(value, 4)
+        return int(value) if value == int(value) else value
+
+    @staticmethod
+    def _whole_mm(value):
+        # Build volume in whole millimetres, rounded down (never beyond the
+        # printer's limits): Cura 4.13's arranger takes only integers.
+        return int(value + 1e-6)
+
     def _volume(self, config):
         kin = self._opt(config, "printer", "kinematics", "none", "str")
+        size = None
         if kin in ("delta", "rotary_delta"):
             radius = (self._opt(config, "printer", "print_radius", None)
                       or self._opt(config, "printer", "delta_radius", None))
             height = self._opt(config, "stepper_a", "position_endstop", None)
             if radius and height:
-                return {"machine_shape": "elliptic",
-                        "machine_center_is_zero": True,
-                        "machine_width": round(2 * radius, 1),
-                        "machine_depth": round(2 * radius, 1),
-                        "machine_height": round(height, 1)}
+                shape, center = "elliptic", True
+                size = [2 * radius, 2 * radius, height]
         else:
             axes = [(self._opt(config, s, "position_min", 0.),
                      self._opt(config, s, "position_max", None))
                     for s in ("stepper_x", "stepper_y", "stepper_z")]
-            if all(hi is not None and hi > max(lo, 0) for lo, hi in axes):
+            if all(hi is not None for lo, hi in axes):
                 (xlo, xhi), (ylo, yhi), (_, zhi) = axes
-                # -150..150: the origin is the bed's centre.  Otherwise the
-                # bed starts at 0; negative minimums are parking room.
-                center = all(lo < 0 and abs(lo + hi) <= .1 * (hi - lo)
-                             for lo, hi in axes[:2])
-                return {"machine_shape": "rectangular",
-                        "machine_center_is_zero": center,
-                        "machine_width": round(xhi - (xlo if center else 0),
-                                               1),
-                        "machine_depth": round(yhi - (ylo if center else 0),
-                                               1),
-                        "machine_height": round(zhi, 1)}
+                # -150..150: the origin is the bed's centre, and Cura's bed
+                # spans -w/2..w/2.  Otherwise the bed starts at 0; negative
+                # minimums are parking room.
+                shape, center = "rectangular", all(
+                    lo < 0 and abs(lo + hi) <= .1 * (hi - lo)
+                    for lo, hi in axes[:2])
+                if center:
+                    size = [2 * min(-xlo, xhi), 2 * min(-ylo, yhi), zhi]
+                else:
+                    size = [xhi, yhi, zhi]
+                    for axis, (lo, _) in zip("xy", axes):
+                        if lo > 0:
+                            self.notes.append(
+                                "stepper_%s position_min is %g: Cura's "
+                                "build plate starts at 0; keep models "
+                                "clear of the first %g mm" % (axis, lo, lo))
+        if size and min(self._whole_mm(v) for v in size) >= 1:
+            width, depth, height = [self._whole_mm(v) for v in size]
+            return {"machine_shape": shape, "machine_center_is_zero": center,
+                    "machine_width": width, "machine_depth": depth,
+                    "machine_height": height}
         self.notes.append("No build volume in printer.cfg (kinematics %s): "
                           "200 mm cube; set it in Cura's Machine Settings"
                           % (kin,))
@@ -1696,7 +1722,7 @@ class MachineDefinition:
     def _motion(self, config):
         velocity = self._opt(config, "printer", "max_velocity", 300.)
         accel = self._opt(config, "printer", "max_accel", 3000.)
-        return {
+        limits = {
             "machine_max_feedrate_x": velocity,
             "machine_max_feedrate_y": velocity,
             "machine_max_feedrate_z": self._opt(
@@ -1706,10 +1732,25 @@ class MachineDefinition:
             "machine_max_acceleration_z": self._opt(
                 config, "printer", "max_z_accel", accel),
             "machine_acceleration": accel}
+        return {k: self._number(v) for k, v in limits.items()}
 
-    def _gcode(self, config, heated):
-        macros = set(s.get_name().split(None, 1)[-1].upper()
-                     for s in config.get_prefix_sections("gcode_macro "))
+    def _tool_macros(self, macros, count):
+        # CuraEngine writes T0 before the start G-code of every print on a
+        # machine with more than one extruder, and Tn at each tool change;
+        # Klipper has no such commands unless printer.cfg defines them.
+        missing = ["T%d" % (i,) for i in range(count)
+                   if "T%d" % (i,) not in macros]
+        if count > 1 and missing:
+            self.notes.append(
+                "Cura starts every print with T0 and changes tools with "
+                "T0..T%d, but printer.cfg has no [gcode_macro %s].  Unless "
+                "another section (a tool changer's) defines them, add "
+                "macros that select the extruder (T1: ACTIVATE_EXTRUDER "
+                "EXTRUDER=extruder1), or Klipper answers \"Unknown "
+                "command\" and the print stops."
+                % (count - 1, "], [gcode_macro ".join(missing)))
+
+    def _gcode(self, macros, heated):
         start = [m for m in ("PRINT_START", "START_PRINT") if m in macros]
         end = [m for m in ("PRINT_END", "END_PRINT") if m in macros]
         if start:
@@ -1733,6 +1774,7 @@ class MachineDefinition:
 
     def zip(self):
         import io
+        import textwrap
         import zipfile
         buf = io.BytesIO()
         with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
@@ -1740,8 +1782,11 @@ class MachineDefinition:
                 folder = "definitions" if fname == self.id + ".def.json" \
                     else "extruders"
                 z.writestr("%s/%s" % (folder, fname), data)
+            notes = "".join("\n%s\n" % (textwrap.fill("Note: " + n, 72),)
+                            for n in self.notes)
             z.writestr("README.txt", DEFINITION_HOWTO % {
-                "id": self.id, "bom": self.bom, "name": self.name})
+                "id": self.id, "bom": self.bom, "name": self.name,
+                "notes": notes})
         return buf.getvalue()
 
 
@@ -1756,10 +1801,17 @@ printer's Klipper configuration.
 3. In printer.cfg, [cura_connection]: cura_machine: custom, then restart
    Klipper.  The printer now announces BOM %(bom)s, which is this
    definition's (%(id)s).
-4. Start Cura, Add printer > Networked printers: the printer shows as
-   "%(name)s".  Printers added earlier as an Ultimaker keep that type;
-   remove and add them again.
-"""
+4. Start Cura, Add printer > Add a networked printer (or Add printer by
+   IP): the printer shows as "%(name)s".  Not under "Add a
+   non-networked printer" (there it is listed under Ultimaker B.V.): a
+   printer added that way has no network connection.
+   If Cura shows the printer as "Unknown" and will not connect, it lacks
+   this definition: check step 2 and restart Cura.
+5. A printer added earlier as an Ultimaker keeps that type (and its build
+   plate and print cores).  Add the printer again as in step 4 first, then
+   remove the old one in Preferences > Printers (Cura keeps Remove greyed
+   out while it is the only printer).
+%(notes)s"""
 WEB_PAGE = os.path.join(os.path.dirname(os.path.realpath(__file__)),
                         "cura_connection_web.html")
 
