@@ -1141,8 +1141,12 @@ class FileIntake:
                 except Exception as e:
                     if isinstance(e, (HTTPError, OSError)):
                         raise
-                    logging.info("cura_connection: libcharon refused %s "
-                                 "(%s); reading it as a zip", path, e)
+                    # A G-code header libcharon rejects is not Ultimaker's
+                    # (Marlin flavour from a custom definition): normal.
+                    header = self.charon.filetypes.GCodeFile
+                    if not isinstance(e, header.InvalidHeaderException):
+                        logging.info("cura_connection: libcharon refused %s "
+                                     "(%s); reading it as a zip", path, e)
                     out.seek(0)
                     out.truncate()
                     thumbnail = self._unpack_zip(path, out)

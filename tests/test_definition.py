@@ -426,3 +426,37 @@ def test_checks_catch_what_cura_cannot_use(cura):
     assert report["machine_max_feedrate_x"] is None
     with pytest.raises(TypeError, match="Box"):
         cura_definitions.arrange(cura_definitions.stacks(texts)[0])
+
+
+def test_marlin_ufp_is_read_without_a_log_line(cura, klippy_factory, tmp_path):
+    # What Cura sends for the custom definition: a UFP with a Marlin-flavour
+    # G-code header, which libcharon's header check refuses (it knows only
+    # Ultimaker's).  Normal input: no log line per job.  A package libcharon
+    # cannot read at all is still logged.
+    import time
+    import cura_client
+    import gcode_samples
+    k = klippy_factory(module_options={"name": "quiet",
+                                       "cura_machine": "custom"})
+    address = "127.0.0.1:%d" % (k.cura_port(),)
+    gcode = ";FLAVOR:Marlin\n;TIME:60\n" + gcode_samples.moves(40, 0)
+    marlin = cura_client.make_ufp(str(tmp_path / "marlin.ufp"), gcode)
+    assert cura_client.upload(address, str(marlin))[0] == 200
+    broken = tmp_path / "broken.ufp"
+    with zipfile.ZipFile(str(marlin)) as src, \
+            zipfile.ZipFile(str(broken), "w") as dst:
+        for name in src.namelist():
+            dst.writestr(name, b"<not xml" if "Content_Types" in name
+                         else src.read(name))
+    assert cura_client.upload(address, str(broken))[0] == 200
+    jobs = [j["name"] for j in
+            httpc.get_json(k.base_url(), "/cluster-api/v1/print_jobs")]
+    assert "marlin" in jobs and "broken" in jobs
+    deadline = time.monotonic() + 10
+    while "libcharon refused" not in k.log_text():
+        assert time.monotonic() < deadline, "the broken package not logged"
+        time.sleep(0.1)
+    refusals = [line for line in k.log_text().splitlines()
+                if "libcharon refused" in line]
+    # one line: the broken package's (its XML), none for the Marlin one
+    assert len(refusals) == 1 and "unclosed token" in refusals[0], refusals
