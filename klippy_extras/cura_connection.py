@@ -1710,7 +1710,8 @@ class MachineDefinition:
                             self.notes.append(
                                 "stepper_%s position_min is %g: Cura's "
                                 "build plate starts at 0; keep models "
-                                "clear of the first %g mm" % (axis, lo, lo))
+                                "clear of its first %g mm (Klipper "
+                                "refuses moves there)." % (axis, lo, lo))
         if size and min(self._whole_mm(v) for v in size) >= 1:
             width, depth, height = [self._whole_mm(v) for v in size]
             return {"machine_shape": shape, "machine_center_is_zero": center,
@@ -1741,7 +1742,8 @@ class MachineDefinition:
     def _tool_macros(self, macros, count):
         # CuraEngine writes T0 before the start G-code of every print on a
         # machine with more than one extruder, and Tn at each tool change;
-        # Klipper has no such commands unless printer.cfg defines them.
+        # Klipper has no such commands unless printer.cfg defines them (it
+        # only answers "Unknown command").
         missing = ["T%d" % (i,) for i in range(count)
                    if "T%d" % (i,) not in macros]
         if count > 1 and missing:
@@ -1750,8 +1752,9 @@ class MachineDefinition:
                 "T0..T%d, but printer.cfg has no [gcode_macro %s].  Unless "
                 "another section (a tool changer's) defines them, add "
                 "macros that select the extruder (T1: ACTIVATE_EXTRUDER "
-                "EXTRUDER=extruder1), or Klipper answers \"Unknown "
-                "command\" and the print stops."
+                "EXTRUDER=extruder1): Klipper answers \"Unknown command\" "
+                "to these and ignores them, so a print runs all on one "
+                "extruder."
                 % (count - 1, "], [gcode_macro ".join(missing)))
 
     def _gcode(self, macros, heated):

@@ -460,3 +460,105 @@ def test_marlin_ufp_is_read_without_a_log_line(cura, klippy_factory, tmp_path):
                 if "libcharon refused" in line]
     # one line: the broken package's (its XML), none for the Marlin one
     assert len(refusals) == 1 and "unclosed token" in refusals[0], refusals
+
+
+SECOND_EXTRUDER = """
+[extruder1]
+heater_pin: PA5
+sensor_type: EPCOS 100K B57560G104F
+sensor_pin: PA6
+control: watermark
+min_temp: -273
+max_temp: 300
+nozzle_diameter: 0.4
+filament_diameter: 1.75
+
+[gcode_macro PRINT_START]
+gcode:
+  M140 S{params.BED_TEMP}
+  M104 S{params.EXTRUDER_TEMP}
+"""
+
+
+def readme_tool_macros():
+    # the T0/T1 example of README's definition section, as printed there
+    import pathlib
+    text = (pathlib.Path(__file__).parent.parent / "README.md").read_text()
+    blocks = re.findall(r"```ini\n(.*?)```", text, re.S)
+    found = [b for b in blocks if "[gcode_macro T0]" in b]
+    assert len(found) == 1
+    return found[0]
+
+
+def cura_start(texts, def_id, initial):
+    """The lines CuraEngine 4.13 writes at the start of a print for this
+    Marlin-flavour two-extruder machine (FffGcodeWriter::processStartingCode:
+    T<initial extruder> first, as for every machine with more than one
+    extruder; no M190/M109 since the start G-code names the temperatures;
+    absolute extrusion; the start G-code), then a change to the other
+    extruder and back."""
+    machine, _ = cura_definitions.parse(def_id, texts[def_id])
+    start = machine.getProperty("machine_start_gcode", "default_value")
+    assert prepends_heating(start) == (False, False)
+    start = cura_definitions.start_gcode(
+        start, {"initial_extruder_nr": initial,
+                "material_bed_temperature_layer_0": 60},
+        [{"material_print_temperature_layer_0": 205},
+         {"material_print_temperature_layer_0": 215}])
+    return (["T%d" % (initial,), "M82 ;absolute extrusion mode"]
+            + start.splitlines() + ["G92 E0", "T%d" % (1 - initial,),
+                                    "T%d" % (initial,)])
+
+
+def test_two_extruders_start_needs_t_macros(cura, klippy_factory):
+    def_id = "cura_connection_two_tools"
+    # without T0/T1 macros the zip names them: Klippy runs Cura's start,
+    # but ignores its T lines ("Unknown command"), so no tool ever changes
+    k = klippy_factory(extra_cfg=SECOND_EXTRUDER, module_options={
+        "name": "two tools", "cura_machine": "custom"})
+    files = download(k.base_url(), def_id)
+    texts = definition_texts(files)
+    assert json.loads(texts[def_id])["overrides"][
+        "machine_extruder_count"]["default_value"] == 2
+    readme = " ".join(files["README.txt"].decode().split())
+    assert "no [gcode_macro T0], [gcode_macro T1]" in readme
+    lines = cura_start(texts, def_id, 1)
+    assert lines[0] == "T1"
+    seen = []
+    for line in lines:
+        k.gcode(line)
+        seen.append(k.query("toolhead")["toolhead"]["extruder"])
+    assert set(seen) == {"extruder"}
+    k.stop()
+    # with README's macros, Cura's start sequence selects the extruder
+    # Cura prints with first, the user's PRINT_START heats with Cura's
+    # values, and tools change
+    k = klippy_factory(extra_cfg=SECOND_EXTRUDER + readme_tool_macros(),
+                       module_options={"name": "two tools",
+                                       "cura_machine": "custom"})
+    files = download(k.base_url(), def_id)
+    assert "gcode_macro T0" not in files["README.txt"].decode()
+    seen = []
+    for line in cura_start(definition_texts(files), def_id, 1):
+        k.gcode(line)
+        seen.append(k.query("toolhead")["toolhead"]["extruder"])
+    assert seen[0] == "extruder1" and seen[-2:] == ["extruder", "extruder1"]
+    st = k.query("heater_bed", "extruder", "extruder1")
+    assert st["heater_bed"]["target"] == 60
+    assert st["extruder1"]["target"] == 215
+    assert st["extruder"]["target"] == 0
+
+
+def test_without_the_definition_cura_shows_unknown(cura):
+    # what README says Cura shows when the printer announces the custom
+    # definition's BOM number and Cura lacks the definition: Cura's own
+    # DiscoveredPrinter on the type its BOM lookup gives
+    shown, heading, can_add = cura_definitions.discovered_listing(
+        "Unknown", cura_definitions.DefinitionRegistry())
+    assert (shown, can_add) == ("Unknown", False)
+    assert heading == ("The printer(s) below cannot be connected because "
+                       "they are part of a group")
+    import pathlib
+    readme = " ".join((pathlib.Path(__file__).parent.parent / "README.md")
+                      .read_text().split())
+    assert '"Unknown" under "%s"' % (heading,) in readme
