@@ -297,13 +297,14 @@ def stacks(texts):
 def setting_report(texts):
     """Every default_value the definitions set, checked as Cura takes it:
     the setting exists in fdmprinter/fdmextruder, its JSON form fits the
-    declared type (_FORMS; enum: one of the options; _WHOLE), the stack's "value"
-    (what Cura reads) is that value, unchanged, and Uranium's own
-    Validator finds it within minimum/maximum and their warnings.
+    declared type (_FORMS; enum: one of the options) and Cura's code
+    (_WHOLE), the stack's "value" (what Cura reads) is that value,
+    unchanged, and Uranium's own Validator finds it within
+    minimum/maximum and their warnings.
     Returns [(definition id, key, declared type, value, problem or None)]."""
     import json
-    from UM.Settings.Validator import Validator, ValidatorState
     global_stack, extruder_stacks, containers = stacks(texts)
+    from UM.Settings.Validator import Validator, ValidatorState
     report = []
     for def_id, text in sorted(texts.items()):
         stack = extruder_stacks.get(def_id, global_stack)
