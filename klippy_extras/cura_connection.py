@@ -1748,8 +1748,9 @@ class MachineDefinition:
                    if "T%d" % (i,) not in macros]
         if count > 1 and missing:
             self.notes.append(
-                "Cura starts every print with T0 and changes tools with "
-                "T0..T%d, but printer.cfg has no [gcode_macro %s].  Unless "
+                "Cura writes T0..T%d (the extruder to print with) before "
+                "the start G-code of every print and at each tool change, "
+                "but printer.cfg has no [gcode_macro %s].  Unless "
                 "another section (a tool changer's) defines them, add "
                 "macros that select the extruder (T1: ACTIVATE_EXTRUDER "
                 "EXTRUDER=extruder1): Klipper answers \"Unknown command\" "
