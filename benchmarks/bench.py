@@ -47,6 +47,7 @@ import gen_files  # noqa: E402
 import httpc  # noqa: E402
 import klippy_harness  # noqa: E402
 import moonraker_proc  # noqa: E402
+import serving  # noqa: E402
 
 CACHE = os.path.join(REPO, ".cache", "bench")
 RESULTS = os.path.join(HERE, "results")
@@ -677,11 +678,21 @@ class Bench:
             self.forget(r)
             print_profile(out)
 
+    def phase_serving(self):
+        """The goal table of the serving benchmark (serving.py): both
+        legs, each load beside a Klippy without the module."""
+        self.serving = serving.Serving(self, self.args)
+        self.results["serving"] = self.serving.run()
+
     def run(self):
         self.setup()
         try:
             if self.args.profile:
                 self.profile()
+                return
+            if self.args.quick:
+                self.k.stop()
+                self.phase_serving()
                 return
             self.phase_idle()
             self.phase_gcode()
@@ -692,8 +703,13 @@ class Bench:
             self.phase_other_process()
             if not self.args.no_moonraker:
                 self.phase_moonraker()
+            self.k.stop()
+            if not self.args.no_serving:
+                self.phase_serving()
         finally:
             self.teardown()
+        if self.args.quick:
+            return
         # lateness over all runs of each upload kind
         self.results["pooled_lateness"] = {
             label: lat_summary([s for run in runs for s in run])
@@ -991,18 +1007,39 @@ def main():
     ap.add_argument("--flat-poll", type=float, default=5.)
     ap.add_argument("--status", type=float, default=4.)
     ap.add_argument("--no-moonraker", action="store_true")
+    ap.add_argument("--no-serving", action="store_true",
+                    help="skip the serving goal table (serving.py)")
+    ap.add_argument("--quick", action="store_true",
+                    help="only the serving goal table, shorter loads")
+    ap.add_argument("--flood", type=float, default=5.,
+                    help="seconds of each flat-out poller load (serving)")
+    ap.add_argument("--upload-runs", type=int, default=3,
+                    help="200 MiB uploads per leg (serving)")
+    ap.add_argument("--jobs10k", type=float, default=10.,
+                    help="seconds of the 10,000-job load (serving)")
     ap.add_argument("--profile", action="store_true",
                     help="only profile one upload of each kind (py-spy)")
     ap.add_argument("--keep", action="store_true",
                     help="keep the work dir (Klippy and Moonraker logs)")
     ap.add_argument("--out", default=RESULTS)
     args = ap.parse_args()
+    args.module_options = {}
+    if args.quick:
+        args.flood, args.upload_runs, args.jobs10k = 3., 2, 6.
     os.makedirs(args.out, exist_ok=True)
     b = Bench(args)
     b.run()
     if args.profile:
         return
     res = b.results
+    if args.quick:
+        table = serving.report(res["serving"])
+        with open(os.path.join(args.out, "serving-quick.md"), "w") as f:
+            f.write(table)
+        serving.plot(b.serving.samples,
+                     os.path.join(args.out, "serving-quick.png"))
+        print(table)
+        return
     for runs in res.values():
         if isinstance(runs, list):
             for r in runs:
@@ -1011,6 +1048,10 @@ def main():
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(res, f, indent=1, default=str)
     table = report(res)
+    if "serving" in res:
+        table += "\n" + serving.report(res["serving"])
+        serving.plot(b.serving.samples,
+                     os.path.join(args.out, "serving.png"))
     with open(os.path.join(args.out, "table.md"), "w") as f:
         f.write(table)
     plot(b.samples, os.path.join(args.out, "lateness.png"))
