@@ -155,6 +155,15 @@ def test_malformed_uploads(klippy_factory):
         ("text length", request_bytes("POST", JOBS + "/", {
             "Content-Type": "multipart/form-data; boundary=x",
             "Content-Length": "1e3"}), 400),
+        # only plain digits (RFC 9110), though int() takes these
+        ("length with _", upload_bytes(good, extra={
+            "Content-Length": "%d_%s" % (len(good) // 100,
+                                         str(len(good))[-2:])}), 400),
+        ("length with +", upload_bytes(good, extra={
+            "Content-Length": "+%d" % (len(good),)}), 400),
+        ("two lengths", upload_bytes(good, extra={
+            "Content-Length": "%d\r\nContent-Length: %d" % (
+                len(good), len(good) + 1)}), 400),
         ("over max_upload_size", request_bytes("POST", JOBS + "/", {
             "Content-Type": "multipart/form-data; boundary=x",
             "Content-Length": str(5 << 20), "Expect": "100-continue"}), 413),

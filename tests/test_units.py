@@ -331,23 +331,26 @@ def test_material_store(tmp_path):
     (MATERIAL % (GUID, 0), "version"),
     (MATERIAL % ("", 1), "GUID"),
     (MATERIAL % ("a b;c", 1), "GUID"),
+    (MATERIAL % (GUID, "1_0"), "version"),
+    (MATERIAL % (GUID, "+1"), "version"),
     ("<fdmmaterial/>", "fdmmaterial"),
     ("not xml at all", "valid"),
     ('<?xml version="1.0"?><!DOCTYPE x [<!ENTITY a "aaaa">'
      '<!ENTITY b "&a;&a;&a;&a;">]><fdmmaterial>&b;</fdmmaterial>', "valid"),
     ('<?xml version="1.0"?><!DOCTYPE x [<!ENTITY e SYSTEM '
      '"file:///etc/passwd">]><fdmmaterial>&e;</fdmmaterial>', "valid"),
-], ids=["version 0", "no GUID", "bad GUID", "wrong root", "not XML",
+], ids=["version 0", "no GUID", "bad GUID", "version 1_0", "version +1",
+        "wrong root", "not XML",
         "entity expansion", "external entity"])
 def test_material_rejects(tmp_path, data, why):
     m = cc.MaterialStore(str(tmp_path))
-    with pytest.raises(cc.HTTPError) as e:
+    with pytest.raises(cc.BadInput) as e:
         m.add("x.xml.fdm_material", data.encode())
-    assert e.value.status == 400 and why in e.value.message
+    assert why in e.value.message
     assert m.list() == []
 
 
 def test_material_bad_name(tmp_path):
     m = cc.MaterialStore(str(tmp_path))
-    with pytest.raises(cc.HTTPError):
+    with pytest.raises(cc.BadInput):
         m.add("../evil.xml", (MATERIAL % (GUID, 1)).encode())
