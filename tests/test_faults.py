@@ -16,7 +16,7 @@ import httpc
 from httpc import JOBS, upload
 import klippy_harness
 from hostile import (connect, free_port, is_json_error, read_reply,
-                     request_bytes, socket_count, thread_count, wait_for)
+                     request_bytes, send, socket_count, thread_count, wait_for)
 
 
 
@@ -190,6 +190,36 @@ def test_disk_full(small_disk):
         json.load(f)
     log = k.log_text()
     assert "Internal error" not in log and "request from" not in log
+
+
+def parts_in(folder):
+    return [n for n in os.listdir(folder) if n.endswith(".part")]
+
+
+def test_uploads_in_flight_reserve_space(klippy_factory, monkeypatch):
+    # Each upload alone fits (28 MiB + 16 MiB margin <= 48 MiB free); two
+    # at once would fill the disk: the second is refused before writing.
+    k = tmpfs_gcodes(klippy_factory, monkeypatch, 64)
+    base, port, disk = k.base_url(), k.cura_port(), k.disk
+    fill(disk, leave=48 << 20)
+    line = b"G1 X1 Y1\n"
+    first = upload_bytes("first.gcode", line * ((28 << 20) // len(line)))
+    second = upload_bytes("second.gcode", line * ((28 << 20) // len(line)))
+    s = connect(port)
+    s.sendall(first[:3 << 19])
+    wait_for(lambda: parts_in(disk), 10, "first upload in flight")
+    r = send(port, second)
+    assert is_json_error(r, 507), r
+    assert "in progress" in r.json()["message"], r
+    assert len(parts_in(disk)) == 1
+    s.sendall(first[3 << 19:])
+    r = read_reply(s)
+    s.close()
+    assert r.status == 200, r
+    assert set(by_name(base)) == {"first"}
+    assert leftovers(disk, k.pid) == []
+    assert os.path.getsize(os.path.join(disk, "first.gcode")) > 27 << 20
+    assert "Disk full" not in k.log_text()
 
 
 def test_gcodes_folder_gone(klippy_factory):
