@@ -773,10 +773,19 @@ def split_upload_name(filename):
     return filename, ""
 
 
-THUMB_RE = re.compile(
-    rb"^; thumbnail(?:_(PNG|JPG|QOI))? begin (\d+)x(\d+) \d+\s*$(.*?)"
-    rb"^; thumbnail(?:_(?:PNG|JPG|QOI))? end", re.M | re.S)
-DURATION_RE = re.compile(rb"(\d+)\s*([dhms])")
+# "; thumbnail begin 300x300 <len>" (PrusaSlicer, Orca...) or "300 300"
+# (Cura 5's Create Thumbnail script); _JPG and _QOI blocks alike
+THUMB_BEGIN_RE = re.compile(
+    rb"^;[ \t]*thumbnail(?:_(PNG|JPG|QOI))? begin (\d{1,5})(?:x| )"
+    rb"(\d{1,5}) \d{1,9}[ \t\r]*$", re.M)
+THUMB_END_RE = re.compile(rb"^;[ \t]*thumbnail(?:_(?:PNG|JPG|QOI))? end",
+                          re.M)
+# The preview Cura shows: the largest thumbnail up to this many pixels a
+# side (more only costs transfer), else the smallest bigger one.
+PREVIEW_MAX_SIDE = 1024
+DURATION_RE = re.compile(rb"(\d{1,9})\s*([dhms])")
+SECONDS_RE = re.compile(rb"^\d{1,12}(?:\.\d+)?\Z")
+MAX_DURATION = 10 * 365 * 86400     # more is no estimate
 TIME_PATTERNS = [
     re.compile(rb"^;TIME:\s*(\d+(?:\.\d+)?)\s*$", re.M),         # Cura
     re.compile(rb"^;PRINT\.TIME:\s*(\d+)\s*$", re.M),            # Griffin
@@ -792,16 +801,54 @@ TAIL_BYTES = 256 * 1024
 
 
 def parse_duration(text):
-    try:
-        return int(float(text))
-    except ValueError:
-        pass
-    scale = {b"d": 86400, b"h": 3600, b"m": 60, b"s": 1}
-    return sum(int(n) * scale[u] for n, u in DURATION_RE.findall(text))
+    # "2345", "2345.6" or "1d 2h 3m 4s" -> seconds; absurd values -> 0
+    if SECONDS_RE.match(text):
+        seconds = int(float(text))
+    else:
+        scale = {b"d": 86400, b"h": 3600, b"m": 60, b"s": 1}
+        seconds = sum(int(n) * scale[u] for n, u in DURATION_RE.findall(text))
+    return seconds if seconds <= MAX_DURATION else 0
+
+
+def best_thumbnail(text):
+    """The embedded thumbnail to preview, as PNG or JPEG bytes, or None.
+
+    Cura shows previews with QImage.loadFromData, which decodes PNG and
+    JPEG but not QOI: QOI blocks are skipped (a file with only QOI
+    thumbnails gets no preview), and so is any block whose data is not a
+    PNG or JPEG image.  Of the others, the largest up to PREVIEW_MAX_SIDE
+    wins (PNG before JPG at the same size).  Linear in len(text): each
+    block's end is searched once, from its begin."""
+    blocks = []
+    pos = 0
+    while True:
+        begin = THUMB_BEGIN_RE.search(text, pos)
+        end = begin and THUMB_END_RE.search(text, begin.end())
+        if end is None:
+            break       # no block after this one can end either
+        kind, w, h = begin.group(1), int(begin.group(2)), int(begin.group(3))
+        if kind != b"QOI" and w and h:
+            fits = max(w, h) <= PREVIEW_MAX_SIDE
+            rank = (fits, w * h if fits else -w * h, kind != b"JPG")
+            blocks.append((rank, begin.end(), end.start()))
+        pos = end.end()
+    import base64
+    for rank, start, stop in sorted(blocks, reverse=True):
+        data = b"".join(line[1:].strip() for line
+                        in text[start:stop].split(b"\n")
+                        if line.startswith(b";"))
+        try:
+            image = base64.b64decode(data, validate=True)
+        except ValueError:
+            continue
+        if is_preview_image(image):
+            return image
+    return None
 
 
 def parse_gcode_metadata(head, tail):
-    """Slicer estimate, filament and the biggest embedded PNG thumbnail."""
+    """Slicer estimate (s), filament (mm) and the embedded thumbnail to
+    preview (best_thumbnail)."""
     meta = {"time_estimate": 0, "filament_mm": 0., "thumbnail": None}
     for text in (head, tail):
         for pattern in TIME_PATTERNS:
@@ -815,20 +862,7 @@ def parse_gcode_metadata(head, tail):
                     meta["filament_mm"] = float(m.group(1)) * scale
                 except ValueError:
                     pass
-    best = 0
-    for m in THUMB_RE.finditer(head):
-        kind, w, h = m.group(1), int(m.group(2)), int(m.group(3))
-        if kind not in (None, b"PNG") or w * h <= best:
-            continue
-        data = b"".join(line[1:].strip() for line in m.group(4).split(b"\n")
-                        if line.startswith(b";"))
-        try:
-            import base64
-            png = base64.b64decode(data, validate=True)
-        except ValueError:
-            continue
-        if png.startswith(b"\x89PNG"):
-            meta["thumbnail"], best = png, w * h
+    meta["thumbnail"] = best_thumbnail(head)
     return meta
 
 
@@ -1154,6 +1188,8 @@ class FileIntake:
             os.unlink(upload.tmp_path)
             upload.tmp_path = gcode_tmp
         meta = read_gcode_metadata(gcode_tmp)
+        if thumbnail and not is_preview_image(thumbnail):
+            thumbnail = None    # Cura would keep a blank preview for good
         thumbnail = thumbnail or meta["thumbnail"]
         base = safe_base_name(split_upload_name(upload.filename)[0])
         final = self._place(gcode_tmp, base)
@@ -1257,11 +1293,13 @@ class FileIntake:
             except OSError:
                 pass
 
-    def _store_thumbnail(self, gcode_name, png):
+    def _store_thumbnail(self, gcode_name, image):
         # Moonraker, Mainsail and Fluidd look for <name>.png in .thumbs/
+        # (.jpg for a JPEG)
         os.makedirs(self.thumbs, exist_ok=True)
-        rel = os.path.join(".thumbs", gcode_name[:-len(".gcode")] + ".png")
-        write_file_atomic(os.path.join(self.gcodes, rel), png)
+        ext = ".jpg" if image_type(image) == "image/jpeg" else ".png"
+        rel = os.path.join(".thumbs", gcode_name[:-len(".gcode")] + ext)
+        write_file_atomic(os.path.join(self.gcodes, rel), image)
         return rel
 
     def read_metadata(self, filename):
@@ -1278,7 +1316,7 @@ class FileIntake:
         thumbs = os.path.join(self.gcodes, dirname, ".thumbs")
         try:
             found = [n for n in os.listdir(thumbs)
-                     if n.startswith(stem) and n.endswith(".png")
+                     if n.startswith(stem) and n.endswith((".png", ".jpg"))
                      and re.match(r"^(-\d+x\d+)?$", n[len(stem):-4])]
         except OSError:
             found = []
@@ -2765,11 +2803,16 @@ class CuraRequestHandler(http.server.BaseHTTPRequestHandler):
 
 
 def image_type(data):
-    if data.startswith(b"\x89PNG"):
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
         return "image/png"
-    if data.startswith(b"\xff\xd8"):
+    if data.startswith(b"\xff\xd8\xff"):
         return "image/jpeg"
     return "application/octet-stream"
+
+
+def is_preview_image(data):
+    # What Cura's preview (a QImage) decodes and we serve: PNG and JPEG
+    return image_type(data) != "application/octet-stream"
 
 
 class CuraHTTPServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
