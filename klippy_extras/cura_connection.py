@@ -777,7 +777,7 @@ def split_upload_name(filename):
 # (Cura 5's Create Thumbnail script); _JPG and _QOI blocks alike
 THUMB_BEGIN_RE = re.compile(
     rb"^;[ \t]*thumbnail(?:_(PNG|JPG|QOI))? begin (\d{1,5})(?:x| )"
-    rb"(\d{1,5}) \d{1,9}[ \t\r]*$", re.M)
+    rb"(\d{1,5})(?: \d{1,9})?[ \t\r]*$", re.M)
 THUMB_END_RE = re.compile(rb"^;[ \t]*thumbnail(?:_(?:PNG|JPG|QOI))? end",
                           re.M)
 # The preview Cura shows: the largest thumbnail up to this many pixels a

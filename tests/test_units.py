@@ -115,6 +115,14 @@ def test_thumbnail_cura5_create_thumbnail_script():
     assert qimage_size(meta["thumbnail"]) == (300, 300)
 
 
+def test_thumbnail_without_length():
+    block = gcode_samples.embedded_thumbnail(gcode_samples.png(20, 10),
+                                             20, 10)
+    head = block.replace(block.split("\n")[0], "; thumbnail begin 20x10")
+    thumb = cc.parse_gcode_metadata(head.encode(), b"")["thumbnail"]
+    assert qimage_size(thumb) == (20, 10)
+
+
 @pytest.mark.parametrize("blocks,expected", [
     # PrusaSlicer/Orca/SuperSlicer: only JPG blocks
     ([("_JPG", "jpeg", 16, 16), ("_JPG", "jpeg", 220, 124)], (220, 124)),
