@@ -185,6 +185,44 @@ def test_absurd_time_estimates(head, seconds):
     assert cc.parse_gcode_metadata(head, b"")["time_estimate"] == seconds
 
 
+def test_intake_reserves_space_and_queue_slots(tmp_path, monkeypatch):
+    MiB = 1 << 20
+    free = [96 * MiB]
+
+    class Vfs:
+        f_frsize = 4096
+
+        @property
+        def f_bavail(self):
+            return free[0] // 4096
+    monkeypatch.setattr(cc.os, "statvfs", lambda path: Vfs())
+    intake = cc.FileIntake(str(tmp_path), 1024 * MiB)
+    # two 55 MiB uploads into 96 MiB free: each fits alone, not together
+    a = intake.begin(55 * MiB)
+    with pytest.raises(cc.NoSpace) as e:
+        intake.begin(55 * MiB)
+    assert "55 MiB of it for uploads in progress" in e.value.message
+    # what a has written is no longer free, and no longer pending
+    a.received = 40 * MiB
+    free[0] -= 40 * MiB
+    with pytest.raises(cc.NoSpace):
+        intake.begin(30 * MiB)
+    intake.end(a)
+    free[0] -= 15 * MiB
+    b = intake.begin(25 * MiB)      # 25 + 16 <= 41
+    intake.end(b)
+    # queue slots: uploads in flight count as queued jobs
+    c = intake.begin(MiB, lambda: 1, 2)
+    with pytest.raises(cc.Conflict) as e:
+        intake.begin(MiB, lambda: 1, 2)
+    assert "max_queue: 2" in e.value.message
+    intake.end(c)
+    intake.end(intake.begin(MiB, lambda: 1, 2))
+    with pytest.raises(cc.TooLarge):
+        cc.FileIntake(str(tmp_path), MiB).begin(MiB + 1)
+    assert not intake.in_flight
+
+
 def test_read_gcode_metadata_reads_head_and_tail(tmp_path):
     p = tmp_path / "big.gcode"
     with open(p, "wb") as f:
