@@ -2578,6 +2578,14 @@ ERROR_STATUS = {NotFound: 404, Conflict: 409, BadInput: 400, TooLarge: 413,
                 Unsupported: 415, NoSpace: 507, StorageError: 500}
 
 
+def error_status(err):
+    # the status of a CuraError, subclasses included (a bare one: 500)
+    for cls in type(err).__mro__:
+        if cls in ERROR_STATUS:
+            return ERROR_STATUS[cls]
+    return 500
+
+
 class CuraRequestHandler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"   # keep-alive, as Qt uses it
     default_request_version = "HTTP/1.0"   # every reply has a status line
@@ -2665,7 +2673,7 @@ class CuraRequestHandler(http.server.BaseHTTPRequestHandler):
             if status is not None:   # None: the handler replied (streams)
                 self.send_json(status, body)
         except CuraError as e:
-            status = ERROR_STATUS[type(e)]
+            status = error_status(e)
             if status >= 500:
                 logging.info("cura_connection: %s %s: %s", method,
                              self.path, e.message)
@@ -2687,7 +2695,7 @@ class CuraRequestHandler(http.server.BaseHTTPRequestHandler):
         except OSError as e:
             # Whatever the cause, the client gets a reply that names it
             err = storage_error(e)
-            status = ERROR_STATUS[type(err)]
+            status = error_status(err)
             logging.info("cura_connection: %s %s: %s", method, self.path, e)
             self.send_json(status, {"message": err.message,
                                     "status": status}, close=True)
