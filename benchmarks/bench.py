@@ -187,8 +187,13 @@ class CpuWatch:
         self.foreign = max(0., other / self.TICK / max(dt, 1e-3))
 
 
-def wait_quiet(limit=0.15, timeout=120.):
+QUIET_TIMEOUT = 120.    # --quiet-wait
+
+
+def wait_quiet(limit=0.15, timeout=None):
     """Wait (up to timeout) until other processes use < limit of a core."""
+    if timeout is None:
+        timeout = QUIET_TIMEOUT
     deadline = time.monotonic() + timeout
     while True:
         with CpuWatch() as w:
@@ -681,7 +686,8 @@ class Bench:
     def phase_serving(self):
         """The goal table of the serving benchmark (serving.py): both
         legs, each load beside a Klippy without the module."""
-        self.serving = serving.Serving(self, self.args)
+        self.serving = serving.Serving(self, self.args,
+                                       sys.modules[__name__])
         self.results["serving"] = self.serving.run()
 
     def run(self):
@@ -1007,6 +1013,9 @@ def main():
     ap.add_argument("--flat-poll", type=float, default=5.)
     ap.add_argument("--status", type=float, default=4.)
     ap.add_argument("--no-moonraker", action="store_true")
+    ap.add_argument("--quiet-wait", type=float,
+                    help="seconds to wait for a quiet machine before each "
+                    "measurement (default 120, --quick 15)")
     ap.add_argument("--no-serving", action="store_true",
                     help="skip the serving goal table (serving.py)")
     ap.add_argument("--quick", action="store_true",
@@ -1026,6 +1035,9 @@ def main():
     args.module_options = {}
     if args.quick:
         args.flood, args.upload_runs, args.jobs10k = 3., 2, 6.
+    global QUIET_TIMEOUT
+    QUIET_TIMEOUT = args.quiet_wait if args.quiet_wait is not None else (
+        15. if args.quick else 120.)
     os.makedirs(args.out, exist_ok=True)
     b = Bench(args)
     b.run()
