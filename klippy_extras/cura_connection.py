@@ -11,6 +11,7 @@
 # reactor.  HTTP threads never touch printer objects.
 import collections
 import errno
+import functools
 import hashlib
 import hmac
 import http.client
@@ -1945,6 +1946,7 @@ def parse_trusted_clients(text):
     return nets
 
 
+@functools.lru_cache(maxsize=256)
 def client_ip(address, real_ip=None):
     # The IP to judge a request by.  Behind install.sh's nginx block the
     # peer is loopback and X-Real-IP names the real client; only a local
@@ -1958,6 +1960,15 @@ def client_ip(address, real_ip=None):
     if real_ip and ip.is_loopback:
         return client_ip(real_ip.strip())
     return ip
+
+
+@functools.lru_cache(maxsize=256)
+def ip_text(host):
+    # "192.168.1.5" -> the same, normalised; a name -> None
+    try:
+        return str(ipaddress.ip_address(host))
+    except ValueError:
+        return None
 
 
 # Names a browser may use for this printer when it changes something.  A
@@ -2586,6 +2597,53 @@ def error_status(err):
     return 500
 
 
+class ServeGate:
+    """Lets one request thread at a time run Python, in short slices.
+
+    Klippy's reactor shares the GIL with the request threads.  With many of
+    them runnable (a flood of polls), the reactor waits for the GIL behind
+    them, in steps of CPython's 5 ms switch interval.  Through the gate at
+    most one request thread is runnable, and after each SLICE of holding it
+    that thread sleeps PAUSE, which hands the GIL to the reactor at once.
+    A thread waits at most WAIT for the gate, then goes on without it: a
+    holder stuck on a slow client delays the others, never stops them."""
+    SLICE = 0.001      # seconds of work between pauses
+    PAUSE = 0.0002     # seconds: sleeping hands the GIL over
+    WAIT = 0.05
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.since = self.left = 0.
+
+    def enter(self):
+        """True if the caller now holds the gate (then it calls leave)."""
+        if not self.lock.acquire(timeout=self.WAIT):
+            return False
+        now = time.monotonic()
+        if now - self.left > self.PAUSE:   # it was idle: a fresh slice
+            self.since = now
+        return True
+
+    def breathe(self):
+        """Between steps of long work: pause once a slice is used up."""
+        if time.monotonic() - self.since >= self.SLICE:
+            time.sleep(self.PAUSE)
+            self.since = time.monotonic()
+
+    def leave(self):
+        self.breathe()
+        self.left = time.monotonic()
+        self.lock.release()
+
+
+# Handlers that only compute a small reply from memory stay in the gate;
+# every other one (uploads, actions waiting for Klipper, disk, camera)
+# leaves it before it starts.
+GATED_HANDLERS = frozenset((
+    "get_system", "get_auth_check", "get_printers", "get_print_jobs",
+    "get_print_job", "get_materials", "get_page"))
+
+
 class CuraRequestHandler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"   # keep-alive, as Qt uses it
     default_request_version = "HTTP/1.0"   # every reply has a status line
@@ -2603,7 +2661,29 @@ class CuraRequestHandler(http.server.BaseHTTPRequestHandler):
         self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.body_left = 0
         self.expect_continue = False
+        self.gated = False
         self.server.track(self.connection, True)
+
+    def handle_one_request(self):
+        # An idle keep-alive connection waits for its next request outside
+        # the gate: only a request that has begun to arrive queues for it.
+        try:
+            if not self.rfile.peek(1):
+                self.close_connection = True
+                return
+        except OSError:     # timed out or reset: as the stdlib does
+            self.close_connection = True
+            return
+        self.gated = self.server.gate.enter()
+        try:
+            http.server.BaseHTTPRequestHandler.handle_one_request(self)
+        finally:
+            self.leave_gate()
+
+    def leave_gate(self):
+        if self.gated:
+            self.gated = False
+            self.server.gate.leave()
 
     def finish(self):
         try:
@@ -2612,8 +2692,19 @@ class CuraRequestHandler(http.server.BaseHTTPRequestHandler):
             self.server.track(self.connection, False)
 
     def log_message(self, fmt, *args):
-        logging.debug("cura_connection: %s %s", self.client_address[0],
-                      fmt % args)
+        # formatted only when debug logging is on
+        logging.debug("cura_connection: %s " + fmt, self.client_address[0],
+                      *args)
+
+    def date_time_string(self, timestamp=None):
+        # one Date per second, not one per reply
+        now = int(time.time()) if timestamp is None else timestamp
+        cached = self.server.date_cache
+        if cached[0] != now:
+            cached = self.server.date_cache = (
+                now, http.server.BaseHTTPRequestHandler.date_time_string(
+                    self, now))
+        return cached[1]
 
     def handle_expect_100(self):
         # Answer "100 Continue" only once the upload has been accepted
@@ -2669,6 +2760,8 @@ class CuraRequestHandler(http.server.BaseHTTPRequestHandler):
             self.check_origin(method)
             path = self.path.split("?", 1)[0]
             handler, args = self.server.api.route(method, path)
+            if handler.__name__ not in GATED_HANDLERS:
+                self.leave_gate()
             status, body = handler(self, *args)
             if status is not None:   # None: the handler replied (streams)
                 self.send_json(status, body)
@@ -2743,6 +2836,7 @@ class CuraRequestHandler(http.server.BaseHTTPRequestHandler):
                 self.send_header(name, value)
             if self.close_connection:
                 self.send_header("Connection", "close")
+            self.leave_gate()    # never hold the gate on a slow reader
             self.end_headers()
             if self.command != "HEAD":
                 self.wfile.write(data)
@@ -2778,10 +2872,7 @@ class CuraRequestHandler(http.server.BaseHTTPRequestHandler):
             host = host[1:].split("]", 1)[0]
         elif host.count(":") == 1:
             host = host.split(":", 1)[0]
-        try:
-            return str(ipaddress.ip_address(host))
-        except ValueError:
-            return self.connection.getsockname()[0]
+        return ip_text(host) or self.connection.getsockname()[0]
 
     def client_ip(self):
         return client_ip(self.client_address[0],
@@ -2894,6 +2985,8 @@ class CuraHTTPServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
     def __init__(self, address, api):
         self.api = api
         self.closing = False
+        self.gate = ServeGate()
+        self.date_cache = (None, "")
         self.connections = set()
         self.conn_lock = threading.Lock()
         http.server.HTTPServer.__init__(self, address, CuraRequestHandler)
