@@ -2605,21 +2605,23 @@ class ServeGate:
     them, in steps of CPython's 5 ms switch interval.  Through the gate at
     most one request thread is runnable, and after each SLICE of holding it
     that thread sleeps PAUSE, which hands the GIL to the reactor at once.
-    A thread waits at most WAIT for the gate, then goes on without it: a
-    holder stuck on a slow client delays the others, never stops them."""
+    A thread waits for the gate as long as it changes hands; once one
+    holder has kept it for STUCK (a slow client), the others go on without
+    it: such a holder delays them, never stops them."""
     SLICE = 0.001      # seconds of work between pauses
     PAUSE = 0.0002     # seconds: sleeping hands the GIL over
-    WAIT = 0.05
+    STUCK = 0.05
 
     def __init__(self):
         self.lock = threading.Lock()
-        self.since = self.left = 0.
+        self.since = self.left = self.entered = 0.
 
     def enter(self):
         """True if the caller now holds the gate (then it calls leave)."""
-        if not self.lock.acquire(timeout=self.WAIT):
-            return False
-        now = time.monotonic()
+        while not self.lock.acquire(timeout=self.STUCK):
+            if time.monotonic() - self.entered > self.STUCK:
+                return False
+        now = self.entered = time.monotonic()
         if now - self.left > self.PAUSE:   # it was idle: a fresh slice
             self.since = now
         return True
