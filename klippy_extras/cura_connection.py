@@ -19,6 +19,7 @@ import http.server
 import ipaddress
 import json
 import logging
+import operator
 import os
 import re
 import shlex
@@ -1573,7 +1574,8 @@ class LoadedMaterials(SavedState):
 ######################################################################
 
 class Payload:
-    """A reply body that is not JSON: bytes, their type, extra headers."""
+    """A reply body as bytes (an image, or JSON encoded ahead), its type,
+    extra headers."""
     def __init__(self, data, ctype, headers=()):
         self.data = data
         self.ctype = ctype
@@ -2201,6 +2203,60 @@ ACTIONS = {"pause": (("printing",), "pausing", "PAUSE"),
            "abort": (ACTIVE, "aborting", "CANCEL_PRINT")}
 
 
+# What a job's reply is made of: a change to any of these is a new reply
+JOB_REPLY_KEY = operator.attrgetter(
+    "uuid", "name", "owner", "created_at", "status", "started", "force",
+    "time_total", "time_elapsed", "time_estimate", "filename", "source",
+    "preview", "finished_at", "message")
+
+
+class ReplyCache:
+    """Replies serialized once and reused while what they show is unchanged.
+
+    A poll of an unchanged printer or job list then costs a key compare,
+    not a JSON encoding; a long queue is encoded job by job (short GIL
+    holds, with pause() between them), and only jobs that changed."""
+    PAUSE_EVERY = 200      # jobs encoded or checked between pause() calls
+
+    def __init__(self, api):
+        self.api = api
+        self.printer = (None, b"")
+        self.jobs = {}     # uuid -> (key, JSON bytes)
+
+    def printers(self, snap, req):
+        """JSON bytes of the /printers list for this snapshot."""
+        api = self.api
+        cur = api.store.current
+        config = json.dumps(api.printer_configuration(snap))
+        key = (snap["seq"], req.reachable_ip(), config, api.store.plate_clear,
+               cur and JOB_REPLY_KEY(cur))
+        if self.printer[0] != key:
+            self.printer = (key, json.dumps(
+                [api.printer_json(snap, req)]).encode())
+        return self.printer[1]
+
+    def job(self, job, linked, config, cache=None):
+        """JSON bytes of one job (config: the configuration's JSON)."""
+        key = (linked, config, JOB_REPLY_KEY(job))
+        hit = self.jobs.get(job.uuid)
+        if hit is None or hit[0] != key:
+            hit = (key, json.dumps(self.api.job_json(job, linked)).encode())
+        if cache is not None:
+            cache[job.uuid] = hit
+        return hit[1]
+
+    def job_list(self, entries, pause):
+        """JSON bytes of a list of (job, linked)."""
+        config = json.dumps(self.api.printer_configuration(None))
+        parts, cache = [], {}
+        for i, (job, linked) in enumerate(entries):
+            if i and not i % self.PAUSE_EVERY:
+                pause()
+            parts.append(self.job(job, linked, config, cache))
+        self.jobs = cache   # jobs no longer listed are forgotten
+        return b"[" + b", ".join(parts) + b"]"
+
+
 class CuraApi:
     """The cluster API: turns requests into JSON from snapshots and store."""
     def __init__(self, conn):
@@ -2209,6 +2265,7 @@ class CuraApi:
         self.store = conn.store
         self.intake = conn.intake
         self.materials = conn.materials
+        self.replies = ReplyCache(self)
 
     def route(self, method, path):
         path = path.rstrip("/") or "/"
@@ -2360,12 +2417,14 @@ class CuraApi:
         return 200, {"message": "ok"}
 
     def get_printers(self, req):
-        return 200, [self.printer_json(self.bridge.snapshot, req)]
+        return 200, Payload(self.replies.printers(self.bridge.snapshot, req),
+                            "application/json")
 
     def get_print_jobs(self, req):
         cur, queue, history = self.store.all_jobs()
-        return 200, ([self.job_json(j, True) for j in cur]
-                     + [self.job_json(j, False) for j in queue + history])
+        return 200, Payload(self.replies.job_list(
+            [(j, True) for j in cur] + [(j, False) for j in queue + history],
+            req.server.gate.breathe), "application/json")
 
     def get_print_job(self, req, job_uuid):
         job = self.store.get(job_uuid)
