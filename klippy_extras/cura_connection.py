@@ -2216,7 +2216,7 @@ class ReplyCache:
     A poll of an unchanged printer or job list then costs a key compare,
     not a JSON encoding; a long queue is encoded job by job (short GIL
     holds, with pause() between them), and only jobs that changed."""
-    PAUSE_EVERY = 200      # jobs encoded or checked between pause() calls
+    PAUSE_EVERY = 20       # jobs encoded or checked between pause() calls
 
     def __init__(self, api):
         self.api = api
