@@ -187,7 +187,7 @@ class CpuWatch:
         self.foreign = max(0., other / self.TICK / max(dt, 1e-3))
 
 
-QUIET_TIMEOUT = 120.    # --quiet-wait
+QUIET_TIMEOUT = 10.    # --quiet-wait
 
 
 def wait_quiet(limit=0.15, timeout=None):
@@ -552,27 +552,6 @@ class Bench:
         self.results["print_jobs_count"] = len(httpc.get_json(
             "http://127.0.0.1:%d" % self.port, CURA_PATHS[1]))
 
-    def phase_other_process(self):
-        """A second Klippy without cura_connection: its reactor's lateness
-        while the pollers load the first one's HTTP server, i.e. what is
-        left when the server runs in another process (CPU sharing only)."""
-        wd = os.path.join(self.workdir, "klippy2")
-        k2 = klippy_harness.Klippy("klipper", wd, with_module=False)
-        k2.start()
-        try:
-            k2.wait_ready()
-            lat2 = Lateness(k2, wd)
-            log("other-process reference: 20 pollers flat out, %g s"
-                % self.args.flat_poll)
-            self.results["poll20_flat_other"] = self.pollers(
-                self.port, 20, self.args.flat_poll, 0, CURA_PATHS, lat2)
-            log("other-process reference: 50 pollers flat out, %g s"
-                % self.args.flat_poll)
-            self.results["poll50_flat_other"] = self.pollers(
-                self.port, 50, self.args.flat_poll, 0, CURA_PATHS, lat2)
-        finally:
-            k2.stop()
-
     def phase_moonraker(self):
         mr = moonraker_proc.Moonraker(self.workdir, self.k.sock_path)
         self.results["moonraker"] = "moonraker==" + mr.version()
@@ -706,7 +685,6 @@ class Bench:
             self.phase_memory()
             self.phase_to_print()
             self.phase_pollers()
-            self.phase_other_process()
             if not self.args.no_moonraker:
                 self.phase_moonraker()
             self.k.stop()
@@ -863,10 +841,6 @@ def report(res):
     for key, label in (
             ("poll20_cura", "20 Cura pollers (each: both GETs every 2 s)"),
             ("poll20_flat", "20 pollers flat out"),
-            ("poll20_flat_other", "20 pollers flat out, lateness of a "
-                                  "Klippy without the server"),
-            ("poll50_flat_other", "50 pollers flat out, lateness of a "
-                                  "Klippy without the server"),
             ("mr_poll20_flat", "20 pollers flat out on Moonraker")):
         if res.get(key):
             rows.append((label, res[key]["lateness"],
@@ -1015,7 +989,7 @@ def main():
     ap.add_argument("--no-moonraker", action="store_true")
     ap.add_argument("--quiet-wait", type=float,
                     help="seconds to wait for a quiet machine before each "
-                    "measurement (default 120, --quick 15)")
+                    "measurement (default 10, --quick 3)")
     ap.add_argument("--no-serving", action="store_true",
                     help="skip the serving goal table (serving.py)")
     ap.add_argument("--quick", action="store_true",
@@ -1037,7 +1011,7 @@ def main():
         args.flood, args.upload_runs, args.jobs10k = 3., 2, 6.
     global QUIET_TIMEOUT
     QUIET_TIMEOUT = args.quiet_wait if args.quiet_wait is not None else (
-        15. if args.quick else 120.)
+        3. if args.quick else 10.)
     os.makedirs(args.out, exist_ok=True)
     b = Bench(args)
     b.run()
