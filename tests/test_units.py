@@ -506,27 +506,35 @@ def test_reply_cache_job_list():
     cache = cc.ReplyCache(api)
     jobs = [cc.Job(name="j%d" % i, filename="j%d.gcode" % i)
             for i in range(45)]
-    entries = [(jobs[0], True)] + [(j, False) for j in jobs[1:]]
+    head, rest = [jobs[0]], jobs[1:]
     pauses = []
-    first = cache.job_list(entries, lambda: pauses.append(1))
-    # the same bytes as encoding the whole list at once
-    assert first == json.dumps([api.job_json(j, l)
-                                for j, l in entries]).encode()
+    first = cache.job_list(head, rest, lambda: pauses.append(1))
+    # the same bytes as encoding the whole list at once, in chunks
+    assert b"".join(first) == json.dumps(
+        [api.job_json(jobs[0], True)]
+        + [api.job_json(j, False) for j in jobs[1:]]).encode()
     assert len(pauses) == 2          # a long list is encoded in steps
-    kept = cache.jobs[jobs[3].uuid][1]
+    small = cc.ReplyCache(api)
+    small.CHUNK = 10
+    chunked = small.job_list(head, rest, lambda: None)
+    assert len(chunked) == 7 and b"".join(chunked) == b"".join(first)
+    # nothing changed: the same chunks again, not joined anew
+    assert small.job_list(head, rest, lambda: None) is chunked
+    kept = cache.bodies[jobs[3].uuid]
     # a job changes: its reply changes, the others are reused as they are
     jobs[5].status = "printing"
-    second = json.loads(cache.job_list(entries, lambda: None))
+    second = json.loads(b"".join(cache.job_list(head, rest, lambda: None)))
     assert second[5]["status"] == "printing"
-    assert cache.jobs[jobs[3].uuid][1] is kept
+    assert cache.bodies[jobs[3].uuid] is kept
     # so does every job when the configuration changes
     api.config = [{"extruder_index": 0, "material": {"guid": "x"}}]
-    third = json.loads(cache.job_list(entries, lambda: None))
+    third = json.loads(b"".join(cache.job_list(head, rest, lambda: None)))
     assert all(j["configuration"] == api.config for j in third)
     # a job no longer listed is forgotten
-    cache.job_list(entries[:2], lambda: None)
-    assert set(cache.jobs) == {jobs[0].uuid, jobs[1].uuid}
-    assert cache.job_list([], lambda: None) == b"[]"
+    cache.job_list([jobs[0]], [jobs[1]], lambda: None)
+    assert set(cache.bodies) == set(cache.keys) == {jobs[0].uuid,
+                                                    jobs[1].uuid}
+    assert b"".join(cache.job_list([], [], lambda: None)) == b"[]"
 
 
 def test_serve_gate_one_holder_and_a_stuck_one():
