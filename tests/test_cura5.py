@@ -133,3 +133,135 @@ def test_cura5_syncs_materials_once(cura, cura5, klippy):
     cura5.run(1)
     assert [r for r in cura5.replies()
             if r["path"] == "/cluster-api/v1/materials/"] == []
+
+
+def free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def waiting_ids(k):
+    import json
+    import os
+    path = os.path.join(k.gcodes_dir, ".cura_connection", "auth.json")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        clients = json.load(f)["clients"]
+    return sorted(i for i, c in clients.items() if not c["allowed"])
+
+
+def stored_materials(k):
+    import httpc
+    return httpc.get_json(k.base_url(), "/cluster-api/v1/materials")
+
+
+def wait_asking(cura5, k, old_ids=()):
+    """Cura shows its own message, and exactly one new request waits."""
+    state = cura5.wait(lambda s: s["auth_message_visible"], timeout=40,
+                       what="Cura's authorization message")
+    msg = [m for m in state["messages"]
+           if m["class"] == "AuthorizationRequiredMessage.InnerMessage"]
+    assert msg and msg[0]["text"] == "klipper-test", state["messages"]
+    assert msg[0]["title"] == "Host requires authentication"
+    def new_ids():
+        return [i for i in waiting_ids(k) if i not in old_ids]
+    cura5.wait(lambda s: new_ids(), what="Cura asking again")
+    cura5.run(4)   # Cura asks at every refused read: still one request
+    assert len(new_ids()) == 1, waiting_ids(k)
+    return new_ids()[0]
+
+
+def wait_allowed(cura5):
+    return cura5.wait(lambda s: not s["auth_message_visible"], timeout=40,
+                      what="the message hidden after CURA_ALLOW")
+
+
+def test_cura5_pairing(cura, cura5, klippy_factory, tmp_path):
+    k = klippy_factory(module_options={
+        "require_pairing": "True", "name": "klipper-test",
+        "port": str(free_port())})
+    cura5.device(address(k), materials=SOME_MATERIALS)
+    cura5.connect()
+    # Cura's own message appears; it asked once (the module answers its
+    # repeated asks with the same request)
+    key_id = wait_asking(cura5, k)
+    assert "CURA_ALLOW ID=%s" % (key_id,) in k.log_text()
+    # reading stays open: the Monitor tab shows the printer meanwhile
+    cura5.wait(lambda s: s["printers"], what="printer card")
+    # a change is refused; Cura says "sent" anyway (it never reads the
+    # status), but no job appears and its message stays
+    sent = cura5.upload(ufp(tmp_path, "early", print_time=60, count=20))
+    assert sent["reply"]["status"] == 403
+    cura5.run(3)
+    state = cura5.state()
+    assert state["jobs"] == [] and state["auth_message_visible"]
+    assert len(waiting_ids(k)) == 1
+    # the profiles Cura sent while waiting are kept, not stored yet
+    assert stored_materials(k) == []
+
+    k.gcode("CURA_ALLOW ID=%s" % (key_id,))
+    wait_allowed(cura5)
+    cura5.wait(lambda s: len(stored_materials(k)) == len(SOME_MATERIALS),
+               what="the kept materials stored")
+    sent = cura5.upload(ufp(tmp_path, "allowed", print_time=900, count=3000,
+                            sleep_every=10, sleep_s=0.1))
+    assert sent["reply"]["status"] == 200 and sent["reply"]["signed"]
+    state = cura5.wait(lambda s: active(s) and active(s)["state"]
+                       == "printing", what="allowed job printing")
+    job = active(state)["key"]
+    assert cura5.action("pause", job)["status"] == 200
+    cura5.wait(lambda s: active(s)["state"] == "paused", what="paused")
+
+    # CURA_DENY: Cura's next read is refused, it shows its message and
+    # asks again; allowing the new request lets it work again
+    k.gcode("CURA_DENY ID=%s" % (key_id,))
+    assert cura5.action("resume", job)["status"] == 401
+    second = wait_asking(cura5, k, old_ids=[key_id])
+    k.gcode("CURA_ALLOW ID=%s" % (second,))
+    wait_allowed(cura5)
+    assert cura5.action("resume", job)["status"] == 200
+    cura5.wait(lambda s: active(s)["state"] == "printing", what="resumed")
+
+    # auth.json lost: the same, after a restart
+    assert cura5.action("abort", job)["status"] == 200
+    cura5.wait(lambda s: active(s)["state"] in ("aborted",
+               "aborted_wait_cleanup"), what="aborted")
+    import os
+    os.unlink(os.path.join(k.gcodes_dir, ".cura_connection", "auth.json"))
+    k.restart()
+    third = wait_asking(cura5, k)
+    k.gcode("CURA_ALLOW ID=%s" % (third,))
+    wait_allowed(cura5)
+    sent = cura5.upload(ufp(tmp_path, "after_restart", print_time=60,
+                            count=20))
+    assert sent["reply"]["status"] == 200
+    k.gcode("CURA_BUILD_PLATE_CLEARED")
+    state = cura5.wait(lambda s: any(j["name"] == "after_restart"
+                                     for j in s["jobs"]), what="new job")
+    assert errors(state) == []
+
+
+def test_cura5_pairing_materials_after_cura_restart(cura, cura5,
+                                                    klippy_factory):
+    # A Cura started while its request waits (its credentials already in
+    # its preferences) syncs at connect too: kept until CURA_ALLOW
+    k = klippy_factory(module_options={"require_pairing": "True"})
+    cura5.device(address(k), materials=SOME_MATERIALS)
+    cura5.get("system")          # asks for credentials
+    cura5.run(1)
+    cura5.device(address(k), materials=SOME_MATERIALS)   # Cura restarts
+    cura5.connect()
+    key_id = wait_asking(cura5, k)
+    cura5.run(2)
+    posts = [r for r in cura5.replies()
+             if r["path"] == "/cluster-api/v1/materials/"]
+    assert len(posts) == len(SOME_MATERIALS)
+    # kept, whether signed or sent while Cura was between credentials
+    assert all(r["status"] == 200 for r in posts), posts
+    assert stored_materials(k) == []
+    k.gcode("CURA_ALLOW ID=%s" % (key_id,))
+    cura5.wait(lambda s: len(stored_materials(k)) == len(SOME_MATERIALS),
+               what="the kept materials stored")
