@@ -1275,10 +1275,14 @@ class MaterialStore:
         if version < 1:
             raise HTTPError(400, "Material version must be 1 or more")
         name = MATERIAL_NS + "name/" + MATERIAL_NS
+        material, color = text(name + "material"), text(name + "color")
+        # The profile's name as Cura shows it: its label, else colour and
+        # type ("Black PLA"; a Generic colour is left out: "PLA")
+        label = text(name + "label") or " ".join(
+            n for n in (color if color != "Generic" else "", material) if n)
         return {"guid": guid, "version": version,
-                "brand": text(name + "brand"),
-                "material": text(name + "material"),
-                "color": text(name + "color"),
+                "brand": text(name + "brand"), "material": material,
+                "color": color, "name": label or "Unknown",
                 "color_code": text(MATERIAL_NS + "color_code")}
 
     def _load(self):
@@ -2170,9 +2174,7 @@ class CuraApi:
             return {"guid": known["guid"], "brand": known["brand"],
                     "material": known["material"],
                     "color": known["color_code"] or known["color"],
-                    "name": " ".join(n for n in (
-                        known["brand"], known["material"], known["color"])
-                        if n)}
+                    "name": known["name"]}
         # Cura only redraws a material whose GUID changed: give each
         # brand/type/colour its own
         guid = entry.get("guid") or str(uuid.uuid5(
