@@ -2417,8 +2417,8 @@ class CuraApi:
         if waiting is not None:
             self.materials.hold(waiting, files[0]["filename"],
                                 files[0]["data"])
-            return 200, {"message": "kept until CURA_ALLOW ID=%s"
-                         % (waiting,)}
+            return 200, {"message": "kept until this Cura is allowed "
+                         "(CURA_PAIRING, CURA_ALLOW)"}
         added = self.materials.add(files[0]["filename"], files[0]["data"])
         if not added:
             return 200, {"message": "not added: the printer has this "
