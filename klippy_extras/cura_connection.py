@@ -1246,7 +1246,7 @@ class MaterialStore:
         self.lock = threading.Lock()
         self.index = None   # guid -> material info, read on first use
         self.resolved = {}  # resolve() answers, until the next add()
-        self.held = {}      # client id -> [(filename, data)], in memory
+        self.held = {}      # client id or address -> {filename: data}
         self.released = []  # (filename, data) the job runner stores
         self.dirty = False
 
@@ -1326,18 +1326,20 @@ class MaterialStore:
         self.file_name(filename)
         self.parse(data)
         with self.lock:
+            files = self.held.setdefault(owner, {})
+            files.pop(filename, None)   # Cura sends again when it reconnects
             kept = sum(len(d) for files in self.held.values()
-                       for _, d in files)
+                       for d in files.values())
             if kept + len(data) > self.MAX_HELD:
                 raise HTTPError(507, "Too many material profiles wait for "
                                 "CURA_ALLOW")
-            self.held.setdefault(owner, []).append((filename, data))
+            files[filename] = data
 
     def release(self, *owners):
         # Runs in the reactor (CURA_ALLOW): memory only
         with self.lock:
             for owner in owners:
-                self.released += self.held.pop(owner, [])
+                self.released += self.held.pop(owner, {}).items()
             self.dirty = bool(self.released)
 
     def drop(self, *owners):

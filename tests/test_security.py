@@ -484,6 +484,8 @@ def test_kept_materials(tmp_path):
     store.hold("abc", "one.xml.fdm_material", xml % b"g-1")
     store.hold("10.0.0.2", "two.xml.fdm_material", xml % b"g-2")
     store.hold("other", "three.xml.fdm_material", xml % b"g-3")
+    # sent again (Cura reconnected): kept once
+    store.hold("other", "three.xml.fdm_material", xml % b"g-3")
     store.MAX_HELD = 4 * len(xml % b"g-1")   # room for one more
     store.hold("abc", "four.xml.fdm_material", xml % b"g-4")
     for bad, status in ((("abc", "x.txt", xml % b"g-5"), 400),
