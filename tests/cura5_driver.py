@@ -33,13 +33,17 @@ text}``.  Cura's log goes to stderr.
 """
 
 import json
+import logging
 import os
 import queue
 import sys
+import tempfile
 import threading
 import time
 import traceback
 import types
+
+import cura_client   # its helpers; it imports no Qt until its load()
 
 
 def _fail(message):
@@ -55,6 +59,8 @@ for entry in ("Cura", "Uranium", "libCharon", os.path.join(
         "Cura", "plugins")):
     sys.path.insert(0, os.path.join(ROOT, entry))
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+logging.basicConfig(stream=sys.stderr, level=logging.INFO,
+                    format="cura5 %(levelname)s: %(message)s")
 
 
 class _NativePlaceholder(types.ModuleType):
@@ -140,74 +146,21 @@ from UM3NetworkPrinting.src.Messages.AuthorizationRequiredMessage import \
 # The desktop application, as stand-ins
 
 
-class _LogLines:
-    """Uranium log output: kept (warnings and errors go back to the test)
-    and echoed to stderr."""
-
-    def __init__(self):
-        self.lines = []
-
-    def log(self, log_type, message):
-        self.lines.append((log_type, message))
-        sys.stderr.write("cura5 %s: %s\n" % (log_type, message))
-
-
-class _MetadataOnlyProfile(XmlMaterialProfile):
-    """Cura's XML material parser minus the two steps that need a running
-    Cura: the version upgrade and the product-to-machine map."""
-
-    @classmethod
-    def _updateSerialized(cls, serialized, file_name=None):
-        return serialized
-
-    @classmethod
-    def getProductIdMap(cls):
-        return {}
-
-
-class _MaterialRegistry:
-    """Read-only stand-in for the container registry: the base materials
-    of a folder of .xml.fdm_material files (a Cura's material library)."""
+class _MaterialRegistry(cura_client._MaterialRegistry):
+    """The Cura 4.13 leg's read-only registry of material files (a Cura's
+    library), parsed with Cura 5's own XmlMaterialProfile; the parser asks
+    the registry for machine definitions, so it is the instance first."""
 
     def __init__(self, folder, names=None):
-        self.by_id = {}
-        APP.registry = self   # the parser asks for machine definitions
-        for fname in sorted(os.listdir(folder)):
-            if not fname.endswith(".xml.fdm_material"):
-                continue
-            container_id = fname[:-len(".xml.fdm_material")]
-            if names is not None and container_id not in names:
-                continue
-            path = os.path.join(folder, fname)
-            with open(path, encoding="utf-8") as f:
-                text = f.read()
-            for md in _MetadataOnlyProfile.deserializeMetadata(
-                    text, container_id):
-                if md["id"] == container_id:
-                    self.by_id[container_id] = (md, path)
-
-    def findInstanceContainersMetadata(self, **kwargs):
-        return [dict(md) for md, _ in self.by_id.values()
-                if all(md.get(k) == v for k, v in kwargs.items())]
-
-    def findContainersMetadata(self, **kwargs):
-        return self.findInstanceContainersMetadata(**kwargs)
-
-    def findDefinitionContainersMetadata(self, **kwargs):
-        return []
-
-    def findContainers(self, **kwargs):
-        return []
-
-    def isLoaded(self, container_id):
-        return False
-
-    def isReadOnly(self, container_id):
-        return True
-
-    def getContainerFilePathById(self, container_id):
-        entry = self.by_id.get(container_id)
-        return entry[1] if entry else None
+        if names is not None:   # a smaller library: a folder of links
+            subset = tempfile.mkdtemp(prefix="cura5-materials-")
+            for name in names:
+                os.symlink(os.path.join(folder, name + ".xml.fdm_material"),
+                           os.path.join(subset, name + ".xml.fdm_material"))
+            folder = subset
+        super().__init__(folder, cura_client.metadata_only_profile(
+            XmlMaterialProfile))
+        APP.registry = self
 
 
 class _Emitter:
@@ -336,7 +289,7 @@ for _cls in (Application, QtApplication):
 ContainerRegistry.getInstance = classmethod(
     lambda cls, *a, **kw: APP.registry)
 Signal._app = APP
-LOG = _LogLines()
+LOG = cura_client._LogCapture()
 Logger.addLogger(LOG)
 CRASHES = []   # exceptions that escaped Cura's code in Qt slots
 
@@ -363,20 +316,6 @@ class _Throttle:
 
     def sleep(self, seconds):
         time.sleep(self.seconds)
-
-
-class _ExportedFile:
-    """The finished ExportFileJob an upload starts from."""
-
-    def __init__(self, name, data):
-        self._name = name
-        self._data = data
-
-    def getFileName(self):
-        return self._name
-
-    def getOutput(self):
-        return self._data
 
 
 # --------------------------------------------------------------------------
@@ -489,7 +428,7 @@ class Session:
             "preferences": {k: APP.preferences.getValue("cluster_api/" + k)
                             for k in ("auth_ids", "auth_keys")},
             "replies": len(self.replies),
-            "log": ["%s: %s" % (k, m) for k, m in LOG.lines if k in "ec"],
+            "log": LOG.since(0, "ec"),
             "crashes": CRASHES,
         }
 
@@ -506,7 +445,7 @@ class Session:
         with open(path, "rb") as f:
             data = f.read()
         start = len(self.replies)
-        self.device._active_exported_job = _ExportedFile(
+        self.device._active_exported_job = cura_client._PreparedJob(
             file_name or os.path.basename(path), data)
         self.device._startPrintJobUpload()
         reply = self.run_until_reply(start, "POST",
@@ -541,23 +480,12 @@ class Session:
         self._watch(api._manager)
         got = []
         start = len(self.replies)
-        if what == "system":
-            api.getSystem(got.append)
-            path = "/api/v1/system"
-        elif what == "printers":
-            api.getPrinters(got.append)
-            path = "/cluster-api/v1/printers"
-        elif what == "print_jobs":
-            api.getPrintJobs(got.append)
-            path = "/cluster-api/v1/print_jobs"
-        elif what == "materials":
-            api.getMaterials(got.append)
-            path = "/cluster-api/v1/materials"
-        elif what == "preview":
-            api.getPrintJobPreviewImage(uuid, got.append)
-            path = "/cluster-api/v1/print_jobs/%s/preview_image" % (uuid,)
+        call, path = _GETS[what]
+        if what == "preview":
+            getattr(api, call)(uuid, got.append)
+            path = path % (uuid,)
         else:
-            raise ValueError("unknown GET %s" % (what,))
+            getattr(api, call)(got.append)
         reply = self.run_until_reply(start, "GET", path, timeout)
         result = None
         if got:
@@ -572,6 +500,13 @@ class Session:
 
 
 _OPERATIONS = {}
+_GETS = {   # what cmd_get asks: ClusterApiClient method, path
+    "system": ("getSystem", "/api/v1/system"),
+    "printers": ("getPrinters", "/cluster-api/v1/printers"),
+    "print_jobs": ("getPrintJobs", "/cluster-api/v1/print_jobs"),
+    "materials": ("getMaterials", "/cluster-api/v1/materials"),
+    "preview": ("getPrintJobPreviewImage",
+                "/cluster-api/v1/print_jobs/%s/preview_image")}
 
 
 def _digest_user(header):
