@@ -1328,8 +1328,8 @@ class MaterialStore:
         with self.lock:
             files = self.held.setdefault(owner, {})
             files.pop(filename, None)   # Cura sends again when it reconnects
-            kept = sum(len(d) for files in self.held.values()
-                       for d in files.values())
+            kept = sum(len(d) for owned in self.held.values()
+                       for d in owned.values())
             if kept + len(data) > self.MAX_HELD:
                 raise HTTPError(507, "Too many material profiles wait for "
                                 "CURA_ALLOW")
