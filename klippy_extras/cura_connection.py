@@ -2779,8 +2779,8 @@ class CuraRequestHandler(http.server.BaseHTTPRequestHandler):
         # asking for credentials again (POST /api/v1/auth/request).
         conn = self.server.api.conn
         header = self.headers.get("Authorization")
-        if not conn.require_pairing or header is None:
-            return
+        if not conn.require_pairing or parse_digest(header) is None:
+            return   # unsigned (Cura before 5.11, browsers): open
         key_id, allowed = conn.auth.identify(self.command, self.path,
                                              header, once=False)
         # Cura reads the material list only when it connects, to send

@@ -353,6 +353,10 @@ def test_pairing(klippy_factory):
     assert is_json_error(r, 403) and "CURA_PAIRING" in r.json()["message"]
     assert httpc.get_json(base, "/cluster-api/v1/printers")[0]["status"] \
         == "idle"
+    # other credentials than Cura's Digest do not close reading
+    r = httpc.request(base, "GET", "/cluster-api/v1/printers",
+                      headers={"Authorization": "Basic dXNlcjpwYXNz"})
+    assert r.status == 200
     cura = PairedCura(base)
     assert cura.check() == "unauthorized"
     wait_log(k, "CURA_ALLOW ID=%s" % (cura.id,))
