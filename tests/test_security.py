@@ -9,7 +9,7 @@ import uuid
 import pytest
 
 import httpc
-from httpc import JOBS, jobs
+from httpc import JOBS, jobs, wait_for
 from hostile import assert_config_errors
 import kapi
 
@@ -315,6 +315,21 @@ def wait_log(k, text):
         time.sleep(0.05)
 
 
+MATERIALS = "/cluster-api/v1/materials"
+
+
+def post_material(base, name, authorization=None):
+    xml = ('<fdmmaterial xmlns="http://www.ultimaker.com/material">'
+           '<metadata><name><brand>B</brand><material>PLA</material>'
+           '<color>%s</color></name><GUID>guid-%s</GUID><version>1</version>'
+           '</metadata></fdmmaterial>' % (name, name)).encode()
+    body, headers = httpc.multipart({}, {"file": (
+        name + ".xml.fdm_material", xml)})
+    if authorization:
+        headers["Authorization"] = authorization
+    return httpc.request(base, "POST", MATERIALS + "/", body, headers)
+
+
 class PairedCura:
     """What Cura >= 5.11 does: ask for credentials, then sign requests."""
     def __init__(self, base, user="user@laptop"):
@@ -373,6 +388,14 @@ def test_pairing(klippy_factory):
     # ... and asking again gives the same waiting request
     again = PairedCura(base)
     assert (again.id, again.key) == (cura.id, cura.key)
+    # the material list stays readable to it (Cura reads it when it
+    # connects, to send what is missing); what it sends is kept, signed
+    # or sent before it had credentials, until CURA_ALLOW
+    assert cura.request("GET", MATERIALS).status == 200
+    r = post_material(base, "a", cura.auth("POST", MATERIALS + "/"))
+    assert r.status == 200 and "kept" in r.json()["message"], r
+    assert post_material(base, "b").status == 200
+    assert httpc.get_json(base, MATERIALS) == []
     k.gcode("CURA_PAIRING")
     wait_log(k, "ID=%s UltiMaker Cura, user@laptop" % (cura.id,))
     # another Cura asks too: CURA_ALLOW needs the ID now
@@ -382,6 +405,11 @@ def test_pairing(klippy_factory):
         k.gcode("CURA_ALLOW")
     k.gcode("CURA_ALLOW ID=%s" % (cura.id,))
     assert cura.check() == "authorized"
+    wait_for(lambda: sorted(m["guid"] for m in httpc.get_json(
+        base, MATERIALS)) == ["guid-a", "guid-b"], what="kept profiles")
+    # Cura dropped its credentials at the last 401: asking now (before
+    # it signed with them again) gives back the ones just allowed
+    assert PairedCura(base).id == cura.id
     assert other.check() == "unauthorized"
     assert cura.request("GET", "/api/v1/auth/verify").status == 200
     r = cura.upload()
