@@ -120,6 +120,19 @@ class StorageError(CuraError):
     the path and the cause): nothing was kept."""
 
 
+def storage_error(e, path=None):
+    """The CuraError for OSError e on path (default: the one e names):
+    NoSpace for a full disk or quota, StorageError for any other cause
+    (a missing folder, a read-only file system, a file where a folder
+    should be...)."""
+    path = path or e.filename
+    where = " (%s)" % (path,) if path else ""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return NoSpace("Disk full%s: %s" % (where, e.strerror or e))
+    return StorageError("Cannot use %s: %s" % (path or "the disk",
+                                                e.strerror or e))
+
+
 class HTTPError(Exception):
     def __init__(self, status, message, close=False, headers=()):
         Exception.__init__(self, message)
@@ -760,10 +773,19 @@ def split_upload_name(filename):
     return filename, ""
 
 
-THUMB_RE = re.compile(
-    rb"^; thumbnail(?:_(PNG|JPG|QOI))? begin (\d+)x(\d+) \d+\s*$(.*?)"
-    rb"^; thumbnail(?:_(?:PNG|JPG|QOI))? end", re.M | re.S)
-DURATION_RE = re.compile(rb"(\d+)\s*([dhms])")
+# "; thumbnail begin 300x300 <len>" (PrusaSlicer, Orca...) or "300 300"
+# (Cura 5's Create Thumbnail script); _JPG and _QOI blocks alike
+THUMB_BEGIN_RE = re.compile(
+    rb"^;[ \t]*thumbnail(?:_(PNG|JPG|QOI))? begin (\d{1,5})(?:x| )"
+    rb"(\d{1,5})(?: \d{1,9})?[ \t\r]*$", re.M)
+THUMB_END_RE = re.compile(rb"^;[ \t]*thumbnail(?:_(?:PNG|JPG|QOI))? end",
+                          re.M)
+# The preview Cura shows: the largest thumbnail up to this many pixels a
+# side (more only costs transfer), else the smallest bigger one.
+PREVIEW_MAX_SIDE = 1024
+DURATION_RE = re.compile(rb"(\d{1,9})\s*([dhms])")
+SECONDS_RE = re.compile(rb"^\d{1,12}(?:\.\d+)?\Z")
+MAX_DURATION = 10 * 365 * 86400     # more is no estimate
 TIME_PATTERNS = [
     re.compile(rb"^;TIME:\s*(\d+(?:\.\d+)?)\s*$", re.M),         # Cura
     re.compile(rb"^;PRINT\.TIME:\s*(\d+)\s*$", re.M),            # Griffin
@@ -779,16 +801,54 @@ TAIL_BYTES = 256 * 1024
 
 
 def parse_duration(text):
-    try:
-        return int(float(text))
-    except ValueError:
-        pass
-    scale = {b"d": 86400, b"h": 3600, b"m": 60, b"s": 1}
-    return sum(int(n) * scale[u] for n, u in DURATION_RE.findall(text))
+    # "2345", "2345.6" or "1d 2h 3m 4s" -> seconds; absurd values -> 0
+    if SECONDS_RE.match(text):
+        seconds = int(float(text))
+    else:
+        scale = {b"d": 86400, b"h": 3600, b"m": 60, b"s": 1}
+        seconds = sum(int(n) * scale[u] for n, u in DURATION_RE.findall(text))
+    return seconds if seconds <= MAX_DURATION else 0
+
+
+def best_thumbnail(text):
+    """The embedded thumbnail to preview, as PNG or JPEG bytes, or None.
+
+    Cura shows previews with QImage.loadFromData, which decodes PNG and
+    JPEG but not QOI: QOI blocks are skipped (a file with only QOI
+    thumbnails gets no preview), and so is any block whose data is not a
+    PNG or JPEG image.  Of the others, the largest up to PREVIEW_MAX_SIDE
+    wins (PNG before JPG at the same size).  Linear in len(text): each
+    block's end is searched once, from its begin."""
+    blocks = []
+    pos = 0
+    while True:
+        begin = THUMB_BEGIN_RE.search(text, pos)
+        end = begin and THUMB_END_RE.search(text, begin.end())
+        if end is None:
+            break       # no block after this one can end either
+        kind, w, h = begin.group(1), int(begin.group(2)), int(begin.group(3))
+        if kind != b"QOI" and w and h:
+            fits = max(w, h) <= PREVIEW_MAX_SIDE
+            rank = (fits, w * h if fits else -w * h, kind != b"JPG")
+            blocks.append((rank, begin.end(), end.start()))
+        pos = end.end()
+    import base64
+    for rank, start, stop in sorted(blocks, reverse=True):
+        data = b"".join(line[1:].strip() for line
+                        in text[start:stop].split(b"\n")
+                        if line.startswith(b";"))
+        try:
+            image = base64.b64decode(data, validate=True)
+        except ValueError:
+            continue
+        if is_preview_image(image):
+            return image
+    return None
 
 
 def parse_gcode_metadata(head, tail):
-    """Slicer estimate, filament and the biggest embedded PNG thumbnail."""
+    """Slicer estimate (s), filament (mm) and the embedded thumbnail to
+    preview (best_thumbnail)."""
     meta = {"time_estimate": 0, "filament_mm": 0., "thumbnail": None}
     for text in (head, tail):
         for pattern in TIME_PATTERNS:
@@ -802,20 +862,7 @@ def parse_gcode_metadata(head, tail):
                     meta["filament_mm"] = float(m.group(1)) * scale
                 except ValueError:
                     pass
-    best = 0
-    for m in THUMB_RE.finditer(head):
-        kind, w, h = m.group(1), int(m.group(2)), int(m.group(3))
-        if kind not in (None, b"PNG") or w * h <= best:
-            continue
-        data = b"".join(line[1:].strip() for line in m.group(4).split(b"\n")
-                        if line.startswith(b";"))
-        try:
-            import base64
-            png = base64.b64decode(data, validate=True)
-        except ValueError:
-            continue
-        if png.startswith(b"\x89PNG"):
-            meta["thumbnail"], best = png, w * h
+    meta["thumbnail"] = best_thumbnail(head)
     return meta
 
 
@@ -847,6 +894,8 @@ def read_gcode_metadata(path):
 
 
 UPLOAD_CHUNK = 1024 * 1024
+# Free space an upload must leave (Klipper's logs, Moonraker's database)
+SPACE_MARGIN = 16 * 1024 * 1024
 WRITEBACK_WINDOW = 8 * 1024 * 1024
 
 
@@ -926,8 +975,7 @@ class MultipartReader:
     def _count_header(self, n):
         self._header_bytes += n
         if self._header_bytes > 16384:
-            raise HTTPError(400, "Multipart part headers are too long",
-                            close=True)
+            raise BadInput("Multipart part headers are too long")
 
     def on_header_field(self, data, start, end):
         self._count_header(end - start)
@@ -952,10 +1000,13 @@ class MultipartReader:
 
 
 class Upload(MultipartReader):
-    """One multipart upload streaming into a hidden temp file."""
-    def __init__(self, intake):
+    """One multipart upload streaming into a hidden temp file: length
+    bytes declared, received of them read so far."""
+    def __init__(self, intake, length):
         MultipartReader.__init__(self)
         self.intake = intake
+        self.length = length
+        self.received = 0
         self.fields = {}
         self.filename = None
         self.kind = None
@@ -970,20 +1021,19 @@ class Upload(MultipartReader):
         self._in_file = filename is not None
         if not self._in_file:
             if len(self.fields) >= 32:
-                raise HTTPError(400, "Too many form fields", close=True)
+                raise BadInput("Too many form fields")
             self.fields[self._name] = b""
             return
         if self.filename is not None:
-            raise HTTPError(400, "Only one file per upload", close=True)
+            raise BadInput("Only one file per upload")
         self.filename = filename
         base, ext = split_upload_name(self.filename)
         if not ext:
-            raise HTTPError(415, "Unsupported file type %r: send .ufp, "
-                            ".gcode or .gcode.gz" % (self.filename,),
-                            close=True)
+            raise Unsupported("Unsupported file type %r: send .ufp, "
+                              ".gcode or .gcode.gz" % (self.filename,))
         if ext == ".ufp" and self.intake.charon is None:
-            raise HTTPError(415, "UFP files need libcharon (python3-charon)"
-                            " in Klipper's Python environment", close=True)
+            raise Unsupported("UFP files need libcharon (python3-charon)"
+                              " in Klipper's Python environment")
         self.kind = ext
         fd, self.tmp_path = tempfile.mkstemp(
             prefix=UPLOAD_TMP_PREFIX, suffix=".part", dir=self.intake.gcodes)
@@ -1000,8 +1050,7 @@ class Upload(MultipartReader):
             return
         value = self.fields[self._name] + data[start:end]
         if len(value) > 4096:
-            raise HTTPError(400, "Form field %s is too long" % (self._name,),
-                            close=True)
+            raise BadInput("Form field %s is too long" % (self._name,))
         self.fields[self._name] = value
 
     def on_part_end(self):
@@ -1029,11 +1078,15 @@ class Upload(MultipartReader):
 
 
 class FileIntake:
-    """Turns uploads into .gcode files (plus thumbnails) in the gcodes dir."""
+    """Turns uploads into .gcode files (plus thumbnails) in the gcodes dir.
+    Errors: BadInput, Unsupported, TooLarge, Conflict, NoSpace and
+    StorageError (naming the path); nothing half-written is kept."""
     def __init__(self, gcodes, max_upload_size):
         self.gcodes = gcodes
         self.thumbs = os.path.join(gcodes, ".thumbs")
         self.max_upload_size = max_upload_size
+        self.lock = threading.Lock()
+        self.in_flight = set()   # admitted Uploads, until end()
         try:
             import Charon.VirtualFile
             import Charon.OpenMode
@@ -1043,19 +1096,54 @@ class FileIntake:
                             "not importable; UFP uploads are refused")
             self.charon = None
 
-    def check_space(self, length):
-        st = os.statvfs(self.gcodes)
-        free = st.f_bavail * st.f_frsize
-        if length + 16 * 1024 * 1024 > free:
-            raise HTTPError(507, "Not enough free disk space: %d MiB free, "
-                            "%d MiB needed" % (free >> 20, length >> 20),
-                            close=True)
+    def begin(self, length, queued=lambda: 0, max_queue=None):
+        """Admit an upload whose body is length bytes, before any of it is
+        read: returns its Upload, to pass to receive() and then end().
+        It needs room in the queue (queued() -> jobs waiting, called under
+        the lock; each upload in flight counts as one more) and free disk
+        space for length bytes plus what the uploads in flight still have
+        to write.  Raises TooLarge, Conflict (queue full), NoSpace or
+        StorageError (the folder is missing...)."""
+        if length > self.max_upload_size:
+            raise TooLarge("Upload of %d MiB is larger than max_upload_size"
+                           " (%d MiB)" % (length >> 20,
+                                          self.max_upload_size >> 20))
+        with self.lock:
+            waiting = queued() + len(self.in_flight)
+            if max_queue is not None and waiting >= max_queue:
+                raise Conflict("The print queue is full: %d jobs waiting or"
+                               " arriving (max_queue: %d)"
+                               % (waiting, max_queue))
+            try:
+                st = os.statvfs(self.gcodes)
+            except OSError as e:
+                raise storage_error(e, self.gcodes)
+            free = st.f_bavail * st.f_frsize
+            pending = sum(u.length - u.received for u in self.in_flight)
+            if length + pending + SPACE_MARGIN > free:
+                raise NoSpace("Not enough free disk space in %s: %d MiB "
+                              "free, %d MiB needed (%d MiB of it for uploads"
+                              " in progress)" % (
+                                  self.gcodes, free >> 20,
+                                  (length + pending + SPACE_MARGIN) >> 20,
+                                  pending >> 20))
+            upload = Upload(self, length)
+            self.in_flight.add(upload)
+            return upload
 
-    def receive(self, read_into, length, boundary):
-        """Read a multipart body with read_into(buffer) -> byte count;
-        returns (Upload, (gcode name, metadata))."""
+    def end(self, upload):
+        """Release what begin() reserved; removes what is left of an
+        upload that did not finish."""
+        upload.discard()
+        with self.lock:
+            self.in_flight.discard(upload)
+
+    def receive(self, upload, read_into, boundary):
+        """Read the multipart body of an admitted upload with
+        read_into(buffer) -> byte count; returns (gcode name, metadata)
+        once the G-code is in place."""
         from python_multipart.multipart import MultipartParser
-        upload = Upload(self)
+        length = upload.length
         parser = MultipartParser(boundary, upload.callbacks())
         # One buffer, parsed in place: the parser hands each byte to the
         # callbacks, which write or copy it, before write() returns.
@@ -1066,31 +1154,29 @@ class FileIntake:
             while remaining:
                 n = read_into(view[:min(remaining, UPLOAD_CHUNK)])
                 if not n:
-                    raise HTTPError(400, "Upload ended after %d of %d bytes"
-                                    % (length - remaining, length),
-                                    close=True)
+                    raise BadInput("Upload ended after %d of %d bytes"
+                                   % (length - remaining, length))
                 remaining -= n
+                upload.received += n
                 parser.write(buf if n == UPLOAD_CHUNK else bytes(view[:n]))
             parser.finalize()
             if upload.tmp_path is None or upload.file is not None:
-                raise HTTPError(400, "No complete file part in the upload")
-            return upload, self._finish(upload)
+                raise BadInput("No complete file part in the upload")
+            return self._finish(upload)
+        except (ConnectionError, socket.timeout):
+            upload.discard()
+            raise       # the client's trouble: the HTTP layer answers
         except OSError as e:
             upload.discard()
-            if e.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise HTTPError(507, "Disk full while storing the upload",
-                                close=True)
-            raise
+            raise storage_error(e, self.gcodes)
         except Exception as e:
             upload.discard()
-            if isinstance(e, HTTPError):
+            if isinstance(e, CuraError):
                 raise
             if e.__class__.__module__.startswith("python_multipart"):
-                raise HTTPError(400, "Malformed multipart body: %s" % (e,),
-                                close=True)
+                raise BadInput("Malformed multipart body: %s" % (e,))
             if isinstance(e, zlib.error):
-                raise HTTPError(400, "Broken .gcode.gz file: %s" % (e,),
-                                close=True)
+                raise BadInput("Broken .gcode.gz file: %s" % (e,))
             raise
 
     def _finish(self, upload):
@@ -1102,6 +1188,8 @@ class FileIntake:
             os.unlink(upload.tmp_path)
             upload.tmp_path = gcode_tmp
         meta = read_gcode_metadata(gcode_tmp)
+        if thumbnail and not is_preview_image(thumbnail):
+            thumbnail = None    # Cura would keep a blank preview for good
         thumbnail = thumbnail or meta["thumbnail"]
         base = safe_base_name(split_upload_name(upload.filename)[0])
         final = self._place(gcode_tmp, base)
@@ -1109,7 +1197,12 @@ class FileIntake:
         name = os.path.basename(final)
         meta["preview"] = None
         if thumbnail:
-            meta["preview"] = self._store_thumbnail(name, thumbnail)
+            try:
+                meta["preview"] = self._store_thumbnail(name, thumbnail)
+            except OSError as e:
+                # a thumbnail is an extra: without it, no preview
+                logging.warning("cura_connection: no preview for %s: %s",
+                                name, e)
         return name, meta
 
     def _unpack_ufp(self, path):
@@ -1137,12 +1230,16 @@ class FileIntake:
                     finally:
                         vf.close()
                 except (FileNotFoundError, KeyError):
-                    raise HTTPError(400, "The UFP file has no G-code")
+                    raise BadInput("The UFP file has no G-code")
                 except Exception as e:
-                    if isinstance(e, (HTTPError, OSError)):
+                    if isinstance(e, (CuraError, OSError)):
                         raise
-                    logging.info("cura_connection: libcharon refused %s "
-                                 "(%s); reading it as a zip", path, e)
+                    # A G-code header libcharon rejects is not Ultimaker's
+                    # (Marlin flavour from a custom definition): normal.
+                    header = self.charon.filetypes.GCodeFile
+                    if not isinstance(e, header.InvalidHeaderException):
+                        logging.info("cura_connection: libcharon refused %s "
+                                     "(%s); reading it as a zip", path, e)
                     out.seek(0)
                     out.truncate()
                     thumbnail = self._unpack_zip(path, out)
@@ -1159,13 +1256,13 @@ class FileIntake:
             with zipfile.ZipFile(path) as z:
                 names = {n.lstrip("/"): n for n in z.namelist()}
                 if "3D/model.gcode" not in names:
-                    raise HTTPError(400, "The UFP file has no G-code")
+                    raise BadInput("The UFP file has no G-code")
                 with z.open(names["3D/model.gcode"]) as src:
                     shutil.copyfileobj(src, WritebackFile(out), READ_CHUNK)
                 thumb = names.get("Metadata/thumbnail.png")
                 return z.read(thumb)[:MAX_PREVIEW_SIZE] if thumb else None
         except zipfile.BadZipFile as e:
-            raise HTTPError(400, "Not a UFP (zip) file: %s" % (e,))
+            raise BadInput("Not a UFP (zip) file: %s" % (e,))
 
     def _place(self, tmp, base):
         # A free name, taken atomically: existing files (and the one being
@@ -1189,13 +1286,24 @@ class FileIntake:
                 return final
             os.unlink(tmp)
             return final
-        raise HTTPError(409, "No free file name for %s" % (base,))
+        raise Conflict("No free file name for %s" % (base,))
 
-    def _store_thumbnail(self, gcode_name, png):
+    def remove(self, filename, preview):
+        """Delete a stored upload (G-code and preview) no job refers to."""
+        for rel in (filename, preview):
+            try:
+                if rel:
+                    os.unlink(os.path.join(self.gcodes, rel))
+            except OSError:
+                pass
+
+    def _store_thumbnail(self, gcode_name, image):
         # Moonraker, Mainsail and Fluidd look for <name>.png in .thumbs/
+        # (.jpg for a JPEG)
         os.makedirs(self.thumbs, exist_ok=True)
-        rel = os.path.join(".thumbs", gcode_name[:-len(".gcode")] + ".png")
-        write_file_atomic(os.path.join(self.gcodes, rel), png)
+        ext = ".jpg" if image_type(image) == "image/jpeg" else ".png"
+        rel = os.path.join(".thumbs", gcode_name[:-len(".gcode")] + ext)
+        write_file_atomic(os.path.join(self.gcodes, rel), image)
         return rel
 
     def read_metadata(self, filename):
@@ -1212,7 +1320,7 @@ class FileIntake:
         thumbs = os.path.join(self.gcodes, dirname, ".thumbs")
         try:
             found = [n for n in os.listdir(thumbs)
-                     if n.startswith(stem) and n.endswith(".png")
+                     if n.startswith(stem) and n.endswith((".png", ".jpg"))
                      and re.match(r"^(-\d+x\d+)?$", n[len(stem):-4])]
         except OSError:
             found = []
@@ -1257,23 +1365,23 @@ class MaterialStore:
         try:
             root = ElementTree.fromstring(data)
         except (ElementTree.ParseError, DefusedXmlException, ValueError) as e:
-            raise HTTPError(400, "Not a valid material file: %s" % (e,))
+            raise BadInput("Not a valid material file: %s" % (e,))
         if root.tag != MATERIAL_NS + "fdmmaterial":
-            raise HTTPError(400, "Not an fdmmaterial document")
+            raise BadInput("Not an fdmmaterial document")
         meta = root.find(MATERIAL_NS + "metadata")
         def text(path):
             el = meta.find(path) if meta is not None else None
             return (el.text or "").strip() if el is not None else ""
         guid = text(MATERIAL_NS + "GUID")
-        try:
-            version = int(text(MATERIAL_NS + "version"))
-        except ValueError:
-            version = None
+        version = text(MATERIAL_NS + "version")
+        # plain digits only: int() would take "1_0", "+1", " 1"
+        version = int(version) if re.match(r"^[0-9]{1,9}\Z", version) \
+            else None
         # Not always a well-formed UUID: fdm-materials ships "...59p3"
         if version is None or not re.match(r"^[\w-]{1,100}$", guid):
-            raise HTTPError(400, "Material file needs a GUID and a version")
+            raise BadInput("Material file needs a GUID and a version")
         if version < 1:
-            raise HTTPError(400, "Material version must be 1 or more")
+            raise BadInput("Material version must be 1 or more")
         name = MATERIAL_NS + "name/" + MATERIAL_NS
         material, color = text(name + "material"), text(name + "color")
         # The profile's name as Cura shows it: its label, else colour and
@@ -1296,7 +1404,7 @@ class MaterialStore:
             try:
                 with open(os.path.join(self.path, fname), "rb") as f:
                     info = self.parse(f.read())
-            except (OSError, HTTPError) as e:
+            except (OSError, CuraError) as e:
                 logging.info("cura_connection: skipping material %s: %s",
                              fname, e)
                 continue
@@ -1314,14 +1422,14 @@ class MaterialStore:
     def file_name(filename):
         name = safe_base_name(filename, "")
         if not name.endswith(MATERIAL_SUFFIX) or name == MATERIAL_SUFFIX:
-            raise HTTPError(400, "Material file names end in %s"
-                            % (MATERIAL_SUFFIX,))
+            raise BadInput("Material file names end in %s"
+                           % (MATERIAL_SUFFIX,))
         return name
 
     def hold(self, owner, filename, data):
         """Keep a profile from a Cura not allowed yet (checked now), by
         its client id or address: release() hands it to the job runner,
-        drop() forgets it.  Raises HTTPError 400 (not a profile) or 507
+        drop() forgets it.  Raises BadInput (not a profile) or NoSpace
         (MAX_HELD bytes kept)."""
         self.file_name(filename)
         self.parse(data)
@@ -1331,8 +1439,8 @@ class MaterialStore:
             kept = sum(len(d) for owned in self.held.values()
                        for d in owned.values())
             if kept + len(data) > self.MAX_HELD:
-                raise HTTPError(507, "Too many material profiles wait for "
-                                "CURA_ALLOW")
+                raise NoSpace("Too many material profiles wait for "
+                              "CURA_ALLOW")
             files[filename] = data
 
     def release(self, *owners):
@@ -1355,7 +1463,7 @@ class MaterialStore:
         for i, (filename, data) in enumerate(files):
             try:
                 self.add(filename, data)
-            except HTTPError as e:
+            except CuraError as e:
                 logging.info("cura_connection: material %s: %s",
                              filename, e.message)
             except OSError:
@@ -1651,19 +1759,24 @@ class MachineDefinition:
         self.files = {}
         extruders = []
         i = 0
-        while config.has_section("extruder%s" % (i or "",)):
+        # Cura takes up to 16 extruders (machine_extruder_count)
+        while i < 16 and config.has_section("extruder%s" % (i or "",)):
             sec = "extruder%s" % (i or "",)
-            extruders.append((self._opt(config, sec, "nozzle_diameter", 0.4),
-                              self._opt(config, sec, "filament_diameter",
-                                        1.75)))
+            extruders.append((
+                self._number(self._opt(config, sec, "nozzle_diameter", 0.4)),
+                self._number(self._opt(config, sec, "filament_diameter",
+                                       1.75))))
             i += 1
         extruders = extruders or [(0.4, 1.75)]
+        macros = set(s.get_name().split(None, 1)[-1].upper()
+                     for s in config.get_prefix_sections("gcode_macro "))
         trains = {str(i): "%s_extruder_%d" % (self.id, i)
                   for i in range(len(extruders))}
         overrides = self._volume(config)
         overrides.update(self._motion(config))
         heated = config.has_section("heater_bed")
-        start, end = self._gcode(config, heated)
+        start, end = self._gcode(macros, heated)
+        self._tool_macros(macros, len(extruders))
         overrides.update({
             "machine_name": name,
             "machine_heated_bed": heated,
@@ -1717,35 +1830,57 @@ class MachineDefinition:
         except config.error:
             return default
 
+    @staticmethod
+    def _number(value):
+        # Whole numbers as JSON integers, as Cura's own definitions write
+        # them: Cura hands some values to code that takes only ints.
+        value = round(value, 4)
+        return int(value) if value == int(value) else value
+
+    @staticmethod
+    def _whole_mm(value):
+        # Build volume in whole millimetres, rounded down (never beyond the
+        # printer's limits): Cura 4.13's arranger takes only integers.
+        return int(value + 1e-6)
+
     def _volume(self, config):
         kin = self._opt(config, "printer", "kinematics", "none", "str")
+        size = None
         if kin in ("delta", "rotary_delta"):
             radius = (self._opt(config, "printer", "print_radius", None)
                       or self._opt(config, "printer", "delta_radius", None))
             height = self._opt(config, "stepper_a", "position_endstop", None)
             if radius and height:
-                return {"machine_shape": "elliptic",
-                        "machine_center_is_zero": True,
-                        "machine_width": round(2 * radius, 1),
-                        "machine_depth": round(2 * radius, 1),
-                        "machine_height": round(height, 1)}
+                shape, center = "elliptic", True
+                size = [2 * radius, 2 * radius, height]
         else:
             axes = [(self._opt(config, s, "position_min", 0.),
                      self._opt(config, s, "position_max", None))
                     for s in ("stepper_x", "stepper_y", "stepper_z")]
-            if all(hi is not None and hi > max(lo, 0) for lo, hi in axes):
+            if all(hi is not None for lo, hi in axes):
                 (xlo, xhi), (ylo, yhi), (_, zhi) = axes
-                # -150..150: the origin is the bed's centre.  Otherwise the
-                # bed starts at 0; negative minimums are parking room.
-                center = all(lo < 0 and abs(lo + hi) <= .1 * (hi - lo)
-                             for lo, hi in axes[:2])
-                return {"machine_shape": "rectangular",
-                        "machine_center_is_zero": center,
-                        "machine_width": round(xhi - (xlo if center else 0),
-                                               1),
-                        "machine_depth": round(yhi - (ylo if center else 0),
-                                               1),
-                        "machine_height": round(zhi, 1)}
+                # -150..150: the origin is the bed's centre, and Cura's bed
+                # spans -w/2..w/2.  Otherwise the bed starts at 0; negative
+                # minimums are parking room.
+                shape, center = "rectangular", all(
+                    lo < 0 and abs(lo + hi) <= .1 * (hi - lo)
+                    for lo, hi in axes[:2])
+                if center:
+                    size = [2 * min(-xlo, xhi), 2 * min(-ylo, yhi), zhi]
+                else:
+                    size = [xhi, yhi, zhi]
+                    for axis, (lo, _) in zip("xy", axes):
+                        if lo > 0:
+                            self.notes.append(
+                                "stepper_%s position_min is %g: Cura's "
+                                "build plate starts at 0; keep models "
+                                "clear of its first %g mm (Klipper "
+                                "refuses moves there)." % (axis, lo, lo))
+        if size and min(self._whole_mm(v) for v in size) >= 1:
+            width, depth, height = [self._whole_mm(v) for v in size]
+            return {"machine_shape": shape, "machine_center_is_zero": center,
+                    "machine_width": width, "machine_depth": depth,
+                    "machine_height": height}
         self.notes.append("No build volume in printer.cfg (kinematics %s): "
                           "200 mm cube; set it in Cura's Machine Settings"
                           % (kin,))
@@ -1756,7 +1891,7 @@ class MachineDefinition:
     def _motion(self, config):
         velocity = self._opt(config, "printer", "max_velocity", 300.)
         accel = self._opt(config, "printer", "max_accel", 3000.)
-        return {
+        limits = {
             "machine_max_feedrate_x": velocity,
             "machine_max_feedrate_y": velocity,
             "machine_max_feedrate_z": self._opt(
@@ -1766,10 +1901,28 @@ class MachineDefinition:
             "machine_max_acceleration_z": self._opt(
                 config, "printer", "max_z_accel", accel),
             "machine_acceleration": accel}
+        return {k: self._number(v) for k, v in limits.items()}
 
-    def _gcode(self, config, heated):
-        macros = set(s.get_name().split(None, 1)[-1].upper()
-                     for s in config.get_prefix_sections("gcode_macro "))
+    def _tool_macros(self, macros, count):
+        # CuraEngine writes T0 before the start G-code of every print on a
+        # machine with more than one extruder, and Tn at each tool change;
+        # Klipper has no such commands unless printer.cfg defines them (it
+        # only answers "Unknown command").
+        missing = ["T%d" % (i,) for i in range(count)
+                   if "T%d" % (i,) not in macros]
+        if count > 1 and missing:
+            self.notes.append(
+                "Cura writes T0..T%d (the extruder to print with) before "
+                "the start G-code of every print and at each tool change, "
+                "but printer.cfg has no [gcode_macro %s].  Unless "
+                "another section (a tool changer's) defines them, add "
+                "macros that select the extruder (T1: ACTIVATE_EXTRUDER "
+                "EXTRUDER=extruder1): Klipper answers \"Unknown command\" "
+                "to these and ignores them, so a print runs all on one "
+                "extruder."
+                % (count - 1, "], [gcode_macro ".join(missing)))
+
+    def _gcode(self, macros, heated):
         start = [m for m in ("PRINT_START", "START_PRINT") if m in macros]
         end = [m for m in ("PRINT_END", "END_PRINT") if m in macros]
         if start:
@@ -1793,6 +1946,7 @@ class MachineDefinition:
 
     def zip(self):
         import io
+        import textwrap
         import zipfile
         buf = io.BytesIO()
         with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
@@ -1800,8 +1954,11 @@ class MachineDefinition:
                 folder = "definitions" if fname == self.id + ".def.json" \
                     else "extruders"
                 z.writestr("%s/%s" % (folder, fname), data)
+            notes = "".join("\n%s\n" % (textwrap.fill("Note: " + n, 72),)
+                            for n in self.notes)
             z.writestr("README.txt", DEFINITION_HOWTO % {
-                "id": self.id, "bom": self.bom, "name": self.name})
+                "id": self.id, "bom": self.bom, "name": self.name,
+                "notes": notes})
         return buf.getvalue()
 
 
@@ -1816,10 +1973,17 @@ printer's Klipper configuration.
 3. In printer.cfg, [cura_connection]: cura_machine: custom, then restart
    Klipper.  The printer now announces BOM %(bom)s, which is this
    definition's (%(id)s).
-4. Start Cura, Add printer > Networked printers: the printer shows as
-   "%(name)s".  Printers added earlier as an Ultimaker keep that type;
-   remove and add them again.
-"""
+4. Start Cura, Add printer > Add a networked printer (or Add printer by
+   IP): the printer shows as "%(name)s".  Not under "Add a
+   non-networked printer" (there it is listed under Ultimaker B.V.): a
+   printer added that way has no network connection.
+   If Cura shows the printer as "Unknown" and will not connect, it lacks
+   this definition: check step 2 and restart Cura.
+5. A printer added earlier as an Ultimaker keeps that type (and its build
+   plate and print cores).  Add the printer again as in step 4 first, then
+   remove the old one in Preferences > Printers (Cura keeps Remove greyed
+   out while it is the only printer).
+%(notes)s"""
 WEB_PAGE = os.path.join(os.path.dirname(os.path.realpath(__file__)),
                         "cura_connection_web.html")
 
@@ -2320,24 +2484,37 @@ class CuraApi:
     def post_print_job(self, req):
         req.require_control()
         length = req.content_length(required=True)
-        if length > self.intake.max_upload_size:
-            raise HTTPError(413, "Upload of %d MiB is larger than "
-                            "max_upload_size (%d MiB)" % (
-                                length >> 20,
-                                self.intake.max_upload_size >> 20),
-                            close=True)
-        self.intake.check_space(length)
         boundary = req.multipart_boundary()
-        req.send_continue()
-        upload, (filename, meta) = self.intake.receive(req.readinto_body,
-                                                       length, boundary)
-        owner = upload.fields.get("owner", b"").decode("utf-8", "replace")
-        job = Job(name=os.path.splitext(filename)[0], filename=filename,
-                  owner=owner.strip()[:100] or "Cura",
-                  time_estimate=meta["time_estimate"],
-                  time_total=meta["time_estimate"], preview=meta["preview"])
-        self.store.add(job)
-        self.store.save()
+        # Queue room and disk space are taken before the body is read
+        upload = self.intake.begin(length, lambda: len(self.store.queue),
+                                   self.conn.max_queue)
+        try:
+            req.send_continue()
+            filename, meta = self.intake.receive(upload, req.readinto_body,
+                                                 boundary)
+            owner = upload.fields.get("owner", b"").decode("utf-8",
+                                                           "replace")
+            job = Job(name=os.path.splitext(filename)[0], filename=filename,
+                      owner=owner.strip()[:100] or "Cura",
+                      time_estimate=meta["time_estimate"],
+                      time_total=meta["time_estimate"],
+                      preview=meta["preview"])
+            self.store.add(job)
+        finally:
+            self.intake.end(upload)
+        try:
+            self.store.save()
+        except OSError as e:
+            # An unsaved job would vanish at the next restart: the upload
+            # fails whole instead (unless the runner saved and started it
+            # meanwhile), leaving no job and no file.
+            with self.store.lock:
+                unsaved = job in self.store.queue
+                if unsaved:
+                    self.store.delete(job.uuid)
+            if unsaved:
+                self.intake.remove(filename, meta["preview"])
+                raise storage_error(e, self.store.path)
         self.conn.runner.wake.set()
         logging.info("cura_connection: received %s from %s (%s)",
                      filename, job.owner, req.client_address[0])
@@ -2509,16 +2686,24 @@ def parse_small_multipart(body, boundary):
     try:
         parser.write(body)
         parser.finalize()
-    except HTTPError:
+    except CuraError:
         raise
     except Exception as e:
-        raise HTTPError(400, "Malformed multipart body: %s" % (e,))
+        raise BadInput("Malformed multipart body: %s" % (e,))
     return reader.parts
 
 
 # The one place where errors of the domain become HTTP statuses
 ERROR_STATUS = {NotFound: 404, Conflict: 409, BadInput: 400, TooLarge: 413,
                 Unsupported: 415, NoSpace: 507, StorageError: 500}
+
+
+def error_status(err):
+    # the status of a CuraError, subclasses included (a bare one: 500)
+    for cls in type(err).__mro__:
+        if cls in ERROR_STATUS:
+            return ERROR_STATUS[cls]
+    return 500
 
 
 class CuraRequestHandler(http.server.BaseHTTPRequestHandler):
@@ -2588,16 +2773,19 @@ class CuraRequestHandler(http.server.BaseHTTPRequestHandler):
             if self.server.closing:
                 raise HTTPError(503, "Klipper is restarting", close=True)
             self.check_client()
-            length = self.headers.get("Content-Length")
+            lengths = self.headers.get_all("Content-Length") or []
             if self.headers.get("Transfer-Encoding"):
                 raise HTTPError(411, "Send a Content-Length, not chunks",
                                 close=True)
-            try:
-                self.body_left = int(length) if length else 0
-                if self.body_left < 0:
-                    raise ValueError
-            except ValueError:
-                raise HTTPError(400, "Bad Content-Length", close=True)
+            # 1*DIGIT (RFC 9110), once: int() would take "+15" and "1_5"
+            length = lengths[0].strip() if lengths else "0"
+            if len(set(lengths)) > 1 or not re.match(r"^[0-9]+\Z", length):
+                raise HTTPError(400, "Bad Content-Length %s: send one "
+                                "number of plain digits" % (
+                                    clean_text(", ".join(lengths)),),
+                                close=True)
+            # (over 18 digits: more than any limit, and int() stays cheap)
+            self.body_left = int(length) if len(length) <= 18 else 10 ** 18
             self.check_origin(method)
             if method in ("GET", "HEAD"):
                 self.check_reader()
@@ -2607,7 +2795,7 @@ class CuraRequestHandler(http.server.BaseHTTPRequestHandler):
             if status is not None:   # None: the handler replied (streams)
                 self.send_json(status, body)
         except CuraError as e:
-            status = ERROR_STATUS[type(e)]
+            status = error_status(e)
             if status >= 500:
                 logging.info("cura_connection: %s %s: %s", method,
                              self.path, e.message)
@@ -2627,11 +2815,12 @@ class CuraRequestHandler(http.server.BaseHTTPRequestHandler):
                                  % (self.timeout,), "status": 408},
                            close=True)
         except OSError as e:
-            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
-                raise
+            # Whatever the cause, the client gets a reply that names it
+            err = storage_error(e)
+            status = error_status(err)
             logging.info("cura_connection: %s %s: %s", method, self.path, e)
-            self.send_json(507, {"message": "Disk full: %s" % (e.strerror,),
-                                 "status": 507}, close=True)
+            self.send_json(status, {"message": err.message,
+                                    "status": status}, close=True)
         except Exception:
             logging.exception("cura_connection: %s %s", method, self.path)
             self.send_json(500, {"message": "Internal error; see klippy.log",
@@ -2835,11 +3024,16 @@ class CuraRequestHandler(http.server.BaseHTTPRequestHandler):
 
 
 def image_type(data):
-    if data.startswith(b"\x89PNG"):
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
         return "image/png"
-    if data.startswith(b"\xff\xd8"):
+    if data.startswith(b"\xff\xd8\xff"):
         return "image/jpeg"
     return "application/octet-stream"
+
+
+def is_preview_image(data):
+    # What Cura's preview (a QImage) decodes and we serve: PNG and JPEG
+    return image_type(data) != "application/octet-stream"
 
 
 class CuraHTTPServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
@@ -3025,6 +3219,9 @@ class CuraConnection:
         max_upload = config.getint("max_upload_size", 1024, minval=1)
         history_size = config.getint("history_size", 20, minval=0,
                                      maxval=1000)
+        # Every poll lists the whole queue: it must stay short
+        self.max_queue = config.getint("max_queue", 100, minval=1,
+                                       maxval=1000)
         auto_start_next = config.getboolean("auto_start_next", False)
         # Who may talk to the printer, and what they may do
         try:

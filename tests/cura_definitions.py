@@ -240,3 +240,156 @@ def start_gcode(template, global_values, extruder_values):
     settings["default_extruder_nr"] = -1
     return str(GcodeStartEndFormatter(default_extruder_nr=-1).format(
         template, **settings))
+
+
+# How each setting type Cura declares must be written in a definition's
+# JSON: whole numbers as JSON integers, as Cura's own definitions write them
+# (Cura hands some float settings, the build volume, to code that takes only
+# ints); every other float a float.
+def _is_number(v):
+    return type(v) in (int, float)
+
+
+_FORMS = {
+    "int": lambda v, d: type(v) is int,
+    "float": lambda v, d: type(v) is int or (type(v) is float
+                                              and not v.is_integer()),
+    "bool": lambda v, d: type(v) is bool,
+    "str": lambda v, d: type(v) is str,
+    "enum": lambda v, d: type(v) is str and v in d.options,
+    "extruder": lambda v, d: type(v) is int,
+    "polygon": lambda v, d: type(v) is list and all(
+        type(p) is list and len(p) == 2 and all(map(_is_number, p))
+        for p in v),
+    "polygons": lambda v, d: type(v) is list and all(
+        _FORMS["polygon"](p, d) for p in v),
+}
+
+
+# Declared float, but Cura 4.13's arranger hands them times 10000 to
+# pynest2d's Box(), which takes only ints (Nest2DArrange.findNodePlacement).
+_WHOLE = {"machine_width", "machine_depth"}
+
+
+def stacks(texts):
+    """Uranium ContainerStacks as Cura builds them for a machine: the
+    global one on the definition that inherits fdmprinter, one per
+    extruder definition with the global stack next.  texts: {id: json}.
+    Returns (global_stack, {id: extruder_stack}, {id: container})."""
+    load()
+    from UM.Settings.ContainerStack import ContainerStack
+    import json
+    containers = {i: parse(i, t)[0] for i, t in texts.items()}
+    machine = [i for i, t in texts.items()
+               if json.loads(t)["inherits"] == "fdmprinter"]
+    assert len(machine) == 1, machine
+    global_stack = ContainerStack(machine[0] + "_stack")
+    global_stack.addContainer(containers[machine[0]])
+    extruders = {}
+    for def_id, container in containers.items():
+        if def_id != machine[0]:
+            extruders[def_id] = ContainerStack(def_id + "_stack")
+            extruders[def_id].addContainer(container)
+            extruders[def_id].setNextStack(global_stack)
+    return global_stack, extruders, containers
+
+
+def setting_report(texts):
+    """Every default_value the definitions set, checked as Cura takes it:
+    the setting exists in fdmprinter/fdmextruder, its JSON form fits the
+    declared type (_FORMS; enum: one of the options) and Cura's code
+    (_WHOLE), the stack's "value" (what Cura reads) is that value,
+    unchanged, and Uranium's own Validator finds it within
+    minimum/maximum and their warnings.
+    Returns [(definition id, key, declared type, value, problem or None)]."""
+    import json
+    global_stack, extruder_stacks, containers = stacks(texts)
+    from UM.Settings.Validator import Validator, ValidatorState
+    report = []
+    for def_id, text in sorted(texts.items()):
+        stack = extruder_stacks.get(def_id, global_stack)
+        for key, props in sorted(json.loads(text)["overrides"].items()):
+            found = containers[def_id].findDefinitions(key=key)
+            if not found:
+                report.append((def_id, key, None, None, "no such setting"))
+                continue
+            declared = found[0].type
+            value = props.get("default_value")
+            problem = None
+            form = _FORMS.get(declared)
+            if form is None:
+                problem = "no check for type %s" % (declared,)
+            elif "default_value" in props and not form(value, found[0]):
+                problem = "%r is not written as Cura's %s" % (value, declared)
+            elif key in _WHOLE and type(value) is not int:
+                problem = "%r: Cura's arranger needs an int" % (value,)
+            elif "default_value" in props:
+                read = stack.getProperty(key, "value")
+                state = Validator(key)(stack)
+                if read != value or type(read) is not type(value):
+                    problem = "Cura reads %r" % (read,)
+                elif state != ValidatorState.Valid:
+                    problem = "Cura's validator: %s" % (state.value,)
+            report.append((def_id, key, declared, value, problem))
+    return report
+
+
+def arrange(global_stack, models=3, size=30):
+    """Cura 4.13's arranger (Nest2DArrange.findNodePlacement, as Arrange
+    All and loading models call it) placing `models` squares of `size` mm
+    on the build plate of the stack's machine_width/machine_depth, read as
+    BuildVolume reads them (no disallowed areas).  Returns
+    (all placed, [(x, y) in mm])."""
+    load()
+    import numpy
+    from UM.Math.Polygon import Polygon
+    from cura.Arranging.Nest2DArrange import findNodePlacement
+
+    class Plate:
+        def getWidth(self):
+            return global_stack.getProperty("machine_width", "value")
+
+        def getDepth(self):
+            return global_stack.getProperty("machine_depth", "value")
+
+        def getDisallowedAreas(self):
+            return []
+
+    class Model:
+        def __init__(self):
+            half = size / 2.
+            self.hull = Polygon(numpy.array(
+                [[-half, -half], [half, -half], [half, half], [-half, half]],
+                numpy.float32))
+
+        def callDecoration(self, name):
+            return self.hull if name == "getConvexHull" else None
+
+        def getName(self):
+            return "model"
+
+    factor = 10000
+    placed, items = findNodePlacement([Model() for _ in range(models)],
+                                      Plate(), factor=factor)
+    return placed, [(i.translation().x() / factor,
+                     i.translation().y() / factor) for i in items]
+
+
+def discovered_listing(machine_type, registry):
+    """What Cura's add-printer pages make of a discovered printer of that
+    machine type (DiscoveredPrinter, unmodified): (type shown, section
+    heading, whether it can be added)."""
+    load()
+    from cura.Machines.Models.DiscoveredPrintersModel import \
+        DiscoveredPrinter
+    import cura.CuraApplication as app_module
+    printer = DiscoveredPrinter("127.0.0.1", "key", "printer", None,
+                                machine_type, device=None)
+    saved = app_module.CuraApplication.getInstance
+    app_module.CuraApplication.getInstance = classmethod(
+        lambda cls: _App(registry))
+    try:
+        return (printer.readableMachineType, printer.sectionName,
+                not printer.isUnknownMachineType and printer.isHostOfGroup)
+    finally:
+        app_module.CuraApplication.getInstance = saved

@@ -51,11 +51,48 @@ def png(width=16, height=16, rgb=(200, 40, 40)):
             + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
 
 
-def embedded_thumbnail(data, width=16, height=16):
-    """PrusaSlicer/Cura-plugin style "; thumbnail begin" block."""
+def jpeg(width=16, height=16, rgb=(40, 200, 40)):
+    """A real JPEG image, encoded by Qt (as Cura's own scripts do)."""
+    from PyQt5.QtCore import QBuffer, QByteArray, QIODevice
+    from PyQt5.QtGui import QColor, QImage
+    image = QImage(width, height, QImage.Format_RGB32)
+    image.fill(QColor(*rgb))
+    data = QByteArray()
+    buf = QBuffer(data)
+    buf.open(QIODevice.WriteOnly)
+    assert image.save(buf, "JPG")
+    return bytes(data)
+
+
+def qoi(width=16, height=16, rgb=(40, 40, 200)):
+    """A real QOI image (one colour: a pixel, then runs)."""
+    out = [b"qoif", struct.pack(">IIBB", width, height, 3, 0),
+           b"\xfe" + bytes(rgb)]
+    left = width * height - 1
+    while left:
+        run = min(left, 62)
+        out.append(bytes([0xc0 | (run - 1)]))
+        left -= run
+    return b"".join(out) + b"\x00" * 7 + b"\x01"
+
+
+def embedded_thumbnail(data, width=16, height=16, kind="", sep="x"):
+    """A "; thumbnail begin" block: kind "" (PNG), "_PNG", "_JPG" or "_QOI"
+    as PrusaSlicer, OrcaSlicer and SuperSlicer write them; sep " " is the
+    "300 300" form of Cura 5's Create Thumbnail script."""
     import base64
     b64 = base64.b64encode(data).decode()
     lines = ["; %s" % (b64[i:i + 78],) for i in range(0, len(b64), 78)]
-    return "\n".join(["; thumbnail begin %dx%d %d" % (width, height,
-                                                       len(b64))]
-                     + lines + ["; thumbnail end"]) + "\n"
+    return "\n".join(["; thumbnail%s begin %d%s%d %d" % (
+        kind, width, sep, height, len(b64))] + lines
+        + ["; thumbnail%s end" % (kind,)]) + "\n"
+
+
+def cura_marlin_header(print_time=2345):
+    # What Cura writes for a Marlin-flavour printer
+    return "\n".join([
+        ";FLAVOR:Marlin", ";TIME:%d" % (print_time,),
+        ";Filament used: 1.23456m", ";Layer height: 0.2",
+        ";MINX:90.1", ";MINY:90.1", ";MINZ:0.2", ";MAXX:129.9",
+        ";MAXY:129.9", ";MAXZ:20", ";TARGET_MACHINE.NAME:Creality Ender-3",
+        ";Generated with Cura_SteamEngine 5.6.0"]) + "\n"

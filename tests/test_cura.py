@@ -166,3 +166,46 @@ def test_every_action_through_cura(cura, klippy, tmp_path):
     klippy.gcode("CURA_BUILD_PLATE_CLEARED")
     wait_view(api, view, lambda s: active(s) and active(s)["name"]
               == "three" and not s["queue"], what="three printing")
+
+
+def test_slicer_thumbnails_show_in_cura(cura, klippy):
+    # Plain G-code with embedded thumbnails, as other slicers and Cura's
+    # own Create Thumbnail script write them: Cura's code decodes the
+    # preview, and the same image lands in .thumbs/.
+    import os
+    import httpc
+    base = klippy.base_url()
+    files = {
+        # Cura 5 Create Thumbnail: "begin 300 300 <len>", two sizes
+        "cura5": (gcode_samples.cura_marlin_header(2345)
+                  + gcode_samples.embedded_thumbnail(
+                      gcode_samples.png(32, 32), 32, 32, sep=" ")
+                  + gcode_samples.embedded_thumbnail(
+                      gcode_samples.png(300, 300), 300, 300, sep=" "),
+                  (300, 300), "cura5.png"),
+        # PrusaSlicer/OrcaSlicer with JPG thumbnails only
+        "prusa_jpg": (";TIME:60\n" + gcode_samples.embedded_thumbnail(
+            gcode_samples.jpeg(16, 16), 16, 16, kind="_JPG")
+            + gcode_samples.embedded_thumbnail(
+                gcode_samples.jpeg(220, 124), 220, 124, kind="_JPG"),
+            (220, 124), "prusa_jpg.jpg"),
+        # QOI only: nothing Cura could decode, so no preview at all
+        "prusa_qoi": (";TIME:60\n" + gcode_samples.embedded_thumbnail(
+            gcode_samples.qoi(480, 240), 480, 240, kind="_QOI"),
+            None, None),
+    }
+    api = cura_client.ClusterApi(address(klippy))
+    for name, (head, size, thumb) in files.items():
+        r = httpc.upload(base, name + ".gcode",
+                         (head + "G1 X1\n").encode())
+        assert r.status == 200, r
+    jobs = {j.name: j for j in api.print_jobs()}
+    for name, (head, size, thumb) in files.items():
+        image = api.preview_image(jobs[name].uuid)
+        if size is None:
+            assert image is None      # 404: no preview, nothing to decode
+            continue
+        assert image is not None and not image.isNull(), name
+        assert (image.width(), image.height()) == size
+    thumbs = sorted(os.listdir(os.path.join(klippy.gcodes_dir, ".thumbs")))
+    assert thumbs == ["cura5.png", "prusa_jpg.jpg"]

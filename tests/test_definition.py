@@ -273,3 +273,292 @@ def test_zeroconf_machine_maps_to_the_definition(flavor):
     result = cura_netns.run_probe(PROBE % {"flavor": flavor})
     assert re.match(r"^7\d{8}$", result["properties"]["machine"]), result
     assert result["printer_type"] == "cura_connection_zc_custom"
+
+
+def definition_texts(files):
+    return {n.split("/")[-1][:-len(".def.json")]: d.decode()
+            for n, d in files.items() if n.endswith(".def.json")}
+
+
+# printer.cfg shapes, with the volume, shape and extruders Cura must get.
+# Decimal limits: Cura's build plate is whole millimetres inside them.
+STEPPERS = "".join("""
+[stepper_%s]
+step_pin: PB%d
+dir_pin: PB%d
+enable_pin: !PB%d
+microsteps: 16
+rotation_distance: 40
+endstop_pin: ^PB%d
+""" % (axis, 4 * i, 4 * i + 1, 4 * i + 2, 4 * i + 3)
+    for i, axis in enumerate("xyz"))
+SHAPES = {
+    # negative minimums are parking room; odd limits and a 0.25 nozzle
+    "cartesian": dict(extruders=2, cfg="""
+[printer]
+kinematics: cartesian
+max_velocity: 250
+max_accel: 2500.5
+max_z_velocity: 12.5
+max_z_accel: 100
+%s
+[stepper_x]
+position_endstop: -5.5
+position_min: -5.5
+position_max: 235.7
+homing_speed: 50
+[stepper_y]
+position_endstop: -3
+position_min: -3
+position_max: 225.4
+homing_speed: 50
+[stepper_z]
+position_endstop: 0
+position_max: 250.8
+[extruder1]
+nozzle_diameter: 0.25
+""" % (STEPPERS,), volume=(235, 225, 250), shape="rectangular", center=False,
+        extruder=[(0.4, 1.75), (0.25, 1.75)],
+        motion=(250, 2500.5, 12.5, 100)),
+    # origin in the middle, one side shorter: Cura's plate is symmetric
+    "corexy": dict(extruders=1, cfg="""
+[printer]
+kinematics: corexy
+max_velocity: 500
+max_accel: 10000
+%s
+[stepper_x]
+position_endstop: 150
+position_min: -150
+position_max: 150
+homing_speed: 50
+[stepper_y]
+position_endstop: 150
+position_min: -147.5
+position_max: 150
+homing_speed: 50
+[stepper_z]
+position_endstop: 0
+position_max: 280.3
+[extruder]
+nozzle_diameter: 0.8
+filament_diameter: 2.85
+""" % (STEPPERS,), volume=(300, 295, 280), shape="rectangular", center=True,
+        extruder=[(0.8, 2.85)], motion=(500, 10000, 500, 10000)),
+    "delta": dict(extruders=1, cfg="""
+[printer]
+kinematics: delta
+max_velocity: 300
+max_accel: 3000
+max_z_velocity: 150
+delta_radius: 174.75
+print_radius: 140.5
+%s
+[stepper_a]
+position_endstop: 297.05
+arm_length: 333.0
+homing_speed: 60
+[extruder]
+nozzle_diameter: 1.0
+filament_diameter: 3.0
+""" % (STEPPERS.replace("stepper_x", "stepper_a").replace(
+        "stepper_y", "stepper_b").replace("stepper_z", "stepper_c"),),
+        volume=(281, 281, 297), shape="elliptic", center=True,
+        extruder=[(1, 3)], motion=(300, 3000, 150, 3000)),
+}
+
+
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+def test_every_value_as_cura_reads_it(cura, klippy_factory, shape):
+    spec = SHAPES[shape]
+    k = klippy_factory(extruders=spec["extruders"], extra_cfg=spec["cfg"],
+                       module_options={"name": shape,
+                                       "cura_machine": "custom"})
+    def_id = "cura_connection_" + shape
+    texts = definition_texts(download(k.base_url(), def_id))
+    assert len(texts) == 1 + len(spec["extruder"])
+    # every setting, in Cura's own containers, against the type and the
+    # limits fdmprinter/fdmextruder declare
+    report = cura_definitions.setting_report(texts)
+    assert [r for r in report if r[4]] == []
+    values = {key: value for d, key, _, value, _ in report if d == def_id}
+    assert (values["machine_width"], values["machine_depth"],
+            values["machine_height"]) == spec["volume"]
+    assert (values["machine_shape"], values["machine_center_is_zero"]) \
+        == (spec["shape"], spec["center"])
+    assert (values["machine_max_feedrate_x"],
+            values["machine_max_acceleration_x"],
+            values["machine_max_feedrate_z"],
+            values["machine_max_acceleration_z"]) == spec["motion"]
+    assert values["machine_extruder_count"] == len(spec["extruder"])
+    for i, (nozzle, filament) in enumerate(spec["extruder"]):
+        ext = {key: value for d, key, _, value, _ in report
+               if d == "%s_extruder_%d" % (def_id, i)}
+        assert (ext["machine_nozzle_size"], ext["material_diameter"],
+                ext["extruder_nr"]) == (nozzle, filament, i)
+        # whole numbers as JSON integers (1, not 1.0)
+        assert type(ext["machine_nozzle_size"]) is type(nozzle)
+    # Cura's arranger places models side by side on that plate
+    global_stack = cura_definitions.stacks(texts)[0]
+    placed, spots = cura_definitions.arrange(global_stack)
+    assert placed and len(set(spots)) == 3
+    width, depth = spec["volume"][:2]
+    assert all(abs(x) < width / 2 and abs(y) < depth / 2 for x, y in spots)
+
+
+def test_checks_catch_what_cura_cannot_use(cura):
+    # the definition as it was written before: 235.0 breaks Cura's arranger
+    # (TypeError in its Box), and each kind of wrong value is reported
+    broken = {
+        "machine_width": 235.0, "machine_depth": 225.5,
+        "machine_extruder_count": 2.0, "machine_heated_bed": "True",
+        "machine_gcode_flavor": "Klipper", "material_diameter": 5.2,
+        "machine_max_feedrate_x": 250}
+    texts = {"broken": json.dumps({
+        "version": 2, "name": "broken", "inherits": "fdmprinter",
+        "metadata": {}, "overrides": {k: {"default_value": v}
+                                      for k, v in broken.items()}})}
+    report = {key: problem for _, key, _, _, problem in
+              cura_definitions.setting_report(texts)}
+    assert all(report[k] for k in broken if k != "machine_max_feedrate_x"), \
+        report
+    assert "MaximumWarning" in report["material_diameter"]
+    assert report["machine_max_feedrate_x"] is None
+    with pytest.raises(TypeError, match="Box"):
+        cura_definitions.arrange(cura_definitions.stacks(texts)[0])
+
+
+def test_marlin_ufp_is_read_without_a_log_line(cura, klippy_factory, tmp_path):
+    # What Cura sends for the custom definition: a UFP with a Marlin-flavour
+    # G-code header, which libcharon's header check refuses (it knows only
+    # Ultimaker's).  Normal input: no log line per job.  A package libcharon
+    # cannot read at all is still logged.
+    import time
+    import cura_client
+    import gcode_samples
+    k = klippy_factory(module_options={"name": "quiet",
+                                       "cura_machine": "custom"})
+    address = "127.0.0.1:%d" % (k.cura_port(),)
+    gcode = ";FLAVOR:Marlin\n;TIME:60\n" + gcode_samples.moves(40, 0)
+    marlin = cura_client.make_ufp(str(tmp_path / "marlin.ufp"), gcode)
+    assert cura_client.upload(address, str(marlin))[0] == 200
+    broken = tmp_path / "broken.ufp"
+    with zipfile.ZipFile(str(marlin)) as src, \
+            zipfile.ZipFile(str(broken), "w") as dst:
+        for name in src.namelist():
+            dst.writestr(name, b"<not xml" if "Content_Types" in name
+                         else src.read(name))
+    assert cura_client.upload(address, str(broken))[0] == 200
+    jobs = [j["name"] for j in
+            httpc.get_json(k.base_url(), "/cluster-api/v1/print_jobs")]
+    assert "marlin" in jobs and "broken" in jobs
+    deadline = time.monotonic() + 10
+    while "libcharon refused" not in k.log_text():
+        assert time.monotonic() < deadline, "the broken package not logged"
+        time.sleep(0.1)
+    refusals = [line for line in k.log_text().splitlines()
+                if "libcharon refused" in line]
+    # one line: the broken package's (its XML), none for the Marlin one
+    assert len(refusals) == 1 and "unclosed token" in refusals[0], refusals
+
+
+SECOND_EXTRUDER = """
+[extruder1]
+heater_pin: PA5
+sensor_type: EPCOS 100K B57560G104F
+sensor_pin: PA6
+control: watermark
+min_temp: -273
+max_temp: 300
+nozzle_diameter: 0.4
+filament_diameter: 1.75
+
+[gcode_macro PRINT_START]
+gcode:
+  M140 S{params.BED_TEMP}
+  M104 S{params.EXTRUDER_TEMP}
+"""
+
+
+def readme_tool_macros():
+    # the T0/T1 example of README's definition section, as printed there
+    import pathlib
+    text = (pathlib.Path(__file__).parent.parent / "README.md").read_text()
+    blocks = re.findall(r"```ini\n(.*?)```", text, re.S)
+    found = [b for b in blocks if "[gcode_macro T0]" in b]
+    assert len(found) == 1
+    return found[0]
+
+
+def cura_start(texts, def_id, initial):
+    """The lines CuraEngine 4.13 writes at the start of a print for this
+    Marlin-flavour two-extruder machine (FffGcodeWriter::processStartingCode:
+    T<initial extruder> first, as for every machine with more than one
+    extruder; no M190/M109 since the start G-code names the temperatures;
+    absolute extrusion; the start G-code), then a change to the other
+    extruder and back."""
+    machine, _ = cura_definitions.parse(def_id, texts[def_id])
+    start = machine.getProperty("machine_start_gcode", "default_value")
+    assert prepends_heating(start) == (False, False)
+    start = cura_definitions.start_gcode(
+        start, {"initial_extruder_nr": initial,
+                "material_bed_temperature_layer_0": 60},
+        [{"material_print_temperature_layer_0": 205},
+         {"material_print_temperature_layer_0": 215}])
+    return (["T%d" % (initial,), "M82 ;absolute extrusion mode"]
+            + start.splitlines() + ["G92 E0", "T%d" % (1 - initial,),
+                                    "T%d" % (initial,)])
+
+
+def test_two_extruders_start_needs_t_macros(cura, klippy_factory):
+    def_id = "cura_connection_two_tools"
+    # without T0/T1 macros the zip names them: Klippy runs Cura's start,
+    # but ignores its T lines ("Unknown command"), so no tool ever changes
+    k = klippy_factory(extra_cfg=SECOND_EXTRUDER, module_options={
+        "name": "two tools", "cura_machine": "custom"})
+    files = download(k.base_url(), def_id)
+    texts = definition_texts(files)
+    assert json.loads(texts[def_id])["overrides"][
+        "machine_extruder_count"]["default_value"] == 2
+    readme = " ".join(files["README.txt"].decode().split())
+    assert "no [gcode_macro T0], [gcode_macro T1]" in readme
+    lines = cura_start(texts, def_id, 1)
+    assert lines[0] == "T1"
+    seen = []
+    for line in lines:
+        k.gcode(line)
+        seen.append(k.query("toolhead")["toolhead"]["extruder"])
+    assert set(seen) == {"extruder"}
+    k.stop()
+    # with README's macros, Cura's start sequence selects the extruder
+    # Cura prints with first, the user's PRINT_START heats with Cura's
+    # values, and tools change
+    k = klippy_factory(extra_cfg=SECOND_EXTRUDER + readme_tool_macros(),
+                       module_options={"name": "two tools",
+                                       "cura_machine": "custom"})
+    files = download(k.base_url(), def_id)
+    assert "gcode_macro T0" not in files["README.txt"].decode()
+    seen = []
+    for line in cura_start(definition_texts(files), def_id, 1):
+        k.gcode(line)
+        seen.append(k.query("toolhead")["toolhead"]["extruder"])
+    assert seen[0] == "extruder1" and seen[-2:] == ["extruder", "extruder1"]
+    st = k.query("heater_bed", "extruder", "extruder1")
+    assert st["heater_bed"]["target"] == 60
+    assert st["extruder1"]["target"] == 215
+    assert st["extruder"]["target"] == 0
+
+
+def test_without_the_definition_cura_shows_unknown(cura):
+    # what README says Cura shows when the printer announces the custom
+    # definition's BOM number and Cura lacks the definition: Cura's own
+    # DiscoveredPrinter on the type its BOM lookup gives
+    shown, heading, can_add = cura_definitions.discovered_listing(
+        "Unknown", cura_definitions.DefinitionRegistry())
+    assert (shown, can_add) == ("Unknown", False)
+    assert heading == ("The printer(s) below cannot be connected because "
+                       "they are part of a group")
+    import pathlib
+    readme = " ".join((pathlib.Path(__file__).parent.parent / "README.md")
+                      .read_text().split())
+    assert '"Unknown" under "%s"' % (heading,) in readme

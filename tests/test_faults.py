@@ -16,7 +16,7 @@ import httpc
 from httpc import JOBS, upload
 import klippy_harness
 from hostile import (connect, free_port, is_json_error, read_reply,
-                     request_bytes, socket_count, thread_count, wait_for)
+                     request_bytes, send, socket_count, thread_count, wait_for)
 
 
 
@@ -84,27 +84,37 @@ def test_kill9_mid_upload_and_mid_print(klippy_factory):
 TMPFS_MIB = 32
 
 
-@pytest.fixture
-def small_disk(klippy_factory, monkeypatch):
-    """A Klippy whose gcodes folder is a 32 MiB tmpfs mounted in its own
-    mount namespace (unshare --mount; needs root).  The test reaches the
-    files through /proc/<pid>/root."""
+def start_with_mounts(k, monkeypatch, script):
+    """Start Klippy k in its own mount namespace (unshare --mount; needs
+    root), after the shell script has run there with $0 = k.workdir."""
     if os.geteuid() != 0 or not shutil.which("unshare"):
-        pytest.skip("needs root and unshare for a private tmpfs")
-    k = klippy_factory(start=False)
+        pytest.skip("needs root and unshare for private mounts")
     outer = klippy_harness._die_with_parent
 
     def in_namespace():
         return ["unshare", "--mount", "--propagation", "private", "--",
-                "sh", "-c", 'mount -t tmpfs -o size=%dm cura-test "$0" '
-                '&& exec "$@"' % (TMPFS_MIB,), k.gcodes_dir] + outer()
+                "sh", "-c", script + ' && exec "$@"', k.workdir] + outer()
     monkeypatch.setattr(klippy_harness, "_die_with_parent", in_namespace)
     k.start()
     k.wait_ready()
+
+
+def tmpfs_gcodes(klippy_factory, monkeypatch, mib, **kw):
+    """A Klippy whose gcodes folder is a tmpfs of mib MiB in its own mount
+    namespace; the test reaches the files through k.disk."""
+    k = klippy_factory(start=False, **kw)
+    start_with_mounts(k, monkeypatch, 'mount -t tmpfs -o size=%dm '
+                      'cura-test "$0/gcodes"' % (mib,))
     with open("/proc/%d/mounts" % (k.pid,)) as f:
         assert " %s tmpfs " % (k.gcodes_dir,) in f.read()
     k.disk = "/proc/%d/root%s" % (k.pid, k.gcodes_dir)
     return k
+
+
+@pytest.fixture
+def small_disk(klippy_factory, monkeypatch):
+    """A Klippy whose gcodes folder is a 32 MiB tmpfs."""
+    return tmpfs_gcodes(klippy_factory, monkeypatch, TMPFS_MIB)
 
 
 def fill(path, leave=0):
@@ -180,6 +190,108 @@ def test_disk_full(small_disk):
         json.load(f)
     log = k.log_text()
     assert "Internal error" not in log and "request from" not in log
+
+
+def parts_in(folder):
+    return [n for n in os.listdir(folder) if n.endswith(".part")]
+
+
+def test_uploads_in_flight_reserve_space(klippy_factory, monkeypatch):
+    # Each upload alone fits (28 MiB + 16 MiB margin <= 48 MiB free); two
+    # at once would fill the disk: the second is refused before writing.
+    k = tmpfs_gcodes(klippy_factory, monkeypatch, 64)
+    base, port, disk = k.base_url(), k.cura_port(), k.disk
+    fill(disk, leave=48 << 20)
+    line = b"G1 X1 Y1\n"
+    first = upload_bytes("first.gcode", line * ((28 << 20) // len(line)))
+    second = upload_bytes("second.gcode", line * ((28 << 20) // len(line)))
+    s = connect(port)
+    s.sendall(first[:3 << 19])
+    wait_for(lambda: parts_in(disk), 10, "first upload in flight")
+    r = send(port, second)
+    assert is_json_error(r, 507), r
+    assert "in progress" in r.json()["message"], r
+    assert len(parts_in(disk)) == 1
+    s.sendall(first[3 << 19:])
+    r = read_reply(s)
+    s.close()
+    assert r.status == 200, r
+    assert set(by_name(base)) == {"first"}
+    assert leftovers(disk, k.pid) == []
+    assert os.path.getsize(os.path.join(disk, "first.gcode")) > 27 << 20
+    assert "Disk full" not in k.log_text()
+
+
+def test_gcodes_folder_gone(klippy_factory):
+    # Mainsail renamed it, or the USB stick is gone: statvfs fails
+    k = klippy_factory(start=False)
+    k.module_options["data_path"] = os.path.join(k.workdir, "data")
+    k.start()
+    k.wait_ready()
+    base = k.base_url()
+    moved = k.gcodes_dir + "-renamed"
+    os.rename(k.gcodes_dir, moved)
+    r = upload(base, "lost.gcode", b";TIME:5\nG1 X1\n")
+    assert is_json_error(r, 500), r
+    assert k.gcodes_dir in r.json()["message"]
+    assert "No such file" in r.json()["message"]
+    assert httpc.get_json(base, JOBS) == []
+    assert os.listdir(moved) == []
+    # back again: uploads work
+    os.rename(moved, k.gcodes_dir)
+    assert upload(base, "found.gcode", b";TIME:5\nG1 X1\n").status == 200
+    assert [j["name"] for j in httpc.get_json(base, JOBS)] == ["found"]
+    assert "Traceback" not in k.log_text()
+
+
+def test_thumbs_is_a_file(klippy_factory):
+    # a failed thumbnail only means no preview
+    k = klippy_factory()
+    base = k.base_url()
+    with open(os.path.join(k.gcodes_dir, ".thumbs"), "w") as f:
+        f.write("not a folder")
+    data = (";TIME:5\n" + gcode_samples.embedded_thumbnail(
+        gcode_samples.png(16, 16)) + "G1 X1\n").encode()
+    r = upload(base, "thumb.gcode", data)
+    assert r.status == 200, r
+    job = by_name(base)["thumb"]
+    r = httpc.request(base, "GET", JOBS + "/%s/preview_image" % job["uuid"])
+    assert is_json_error(r, 404), r
+    with open(os.path.join(k.gcodes_dir, "thumb.gcode"), "rb") as f:
+        assert f.read() == data
+    assert "no preview for thumb.gcode" in k.log_text()
+    assert "Traceback" not in k.log_text()
+
+
+def test_data_path_read_only(klippy_factory, monkeypatch):
+    # The queue cannot be saved: the upload fails whole, with a reply;
+    # no job in memory, no file on disk.
+    k = klippy_factory(start=False)
+    data_dir = os.path.join(k.workdir, "data")
+    os.makedirs(data_dir)
+    k.module_options["data_path"] = data_dir
+    start_with_mounts(k, monkeypatch, 'mount --bind "$0/data" "$0/data" '
+                      '&& mount -o remount,ro,bind "$0/data" "$0/data"')
+    base = k.base_url()
+    data = (";TIME:5\n" + gcode_samples.embedded_thumbnail(
+        gcode_samples.png(16, 16)) + "G1 X1\n").encode()
+    r = upload(base, "ro.gcode", data)
+    assert is_json_error(r, 500), r
+    message = r.json()["message"]
+    assert os.path.join(data_dir, "queue.json") in message
+    assert "Read-only file system" in message
+    assert httpc.get_json(base, JOBS) == []
+    assert sorted(os.listdir(k.gcodes_dir)) in ([], [".thumbs"])
+    assert leftovers(k.gcodes_dir) == []
+    if os.path.isdir(os.path.join(k.gcodes_dir, ".thumbs")):
+        assert os.listdir(os.path.join(k.gcodes_dir, ".thumbs")) == []
+    # nothing starts, nothing is sent again by a confused Cura: the printer
+    # stays idle, and every other request is answered too
+    assert httpc.printer(base)["status"] == "idle"
+    r = httpc.request(base, "GET", "/cluster-api/v1/materials")
+    assert r.status == 200 or is_json_error(r, 500), r
+    assert k.info()["state"] == "ready"
+    assert "Traceback" not in k.log_text()
 
 
 class Poller:

@@ -169,4 +169,5 @@ def test_bad_option_values_are_config_errors(klippy_factory):
     assert_config_errors(klippy_factory, [
         ({"port": 70000}, "port"),
         ({"cura_machine": "prusa"}, "cura_machine"),
-        ({"address": "not-an-ip"}, "address")])
+        ({"address": "not-an-ip"}, "address"),
+        ({"max_queue": 0}, "max_queue"), ({"max_queue": 1001}, "max_queue")])

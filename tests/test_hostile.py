@@ -155,6 +155,15 @@ def test_malformed_uploads(klippy_factory):
         ("text length", request_bytes("POST", JOBS + "/", {
             "Content-Type": "multipart/form-data; boundary=x",
             "Content-Length": "1e3"}), 400),
+        # only plain digits (RFC 9110), though int() takes these
+        ("length with _", upload_bytes(good, extra={
+            "Content-Length": "%d_%s" % (len(good) // 100,
+                                         str(len(good))[-2:])}), 400),
+        ("length with +", upload_bytes(good, extra={
+            "Content-Length": "+%d" % (len(good),)}), 400),
+        ("two lengths", upload_bytes(good, extra={
+            "Content-Length": "%d\r\nContent-Length: %d" % (
+                len(good), len(good) + 1)}), 400),
         ("over max_upload_size", request_bytes("POST", JOBS + "/", {
             "Content-Type": "multipart/form-data; boundary=x",
             "Content-Length": str(5 << 20), "Expect": "100-continue"}), 413),
@@ -173,6 +182,52 @@ def test_malformed_uploads(klippy_factory):
     # and the module still takes a good upload
     r = send(port, upload_bytes(good))
     assert r.status == 200, r
+    watch.check()
+
+
+def test_queue_limit(klippy_factory):
+    # max_queue jobs may wait; uploads in flight count, and the one past
+    # the limit is refused (409) before its body is read or written.
+    k = klippy_factory(module_options=dict(OPTIONS, max_queue=2))
+    base, port = k.base_url(), k.cura_port()
+    watch = Watch(k)
+
+    def send_upload(name):
+        return send(port, upload_bytes(part("file", GCODE, name) + end()))
+
+    def names():
+        return [j["name"] for j in jobs(base) if j["status"] == "queued"]
+    assert send_upload("first.gcode").status == 200
+    wait_for(lambda: names() == [], 20, "first job started")
+    assert send_upload("q1.gcode").status == 200
+    # q2 in flight: the queue is full with it
+    big = upload_bytes(part("file", GCODE * 150000, "q2.gcode") + end())
+    s = connect(port)
+    s.sendall(big[:len(big) // 2])
+    wait_for(lambda: [n for n in os.listdir(k.gcodes_dir)
+                      if n.endswith(".part")], 5, "q2 in flight")
+    r = send_upload("q3.gcode")
+    assert is_json_error(r, 409), r
+    assert "queue is full" in r.json()["message"]
+    assert "max_queue: 2" in r.json()["message"]
+    s.sendall(big[len(big) // 2:])
+    assert read_reply(s).status == 200
+    s.close()
+    assert names() == ["q1", "q2"]
+    # refused before the body: the client waiting for 100 Continue gets
+    # the 409 instead and never sends it
+    body = part("file", GCODE, "q4.gcode") + end()
+    r = send(port, upload_bytes(b"", extra={
+        "Content-Length": str(len(body)), "Expect": "100-continue"}))
+    assert is_json_error(r, 409), r
+    assert names() == ["q1", "q2"]
+    assert not [n for n in os.listdir(k.gcodes_dir)
+                if n.startswith(("q3", "q4"))]
+    # room again
+    q1 = [j["uuid"] for j in jobs(base) if j["name"] == "q1"][0]
+    assert httpc.request(base, "DELETE", JOBS + "/" + q1).status == 200
+    assert send_upload("q5.gcode").status == 200
+    assert names() == ["q2", "q5"]
     watch.check()
 
 

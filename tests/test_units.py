@@ -12,6 +12,7 @@ import pytest
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..",
                                 "klippy_extras"))
 import cura_connection as cc  # noqa: E402
+import gcode_samples  # noqa: E402
 
 
 @pytest.mark.parametrize("given,expected", [
@@ -90,6 +91,136 @@ def test_metadata_ignores_broken_thumbnail():
     head = b"; thumbnail begin 10x10 4\n; !!!!\n; thumbnail end\n;TIME:7\n"
     meta = cc.parse_gcode_metadata(head, b"")
     assert meta["thumbnail"] is None and meta["time_estimate"] == 7
+
+
+def qimage_size(data):
+    # Cura's preview: UM3PrintJobOutputModel.updatePreviewImageData
+    from PyQt5.QtGui import QImage
+    image = QImage()
+    return (image.width(), image.height()) if image.loadFromData(data) \
+        else None
+
+
+def test_thumbnail_cura5_create_thumbnail_script():
+    # "; thumbnail begin 300 300 <len>": width and height split by a space
+    head = (gcode_samples.cura_marlin_header(2345)
+            + gcode_samples.embedded_thumbnail(gcode_samples.png(32, 32),
+                                               32, 32, sep=" ")
+            + gcode_samples.embedded_thumbnail(gcode_samples.png(300, 300),
+                                               300, 300, sep=" ")
+            + gcode_samples.moves(10)).encode()
+    meta = cc.parse_gcode_metadata(cc.gcode_comment_lines(head), b"")
+    assert meta["time_estimate"] == 2345
+    assert meta["filament_mm"] == pytest.approx(1234.56)
+    assert qimage_size(meta["thumbnail"]) == (300, 300)
+
+
+def test_thumbnail_without_length():
+    block = gcode_samples.embedded_thumbnail(gcode_samples.png(20, 10),
+                                             20, 10)
+    head = block.replace(block.split("\n")[0], "; thumbnail begin 20x10")
+    thumb = cc.parse_gcode_metadata(head.encode(), b"")["thumbnail"]
+    assert qimage_size(thumb) == (20, 10)
+
+
+@pytest.mark.parametrize("blocks,expected", [
+    # PrusaSlicer/Orca/SuperSlicer: only JPG blocks
+    ([("_JPG", "jpeg", 16, 16), ("_JPG", "jpeg", 220, 124)], (220, 124)),
+    # only QOI: Cura's QImage cannot decode it, so no preview
+    ([("_QOI", "qoi", 16, 16), ("_QOI", "qoi", 480, 240)], None),
+    # Prusa MK4 style: QOI for the printer's screen, a PNG for the rest
+    ([("_QOI", "qoi", 480, 240), ("", "png", 300, 300),
+      ("_QOI", "qoi", 16, 16)], (300, 300)),
+    # same size: the lossless PNG
+    ([("_JPG", "jpeg", 64, 64), ("_PNG", "png", 64, 64)], (64, 64)),
+    # the largest up to PREVIEW_MAX_SIDE, not a huge one
+    ([("", "png", 1600, 1600), ("_JPG", "jpeg", 400, 300),
+      ("", "png", 32, 32)], (400, 300)),
+    # only a huge one: better than none
+    ([("", "png", 1600, 1200)], (1600, 1200)),
+    # the label says PNG but the data is a JPEG: the data decides
+    ([("", "jpeg", 50, 40)], (50, 40)),
+    # the label says JPG but the data is QOI: skipped
+    ([("_JPG", "qoi", 50, 40), ("", "png", 20, 20)], (20, 20)),
+], ids=["jpg only", "qoi only", "qoi and png", "png before jpg",
+        "largest fitting", "huge only", "jpeg labelled png",
+        "qoi labelled jpg"])
+def test_thumbnail_family(blocks, expected):
+    head = ";TIME:60\n" + "".join(
+        gcode_samples.embedded_thumbnail(
+            getattr(gcode_samples, kind)(w, h), w, h, kind=label)
+        for label, kind, w, h in blocks)
+    thumb = cc.parse_gcode_metadata(head.encode(), b"")["thumbnail"]
+    if expected is None:
+        assert thumb is None
+    else:
+        assert qimage_size(thumb) == expected
+    # what a QOI decoder would need, Cura's does not have
+    assert qimage_size(gcode_samples.qoi(4, 4)) is None
+
+
+@pytest.mark.parametrize("head", [
+    b"; thumbnail begin 1x1 1\n" * 43000,                   # never ends
+    b"; thumbnail begin 1x1 1\n; thumbnail end\n" * 25000,  # empty blocks
+    b"; thumbnail begin 99999x99999 1\n; iVBO\n; thumbnail end\n" * 20000,
+    b"; thumbnail begin 0x0 1\n; thumbnail end\n",
+    b"; thumbnail begin " + b"9" * 5000 + b"x1 1\n; thumbnail end\n",
+], ids=["no end", "empty", "broken data", "zero size", "huge number"])
+def test_thumbnail_hostile_blocks(head):
+    # a megabyte of them is read in one pass (the old pattern searched
+    # for each begin's end anew: 8,000 unended begins took 27 s)
+    assert cc.parse_gcode_metadata(head, b"")["thumbnail"] is None
+
+
+@pytest.mark.parametrize("head,seconds", [
+    (b";TIME:" + b"9" * 400 + b"\n", 0),          # float() -> inf
+    (b"; estimated printing time = inf\n", 0),
+    (b"; estimated printing time = nan\n", 0),
+    (b"; estimated printing time = 1e400\n", 0),
+    (b"; estimated printing time = " + b"9" * 5000 + b"s\n", 0),
+    (b"; estimated printing time = 1_5\n", 0),    # int() said 15
+    (b";TIME:2345.7\n", 2345),
+], ids=["huge", "inf", "nan", "1e400", "5000 digits", "1_5", "fraction"])
+def test_absurd_time_estimates(head, seconds):
+    assert cc.parse_gcode_metadata(head, b"")["time_estimate"] == seconds
+
+
+def test_intake_reserves_space_and_queue_slots(tmp_path, monkeypatch):
+    MiB = 1 << 20
+    free = [96 * MiB]
+
+    class Vfs:
+        f_frsize = 4096
+
+        @property
+        def f_bavail(self):
+            return free[0] // 4096
+    monkeypatch.setattr(cc.os, "statvfs", lambda path: Vfs())
+    intake = cc.FileIntake(str(tmp_path), 1024 * MiB)
+    # two 55 MiB uploads into 96 MiB free: each fits alone, not together
+    a = intake.begin(55 * MiB)
+    with pytest.raises(cc.NoSpace) as e:
+        intake.begin(55 * MiB)
+    assert "55 MiB of it for uploads in progress" in e.value.message
+    # what a has written is no longer free, and no longer pending
+    a.received = 40 * MiB
+    free[0] -= 40 * MiB
+    with pytest.raises(cc.NoSpace):
+        intake.begin(30 * MiB)
+    intake.end(a)
+    free[0] -= 15 * MiB
+    b = intake.begin(25 * MiB)      # 25 + 16 <= 41
+    intake.end(b)
+    # queue slots: uploads in flight count as queued jobs
+    c = intake.begin(MiB, lambda: 1, 2)
+    with pytest.raises(cc.Conflict) as e:
+        intake.begin(MiB, lambda: 1, 2)
+    assert "max_queue: 2" in e.value.message
+    intake.end(c)
+    intake.end(intake.begin(MiB, lambda: 1, 2))
+    with pytest.raises(cc.TooLarge):
+        cc.FileIntake(str(tmp_path), MiB).begin(MiB + 1)
+    assert not intake.in_flight
 
 
 def test_read_gcode_metadata_reads_head_and_tail(tmp_path):
@@ -331,25 +462,28 @@ def test_material_store(tmp_path):
     (MATERIAL % (GUID, 0), "version"),
     (MATERIAL % ("", 1), "GUID"),
     (MATERIAL % ("a b;c", 1), "GUID"),
+    (MATERIAL % (GUID, "1_0"), "version"),
+    (MATERIAL % (GUID, "+1"), "version"),
     ("<fdmmaterial/>", "fdmmaterial"),
     ("not xml at all", "valid"),
     ('<?xml version="1.0"?><!DOCTYPE x [<!ENTITY a "aaaa">'
      '<!ENTITY b "&a;&a;&a;&a;">]><fdmmaterial>&b;</fdmmaterial>', "valid"),
     ('<?xml version="1.0"?><!DOCTYPE x [<!ENTITY e SYSTEM '
      '"file:///etc/passwd">]><fdmmaterial>&e;</fdmmaterial>', "valid"),
-], ids=["version 0", "no GUID", "bad GUID", "wrong root", "not XML",
+], ids=["version 0", "no GUID", "bad GUID", "version 1_0", "version +1",
+        "wrong root", "not XML",
         "entity expansion", "external entity"])
 def test_material_rejects(tmp_path, data, why):
     m = cc.MaterialStore(str(tmp_path))
-    with pytest.raises(cc.HTTPError) as e:
+    with pytest.raises(cc.BadInput) as e:
         m.add("x.xml.fdm_material", data.encode())
-    assert e.value.status == 400 and why in e.value.message
+    assert why in e.value.message
     assert m.list() == []
 
 
 def test_material_bad_name(tmp_path):
     m = cc.MaterialStore(str(tmp_path))
-    with pytest.raises(cc.HTTPError):
+    with pytest.raises(cc.BadInput):
         m.add("../evil.xml", (MATERIAL % (GUID, 1)).encode())
 
 
