@@ -146,6 +146,9 @@ from UM3NetworkPrinting.src.Messages.AuthorizationRequiredMessage import \
 # The desktop application, as stand-ins
 
 
+_SCRATCH = tempfile.TemporaryDirectory(prefix="cura5-")   # gone at exit
+
+
 class _MaterialRegistry(cura_client._MaterialRegistry):
     """The Cura 4.13 leg's read-only registry of material files (a Cura's
     library), parsed with Cura 5's own XmlMaterialProfile; the parser asks
@@ -153,7 +156,7 @@ class _MaterialRegistry(cura_client._MaterialRegistry):
 
     def __init__(self, folder, names=None):
         if names is not None:   # a smaller library: a folder of links
-            subset = tempfile.mkdtemp(prefix="cura5-materials-")
+            subset = tempfile.mkdtemp(dir=_SCRATCH.name)
             for name in names:
                 os.symlink(os.path.join(folder, name + ".xml.fdm_material"),
                            os.path.join(subset, name + ".xml.fdm_material"))
