@@ -70,4 +70,16 @@ if [ "$(cat "$T/.done" 2>/dev/null)" != "$want" ]; then
     "$T/bin/pip" install -q --disable-pip-version-check -r "$ROOT/tests/requirements.txt"
     echo "$want" > "$T/.done"
 fi
+# The Cura 5 leg (tests/cura5_client.py): its own interpreter with PyQt6,
+# only where Cura 5 source trees are given (CURA5_DIR, see README).
+if [ -n "${CURA5_DIR:-}" ]; then
+    C5="$VENVS/cura5"
+    want=$(stamp cura5 "$ROOT/tests/requirements-cura5.txt")
+    if [ "$(cat "$C5/.done" 2>/dev/null)" != "$want" ]; then
+        rm -rf "$C5"
+        /usr/bin/python3 -m venv "$C5"
+        "$C5/bin/pip" install -q --disable-pip-version-check -r "$ROOT/tests/requirements-cura5.txt"
+        echo "$want" > "$C5/.done"
+    fi
+fi
 echo "test environment ready in $VENVS"

@@ -485,3 +485,16 @@ def test_material_bad_name(tmp_path):
     m = cc.MaterialStore(str(tmp_path))
     with pytest.raises(cc.BadInput):
         m.add("../evil.xml", (MATERIAL % (GUID, 1)).encode())
+
+
+def test_material_profile_names_like_cura():
+    # label, else colour and type, a Generic colour left out
+    xml = (b'<fdmmaterial xmlns="http://www.ultimaker.com/material"><metadata>'
+           b'<name><brand>B</brand><material>PLA</material><color>%s</color>'
+           b'%s</name><GUID>g</GUID><version>1</version></metadata>'
+           b'</fdmmaterial>')
+    for color, label, name in ((b"Generic", b"", "PLA"),
+                               (b"Black", b"", "Black PLA"),
+                               (b"Black", b"<label>Pro PLA</label>",
+                                "Pro PLA")):
+        assert cc.MaterialStore.parse(xml % (color, label))["name"] == name
