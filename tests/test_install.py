@@ -246,9 +246,10 @@ APT_DOWNLOAD_STUB = """\
 if [ "$1" = download ] && [ "$2" = python3-charon ]; then
     echo "apt-get $*" >> "$HOME/apt-downloads.log"
     if [ -n "$FAKE_APT_OFFLINE" ]; then
-        echo "Err:1 http://deb.debian.org/debian bookworm/main all python3-charon"
+        echo "Err:1 http://deb.debian.org/debian bookworm/main python3-charon"
         echo "  Temporary failure resolving 'deb.debian.org'"
-        echo "E: Failed to fetch http://deb.debian.org/debian/pool/main/l/python3-charon.deb  Temporary failure resolving 'deb.debian.org'" >&2
+        echo "E: Failed to fetch http://deb.debian.org/debian/pool/main/l/" \
+            "python3-charon.deb  Temporary failure resolving" >&2
         exit 100
     fi
     exec cp "$FAKE_CHARON_DEB" .
