@@ -1240,6 +1240,26 @@ def test_real_iptables_rule_is_added_once_and_removed_exactly(
                                         "systemctl restart klipper"]
 
 
+def test_offline_iptables_install_says_what_is_missing(host, fake_system,
+                                                       tmp_path):
+    # no nginx on port 80 and no iptables: apt must fetch it, and cannot
+    bare = tmp_path / "no-iptables"
+    bare.mkdir()
+    for name in ("sudo", "apt-get", "systemctl"):
+        shutil.copy2(fake_system / name, bare / name)
+    res = host.run("--no-restart", dry_flag=False, stubs=bare, check=False,
+                   env={"FAKE_DIR": str(fake_system), "FAKE_EXIT": "100"})
+    assert res.returncode != 0
+    assert _calls(fake_system) == [
+        "apt-get update -q", "apt-get install -y -q --no-install-recommends "
+        "iptables iptables-persistent"]
+    assert "apt-get update failed (see above; offline?)" in res.stderr
+    last = res.stderr.rstrip().splitlines()[-1]
+    assert last.startswith("ERROR: apt-get could not install iptables "
+                           "iptables-persistent"), res.stderr
+    assert "offline?" in last
+
+
 def test_real_nginx_rejecting_the_config_restores_the_site(host,
                                                            fake_system):
     host.add_mainsail_site()
