@@ -7,12 +7,16 @@
 set -euo pipefail
 
 # Moonraker's update manager reads this line (install_script) to learn which
-# Debian packages the extension needs.
+# Debian packages the extension needs: none. libcharon comes from Debian's
+# python3-charon without that package's Qt/D-Bus dependencies
+# (klippy_extras/libcharon.sh), and iptables only where nginx does not serve
+# port 80.
 # shellcheck disable=SC2034
-PKGLIST="python3-charon"
+PKGLIST=""
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd -P)
 MODULE="$REPO/klippy_extras/cura_connection.py"
+LIBCHARON_SH="$REPO/klippy_extras/libcharon.sh"
 REQUIREMENTS="$REPO/klippy_extras/requirements.txt"
 MODULE_REL="klippy/extras/cura_connection.py"   # inside the Klipper checkout
 MARK="cura_connection install.sh"               # tags lines we add to shared files
@@ -24,6 +28,10 @@ KLIPPER_DIR="$HOME/klipper"
 KLIPPY_ENV="$HOME/klippy-env"
 CONFIG_DIR="$HOME/printer_data/config"
 CHARON_DIR="${CHARON_DIR:-/usr/lib/python3/dist-packages/Charon}"
+# Where root's tools (nginx, iptables, netfilter-persistent) are looked for
+# besides PATH, which lacks the sbin folders for normal users. Tests point it
+# at their fake commands.
+SBIN_DIRS=${CURA_INSTALL_SBIN_DIRS-/usr/local/sbin:/usr/sbin:/sbin}
 NGINX_DIR="/etc/nginx"
 PORT=8080
 SERVICE="klipper"
@@ -41,7 +49,10 @@ Installs cura_connection for Klipper:
   1. links klippy_extras/cura_connection.py into <klipper-dir>/klippy/extras/
      (and hides it from git status in the Klipper checkout)
   2. pip-installs klippy_extras/requirements.txt into the Klippy venv
-  3. makes libcharon (Debian package python3-charon) importable in that venv
+  3. makes libcharon (module Charon, reads UFP files) importable in that venv:
+     Debian's python3-charon when it is installed, else only the Charon
+     folder of that package, downloaded with apt-get and unpacked into
+     <klippy-env>/share/cura_connection (without PyQt5, python3-gi, dbus)
   4. makes Cura's requests to port 80 reach the module: an nginx include with
      the Cura paths when nginx (Mainsail/Fluidd) serves port 80, otherwise an
      iptables REDIRECT 80 -> <port> saved with netfilter-persistent
@@ -54,7 +65,8 @@ Options:
   --klippy-env DIR       Klippy's Python venv (default: ~/klippy-env)
   --config-dir DIR       printer.cfg / moonraker.conf folder
                          (default: ~/printer_data/config)
-  --charon-dir DIR       libcharon's package folder (default, or env CHARON_DIR:
+  --charon-dir DIR       libcharon's package folder of an installed python3-charon
+                         (default, or env CHARON_DIR:
                          /usr/lib/python3/dist-packages/Charon)
   --nginx-dir DIR        nginx configuration folder (default: /etc/nginx)
   --port N               port of the module's HTTP server, as set in
@@ -65,8 +77,9 @@ Options:
   --uninstall            remove everything this script added (pip packages
                          stay in the venv)
   --dry-run-privileged   print the commands that need root ("would run: ...")
-                         instead of running them; the other steps are done.
-                         Same as CURA_INSTALL_DRY_RUN=1.
+                         instead of running them, and keep the files it would
+                         write as root in a folder it names; the other steps
+                         are done. Same as CURA_INSTALL_DRY_RUN=1.
   -h, --help             show this help
 EOF
 }
@@ -153,22 +166,34 @@ sys_do() {   # PATH CMD...: run a command that changes PATH
     if can_write "$p"; then "$@"; else priv "$@"; fi
 }
 # sys_put SRC DEST: make DEST's content SRC's. An existing DEST keeps its owner
-# and mode (cp writes into it); a new one is created 0644.
+# and mode (cp writes into it); a new one is created 0644. A dry run that may
+# not write DEST keeps SRC in DRY_DIR, so the printed command names a file the
+# user can read.
+DRY_DIR=""
 sys_put() {
-    if [ -e "$2" ]; then sys_do "$2" cp "$1" "$2"; else sys_do "$2" install -m 0644 "$1" "$2"; fi
+    local src=$1
+    if [ "$DRY_RUN" = 1 ] && ! can_write "$2"; then
+        [ -n "$DRY_DIR" ] || DRY_DIR=$(mktemp -d "${TMPDIR:-/tmp}/cura_connection-dry-run.XXXXXX")
+        src="$DRY_DIR/$(basename "$2")"
+        cp "$1" "$src"
+    fi
+    if [ -e "$2" ]; then sys_do "$2" cp "$src" "$2"; else sys_do "$2" install -m 0644 "$src" "$2"; fi
 }
 
 APT_UPDATED=0
+apt_update() {
+    [ "$APT_UPDATED" = 0 ] || return 0
+    APT_UPDATED=1
+    priv apt-get update -q || warn "apt-get update failed (see above; offline?): going on with the package lists this machine has"
+}
 apt_install() {
-    if [ "$APT_UPDATED" = 0 ]; then
-        priv apt-get update -q || warn "apt-get update failed; trying the install anyway"
-        APT_UPDATED=1
-    fi
-    priv env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "$@"
+    apt_update
+    priv env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "$@" \
+        || die "apt-get could not install $* (see its words above). That needs this machine's Debian package mirror: check the network connection (offline?) and run install.sh again"
 }
 
 have() {   # have CMD: on PATH, or in an sbin folder a normal user's PATH may lack
-    command -v "$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$1" ] || [ -x "/sbin/$1" ]
+    PATH="$PATH${SBIN_DIRS:+:$SBIN_DIRS}" command -v "$1" >/dev/null 2>&1
 }
 
 # Keeps a file's "no newline at end" state when a line-based tool rewrote it.
@@ -263,35 +288,23 @@ install_requirements() {
     "$VENV_PY" -m pip install --disable-pip-version-check -r "$REQUIREMENTS"
 }
 
+# libcharon.sh downloads python3-charon (no root needed) when it is not
+# installed; stale package lists get one refresh and a second try.
 install_charon() {
-    local site link
+    local rc=0
     say "Making libcharon importable in $KLIPPY_ENV"
-    if [ ! -d "$CHARON_DIR" ]; then
-        info "$CHARON_DIR is missing: installing python3-charon"
-        apt_install python3-charon
-        if [ ! -d "$CHARON_DIR" ]; then
-            [ "$DRY_RUN" = 1 ] || die "python3-charon is installed but $CHARON_DIR does not exist (use --charon-dir)"
-            warn "dry run: $CHARON_DIR does not exist, so libcharon is not linked"
-            return 0
-        fi
+    CHARON_DIR=$CHARON_DIR bash "$LIBCHARON_SH" "$KLIPPY_ENV" || rc=$?
+    if [ "$rc" = 2 ] && [ "$DRY_RUN" = 0 ] && [ "$APT_UPDATED" = 0 ]; then
+        info "refreshing the package lists, then trying again"
+        apt_update
+        rc=0
+        CHARON_DIR=$CHARON_DIR bash "$LIBCHARON_SH" "$KLIPPY_ENV" || rc=$?
     fi
-    site=$(venv_site)
-    link="$site/Charon"
-    if [ -L "$link" ] && [ "$(readlink "$link")" = "$CHARON_DIR" ]; then
-        info "$link already links to $CHARON_DIR"
-    elif [ -L "$link" ] || [ ! -e "$link" ]; then
-        ln -sfn "$CHARON_DIR" "$link"
-        info "$link -> $CHARON_DIR"
-    else
-        info "$link is a real package, not a link: using it as it is"
-    fi
-    "$VENV_PY" -c 'import Charon, Charon.VirtualFile' \
-        || die "libcharon does not import in $KLIPPY_ENV (see the error above)"
-    info "import Charon: ok"
+    [ "$rc" = 0 ] || die "libcharon is not installed (see above), so the module could not read UFP files: run install.sh again once that is solved"
 }
 
 uninstall_charon() {
-    local link
+    local link own
     say "Removing the libcharon link from $KLIPPY_ENV"
     if [ ! -x "$KLIPPY_ENV/bin/python" ]; then
         info "no venv at $KLIPPY_ENV"
@@ -299,7 +312,16 @@ uninstall_charon() {
     fi
     VENV_PY="$KLIPPY_ENV/bin/python"
     link="$(venv_site)/Charon"
-    remove_our_link "$link" "$CHARON_DIR" info "no Charon link in the venv"
+    own="$(cd "$KLIPPY_ENV" && pwd)/share/cura_connection"
+    if [ -L "$link" ] && [ "$(readlink "$link")" = "$own/Charon" ]; then
+        remove_our_link "$link" "$own/Charon" info ""
+    else
+        remove_our_link "$link" "$CHARON_DIR" info "no Charon link in the venv"
+    fi
+    if [ -d "$own" ]; then
+        rm -rf "$own"
+        info "removed $own (libcharon unpacked by install.sh)"
+    fi
     info "pip packages from klippy_extras/requirements.txt stay installed in $KLIPPY_ENV"
     info "(zeroconf, python-multipart, defusedxml; remove them with pip if nothing else needs them)"
 }
@@ -636,7 +658,8 @@ EOF
         info "$MOONRAKER_CONF already has the section"
     else
         cat "$new" >"$MOONRAKER_CONF"
-        info "added [update_manager cura_connection] to $MOONRAKER_CONF (restart Moonraker to see it)"
+        info "added to $MOONRAKER_CONF (restart Moonraker to see it):"
+        awk -v b="$MR_BEGIN" -v e="$MR_END" '$0 == b { p = 1 } p { print "      " $0 } $0 == e { p = 0 }' "$MOONRAKER_CONF"
     fi
 }
 
@@ -688,6 +711,17 @@ restart_klipper() {
 }
 
 # ---------------------------------------------------------------------------
+finish() {   # installed|uninstalled
+    if [ "$DRY_RUN" = 0 ]; then
+        say "cura_connection is $1"
+        return 0
+    fi
+    if [ -n "$DRY_DIR" ]; then
+        info "the files the commands above would copy are kept in $DRY_DIR"
+    fi
+    say "Dry run: cura_connection would be $1 once the 'would run' commands above are run as root (or run install.sh without --dry-run-privileged)"
+}
+
 main() {
     if [ "$DRY_RUN" = 1 ]; then say "Dry run: commands that need root are printed, not run"; fi
     if [ "$UNINSTALL" = 1 ]; then
@@ -701,7 +735,7 @@ main() {
         else
             restart_klipper
         fi
-        say "cura_connection is uninstalled"
+        finish uninstalled
         return 0
     fi
     install_module
@@ -712,7 +746,7 @@ main() {
     install_moonraker
     check_printer_cfg
     restart_klipper
-    say "cura_connection is installed"
+    finish installed
 }
 
 main

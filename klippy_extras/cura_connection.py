@@ -1349,11 +1349,16 @@ MATERIAL_SUFFIX = ".xml.fdm_material"
 
 class MaterialStore:
     """Material profiles Cura syncs, kept so each is sent only once."""
+    MAX_HELD = 8 << 20   # bytes kept for Curas waiting for CURA_ALLOW
+
     def __init__(self, path):
         self.path = path
         self.lock = threading.Lock()
         self.index = None   # guid -> material info, read on first use
         self.resolved = {}  # resolve() answers, until the next add()
+        self.held = {}      # client id or address -> {filename: data}
+        self.released = []  # (filename, data) the job runner stores
+        self.dirty = False
 
     @staticmethod
     def parse(data):
@@ -1380,10 +1385,14 @@ class MaterialStore:
         if version < 1:
             raise BadInput("Material version must be 1 or more")
         name = MATERIAL_NS + "name/" + MATERIAL_NS
+        material, color = text(name + "material"), text(name + "color")
+        # The profile's name as Cura shows it: its label, else colour and
+        # type ("Black PLA"; a Generic colour is left out: "PLA")
+        label = text(name + "label") or " ".join(
+            n for n in (color if color != "Generic" else "", material) if n)
         return {"guid": guid, "version": version,
-                "brand": text(name + "brand"),
-                "material": text(name + "material"),
-                "color": text(name + "color"),
+                "brand": text(name + "brand"), "material": material,
+                "color": color, "name": label or "Unknown",
                 "color_code": text(MATERIAL_NS + "color_code")}
 
     def _load(self):
@@ -1411,11 +1420,62 @@ class MaterialStore:
             self._load()
             return [dict(m) for m in self.index.values()]
 
-    def add(self, filename, data):
+    @staticmethod
+    def file_name(filename):
         name = safe_base_name(filename, "")
         if not name.endswith(MATERIAL_SUFFIX) or name == MATERIAL_SUFFIX:
             raise BadInput("Material file names end in %s"
                            % (MATERIAL_SUFFIX,))
+        return name
+
+    def hold(self, owner, filename, data):
+        """Keep a profile from a Cura not allowed yet (checked now), by
+        its client id or address: release() hands it to the job runner,
+        drop() forgets it.  Raises BadInput (not a profile) or NoSpace
+        (MAX_HELD bytes kept)."""
+        self.file_name(filename)
+        self.parse(data)
+        with self.lock:
+            files = self.held.setdefault(owner, {})
+            files.pop(filename, None)   # Cura sends again when it reconnects
+            kept = sum(len(d) for owned in self.held.values()
+                       for d in owned.values())
+            if kept + len(data) > self.MAX_HELD:
+                raise NoSpace("Too many material profiles wait for "
+                              "CURA_ALLOW")
+            files[filename] = data
+
+    def release(self, *owners):
+        # Runs in the reactor (CURA_ALLOW): memory only
+        with self.lock:
+            for owner in owners:
+                self.released += self.held.pop(owner, {}).items()
+            self.dirty = bool(self.released)
+
+    def drop(self, *owners):
+        with self.lock:
+            for owner in owners:
+                self.held.pop(owner, None)
+
+    def save(self):
+        """Store released profiles (job runner thread)."""
+        with self.lock:
+            files, self.released = self.released, []
+            self.dirty = False
+        for i, (filename, data) in enumerate(files):
+            try:
+                self.add(filename, data)
+            except CuraError as e:
+                logging.info("cura_connection: material %s: %s",
+                             filename, e.message)
+            except OSError:
+                with self.lock:   # tried again on the next step
+                    self.released = files[i:] + self.released
+                    self.dirty = True
+                raise
+
+    def add(self, filename, data):
+        name = self.file_name(filename)
         info = self.parse(data)
         with self.lock:
             self._load()
@@ -2030,12 +2090,14 @@ class AuthStore(SavedState):
     MAX_CLIENTS = 64
     NC_WINDOW = 64       # how far out of order parallel requests may come
     MAX_NONCES = 256     # per client: older nonces are forgotten
+    REASK_WINDOW = 30.   # s: a refused Cura asks again within seconds
 
     def __init__(self, path):
         self.path = path
         self.lock = threading.Lock()
         self.clients = {}    # id -> {"key", "application", "user", ...}
         self.nonces = {}     # id -> OrderedDict nonce -> set of nc seen
+        self.refused = {}    # id -> monotonic time of a read refused 401
         self.save_lock = threading.Lock()
         self.dirty = False   # changed by a G-code command: the runner saves
         clients = self.read_file().get("clients")
@@ -2082,6 +2144,7 @@ class AuthStore(SavedState):
     def remove(self, key_id):
         with self.lock:
             self.nonces.pop(key_id, None)
+            self.refused.pop(key_id, None)
             if self.clients.pop(key_id, None) is None:
                 return False
             self.dirty = True
@@ -2098,9 +2161,46 @@ class AuthStore(SavedState):
             return "unknown"
         return "authorized" if client["allowed"] else "unauthorized"
 
+    def find_pending(self, application, user, address):
+        """(id, key) of a request still waiting for CURA_ALLOW from this
+        application, user and address, or None: Cura drops its
+        credentials at every 401 and asks again, and must get the same
+        back -- also when they were allowed in between (until it signs
+        with them again)."""
+        application, user = clean_text(application), clean_text(user)
+        now = time.monotonic()
+        with self.lock:
+            for key_id, c in self.clients.items():
+                if c.get("address") != address \
+                        or c.get("application") != application \
+                        or c.get("user") != user:
+                    continue
+                if not c.get("allowed"):
+                    return key_id, c["key"]
+                if now - self.refused.get(key_id, -1e9) \
+                        < self.REASK_WINDOW:
+                    return key_id, c["key"]
+        return None
+
+    def refuse_waiting(self, key_id):
+        """Note that this waiting client's read was just refused (401)."""
+        with self.lock:
+            self.refused[key_id] = time.monotonic()
+
     def verify(self, method, uri, header):
         """Check a Digest signature (cura-protocol.md 2.3): returns the
         client id, or raises HTTPError 401 (bad, replayed) / 403."""
+        key_id, allowed = self.identify(method, uri, header)
+        if not allowed:
+            raise HTTPError(403, "This Cura is not allowed yet: run "
+                            "CURA_ALLOW ID=%s on the printer" % (key_id,))
+        return key_id
+
+    def identify(self, method, uri, header, once=True):
+        """Check a Digest signature: returns (client id, allowed), or
+        raises HTTPError 403 (unsigned) or 401 with a fresh challenge
+        (unknown client, bad signature; replayed when `once`: reads may
+        come again, a change only once)."""
         p = parse_digest(header)
         if p is None:
             raise HTTPError(403, "Changes need a Cura paired with this "
@@ -2126,6 +2226,12 @@ class AuthStore(SavedState):
         if not hmac.compare_digest(expected,
                                    (p.get("response") or "").lower()):
             raise self.challenge("Wrong Digest signature")
+        if not once:
+            with self.lock:
+                allowed = client.get("allowed")
+                if allowed:
+                    self.refused.pop(key_id, None)   # it has its key
+                return key_id, bool(allowed)
         with self.lock:
             # A signature covers method and path, not the body: each
             # (nonce, nc) is accepted once, so a captured request cannot
@@ -2148,10 +2254,9 @@ class AuthStore(SavedState):
             while len(seen_by_nonce) > self.MAX_NONCES:
                 seen_by_nonce.popitem(last=False)
             allowed = client.get("allowed")
-        if not allowed:
-            raise HTTPError(403, "This Cura is not allowed yet: run "
-                            "CURA_ALLOW ID=%s on the printer" % (key_id,))
-        return key_id
+            if allowed:
+                self.refused.pop(key_id, None)
+        return key_id, bool(allowed)
 
     @staticmethod
     def challenge(message):
@@ -2167,6 +2272,7 @@ class AuthStore(SavedState):
 ######################################################################
 
 UUID_RE = r"([0-9a-fA-F-]{1,64})"
+MATERIALS_PATH = "/cluster-api/v1/materials"
 ROUTES = [
     ("GET", r"/api/v1/system", "get_system"),
     ("POST", r"/api/v1/auth/request", "post_auth_request"),
@@ -2184,8 +2290,8 @@ ROUTES = [
      "post_move"),
     ("GET", r"/cluster-api/v1/print_jobs/%s/preview_image" % UUID_RE,
      "get_preview_image"),
-    ("GET", r"/cluster-api/v1/materials", "get_materials"),
-    ("POST", r"/cluster-api/v1/materials", "post_material"),
+    ("GET", MATERIALS_PATH, "get_materials"),
+    ("POST", MATERIALS_PATH, "post_material"),
     # not Cura's: the web page's, the camera and the machine definition
     ("POST", r"/cluster-api/v1/printers/%s/action/plate_cleared" % UUID_RE,
      "post_plate_cleared"),
@@ -2286,6 +2392,7 @@ class CuraApi:
         self.intake = conn.intake
         self.materials = conn.materials
         self.replies = ReplyCache(self)
+        self.auth_request_lock = threading.Lock()
 
     def route(self, method, path):
         path = path.rstrip("/") or "/"
@@ -2321,9 +2428,7 @@ class CuraApi:
             return {"guid": known["guid"], "brand": known["brand"],
                     "material": known["material"],
                     "color": known["color_code"] or known["color"],
-                    "name": " ".join(n for n in (
-                        known["brand"], known["material"], known["color"])
-                        if n)}
+                    "name": known["name"]}
         # Cura only redraws a material whose GUID changed: give each
         # brand/type/colour its own
         guid = entry.get("guid") or str(uuid.uuid5(
@@ -2409,8 +2514,16 @@ class CuraApi:
         if not isinstance(body, dict):
             body = {}
         auth = self.conn.auth
-        key_id, key = auth.request(body.get("application"), body.get("user"),
-                                   str(req.client_ip()))
+        with self.auth_request_lock:
+            # Cura asks again after each 401 (and several times at once
+            # when it connects): one waiting request per Cura
+            found = auth.find_pending(body.get("application"),
+                                      body.get("user"), str(req.client_ip()))
+            if found:
+                return 200, {"id": found[0], "key": found[1]}
+            key_id, key = auth.request(body.get("application"),
+                                       body.get("user"),
+                                       str(req.client_ip()))
         try:
             auth.save()
         except OSError as e:
@@ -2560,7 +2673,9 @@ class CuraApi:
                      for m in self.materials.list()]
 
     def post_material(self, req):
-        req.require_control()
+        # Cura syncs only when it connects, before anyone could allow it:
+        # a waiting Cura's profiles are kept until CURA_ALLOW stores them.
+        waiting = req.require_control(waiting_ok=True)
         body = req.read_body(MAX_MATERIAL_BODY)
         boundary = req.multipart_boundary()
         parts = parse_small_multipart(body, boundary)
@@ -2568,6 +2683,11 @@ class CuraApi:
                  and p["name"] != "signature_file"]
         if len(files) != 1:
             raise HTTPError(400, "Send one material file in part 'file'")
+        if waiting is not None:
+            self.materials.hold(waiting, files[0]["filename"],
+                                files[0]["data"])
+            return 200, {"message": "kept until this Cura is allowed "
+                         "(CURA_PAIRING, CURA_ALLOW)"}
         added = self.materials.add(files[0]["filename"], files[0]["data"])
         if not added:
             return 200, {"message": "not added: the printer has this "
@@ -2839,6 +2959,8 @@ class CuraRequestHandler(http.server.BaseHTTPRequestHandler):
             # (over 18 digits: more than any limit, and int() stays cheap)
             self.body_left = int(length) if len(length) <= 18 else 10 ** 18
             self.check_origin(method)
+            if method in ("GET", "HEAD"):
+                self.check_reader()
             path = self.path.split("?", 1)[0]
             handler, args = self.server.api.route(method, path)
             if handler.__name__ not in GATED_HANDLERS:
@@ -2994,15 +3116,46 @@ class CuraRequestHandler(http.server.BaseHTTPRequestHandler):
                             "address or a local name, not %s"
                             % (clean_text(host),))
 
-    def require_control(self):
-        # Every handler that changes something calls this first
+    def require_control(self, waiting_ok=False):
+        # Every handler that changes something calls this first.  With
+        # waiting_ok, a Cura not allowed yet gets through: its id is
+        # returned, or its address when it has no credentials yet (a
+        # Cura 5 sends before its first answer came); else None.
         conn = self.server.api.conn
         if not conn.allow_control:
             raise HTTPError(403, "This printer is monitor-only "
                             "(allow_control: False)")
         if conn.require_pairing:
-            conn.auth.verify(self.command, self.path,
-                             self.headers.get("Authorization"))
+            if waiting_ok and self.headers.get("Authorization") is None:
+                return str(self.client_ip())
+            key_id, allowed = conn.auth.identify(
+                self.command, self.path, self.headers.get("Authorization"))
+            if not allowed:
+                if waiting_ok:
+                    return key_id
+                raise HTTPError(403, "This Cura is not allowed yet: run "
+                                "CURA_ALLOW ID=%s on the printer"
+                                % (key_id,))
+        return None
+
+    def check_reader(self):
+        # Reading is open, but a signed read must carry credentials this
+        # printer allowed: Cura 5 reacts to a 401 on a read (not on a
+        # change) by showing its "authorization required" message and
+        # asking for credentials again (POST /api/v1/auth/request).
+        conn = self.server.api.conn
+        header = self.headers.get("Authorization")
+        if not conn.require_pairing or parse_digest(header) is None:
+            return   # unsigned (Cura before 5.11, browsers): open
+        key_id, allowed = conn.auth.identify(self.command, self.path,
+                                             header, once=False)
+        # Cura reads the material list only when it connects, to send
+        # what is missing: a waiting Cura's profiles are kept
+        if not allowed and self.path.rstrip("/") != MATERIALS_PATH:
+            conn.auth.refuse_waiting(key_id)
+            raise conn.auth.challenge(
+                "This Cura waits for CURA_ALLOW ID=%s on the printer"
+                % (key_id,))
 
     def content_length(self, required=False):
         if required and self.headers.get("Content-Length") is None:
@@ -3337,7 +3490,8 @@ class CuraConnection:
         self.server_thread.start()
         self.runner = JobRunner(self.bridge, self.store,
                                 self.intake.read_metadata,
-                                also_save=[self.loaded, self.auth])
+                                also_save=[self.loaded, self.auth,
+                                           self.materials])
         self.announcer = None
         if self.use_zeroconf:
             self.announcer = ZeroconfAnnouncer(
@@ -3453,6 +3607,12 @@ class CuraConnection:
             key_id = found[0]
         return key_id.strip().lower()
 
+    def _client_address(self, key_id):
+        # where that Cura asked from: its profiles sent before it had
+        # credentials are kept under this address
+        return next((c.get("address") for c in self.auth.listing()
+                     if c["id"] == key_id), None)
+
     cmd_CURA_ALLOW_help = "Allow a Cura that asked for access: ID=<id>"
     def cmd_CURA_ALLOW(self, gcmd):
         # Runs in the reactor: memory only, the job runner saves.
@@ -3460,6 +3620,7 @@ class CuraConnection:
         if not self.auth.allow(key_id):
             raise gcmd.error("No Cura asked with ID=%s (see CURA_PAIRING)"
                              % (key_id,))
+        self.materials.release(key_id, self._client_address(key_id))
         self.runner.wake.set()
         gcmd.respond_info("Cura ID=%s may now send and control prints"
                           % (key_id,))
@@ -3467,9 +3628,11 @@ class CuraConnection:
     cmd_CURA_DENY_help = "Remove a Cura's access or request: ID=<id>"
     def cmd_CURA_DENY(self, gcmd):
         key_id = self._client_id(gcmd, False)
+        address = self._client_address(key_id)
         if not self.auth.remove(key_id):
             raise gcmd.error("No Cura with ID=%s (see CURA_PAIRING)"
                              % (key_id,))
+        self.materials.drop(key_id, address)
         self.runner.wake.set()
         gcmd.respond_info("Cura ID=%s removed" % (key_id,))
 

@@ -78,3 +78,16 @@ def cura():
     """Cura 4.13's own network plugin code, loaded once (cura_client.py)."""
     import cura_client
     return cura_client.load()
+
+
+@pytest.fixture
+def cura5():
+    """A headless Cura 5 (cura5_client.py) in its own interpreter; skipped,
+    with the reason, where CURA5_DIR or .venv/cura5 is missing."""
+    import cura5_client
+    why = cura5_client.unavailable()
+    if why:
+        pytest.skip(why)
+    client = cura5_client.Cura5()
+    yield client
+    client.close()

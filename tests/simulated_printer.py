@@ -96,6 +96,8 @@ def watch(k):
 
 def main():
     args = parse_args()
+    # line by line also into a pipe or log file
+    sys.stdout.reconfigure(line_buffering=True)
     if args.reset and os.path.isdir(args.workdir):
         shutil.rmtree(args.workdir)
     klippy_harness.install_module(args.flavor)

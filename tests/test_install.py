@@ -8,9 +8,15 @@ no firewall and no service of this machine is touched. As a safety net,
 sudo, systemctl and apt-get on PATH are stubs that record any call; the tests
 check that none happened.
 
-The Klippy venv is a real venv, created once per session; install.sh really
-pip-installs the requirements into it (from PyPI the first time) and links
-Debian's libcharon into it.
+What install.sh sees of the system is what each test gives it, never what
+this machine has: PATH holds only the basic tools it needs (HOST_TOOLS), the
+stubs and, where a test wants them, fake iptables/nginx/...; the sbin folders
+are not searched; python3-charon "installed" is a folder unpacked from
+Debian's package file (tests/setup_env.sh keeps it in .cache/cura/debs).
+
+The Klippy venv is a real venv (no system site packages), created once per
+session; install.sh really pip-installs the requirements into it (from PyPI
+the first time) and links libcharon into it.
 """
 import configparser
 import http.server
@@ -30,7 +36,13 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 INSTALL_SH = ROOT / "install.sh"
-CHARON_DIR = Path("/usr/lib/python3/dist-packages/Charon")
+CHARON_DEBS = ROOT / ".cache" / "cura" / "debs"
+NGINX = ROOT / ".cache" / "nginx" / "root" / "usr" / "sbin" / "nginx"
+# The only host commands install.sh (and libcharon.sh, and the fakes) see
+HOST_TOOLS = ("bash", "sh", "env", "cat", "mktemp", "rm", "id", "dirname",
+              "basename", "git", "ln", "readlink", "mkdir", "grep", "awk",
+              "tr", "sed", "cp", "mv", "install", "cmp", "tail", "head",
+              "truncate", "touch", "cut", "du", "chmod", "dpkg-deb", "tar")
 ORIGIN = "https://example.invalid/cura_connection.git"
 MARK = "# cura_connection install.sh"
 CURA_LOCATIONS = ["^~ /api/v1/", "^~ /cluster-api/", "= /print_jobs",
@@ -228,27 +240,90 @@ def klippy_venv(tmp_path_factory):
     return path
 
 
+# apt-get's only unprivileged use: "apt-get download python3-charon" gets
+# Debian's real package file (or fails like apt offline, FAKE_APT_OFFLINE=1)
+APT_DOWNLOAD_STUB = """\
+if [ "$1" = download ] && [ "$2" = python3-charon ]; then
+    echo "apt-get $*" >> "$HOME/apt-downloads.log"
+    if [ -n "$FAKE_APT_OFFLINE" ]; then
+        echo "Err:1 http://deb.debian.org/debian bookworm/main python3-charon"
+        echo "  Temporary failure resolving 'deb.debian.org'"
+        echo "E: Failed to fetch http://deb.debian.org/debian/pool/main/l/" \
+            "python3-charon.deb  Temporary failure resolving" >&2
+        exit 100
+    fi
+    exec cp "$FAKE_CHARON_DEB" .
+fi
+"""
+
+
 @pytest.fixture(scope="session")
 def stub_bin(tmp_path_factory):
     """sudo/systemctl/apt-get stubs that log every call (there must be
-    none: the dry run prints those commands instead)."""
+    none: the dry run prints those commands instead), except the download
+    of python3-charon, which needs no root."""
     d = tmp_path_factory.mktemp("stubs")
     log = d / "calls.log"
     for name in ("sudo", "systemctl", "apt-get"):
         stub = d / name
-        stub.write_text('#!/bin/sh\necho "%s $*" >> "%s"\nexit 97\n'
-                        % (name, log))
+        stub.write_text('#!/bin/sh\n%secho "%s $*" >> "%s"\nexit 97\n'
+                        % (APT_DOWNLOAD_STUB if name == "apt-get" else "",
+                           name, log))
         stub.chmod(0o755)
     return d
+
+
+@pytest.fixture(scope="session")
+def host_tools(tmp_path_factory):
+    """A folder with links to HOST_TOOLS: PATH for install.sh without
+    whatever else this machine has (iptables, nginx, ss, ...)."""
+    d = tmp_path_factory.mktemp("host-tools")
+    for name in HOST_TOOLS:
+        real = shutil.which(name)
+        assert real, "%s (needed by install.sh) is not installed" % (name,)
+        (d / name).symlink_to(real)
+    return d
+
+
+@pytest.fixture(scope="session")
+def charon_deb():
+    """Debian's python3-charon package file (from tests/setup_env.sh)."""
+    debs = sorted(CHARON_DEBS.glob("python3-charon_*.deb"))
+    assert debs, "no python3-charon .deb in %s: run tests/setup_env.sh" % (
+        CHARON_DEBS,)
+    return debs[-1]
+
+
+@pytest.fixture(scope="session")
+def debian_charon(tmp_path_factory, charon_deb):
+    """libcharon where an installed python3-charon puts it."""
+    root = tmp_path_factory.mktemp("python3-charon")
+    subprocess.run(["dpkg-deb", "-x", str(charon_deb), str(root)],
+                   check=True)
+    return root / "usr" / "lib" / "python3" / "dist-packages" / "Charon"
+
+
+@pytest.fixture(scope="session")
+def sandbox(stub_bin, host_tools, charon_deb, debian_charon):
+    """What install.sh may see of the system: stubs, basic tools and an
+    installed python3-charon."""
+    return dict(stub_bin=stub_bin, tools=host_tools, charon_deb=charon_deb,
+                charon_dir=debian_charon)
 
 
 class Host:
     """A temporary HOME laid out like a Klipper host."""
 
-    def __init__(self, home, venv, stub_bin, repo):
+    def __init__(self, home, venv, sandbox, repo):
         self.home = home
         self.repo = repo
-        self.stub_bin = stub_bin
+        self.stub_bin = sandbox["stub_bin"]
+        self.tools = sandbox["tools"]
+        self.charon_deb = sandbox["charon_deb"]
+        # python3-charon's folder; a missing one: not installed
+        self.charon_dir = sandbox["charon_dir"]
+        # folders of fake system commands install.sh finds (after the stubs)
+        self.visible = []
         self.klipper = home / "klipper"
         self.extras = self.klipper / "klippy" / "extras"
         self.config = home / "printer_data" / "config"
@@ -315,14 +390,10 @@ class Host:
             check=True, capture_output=True, text=True).stdout.strip()
         return Path(out)
 
-    def run(self, *args, dry_flag=True, env=None, check=True, stubs=None):
-        """Runs install.sh; `stubs` replaces the recording stubs with a
-        folder of fake system commands (for the non-dry-run tests)."""
-        cmd = ["bash", str(self.repo / "install.sh"),
-               "--nginx-dir", str(self.nginx)]
-        if dry_flag:
-            cmd.append("--dry-run-privileged")
-        cmd += list(args)
+    def env(self, env=None, stubs=None):
+        """install.sh's environment: `stubs` replaces the recording stubs
+        with a folder of fake system commands (for the non-dry-run
+        tests)."""
         full_env = dict(os.environ)
         for var in ("SUDO_USER", "CURA_INSTALL_DRY_RUN", "CHARON_DIR"):
             full_env.pop(var, None)
@@ -330,11 +401,24 @@ class Host:
         full_env.setdefault("PIP_CACHE_DIR",
                             os.path.expanduser("~/.cache/pip"))
         full_env["HOME"] = str(self.home)
-        full_env["PATH"] = "%s:%s" % (stubs or self.stub_bin,
-                                      full_env["PATH"])
+        full_env["PATH"] = ":".join(
+            str(d) for d in [stubs or self.stub_bin] + self.visible
+            + [self.tools])
+        full_env["CURA_INSTALL_SBIN_DIRS"] = ""
+        full_env["CHARON_DIR"] = str(self.charon_dir)
+        full_env["FAKE_CHARON_DEB"] = str(self.charon_deb)
         full_env.update(env or {})
-        res = subprocess.run(cmd, env=full_env, capture_output=True,
-                             text=True, timeout=600)
+        return full_env
+
+    def run(self, *args, dry_flag=True, env=None, check=True, stubs=None):
+        """Runs install.sh (see env())."""
+        cmd = ["bash", str(self.repo / "install.sh"),
+               "--nginx-dir", str(self.nginx)]
+        if dry_flag:
+            cmd.append("--dry-run-privileged")
+        cmd += list(args)
+        res = subprocess.run(cmd, env=self.env(env, stubs),
+                             capture_output=True, text=True, timeout=600)
         res.output = res.stdout + res.stderr
         if check:
             assert res.returncode == 0, res.output
@@ -365,14 +449,19 @@ class Host:
         return out
 
 
-@pytest.fixture
-def host(tmp_path, klippy_venv, stub_bin, repo_with_origin):
-    h = Host(tmp_path / "home", klippy_venv, stub_bin, repo_with_origin)
-    yield h
-    # The venv is shared: leave it without our Charon link for the next test.
+def _clean_venv(h):
+    # The venv is shared: leave it without our Charon for the next test.
     link = h.site_packages() / "Charon"
     if link.is_symlink():
         link.unlink()
+    shutil.rmtree(h.venv / "share" / "cura_connection", ignore_errors=True)
+
+
+@pytest.fixture
+def host(tmp_path, klippy_venv, sandbox, repo_with_origin):
+    h = Host(tmp_path / "home", klippy_venv, sandbox, repo_with_origin)
+    yield h
+    _clean_venv(h)
 
 
 def parse_snippet(text):
@@ -411,9 +500,13 @@ def test_bash_syntax():
 
 
 def test_shellcheck():
-    if not shutil.which("shellcheck"):
-        pytest.skip("shellcheck is not installed (apt package shellcheck)")
-    res = subprocess.run(["shellcheck", "--severity=style", str(INSTALL_SH)],
+    """install.sh and the other scripts a user runs."""
+    assert shutil.which("shellcheck"), \
+        "shellcheck is not installed: run tests/setup_env.sh"
+    scripts = [INSTALL_SH, ROOT / "klippy_extras" / "libcharon.sh"] + sorted(
+        (ROOT / "tests").glob("*.sh"))
+    res = subprocess.run(["shellcheck", "--severity=style"]
+                         + [str(p) for p in scripts],
                          capture_output=True, text=True)
     assert res.returncode == 0, res.stdout + res.stderr
 
@@ -438,7 +531,16 @@ def test_help_lists_every_option():
 # Install on a Mainsail host (nginx on port 80)
 # ---------------------------------------------------------------------------
 
-def test_install_with_nginx(host):
+@pytest.fixture(params=["bare", "iptables+nginx"])
+def seen(request, host, fake_system):
+    """Both kinds of host, whatever this machine has: one without iptables
+    and nginx, one with them (fake_system's, found after the stubs)."""
+    if request.param != "bare":
+        host.visible.append(fake_system)
+    return request.param
+
+
+def test_install_with_nginx(host, seen):
     host.add_mainsail_site()
     printer_cfg = (host.config / "printer.cfg").read_bytes()
     res = host.run()
@@ -453,7 +555,8 @@ def test_install_with_nginx(host):
 
     # 2./3. requirements and libcharon import in the Klippy venv
     charon = host.site_packages() / "Charon"
-    assert charon.is_symlink() and os.readlink(charon) == str(CHARON_DIR)
+    assert charon.is_symlink() and os.readlink(charon) == str(
+        host.charon_dir)
     subprocess.run([str(host.venv / "bin" / "python"), "-c",
                     "import zeroconf, python_multipart, defusedxml, Charon, "
                     "Charon.VirtualFile"], check=True)
@@ -485,7 +588,16 @@ def test_install_with_nginx(host):
     # the privileged part is printed, not run; no firewall rule with nginx
     cmds = would_run(res.output)
     assert cmds[:2] == [host.nginx_test, "systemctl reload nginx"]
-    assert not any("tables" in c for c in cmds)
+    tables = [c for c in cmds if "tables" in c]
+    if seen == "bare":
+        assert tables == []
+    else:   # only a redirect of ours, left from before nginx, is dropped
+        rule = ("-t nat -D PREROUTING -p tcp --dport 80 -m comment --comment "
+                "cura_connection -j REDIRECT --to-ports 8080   (for each "
+                "rule tagged cura_connection)")
+        assert tables == ["iptables -t nat -S PREROUTING", "iptables " + rule,
+                          "ip6tables -t nat -S PREROUTING",
+                          "ip6tables " + rule]
 
     # 5. Moonraker's update manager section, as Moonraker's parser reads it
     conf = configparser.ConfigParser(interpolation=None)
@@ -509,17 +621,16 @@ def test_install_with_nginx(host):
 
     # 7. Klipper is restarted (printed in a dry run)
     assert cmds[-1] == "systemctl restart klipper"
+    assert res.stdout.rstrip().splitlines()[-1].startswith(
+        "==> Dry run: cura_connection would be installed once")
+    assert "is installed" not in res.output
 
 
 def test_nginx_routes_cura_paths_to_the_module(host, tmp_path):
     """Runs the installed site in a real nginx (on a loopback port instead of
     80) between a fake module and a fake Moonraker: Cura's paths reach the
     module, Moonraker's (including /api/...) still reach Moonraker."""
-    nginx = shutil.which("nginx") or (
-        "/usr/sbin/nginx" if os.access("/usr/sbin/nginx", os.X_OK) else None)
-    if not nginx:
-        pytest.skip("nginx is not installed (apt package nginx), so the "
-                    "written configuration cannot be parsed or run")
+    nginx = _nginx()
     module_srv, module_seen = _backend("module")
     moonraker_srv, moonraker_seen = _backend("moonraker")
     try:
@@ -532,8 +643,7 @@ def test_nginx_routes_cura_paths_to_the_module(host, tmp_path):
             "listen 80 default_server;",
             "listen 127.0.0.1:%d default_server;" % nginx_port)
         (run_dir / "site").write_text(site)
-        temp = "".join("%s_temp_path %s/%s;\n" % (k, run_dir, k) for k in (
-            "client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+        temp = _nginx_temp_paths(run_dir)
         conf = run_dir / "nginx.conf"
         conf.write_text(
             "%s"
@@ -604,6 +714,20 @@ def test_nginx_routes_cura_paths_to_the_module(host, tmp_path):
             srv.shutdown()
             srv.server_close()
     assert moonraker_seen and module_seen
+
+
+def _nginx():
+    """Debian's nginx binary, unpacked by tests/setup_env.sh (installing
+    the package would enable a system service)."""
+    assert os.access(NGINX, os.X_OK), \
+        "no nginx at %s: run tests/setup_env.sh" % (NGINX,)
+    return str(NGINX)
+
+
+def _nginx_temp_paths(folder):
+    # nginx -t creates its temp folders; the defaults are nginx-common's
+    return "".join("%s_temp_path %s/%s;\n" % (k, folder, k) for k in (
+        "client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
 
 
 def _free_port():
@@ -695,7 +819,7 @@ def test_port_change_updates_snippet_in_place(host):
     assert host.site.read_text().count(MARK) == 1
 
 
-def test_uninstall_restores_everything(host):
+def test_uninstall_restores_everything(host, seen):
     host.add_mainsail_site()
     before = host.snapshot()
     host.run()
@@ -770,19 +894,15 @@ def test_nginx_site_variants(host):
 def test_nginx_config_parses_with_debian_layout(host, tmp_path):
     """The edited site, included from a Debian-style nginx.conf with
     KIAUH's conf.d files, passes nginx -t."""
-    nginx = shutil.which("nginx") or (
-        "/usr/sbin/nginx" if os.access("/usr/sbin/nginx", os.X_OK) else None)
-    if not nginx:
-        pytest.skip("nginx is not installed (apt package nginx), so the "
-                    "written configuration cannot be parsed")
+    nginx = _nginx()
     host.add_mainsail_site()
     host.run("--no-restart")
     conf = tmp_path / "nginx.conf"
     conf.write_text(
-        "pid %s/nginx.pid;\nevents {}\nhttp {\n"
+        "pid %s/nginx.pid;\nevents {}\nhttp {\n%s"
         "    include %s/conf.d/*.conf;\n"
         "    include %s/sites-enabled/*;\n}\n"
-        % (tmp_path, host.nginx, host.nginx))
+        % (tmp_path, _nginx_temp_paths(tmp_path), host.nginx, host.nginx))
     res = subprocess.run([nginx, "-t", "-p", str(tmp_path), "-c", str(conf),
                           "-e", str(tmp_path / "error.log")],
                          capture_output=True, text=True)
@@ -793,7 +913,7 @@ def test_nginx_config_parses_with_debian_layout(host, tmp_path):
 # Without nginx on port 80: iptables
 # ---------------------------------------------------------------------------
 
-def test_iptables_redirect_without_nginx_on_port_80(host):
+def test_iptables_redirect_without_nginx_on_port_80(host, seen):
     # nginx here only serves another port: port 80 is free for the redirect
     site = host.add_mainsail_site(MAINSAIL_SITE.replace(
         "listen 80 default_server;", "listen 81 default_server;").replace(
@@ -808,17 +928,20 @@ def test_iptables_redirect_without_nginx_on_port_80(host):
     assert "iptables -t nat -A PREROUTING " + rule in cmds
     assert "ip6tables -t nat -A PREROUTING " + rule in cmds
     assert "netfilter-persistent save" in cmds
-    if not shutil.which("iptables") and not os.path.exists(
-            "/usr/sbin/iptables"):
-        assert ("env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "
-                "--no-install-recommends iptables iptables-persistent") \
-            in cmds
+    apt = [c for c in cmds if "apt-get" in c]
+    if seen == "bare":
+        assert apt == ["apt-get update -q",
+                       "env DEBIAN_FRONTEND=noninteractive apt-get install "
+                       "-y -q --no-install-recommends iptables "
+                       "iptables-persistent"]
+    else:
+        assert apt == []
     # never a flush, never a rules file written directly
-    assert not any(re.search(r"\s-F\b|--flush|rules\.v[46]|iptables-restore",
-                             c) for c in cmds)
+    assert [c for c in cmds if re.search(
+        r"\s-F\b|--flush|rules\.v[46]|iptables-restore", c)] == []
     assert site.read_text() == original
     assert not host.snippet.exists()
-    assert not any("nginx" in c for c in cmds)
+    assert [c for c in cmds if "nginx" in c] == []
 
 
 def test_no_port80_touches_neither_nginx_nor_iptables(host):
@@ -835,9 +958,9 @@ def test_no_port80_touches_neither_nginx_nor_iptables(host):
 # Other situations
 # ---------------------------------------------------------------------------
 
-def test_no_origin_skips_update_manager(tmp_path, klippy_venv, stub_bin,
+def test_no_origin_skips_update_manager(tmp_path, klippy_venv, sandbox,
                                         repo_without_origin):
-    h = Host(tmp_path / "home", klippy_venv, stub_bin, repo_without_origin)
+    h = Host(tmp_path / "home", klippy_venv, sandbox, repo_without_origin)
     try:
         h.add_mainsail_site()
         res = h.run("--no-restart")
@@ -845,9 +968,7 @@ def test_no_origin_skips_update_manager(tmp_path, klippy_venv, stub_bin,
         assert "no git remote 'origin'" in res.output
         assert os.readlink(h.link) == str(h.module)
     finally:
-        link = h.site_packages() / "Charon"
-        if link.is_symlink():
-            link.unlink()
+        _clean_venv(h)
 
 
 def test_missing_klipper_fails_clearly_and_changes_nothing(host):
@@ -867,13 +988,101 @@ def test_existing_file_in_extras_is_not_overwritten(host):
     assert host.link.read_text() == "# someone else's cura_connection\n"
 
 
-def test_missing_charon_is_installed_with_apt(host):
-    host.add_mainsail_site()
-    res = host.run("--no-restart", "--charon-dir",
-                   str(host.home / "no-charon"))
-    assert ("env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "
-            "--no-install-recommends python3-charon") in would_run(res.output)
-    assert "libcharon is not linked" in res.output
+# Runs in the Klippy venv: the module's own UFP reading, with libcharon
+READ_UFP = r"""
+import importlib.util, json, os, sys
+module, ufp, gcodes = sys.argv[1:]
+for name in ("PyQt5", "gi", "dbus"):
+    try:
+        __import__(name)
+        sys.exit(name + " is importable in the Klippy venv")
+    except ImportError:
+        pass
+spec = importlib.util.spec_from_file_location("cura_connection", module)
+m = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(m)
+intake = m.FileIntake(gcodes, 1 << 30)
+assert intake.charon is not None, "libcharon did not import"
+def as_zip(*args):
+    raise AssertionError("read as a plain zip, not with libcharon")
+intake._unpack_zip = as_zip
+gcode, thumbnail = intake._unpack_ufp(ufp)
+with open(gcode, "rb") as f:
+    print(json.dumps({"gcode": f.read().decode(), "thumbnail": thumbnail.hex(),
+                      "charon": os.path.realpath(intake.charon.__file__)}))
+"""
+
+
+@pytest.fixture
+def pi_host(tmp_path, sandbox, repo_with_origin):
+    """Raspberry Pi OS Lite + MainsailOS: no python3-charon (nor PyQt5,
+    python3-gi, dbus), a fresh Klippy venv without system site packages."""
+    venv = tmp_path / "venv" / "klippy-env"
+    subprocess.run([os.environ.get("KLIPPY_PYTHON") or shutil.which(
+        "python3"), "-m", "venv", str(venv)], check=True)
+    h = Host(tmp_path / "home", venv, dict(
+        sandbox, charon_dir=tmp_path / "no-python3-charon"),
+        repo_with_origin)
+    h.add_mainsail_site()
+    return h
+
+
+def test_pi_host_reads_ufp_without_pyqt5(pi_host, tmp_path, cura):
+    import cura_client
+    import gcode_samples
+    h = pi_host
+    res = h.run("--no-restart")
+    # nothing installed with apt: only python3-charon's file downloaded
+    assert [c for c in would_run(res.output) if "apt" in c] == []
+    assert (h.home / "apt-downloads.log").read_text() == \
+        "apt-get download python3-charon\n"
+    own = h.home / "klippy-env" / "share" / "cura_connection"
+    assert os.readlink(h.site_packages() / "Charon") == str(own / "Charon")
+    assert sorted(p.name for p in own.iterdir()) == [
+        "Charon", "python3-charon.version"]
+
+    ufp = tmp_path / "benchy.ufp"
+    gcode = gcode_samples.cura_gcode(print_time=600, count=40)
+    thumbnail = gcode_samples.png()
+    cura_client.make_ufp(str(ufp), gcode, thumbnail_png=thumbnail)
+    gcodes = tmp_path / "gcodes"
+    gcodes.mkdir()
+    out = subprocess.run([str(h.venv / "bin" / "python"), "-c", READ_UFP,
+                          str(h.module), str(ufp), str(gcodes)],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout)
+    assert got["gcode"].encode() == gcode
+    assert bytes.fromhex(got["thumbnail"]) == thumbnail
+    assert got["charon"] == str(h.venv / "share" / "cura_connection" /
+                                "Charon" / "__init__.py")
+
+    # a second run keeps the unpacked copy; uninstall removes it
+    res = h.run("--no-restart")
+    assert "using libcharon" in res.output
+    assert (h.home / "apt-downloads.log").read_text().count("\n") == 1
+    h.run("--uninstall", "--no-restart")
+    assert not (h.site_packages() / "Charon").is_symlink()
+    assert not own.exists()
+
+
+def test_pi_host_offline_says_what_is_missing(pi_host, fake_system):
+    h = pi_host
+    env = {"FAKE_APT_OFFLINE": "1", "FAKE_DIR": str(fake_system)}
+    res = h.run("--no-restart", env=env, check=False)
+    assert res.returncode != 0
+    assert "cannot reach its Debian package mirror (offline?)" in res.stderr
+    assert "UFP" in res.stderr
+    assert res.stderr.rstrip().splitlines()[-1].startswith(
+        "ERROR: libcharon is not installed")
+    # for real: the package lists are refreshed once, then it gives up
+    res = h.run("--no-restart", dry_flag=False, env=env, check=False,
+                stubs=fake_system)
+    assert res.returncode != 0
+    assert _calls(fake_system) == ["apt-get update -q"]
+    assert (h.home / "apt-downloads.log").read_text().count("\n") == 3
+    assert "Connect to the internet" in res.stderr
+    assert not (h.site_packages() / "Charon").exists()
 
 
 def test_configured_printer_cfg_needs_no_hint(host):
@@ -910,18 +1119,25 @@ def test_dry_run_leaves_etc_nginx_alone(host):
     before = tree()
     cmd = ["bash", str(host.repo / "install.sh"), "--dry-run-privileged",
            "--no-restart"]
-    env = dict(os.environ, HOME=str(host.home),
-               PATH="%s:%s" % (host.stub_bin, os.environ["PATH"]))
-    env.pop("SUDO_USER", None)
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True,
-                         timeout=600)
+    res = subprocess.run(cmd, env=host.env(), capture_output=True,
+                         text=True, timeout=600)
     assert res.returncode == 0, res.stdout + res.stderr
     assert not (host.stub_bin / "calls.log").exists()
     assert tree() == before
     cmds = would_run(res.stdout)
-    assert any(c.endswith("/etc/nginx/snippets/cura_connection.conf")
-               for c in cmds)
+    (put,) = [c for c in cmds
+              if c.endswith(" /etc/nginx/snippets/cura_connection.conf")]
     assert "nginx -t -c /etc/nginx/nginx.conf" in cmds
+    # what it would write there is kept where the user can read it
+    kept = Path(put.split()[-2])
+    try:
+        assert "location ^~ /cluster-api/ {" in kept.read_text()
+        assert "files the commands above would copy are kept in %s" % (
+            kept.parent,) in res.stdout
+    finally:
+        shutil.rmtree(kept.parent)
+    assert res.stdout.rstrip().splitlines()[-1].startswith(
+        "==> Dry run: cura_connection would be installed once")
 
 
 # ---------------------------------------------------------------------------
@@ -971,8 +1187,10 @@ def fake_system(tmp_path):
     d.mkdir()
     for name in ("iptables", "ip6tables"):
         (d / name).write_text(FAKE_IPTABLES)
-    for name in ("netfilter-persistent", "systemctl", "apt-get"):
+    for name in ("netfilter-persistent", "systemctl"):
         (d / name).write_text(FAKE_RECORDER)
+    (d / "apt-get").write_text(FAKE_RECORDER.replace(
+        "\n", "\n" + APT_DOWNLOAD_STUB, 1))
     (d / "nginx").write_text(FAKE_RECORDER.replace(
         "${FAKE_EXIT:-0}", "${FAKE_NGINX_EXIT:-0}"))
     (d / "sudo").write_text('#!/bin/sh\nexec "$@"\n')
@@ -1020,6 +1238,26 @@ def test_real_iptables_rule_is_added_once_and_removed_exactly(
         assert (fake_system / (name + ".rules")).read_text() == others
     assert _calls(fake_system)[-2:] == ["netfilter-persistent save",
                                         "systemctl restart klipper"]
+
+
+def test_offline_iptables_install_says_what_is_missing(host, fake_system,
+                                                       tmp_path):
+    # no nginx on port 80 and no iptables: apt must fetch it, and cannot
+    bare = tmp_path / "no-iptables"
+    bare.mkdir()
+    for name in ("sudo", "apt-get", "systemctl"):
+        shutil.copy2(fake_system / name, bare / name)
+    res = host.run("--no-restart", dry_flag=False, stubs=bare, check=False,
+                   env={"FAKE_DIR": str(fake_system), "FAKE_EXIT": "100"})
+    assert res.returncode != 0
+    assert _calls(fake_system) == [
+        "apt-get update -q", "apt-get install -y -q --no-install-recommends "
+        "iptables iptables-persistent"]
+    assert "apt-get update failed (see above; offline?)" in res.stderr
+    last = res.stderr.rstrip().splitlines()[-1]
+    assert last.startswith("ERROR: apt-get could not install iptables "
+                           "iptables-persistent"), res.stderr
+    assert "offline?" in last
 
 
 def test_real_nginx_rejecting_the_config_restores_the_site(host,

@@ -71,7 +71,7 @@ def test_materials_on_cura_card_and_over_restarts(cura, klippy_factory):
     k.gcode("SET_CURA_MATERIAL EXTRUDER=extruder1 GUID=%s" % (HOUSE_GUID,))
     m = materials(base)[1]
     assert (m["guid"], m["brand"], m["material"], m["color"], m["name"]) \
-        == (HOUSE_GUID, "House", "PETG", "#008080", "House PETG Teal")
+        == (HOUSE_GUID, "House", "PETG", "#008080", "Teal PETG")
     assert card(base)[1]["color"] == "#008080"
     # type, brand and colour words find the stored profile's GUID
     post_material(base, "ultimaker_pla_black.xml.fdm_material",
@@ -80,7 +80,15 @@ def test_materials_on_cura_card_and_over_restarts(cura, klippy_factory):
     k.gcode("SET_CURA_MATERIAL EXTRUDER=extruder1 MATERIAL=pla "
             "BRAND=Ultimaker COLOR=black")
     assert materials(base)[1]["guid"] == PLA_BLACK
-    assert card(base)[1]["name"] == "Black PLA"
+    # the name in /printers is the profile's own, as Cura shows it
+    assert materials(base)[1]["name"] == card(base)[1]["name"] \
+        == "Black PLA"
+    post_material(base, "generic_pla.xml.fdm_material",
+                  (MATERIALS / "generic_pla.xml.fdm_material").read_bytes())
+    k.gcode("SET_CURA_MATERIAL EXTRUDER=extruder1 GUID=%s" % (GENERIC_PLA,))
+    assert materials(base)[1]["name"] == card(base)[1]["name"] == "PLA"
+    k.gcode("SET_CURA_MATERIAL EXTRUDER=extruder1 MATERIAL=pla "
+            "BRAND=Ultimaker COLOR=black")
 
     # jobs carry the loaded materials too (Cura parses them)
     fname = k.write_gcode("with_material.gcode")

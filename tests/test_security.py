@@ -9,7 +9,7 @@ import uuid
 import pytest
 
 import httpc
-from httpc import JOBS, jobs
+from httpc import JOBS, jobs, wait_for
 from hostile import assert_config_errors
 import kapi
 
@@ -151,7 +151,7 @@ def test_every_change_checks_control():
         if method in ("GET", "HEAD") or handler == "post_auth_request":
             continue
         src = inspect.getsource(getattr(cc.CuraApi, handler))
-        assert "req.require_control()" in src, (method, pattern, handler)
+        assert "req.require_control(" in src, (method, pattern, handler)
 
 
 # The real Klippy
@@ -315,12 +315,27 @@ def wait_log(k, text):
         time.sleep(0.05)
 
 
+MATERIALS = "/cluster-api/v1/materials"
+
+
+def post_material(base, name, authorization=None):
+    xml = ('<fdmmaterial xmlns="http://www.ultimaker.com/material">'
+           '<metadata><name><brand>B</brand><material>PLA</material>'
+           '<color>%s</color></name><GUID>guid-%s</GUID><version>1</version>'
+           '</metadata></fdmmaterial>' % (name, name)).encode()
+    body, headers = httpc.multipart({}, {"file": (
+        name + ".xml.fdm_material", xml)})
+    if authorization:
+        headers["Authorization"] = authorization
+    return httpc.request(base, "POST", MATERIALS + "/", body, headers)
+
+
 class PairedCura:
     """What Cura >= 5.11 does: ask for credentials, then sign requests."""
-    def __init__(self, base):
+    def __init__(self, base, user="user@laptop"):
         self.base = base
         r = httpc.request(base, "POST", "/api/v1/auth/request", json_body={
-            "application": "UltiMaker Cura", "user": "user@laptop"})
+            "application": "UltiMaker Cura", "user": user})
         assert r.status == 200, r
         self.id, self.key = r.json()["id"], r.json()["key"]
         self.nonce = uuid.uuid4().hex
@@ -353,21 +368,48 @@ def test_pairing(klippy_factory):
     assert is_json_error(r, 403) and "CURA_PAIRING" in r.json()["message"]
     assert httpc.get_json(base, "/cluster-api/v1/printers")[0]["status"] \
         == "idle"
+    # other credentials than Cura's Digest do not close reading
+    r = httpc.request(base, "GET", "/cluster-api/v1/printers",
+                      headers={"Authorization": "Basic dXNlcjpwYXNz"})
+    assert r.status == 200
     cura = PairedCura(base)
     assert cura.check() == "unauthorized"
     wait_log(k, "CURA_ALLOW ID=%s" % (cura.id,))
     r = cura.upload()
     assert is_json_error(r, 403) and "CURA_ALLOW" in r.json()["message"]
-    r = cura.request("GET", "/api/v1/auth/verify")
-    assert r.status == 403
+    # a signed read from a Cura not allowed yet: 401 and a challenge, so
+    # Cura 5 shows its "authorization required" message and asks again
+    for path in ("/api/v1/auth/verify", "/cluster-api/v1/printers"):
+        r = cura.request("GET", path)
+        assert is_json_error(r, 401) and "CURA_ALLOW ID=%s" % (
+            cura.id,) in r.json()["message"]
+        assert r.headers["WWW-Authenticate"].startswith(
+            'Digest realm="Jedi-API", nonce="')
+    # ... and asking again gives the same waiting request
+    again = PairedCura(base)
+    assert (again.id, again.key) == (cura.id, cura.key)
+    # the material list stays readable to it (Cura reads it when it
+    # connects, to send what is missing); what it sends is kept, signed
+    # or sent before it had credentials, until CURA_ALLOW
+    assert cura.request("GET", MATERIALS).status == 200
+    r = post_material(base, "a", cura.auth("POST", MATERIALS + "/"))
+    assert r.status == 200 and "kept" in r.json()["message"], r
+    assert post_material(base, "b").status == 200
+    assert httpc.get_json(base, MATERIALS) == []
     k.gcode("CURA_PAIRING")
     wait_log(k, "ID=%s UltiMaker Cura, user@laptop" % (cura.id,))
     # another Cura asks too: CURA_ALLOW needs the ID now
-    other = PairedCura(base)
+    other = PairedCura(base, user="bob@desk")
+    assert other.id != cura.id
     with pytest.raises(kapi.KlippyError):
         k.gcode("CURA_ALLOW")
     k.gcode("CURA_ALLOW ID=%s" % (cura.id,))
     assert cura.check() == "authorized"
+    wait_for(lambda: sorted(m["guid"] for m in httpc.get_json(
+        base, MATERIALS)) == ["guid-a", "guid-b"], what="kept profiles")
+    # Cura dropped its credentials at the last 401: asking now (before
+    # it signed with them again) gives back the ones just allowed
+    assert PairedCura(base).id == cura.id
     assert other.check() == "unauthorized"
     assert cura.request("GET", "/api/v1/auth/verify").status == 200
     r = cura.upload()
@@ -433,3 +475,62 @@ def test_pairing_off_accepts_any_digest(klippy):
     assert cura.upload("b.gcode").status == 200
     assert httpc.get_json(base, "/api/v1/auth/check/nobody") == {
         "message": "unknown"}
+
+
+def test_waiting_cura_gets_its_request_back(tmp_path, monkeypatch):
+    # Cura 5 drops its credentials at every 401 and asks again: the same
+    # waiting request comes back, also when it was allowed meanwhile
+    # (until it signs with it), never another client's
+    auth = cc.AuthStore(str(tmp_path / "auth.json"))
+    key_id, key = auth.request("UltiMaker Cura", "u@pc", "10.0.0.2")
+    assert auth.find_pending("UltiMaker Cura", "u@pc", "10.0.0.2") \
+        == (key_id, key)
+    for other in (("UltiMaker Cura", "u@pc", "10.0.0.3"),
+                  ("UltiMaker Cura", "v@pc", "10.0.0.2"),
+                  ("Other", "u@pc", "10.0.0.2")):
+        assert auth.find_pending(*other) is None
+    auth.allow(key_id)
+    assert auth.find_pending("UltiMaker Cura", "u@pc", "10.0.0.2") is None
+    auth.refuse_waiting(key_id)   # its last read was refused (401)
+    assert auth.find_pending("UltiMaker Cura", "u@pc", "10.0.0.2") \
+        == (key_id, key)
+    # once it signs with it again, nobody gets it back
+    uri = "/cluster-api/v1/printers"
+    assert auth.identify("GET", uri, sign("GET", uri, key_id, key),
+                         once=False) == (key_id, True)
+    assert auth.find_pending("UltiMaker Cura", "u@pc", "10.0.0.2") is None
+    # nor after the window
+    auth.refuse_waiting(key_id)
+    now = time.monotonic()
+    monkeypatch.setattr(cc.time, "monotonic",
+                        lambda: now + cc.AuthStore.REASK_WINDOW + 1)
+    assert auth.find_pending("UltiMaker Cura", "u@pc", "10.0.0.2") is None
+
+
+def test_kept_materials(tmp_path):
+    store = cc.MaterialStore(str(tmp_path / "materials"))
+    xml = (b'<fdmmaterial xmlns="http://www.ultimaker.com/material">'
+           b'<metadata><name><brand>B</brand><material>PLA</material>'
+           b'<color>C</color></name><GUID>%s</GUID><version>1</version>'
+           b'</metadata></fdmmaterial>')
+    store.hold("abc", "one.xml.fdm_material", xml % b"g-1")
+    store.hold("10.0.0.2", "two.xml.fdm_material", xml % b"g-2")
+    store.hold("other", "three.xml.fdm_material", xml % b"g-3")
+    # sent again (Cura reconnected): kept once
+    store.hold("other", "three.xml.fdm_material", xml % b"g-3")
+    store.MAX_HELD = 4 * len(xml % b"g-1")   # room for one more
+    store.hold("abc", "four.xml.fdm_material", xml % b"g-4")
+    for bad, status in ((("abc", "x.txt", xml % b"g-5"), 400),
+                        (("abc", "x.xml.fdm_material", b"<nope/>"), 400),
+                        (("abc", "x.xml.fdm_material", xml % b"g-5"), 507)):
+        with pytest.raises(cc.CuraError) as e:
+            store.hold(*bad)
+        assert cc.error_status(e.value) == status
+    assert store.list() == [] and not store.dirty
+    store.release("abc", "10.0.0.2")
+    assert store.dirty
+    store.save()
+    assert sorted(m["guid"] for m in store.list()) == ["g-1", "g-2", "g-4"]
+    store.drop("other")
+    store.release("other")
+    assert not store.dirty

@@ -579,3 +579,16 @@ def test_serve_gate_hands_over():
     for t in threads:
         t.join(60.)
     assert len(done) == 8 and peak[0] == 1
+
+
+def test_material_profile_names_like_cura():
+    # label, else colour and type, a Generic colour left out
+    xml = (b'<fdmmaterial xmlns="http://www.ultimaker.com/material"><metadata>'
+           b'<name><brand>B</brand><material>PLA</material><color>%s</color>'
+           b'%s</name><GUID>g</GUID><version>1</version></metadata>'
+           b'</fdmmaterial>')
+    for color, label, name in ((b"Generic", b"", "PLA"),
+                               (b"Black", b"", "Black PLA"),
+                               (b"Black", b"<label>Pro PLA</label>",
+                                "Pro PLA")):
+        assert cc.MaterialStore.parse(xml % (color, label))["name"] == name

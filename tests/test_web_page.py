@@ -177,7 +177,7 @@ def run_page_scenario(klippy_factory, browser, camera):
     assert not browser.find_elements("css selector", "#queue-list b")
     assert "waits until the build plate" in text(browser, "queue-list")
     # the loaded material, named like Cura names it
-    assert text(browser, "materials") == "Material: Ultimaker PLA Black"
+    assert text(browser, "materials") == "Material: Black PLA"
 
     # "Build plate is clear": the ended job goes to the history and the
     # next one starts, through CURA_BUILD_PLATE_CLEARED in the reactor
