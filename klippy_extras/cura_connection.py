@@ -2332,8 +2332,9 @@ class ReplyCache:
     def __init__(self, api):
         self.api = api
         self.printer = (None, b"")
-        self.keys = {}     # uuid -> what the JSON below was made from
-        self.bodies = {}   # uuid -> JSON bytes
+        # uuid -> (what the JSON was made from, JSON bytes); replaced
+        # whole, so a thread never sees one job's key with another's JSON
+        self.entries = {}
         self.listing = ([], [b"[]"])   # the last list: parts, chunks
 
     def printers(self, snap, req):
@@ -2348,31 +2349,27 @@ class ReplyCache:
                 [api.printer_json(snap, req)]).encode())
         return self.printer[1]
 
-    def job(self, job, linked, config, keys, bodies):
-        """JSON bytes of one job (config: the configuration's JSON); kept
-        in keys and bodies."""
+    def job(self, job, linked, config, entries):
+        """JSON bytes of one job (config: the configuration's JSON); its
+        entry goes into entries."""
         key = JOB_REPLY_KEY(job) + (linked, config)
-        old, body = self.keys.get(job.uuid), self.bodies.get(job.uuid)
-        if body is None or old != key:
-            body = json.dumps(self.api.job_json(job, linked)).encode()
-        else:
-            key = old       # keep the old tuple: the new one is freed now
-        keys[job.uuid] = key
-        bodies[job.uuid] = body
-        return body
+        entry = self.entries.get(job.uuid)
+        if entry is None or entry[0] != key:
+            # (an unchanged job keeps its old entry: nothing new to collect)
+            entry = (key, json.dumps(self.api.job_json(job, linked)).encode())
+        entries[job.uuid] = entry
+        return entry[1]
 
     def job_list(self, linked, others, pause):
         """The JSON list of the jobs linked (on the printer), then the
         others, as a list of bytes."""
         config = json.dumps(self.api.printer_configuration(None))
-        parts, keys, bodies = [], {}, {}
+        parts, entries = [], {}
         for i, job in enumerate(linked + others):
             if i and not i % self.PAUSE_EVERY:
                 pause()
-            parts.append(self.job(job, i < len(linked), config, keys,
-                                  bodies))
-        # jobs no longer listed are forgotten
-        self.keys, self.bodies = keys, bodies
+            parts.append(self.job(job, i < len(linked), config, entries))
+        self.entries = entries    # jobs no longer listed are forgotten
         last_parts, chunks = self.listing
         if parts != last_parts:     # the same bytes objects: compared fast
             chunks = [b", ".join(parts[i:i + self.CHUNK])

@@ -520,20 +520,19 @@ def test_reply_cache_job_list():
     assert len(chunked) == 7 and b"".join(chunked) == b"".join(first)
     # nothing changed: the same chunks again, not joined anew
     assert small.job_list(head, rest, lambda: None) is chunked
-    kept = cache.bodies[jobs[3].uuid]
+    kept = cache.entries[jobs[3].uuid]
     # a job changes: its reply changes, the others are reused as they are
     jobs[5].status = "printing"
     second = json.loads(b"".join(cache.job_list(head, rest, lambda: None)))
     assert second[5]["status"] == "printing"
-    assert cache.bodies[jobs[3].uuid] is kept
+    assert cache.entries[jobs[3].uuid] is kept
     # so does every job when the configuration changes
     api.config = [{"extruder_index": 0, "material": {"guid": "x"}}]
     third = json.loads(b"".join(cache.job_list(head, rest, lambda: None)))
     assert all(j["configuration"] == api.config for j in third)
     # a job no longer listed is forgotten
     cache.job_list([jobs[0]], [jobs[1]], lambda: None)
-    assert set(cache.bodies) == set(cache.keys) == {jobs[0].uuid,
-                                                    jobs[1].uuid}
+    assert set(cache.entries) == {jobs[0].uuid, jobs[1].uuid}
     assert b"".join(cache.job_list([], [], lambda: None)) == b"[]"
 
 
