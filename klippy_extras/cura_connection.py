@@ -534,9 +534,11 @@ class JobStore(SavedState):
         data = self.read_file()
         seen = set()
         def jobs(key, statuses):
-            items = data.get(key, [])
-            if key == "current":
-                items = [] if items is None else [items]
+            items = data.get(key)
+            if items is None:
+                items = []
+            elif key == "current":
+                items = [items]
             if not isinstance(items, list):
                 self.drop(key, "not a list")
                 return []
@@ -744,6 +746,8 @@ class JobStore(SavedState):
         with self.lock:
             job.time_estimate = meta["time_estimate"]
             job.preview = meta["preview"]
+            if job.status in ACTIVE:
+                job.time_total = max(job.time_total, job.time_estimate)
             self._changed()
 
 
@@ -2509,7 +2513,7 @@ class CuraApi:
              "created_at": job.created_at, "status": job.status,
              "started": job.started, "force": job.force,
              "machine_variant": self.conn.machine_variant,
-             "time_total": int(job.time_total or job.time_estimate or 0),
+             "time_total": int(job.time_total),
              "time_elapsed": int(job.time_elapsed or 0),
              "configuration": self.printer_configuration(None),
              "constraints": [], "configuration_changes_required": [],
