@@ -874,6 +874,15 @@ class JobLifecycle:
         self.reactor.register_callback(lambda e: self._run_start(job))
 
     def _run_start(self, job):
+        try:
+            self._hand_to_klipper(job)
+        except Exception:
+            logging.exception("cura_connection: starting %s", job.filename)
+            if job.starting:
+                self.store.end(job, "failed_wait_cleanup",
+                               "Internal error; see klippy.log")
+
+    def _hand_to_klipper(self, job):
         error = None
         with self.bridge.gcode.get_mutex():
             if self.store.current is not job or job.starting != "waiting":
@@ -935,7 +944,8 @@ class JobLifecycle:
         try:
             done = self._carry_out(call, job, action)
         finally:
-            self.store.set_status(job, status, None)
+            if job.action == action:    # not ended meanwhile (shutdown)
+                self.store.set_status(job, status, None)
         if not done:
             return None         # withdrawn: the caller has answered
         self.follow(self.bridge.now())
@@ -954,25 +964,21 @@ class JobLifecycle:
         # the G-code mutex
         pr = self.printer.lookup_object("pause_resume", None)
         bridge = self.bridge
-        if action == "pause":
-            script = "PAUSE" if pr is not None and not bridge.now()[
-                "pause_resume"]["is_paused"] else "M25"
-            try:
-                if not bridge.run_script(call, script):
-                    return False
-            except CommandError as e:
-                raise Conflict("%s failed: %s" % (script, e))
-            self._settle(lambda s: klipper_print_state(s) == "pausing")
-        elif action == "print":
+        if action in ("pause", "print"):
             # RESUME only undoes Klipper's PAUSE; M24 resumes a file that
             # paused itself (M25) or was paused any other way
-            script = "RESUME" if pr is not None and bridge.now()[
-                "pause_resume"]["is_paused"] else "M24"
+            paused = bridge.now()["pause_resume"]["is_paused"]
+            if action == "pause":
+                script = "PAUSE" if pr is not None and not paused else "M25"
+            else:
+                script = "RESUME" if pr is not None and paused else "M24"
             try:
                 if not bridge.run_script(call, script):
                     return False
             except CommandError as e:
                 raise Conflict("%s failed: %s" % (script, e))
+            if action == "pause":
+                self._settle(lambda s: klipper_print_state(s) == "pausing")
         else:
             snap = bridge.now()
             if klipper_print_state(snap) in ("printing", "pausing"):
@@ -1041,9 +1047,10 @@ class StateWriter:
 
     def _run(self):
         failing = None
-        while not self.stopping:
+        while True:
             self.event.wait(1.)
             self.event.clear()
+            stopping = self.stopping    # then one last pass, and out
             try:
                 while self.wanted:
                     job = self.wanted.popleft()
@@ -1063,18 +1070,16 @@ class StateWriter:
                 failing = str(e)
             except Exception:
                 logging.exception("cura_connection: state writer")
+            if stopping:
+                break
 
     def stop(self):
+        """Save what changed (in the writer thread) and end it."""
+        for state in self.states:
+            state.on_change = None
         self.stopping = True
         self.event.set()
         self.thread.join(2.)
-        for state in self.states:
-            state.on_change = None
-            if state.dirty:
-                try:
-                    state.save()
-                except OSError as e:
-                    logging.error("cura_connection: cannot save: %s", e)
 
 
 ######################################################################

@@ -50,13 +50,17 @@ def hold_gcode_queue(k, seconds):
     time.sleep(0.3)
 
 
-def test_abort_during_start_cancels_the_start(klippy):
-    base = klippy.base_url()
-    # a finished job on the plate, a long one queued
+def done_and_queued(base):
+    """A finished job on the plate and a long job x queued: x's uuid."""
     assert upload(base, "done.gcode", SHORT).status == 200
     wait_job(base, "done", lambda j: j["status"] == "wait_cleanup")
     assert upload(base, "x.gcode", LONG).status == 200
-    uuid = job(base, "x")["uuid"]
+    return job(base, "x")["uuid"]
+
+
+def test_abort_during_start_cancels_the_start(klippy):
+    base = klippy.base_url()
+    uuid = done_and_queued(base)
     # the start waits behind a macro: the job stays pre_print
     hold_gcode_queue(klippy, 3)
     r = httpc.request(base, "POST", "/cluster-api/v1/printers/%s/action/"
@@ -80,10 +84,7 @@ def test_abort_right_after_plate_cleared_never_prints(klippy):
     # the issue's own sequence: plate cleared from the console, abort as
     # soon as the job leaves the queue
     base = klippy.base_url()
-    assert upload(base, "done.gcode", SHORT).status == 200
-    wait_job(base, "done", lambda j: j["status"] == "wait_cleanup")
-    assert upload(base, "x.gcode", LONG).status == 200
-    uuid = job(base, "x")["uuid"]
+    uuid = done_and_queued(base)
     klippy.gcode("CURA_BUILD_PLATE_CLEARED")
     wait_job(base, "x", lambda j: j["status"] != "queued")
     r = action(base, uuid, "abort")
@@ -160,9 +161,7 @@ def test_finished_print_is_not_shown_aborted(cura, klippy):
 
 def test_refused_start_goes_back_to_the_queue(klippy):
     base = klippy.base_url()
-    assert upload(base, "done.gcode", SHORT).status == 200
-    wait_job(base, "done", lambda j: j["status"] == "wait_cleanup")
-    assert upload(base, "x.gcode", LONG).status == 200
+    done_and_queued(base)
     console = klippy.write_gcode("console.gcode", moves=100)
     # the console starts a print in the same moment as the queue
     hold_gcode_queue(klippy, 2)
