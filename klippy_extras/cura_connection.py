@@ -394,8 +394,8 @@ SAVED_JOB_FIELDS = {
     safe_base_name(v, "") == v and v.lower().endswith(GCODE_EXTENSIONS),
     "owner": lambda v: isinstance(v, str) and len(v) <= 300,
     "created_at": lambda v: isinstance(v, str) and len(v) <= 64,
-    "status": lambda v: v in ACTIVE or v in ENDED or v in ENDED.values()
-    or v == "queued",
+    "status": lambda v: isinstance(v, str) and (
+        v in ACTIVE or v in ENDED or v in ENDED.values() or v == "queued"),
     "source": lambda v: v in ("cura", "klipper"),
     "time_estimate": _is_number, "time_elapsed": _is_number,
     "time_total": _is_number,

@@ -32,6 +32,7 @@ from hypothesis.stateful import (RuleBasedStateMachine, invariant,
 import cura_client
 import gcode_samples
 import httpc
+import klippy_harness
 from httpc import jobs
 
 SECONDS = float(os.environ.get("CURA_MODEL_SECONDS", "0"))
@@ -377,7 +378,8 @@ def test_lifecycle_model(cura, klippy_factory, flavor, tmp_path):
         test("runTest").runTest()
         runs += 1
     log = k.log_text()
-    assert "Internal error" not in log and "Traceback" not in log
+    assert "Internal error" not in log
+    assert klippy_harness.own_tracebacks(log) == []
     print("\nlifecycle model: %d runs, %d examples, %d steps"
           % (runs, STEPS["examples"], STEPS["steps"]))
     for what, n in sorted(OUTCOMES.items(), key=lambda kv: -kv[1]):

@@ -425,10 +425,12 @@ GOOD = {"uuid": "1234abcd", "name": "a", "filename": "a.gcode",
     ({"queue": [dict(GOOD, time_total="12"), dict(GOOD, uuid="3")]}, ["a"]),
     ({"queue": [GOOD, GOOD]}, ["a"]),                     # same uuid
     ({"queue": [dict(GOOD, status="printing")]}, []),
+    ({"queue": [dict(GOOD, status=["queued"]), dict(GOOD, uuid="4",
+                                                   source={})]}, []),
     ({"queue": [GOOD], "history": {"a": 1}, "current": [],
       "plate_clear": "yes"}, ["a"]),
 ], ids=["queue is a number", "bad entries", "unsafe name", "bad time",
-        "twice", "wrong status", "bad fields"])
+        "twice", "wrong status", "unhashable status", "bad fields"])
 def test_store_drops_bad_saved_entries(tmp_path, data, kept):
     path = tmp_path / "queue.json"
     path.write_text(json.dumps(data))
