@@ -165,20 +165,46 @@ def _host_ipv4_addresses(bind_address):
 # Klippy bridge: the only code that touches printer objects
 ######################################################################
 
-class PendingCommand:
-    def __init__(self, script):
-        self.script = script
-        self.done = threading.Event()
-        self.error = None
-        self.snapshot = None
+# Thread boundary.  Code marked "Reactor:" runs in Klippy's reactor (a
+# timer, a G-code command, or a call an HTTP thread submitted); it may
+# change printer objects and the job store, and never writes to disk.
+# Code marked "Any thread:" only reads immutable snapshots or takes short
+# locks.  HTTP handlers reach the reactor only through KlippyBridge.call().
 
-    def wait(self, timeout=COMMAND_TIMEOUT):
-        if not self.done.wait(timeout):
-            raise CommandError("Klipper did not finish %s within %.0f s"
-                               % (self.script, timeout))
-        if self.error is not None:
-            raise CommandError(self.error)
-        return self.snapshot
+class ReactorCall:
+    """One call an HTTP thread hands to the reactor, and its outcome.
+
+    The reactor side commits (commit()) before it changes Klipper; until
+    then the waiting thread may withdraw the call, so a call that timed
+    out is guaranteed never to take effect."""
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.state = "queued"      # -> running -> done, or withdrawn
+        self.done = threading.Event()
+        self.result = self.error = None
+
+    def commit(self):
+        """Reactor: True if the call may go on (not withdrawn)."""
+        with self.lock:
+            if self.state == "withdrawn":
+                return False
+            self.state = "running"
+            return True
+
+    def withdraw(self):
+        """Any thread: True if the call had not committed (it never will)."""
+        with self.lock:
+            if self.state in ("queued",):
+                self.state = "withdrawn"
+                return True
+            return False
+
+
+# A call the reactor never got to (a macro or a heating wait holds the
+# G-code queue) is withdrawn after this long and answered 409.
+CALL_TIMEOUT = 10.
+# A call that did commit is waited for up to this long in all.
+CALL_RUN_LIMIT = 60.
 
 
 class KlippyBridge:
@@ -248,41 +274,82 @@ class KlippyBridge:
         }
 
     def publish(self, eventtime):
+        """Reactor: Klipper's state now, also published to other threads."""
         snap = self._collect(eventtime)
         self.snapshot = snap
-        self.on_snapshot(snap)
         return snap
 
+    def now(self):
+        """Reactor: publish(now)."""
+        return self.publish(self.reactor.monotonic())
+
     def _publish_timer(self, eventtime):
-        self.publish(eventtime)
+        self.on_snapshot(self.publish(eventtime))
         return eventtime + SNAPSHOT_INTERVAL
 
-    def submit(self, script):
-        # Called from other threads: the script runs in the reactor, where
-        # run_script may pause cooperatively for the G-code mutex.
-        cmd = PendingCommand(script)
-        if self.closing or self.gcode is None:
-            cmd.error = "Klipper is not ready"
-            cmd.done.set()
-            return cmd
-        def run(eventtime):
-            try:
-                self.gcode.run_script(script)
-            except Exception as e:
-                cmd.error = str(e) or e.__class__.__name__
-            cmd.snapshot = self.publish(self.reactor.monotonic())
-            cmd.done.set()
-        self.reactor.register_async_callback(run)
-        return cmd
+    def ready(self):
+        return not self.closing and self.gcode is not None
 
-    def run_gcode(self, script, timeout=COMMAND_TIMEOUT):
-        return self.submit(script).wait(timeout)
+    def call(self, fn, *args, timeout=CALL_TIMEOUT):
+        """Any thread but the reactor: run fn(call, *args) in the reactor
+        and return its result (or raise its CuraError).  fn must call
+        call.commit() before it changes anything in Klipper."""
+        if not self.ready():
+            raise Conflict("Klipper is not ready (starting or restarting)")
+        call = ReactorCall()
+        def run(eventtime):
+            if call.state == "withdrawn":
+                return
+            try:
+                call.result = fn(call, *args)
+            except Exception as e:
+                call.error = e
+            call.done.set()
+        self.reactor.register_async_callback(run)
+        if not call.done.wait(timeout):
+            if call.withdraw():
+                raise Conflict("Klipper is busy (a macro or a heating wait "
+                               "holds its G-code queue for more than %.0f "
+                               "s): nothing was done, try again later"
+                               % (timeout,))
+            if not call.done.wait(CALL_RUN_LIMIT - timeout):
+                raise Conflict("Klipper started this but did not finish "
+                               "within %.0f s" % (CALL_RUN_LIMIT,))
+        if call.error is not None:
+            raise call.error
+        return call.result
+
+    def run_script(self, call, script):
+        """Reactor: run G-code under the G-code mutex, unless the call was
+        withdrawn while waiting for it.  Returns False if withdrawn;
+        raises CommandError with Klipper's message."""
+        with self.gcode.get_mutex():
+            if not call.commit():
+                return False
+            try:
+                self.gcode.run_script_from_command(script)
+            except Exception as e:
+                raise CommandError(str(e) or e.__class__.__name__)
+        return True
+
+
+class NoCall:
+    """The ReactorCall of a G-code command: nobody can withdraw it."""
+    state = "running"
+
+    @staticmethod
+    def commit():
+        return True
 
 
 ######################################################################
 # Job store: the queue, the job on the printer and the history
 ######################################################################
 
+# A job's life (JobLifecycle makes every change, in the reactor):
+#   queued -> pre_print (start handed to Klipper) -> printing <-> paused
+#   -> wait_cleanup | aborted_wait_cleanup | failed_wait_cleanup (on the
+#   plate) -> finished | aborted | failed (history, after plate cleared)
 ACTIVE = ("pre_print", "printing", "pausing", "paused", "resuming",
           "aborting")
 # Status shown on the printer card after a print -> status in the history
@@ -292,10 +359,10 @@ END_OF_PRINT = {"complete": "wait_cleanup",
                 "cancelled": "aborted_wait_cleanup",
                 "standby": "aborted_wait_cleanup",
                 "error": "failed_wait_cleanup"}
-START_GRACE = 30.
 JOB_FIELDS = ("uuid", "name", "filename", "owner", "created_at", "status",
               "source", "time_estimate", "time_elapsed", "time_total",
               "preview", "started", "force", "message", "finished_at")
+JOB_UUID_RE = re.compile(r"^[0-9a-fA-F-]{1,64}$")
 
 
 class Job:
@@ -315,11 +382,11 @@ class Job:
         for k, v in fields.items():
             if k in JOB_FIELDS:
                 setattr(self, k, v)
-        # Not persisted: which snapshots may judge this job, and the
-        # PAUSE/RESUME/CANCEL_PRINT command still in flight.
-        self.start_seq = 0
-        self.start_time = 0.
-        self.pending = None
+        # Not persisted: "waiting" while the start waits for the G-code
+        # queue, "running" while Klipper runs SDCARD_PRINT_FILE; the
+        # action (pausing, resuming, aborting) Klipper is carrying out.
+        self.starting = None
+        self.action = None
 
     def to_dict(self):
         return {k: getattr(self, k) for k in JOB_FIELDS}
@@ -327,6 +394,54 @@ class Job:
     def summary(self):
         return {"uuid": self.uuid, "name": self.name, "owner": self.owner,
                 "status": self.status, "filename": self.filename}
+
+
+def _is_number(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool) \
+        and v == v and 0 <= v < 1e12
+
+
+# Saved job field -> check of its value
+SAVED_JOB_FIELDS = {
+    "uuid": lambda v: isinstance(v, str) and JOB_UUID_RE.match(v),
+    "name": lambda v: isinstance(v, str) and len(v) <= 300,
+    "filename": lambda v: isinstance(v, str) and v != "" and
+    safe_base_name(v, "") == v and v.lower().endswith(GCODE_EXTENSIONS),
+    "owner": lambda v: isinstance(v, str) and len(v) <= 300,
+    "created_at": lambda v: isinstance(v, str) and len(v) <= 64,
+    "status": lambda v: isinstance(v, str) and (
+        v in ACTIVE or v in ENDED or v in ENDED.values() or v == "queued"),
+    "source": lambda v: v in ("cura", "klipper"),
+    "time_estimate": _is_number, "time_elapsed": _is_number,
+    "time_total": _is_number,
+    "preview": lambda v: v is None or (isinstance(v, str) and
+                                       safe_base_name(v, "") == v),
+    "started": lambda v: isinstance(v, bool),
+    "force": lambda v: isinstance(v, bool),
+    "message": lambda v: isinstance(v, str),
+    "finished_at": lambda v: v is None or _is_number(v),
+}
+
+
+def saved_job(data, statuses):
+    """A Job from a saved dict; ValueError says what is wrong with it.
+    Missing fields take their defaults; uuid, filename and status must be
+    there and status one of statuses."""
+    if not isinstance(data, dict):
+        raise ValueError("not an object")
+    for key in ("uuid", "filename", "status"):
+        if key not in data:
+            raise ValueError("no %s" % (key,))
+    fields = {}
+    for key, check in SAVED_JOB_FIELDS.items():
+        if key in data:
+            if not check(data[key]):
+                raise ValueError("bad %s %r" % (key, data[key]))
+            fields[key] = data[key]
+    if fields["status"] not in statuses:
+        raise ValueError("status %s is not possible here"
+                         % (fields["status"],))
+    return Job(**fields)
 
 
 def estimate_time_total(estimate, elapsed, progress):
@@ -341,13 +456,24 @@ def estimate_time_total(estimate, elapsed, progress):
 
 
 class SavedState:
-    """State kept in one JSON file.  G-code commands change it in the
-    reactor, in memory only (dirty); the job runner thread saves it.
-    Subclasses set path, lock, save_lock and dirty, and give state()."""
+    """State kept in one JSON file, changed in memory (reactor, HTTP
+    threads) and written by the StateWriter thread, or by an HTTP thread
+    that must answer after the change is on disk.  Subclasses give
+    state() and load their fields from read_file(), reporting each
+    unusable entry with drop()."""
     file_mode = 0o644
 
+    def __init__(self, path, lock=None):
+        self.path = path
+        self.lock = lock or threading.Lock()
+        self.save_lock = threading.Lock()
+        self.dirty = False
+        self.on_change = None    # the writer's wake-up, set when it starts
+        self.kept_aside = False
+
     def read_file(self):
-        # The saved dict, or {}: a damaged file is kept aside as .bad
+        # The saved dict, or {}: a file that is not one is kept aside as
+        # .bad (runs at config load, before the reactor serves anything)
         try:
             with open(self.path, "r") as f:
                 data = json.load(f)
@@ -356,15 +482,41 @@ class SavedState:
             return data
         except FileNotFoundError:
             return {}
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, RecursionError) as e:
             logging.error("cura_connection: cannot read %s: %s", self.path, e)
+            self.kept_aside = True
             try:
                 os.replace(self.path, self.path + ".bad")
             except OSError:
                 pass
             return {}
 
+    def drop(self, what, why):
+        """One log line for a saved entry that cannot be used; the file as
+        it was stays beside it as .bad, the cleaned one replaces it."""
+        logging.warning("cura_connection: %s: dropping %s: %s",
+                        self.path, what, why)
+        self.dirty = True
+        if self.kept_aside:
+            return
+        self.kept_aside = True
+        try:
+            # a second name for the old file: no data written here
+            if os.path.lexists(self.path + ".bad"):
+                os.unlink(self.path + ".bad")
+            os.link(self.path, self.path + ".bad")
+        except OSError as e:
+            logging.error("cura_connection: cannot keep %s aside: %s",
+                          self.path, e)
+
+    def changed(self):
+        """Caller holds self.lock: the writer thread saves soon."""
+        self.dirty = True
+        if self.on_change is not None:
+            self.on_change()
+
     def save(self):
+        """Not the reactor: write the file if it changed (or now)."""
         with self.save_lock:
             with self.lock:
                 data = json.dumps(self.state(), indent=1).encode()
@@ -372,34 +524,60 @@ class SavedState:
             try:
                 write_file_atomic(self.path, data, self.file_mode)
             except BaseException:
-                self.dirty = True   # the runner tries again (disk full...)
+                self.dirty = True   # the writer tries again (disk full...)
                 raise
 
 
 class JobStore(SavedState):
+    """The queue, the job on the printer (current) and the history.
+
+    Only JobLifecycle changes it, in the reactor, under self.lock (held
+    for a few lines, never across a reactor pause); other threads read
+    with all_jobs(), find() and get()."""
     def __init__(self, path, history_size, auto_start_next):
-        self.path = path
+        SavedState.__init__(self, path, threading.RLock())
         self.history_size = history_size
         self.auto_start_next = auto_start_next
-        self.lock = threading.RLock()
-        self.save_lock = threading.Lock()
         self.current = None
         self.queue = []
         self.history = []
         self.plate_clear = True
-        self.dirty = False
         self.status_cache = {}
         self._load()
 
     def _load(self):
         data = self.read_file()
-        def jobs(items):
-            return [Job(**d) for d in items or [] if isinstance(d, dict)]
-        self.queue = jobs(data.get("queue"))
-        self.history = jobs(data.get("history"))
-        cur = jobs([data["current"]] if data.get("current") else [])
+        seen = set()
+        def jobs(key, statuses):
+            items = data.get(key)
+            if items is None:
+                items = []
+            elif key == "current":
+                items = [items]
+            if not isinstance(items, list):
+                self.drop(key, "not a list")
+                return []
+            out = []
+            for i, d in enumerate(items):
+                try:
+                    job = saved_job(d, statuses)
+                    if job.uuid in seen:
+                        raise ValueError("uuid %s twice" % (job.uuid,))
+                except ValueError as e:
+                    self.drop("%s entry %d" % (key, i + 1), e)
+                    continue
+                seen.add(job.uuid)
+                out.append(job)
+            return out
+        cur = jobs("current", list(ACTIVE) + list(ENDED))
         self.current = cur[0] if cur else None
-        self.plate_clear = bool(data.get("plate_clear", True))
+        self.queue = jobs("queue", ("queued",))
+        self.history = jobs("history", list(ENDED.values()))
+        del self.history[self.history_size:]
+        self.plate_clear = data.get("plate_clear", True)
+        if not isinstance(self.plate_clear, bool):
+            self.drop("plate_clear", "not true or false")
+            self.plate_clear = False
         if self.current is not None and self.current.status in ACTIVE:
             # A new printer object cannot still be printing that file.
             self._end(self.current, "failed_wait_cleanup",
@@ -422,9 +600,10 @@ class JobStore(SavedState):
             "plate_clear": self.plate_clear}
 
     def _changed(self):
-        self.dirty = True
         self._update_status_cache()
+        self.changed()
 
+    # Any thread: reads
     def all_jobs(self):
         with self.lock:
             cur = [self.current] if self.current else []
@@ -439,12 +618,19 @@ class JobStore(SavedState):
         return None
 
     def get(self, job_uuid):
+        """The job, or NotFound."""
         job = self.find(job_uuid)
         if job is None:
-            raise HTTPError(404, "No print job %s" % (job_uuid,))
+            raise NotFound("No print job %s" % (job_uuid,))
         return job
 
+    def has_active(self):
+        cur = self.current
+        return cur is not None and cur.status in ACTIVE
+
+    # Changes (JobLifecycle, in the reactor; add also from HTTP threads)
     def add(self, job):
+        """Append a new job to the queue."""
         with self.lock:
             self.queue.append(job)
             self._changed()
@@ -457,6 +643,7 @@ class JobStore(SavedState):
             self._changed()
 
     def delete(self, job_uuid):
+        """Remove a queued or ended job; Conflict for one on the printer."""
         with self.lock:
             job = self.get(job_uuid)
             if job in self.queue:
@@ -466,8 +653,8 @@ class JobStore(SavedState):
             elif job.status in ENDED:
                 self._retire(job)
             else:
-                raise HTTPError(409, "Print job %s is %s; abort it first"
-                                % (job.name, job.status))
+                raise Conflict("Print job %s is %s; abort it first"
+                               % (job.name, job.status))
             self._changed()
             return job
 
@@ -482,15 +669,13 @@ class JobStore(SavedState):
             if job.uuid == job_uuid:
                 return job
         self.get(job_uuid)
-        raise HTTPError(409, "Print job %s is not queued" % (job_uuid,))
+        raise Conflict("Print job %s is not queued" % (job_uuid,))
 
     def plate_cleared(self):
-        # Runs in the reactor (G-code command): memory only, the runner
-        # thread saves.
         with self.lock:
             cur = self.current
             if cur is not None and cur.status in ACTIVE:
-                raise CommandError("A print is running (%s)" % (cur.name,))
+                raise Conflict("A print is running (%s)" % (cur.name,))
             if cur is not None:
                 self._retire(cur)
             self.plate_clear = True
@@ -498,12 +683,19 @@ class JobStore(SavedState):
 
     def _end(self, job, status, message=""):
         job.status = status
-        job.pending = None
+        job.starting = job.action = None
         job.message = message or job.message
         job.finished_at = time.time()
         if status == "wait_cleanup":
-            job.time_total = max(job.time_total, job.time_elapsed)
+            # Cura 4.13 draws a job with time_total > time_elapsed as
+            # aborted: a completed one took exactly its time.
+            job.time_total = job.time_elapsed
         self.plate_clear = self.auto_start_next
+
+    def end(self, job, status, message=""):
+        with self.lock:
+            self._end(job, status, message)
+            self._changed()
 
     def _retire(self, job):
         if self.current is job:
@@ -513,6 +705,7 @@ class JobStore(SavedState):
         del self.history[self.history_size:]
 
     def begin_start(self, job):
+        """Queue head -> the printer (pre_print, waiting for Klipper)."""
         with self.lock:
             if job in self.queue:
                 self.queue.remove(job)
@@ -521,111 +714,56 @@ class JobStore(SavedState):
             self.current = job
             job.status = "pre_print"
             job.started = True
-            job.start_seq = float("inf")  # no snapshot judges it yet
-            job.start_time = time.monotonic()
+            job.starting = "waiting"
+            job.message = ""
             self.plate_clear = False
             self._changed()
 
-    def finish_start(self, job, error, snapshot_seq):
+    def requeue(self, job, message):
+        """A start Klipper refused while busy: back to the queue head."""
         with self.lock:
-            job.start_seq = snapshot_seq
-            if error is not None and self.current is job:
-                # The file never started: keep the plate free for the next.
-                job.status = "failed_wait_cleanup"
-                job.message = error
-                self._retire(job)
-                self.plate_clear = True
+            if self.current is job:
+                self.current = None
+            job.status = "queued"
+            job.started = False
+            job.starting = None
+            job.message = message
+            self.queue.insert(0, job)
+            self.plate_clear = True
             self._changed()
 
-    def set_pending(self, job, action, cmd):
+    def add_external(self, job):
+        """A print Klipper runs that this store did not start."""
         with self.lock:
-            job.pending = (job.status, cmd)
-            job.status = action
+            if self.current is not None:
+                self._retire(self.current)
+            self.current = job
+            job.status = "printing"
+            job.started = True
+            self.plate_clear = False
             self._changed()
 
-    def needs_external_job(self, snap):
-        ps = snap["print_stats"]
-        if snap["klippy_state"] != "ready" or ps.get("state") not in (
-                "printing", "paused"):
-            return None
+    def set_status(self, job, status, action=None):
         with self.lock:
-            cur = self.current
-            if cur is not None and snap["seq"] < cur.start_seq:
-                return None
-            if cur is None or cur.status not in ACTIVE \
-                    or cur.filename != ps.get("filename"):
-                return ps.get("filename")
-        return None
-
-    @staticmethod
-    def _settled(cmd, snap):
-        # done, and this snapshot was taken after the command ran
-        return cmd.done.is_set() and (cmd.snapshot is None
-                                      or snap["seq"] >= cmd.snapshot["seq"])
-
-    def reconcile(self, snap, external_job=None):
-        """Follow Klipper's print_stats; return the queued job to start.
-
-        external_job: a Job made (outside the lock: it reads the file) for
-        a print this store did not start."""
-        with self.lock:
-            cur = self.current
-            if cur is not None and cur.pending is not None \
-                    and self._settled(cur.pending[1], snap):
-                prev, cmd = cur.pending
-                cur.pending = None
-                if cmd.error is not None:
-                    cur.status = prev
-                    self._changed()
-            if snap["klippy_state"] != "ready":
-                if (cur is not None and cur.status in ACTIVE
-                        and snap["klippy_state"] in ("shutdown", "error")):
-                    self._end(cur, "failed_wait_cleanup",
-                              snap["state_message"])
-                    self._changed()
-                return None
-            if cur is not None and snap["seq"] < cur.start_seq:
-                return None
-            ps = snap["print_stats"]
-            state = ps.get("state")
-            if state in ("printing", "paused"):
-                if (cur is None or cur.status not in ACTIVE
-                        or cur.filename != ps.get("filename")):
-                    # Started from Mainsail, KlipperScreen, a macro...
-                    if cur is not None and cur.status in ACTIVE:
-                        self._end(cur, "aborted_wait_cleanup")
-                    if cur is not None:
-                        self._retire(cur)
-                    cur = self.current = external_job or Job(
-                        name=ps["filename"], filename=ps["filename"],
-                        owner="Klipper", source="klipper")
-                    cur.status = "printing"
-                    cur.started = True
-                    self._changed()
-                if cur.pending is None:
-                    status = "paused" if state == "paused" else "printing"
-                    if cur.status != status:
-                        cur.status = status
-                        self._changed()
-                cur.time_elapsed = int(ps.get("print_duration") or 0)
-                cur.time_total = estimate_time_total(
-                    cur.time_estimate, cur.time_elapsed,
-                    snap["virtual_sdcard"].get("progress"))
-                if self.plate_clear:
-                    self.plate_clear = False
-                    self._changed()
-                return None
-            if cur is not None and cur.status in ACTIVE:
-                if (cur.status == "pre_print" and state == "standby"
-                        and time.monotonic() - cur.start_time < START_GRACE):
-                    return None
-                cur.time_elapsed = int(ps.get("print_duration") or 0)
-                self._end(cur, END_OF_PRINT.get(state, "aborted_wait_cleanup"),
-                          ps.get("message") or "")
+            job.action = action
+            if job.status != status:
+                job.status = status
                 self._changed()
-            if self.plate_clear and self.queue:
-                return self.queue[0]
-            return None
+
+    def set_times(self, job, elapsed, progress):
+        # Changes every second: saved with the next other change
+        with self.lock:
+            job.time_elapsed = int(elapsed)
+            job.time_total = estimate_time_total(job.time_estimate,
+                                                 job.time_elapsed, progress)
+
+    def set_metadata(self, job, meta):
+        with self.lock:
+            job.time_estimate = meta["time_estimate"]
+            job.preview = meta["preview"]
+            if job.status in ACTIVE:
+                job.time_total = max(job.time_total, job.time_estimate)
+            self._changed()
 
 
 def write_file_atomic(path, data, mode=0o644):
@@ -652,82 +790,310 @@ def write_file_atomic(path, data, mode=0o644):
         os.close(dfd)
 
 
-class JobRunner:
-    """Thread that follows snapshots, saves the queue and starts jobs."""
-    def __init__(self, bridge, store, metadata_reader, also_save=()):
+def klipper_print_state(snap):
+    """What Klipper's print is doing: printing (also while a start or a
+    resume is on its way: virtual_sdcard is active), pausing (PAUSE
+    accepted, the file finishes its current command), paused, or
+    print_stats' state after a print: standby, complete, cancelled,
+    error."""
+    state = snap["print_stats"].get("state") or "standby"
+    if snap["virtual_sdcard"].get("is_active"):
+        if snap["pause_resume"].get("is_paused"):
+            return "pausing"
+        return "printing"
+    return state
+
+
+# action -> (statuses it applies to, status while Klipper carries it out)
+ACTIONS = {"pause": (("printing",), "pausing"),
+           "print": (("paused",), "resuming"),
+           "abort": (ACTIVE, "aborting")}
+# How long an action waits for Klipper to show its effect (a pause waits
+# for the command the file is running)
+ACTION_SETTLE = 3.
+
+
+class JobLifecycle:
+    """The one owner of job transitions.  Everything here runs in the
+    reactor, where Klipper's state is read at the moment of deciding:
+    the status timer (follow), G-code commands, and calls HTTP handlers
+    submit through KlippyBridge.call().  Nothing here writes to disk."""
+    def __init__(self, bridge, store, want_metadata):
         self.bridge = bridge
         self.store = store
-        self.metadata_reader = metadata_reader
-        # the queue and other state changed in the reactor, saved here
-        self.saved_states = [store] + list(also_save)
-        self.wake = threading.Event()
-        self.stopping = False
-        self.thread = threading.Thread(target=self._run, daemon=True,
-                                       name="cura_connection jobs")
-        self.thread.start()
+        self.reactor = bridge.reactor
+        self.printer = bridge.printer
+        # want_metadata(job): read the file's estimate/preview off the
+        # reactor, then store.set_metadata() through the reactor
+        self.want_metadata = want_metadata
 
-    def _make_external_job(self, filename):
-        meta = self.metadata_reader(filename)
+    # Reactor: following Klipper
+    def follow(self, snap):
+        """Bring the job on the printer in line with Klipper's state now
+        and start the next queued job when the plate is clear."""
+        store = self.store
+        cur = store.current
+        kstate = snap["klippy_state"]
+        if kstate in ("shutdown", "error"):
+            if cur is not None and cur.status in ACTIVE:
+                store.end(cur, "failed_wait_cleanup", snap["state_message"])
+            return
+        if kstate != "ready" or not self.bridge.ready():
+            return
+        if cur is not None and (cur.starting or cur.action):
+            return      # Klipper's answer decides (_run_start, act)
+        state = klipper_print_state(snap)
+        ps = snap["print_stats"]
+        if state in ("printing", "pausing", "paused"):
+            if cur is None or cur.status not in ACTIVE \
+                    or cur.filename != ps.get("filename"):
+                cur = self._external(cur, ps.get("filename") or "")
+            store.set_status(cur, state)
+            store.set_times(cur, ps.get("print_duration") or 0,
+                            snap["virtual_sdcard"].get("progress"))
+            return
+        if cur is not None and cur.status in ACTIVE:
+            self._ended(cur, state, ps)
+        if store.plate_clear and store.queue and not store.has_active():
+            self._start(store.queue[0])
+
+    def _ended(self, job, state, ps):
+        # time_elapsed is Klipper's print_duration.  print_stats forgets
+        # it on a reset (standby) and counts a last pause into it when a
+        # paused print is cancelled: keep the value seen before then.
+        if state in ("complete", "error") or (
+                state == "cancelled" and job.status != "paused"):
+            self.store.set_times(job, ps.get("print_duration") or 0, 1.)
+        self.store.end(job, END_OF_PRINT.get(state, "aborted_wait_cleanup"),
+                       ps.get("message") or "")
+
+    def _external(self, cur, filename):
+        # Started from Mainsail, KlipperScreen, a macro...
+        if cur is not None and cur.status in ACTIVE:
+            self.store.end(cur, "aborted_wait_cleanup",
+                           "Klipper started %s" % (filename,))
         name = os.path.basename(filename)
         for ext in GCODE_EXTENSIONS:
             if name.lower().endswith(ext):
                 name = name[:-len(ext)]
-        return Job(name=name, filename=filename, owner="Klipper",
-                   source="klipper", time_estimate=meta["time_estimate"],
-                   time_total=meta["time_estimate"], preview=meta["preview"])
+        job = Job(name=name, filename=filename, owner="Klipper",
+                  source="klipper")
+        self.store.add_external(job)
+        self.want_metadata(job)
+        return job
+
+    # Reactor: starting a job
+    def _start(self, job):
+        self.store.begin_start(job)
+        # its own reactor callback: it may wait for the G-code queue
+        self.reactor.register_callback(lambda e: self._run_start(job))
+
+    def _run_start(self, job):
+        try:
+            self._hand_to_klipper(job)
+        except Exception:
+            logging.exception("cura_connection: starting %s", job.filename)
+            if job.starting:
+                self.store.end(job, "failed_wait_cleanup",
+                               "Internal error; see klippy.log")
+
+    def _hand_to_klipper(self, job):
+        error = None
+        with self.bridge.gcode.get_mutex():
+            if self.store.current is not job or job.starting != "waiting":
+                return      # aborted while it waited for the G-code queue
+            if klipper_print_state(self.bridge.now()) in (
+                    "printing", "pausing", "paused"):
+                error = "SD busy"
+            else:
+                job.starting = "running"
+                try:
+                    self.bridge.gcode.run_script_from_command(
+                        "SDCARD_PRINT_FILE FILENAME=%s" % (job.filename,))
+                except Exception as e:
+                    error = str(e) or e.__class__.__name__
+        snap = self.bridge.now()
+        busy = klipper_print_state(snap) in ("printing", "pausing", "paused")
+        if error is None and busy:
+            self.store.set_status(job, "printing")
+            job.starting = None
+        elif error is not None and busy:
+            logging.info("cura_connection: %s waits: Klipper is printing "
+                         "another file (%s)", job.filename, error)
+            self.store.requeue(job, "Waiting: Klipper was busy (%s)"
+                               % (error,))
+        else:
+            logging.info("cura_connection: cannot start %s: %s",
+                         job.filename, error or "it did not start")
+            self.store.end(job, "failed_wait_cleanup",
+                           error or "Klipper did not start the file")
+            # nothing was printed: the plate is as clear as before
+            with self.store.lock:
+                self.store.plate_clear = True
+                self.store._changed()
+        self.follow(snap)
+
+    # Reactor: actions of Cura, the web page and the console
+    def act(self, call, job_uuid, action):
+        """Pause ("pause"), resume ("print") or abort ("abort") the job on
+        the printer.  Returns (2xx, status) once Klipper did it: 200, or
+        202 while a pause waits for the file's current command; raises
+        Conflict (nothing done) or NotFound."""
+        job = self.store.get(job_uuid)
+        need, transient = ACTIONS[action]
+        if job is not self.store.current or job.status not in need \
+                or job.action is not None:
+            raise Conflict("Cannot %s print job %s while it is %s"
+                           % (action, job.name, job.status))
+        if action == "abort" and job.starting == "waiting":
+            # Klipper has not got the file: it never will
+            if not call.commit():
+                return None
+            self.store.end(job, "aborted_wait_cleanup",
+                           "Aborted before it started")
+            return 200, job.status
+        while job.starting:     # SDCARD_PRINT_FILE is running right now
+            self.reactor.pause(self.reactor.monotonic() + 0.05)
+        status = job.status
+        self.store.set_status(job, transient, action)
+        try:
+            done = self._carry_out(call, job, action)
+        finally:
+            if job.action == action:    # not ended meanwhile (shutdown)
+                self.store.set_status(job, status, None)
+        if not done:
+            return None         # withdrawn: the caller has answered
+        self.follow(self.bridge.now())
+        ok = {"pause": ("paused",), "print": ("printing",)}.get(
+            action, list(ENDED))
+        if job.status in ok or (action == "abort"
+                                and job is not self.store.current):
+            return 200, job.status
+        if action == "pause" and job.status == "pausing":
+            return 202, job.status
+        raise Conflict("Klipper did not %s %s: it is %s" % (
+            action, job.name, job.status))
+
+    def _carry_out(self, call, job, action):
+        # Klipper's commands for each case, chosen from its state inside
+        # the G-code mutex
+        pr = self.printer.lookup_object("pause_resume", None)
+        bridge = self.bridge
+        if action in ("pause", "print"):
+            # RESUME only undoes Klipper's PAUSE; M24 resumes a file that
+            # paused itself (M25) or was paused any other way
+            paused = bridge.now()["pause_resume"]["is_paused"]
+            if action == "pause":
+                script = "PAUSE" if pr is not None and not paused else "M25"
+            else:
+                script = "RESUME" if pr is not None and paused else "M24"
+            try:
+                if not bridge.run_script(call, script):
+                    return False
+            except CommandError as e:
+                raise Conflict("%s failed: %s" % (script, e))
+            if action == "pause":
+                self._settle(lambda s: klipper_print_state(s) == "pausing")
+        else:
+            snap = bridge.now()
+            if klipper_print_state(snap) in ("printing", "pausing"):
+                self.store.set_times(job, snap["print_stats"].get(
+                    "print_duration") or 0, snap["virtual_sdcard"].get(
+                        "progress"))
+            try:
+                # the user's CANCEL_PRINT macro (heaters off...) first
+                if not bridge.run_script(call, "CANCEL_PRINT"):
+                    return False
+            except CommandError as e:
+                logging.info("cura_connection: CANCEL_PRINT: %s", e)
+            if klipper_print_state(bridge.now()) in (
+                    "printing", "pausing", "paused"):
+                # CANCEL_PRINT leaves a file that paused itself loaded
+                try:
+                    bridge.run_script(call, "SDCARD_RESET_FILE")
+                except CommandError as e:
+                    raise Conflict("SDCARD_RESET_FILE failed: %s" % (e,))
+        return True
+
+    def _settle(self, busy):
+        deadline = self.reactor.monotonic() + ACTION_SETTLE
+        while busy(self.bridge.now()) \
+                and self.reactor.monotonic() < deadline:
+            self.reactor.pause(self.reactor.monotonic() + 0.05)
+
+    def plate_cleared(self, call=NoCall):
+        """Retire the ended job, let the queue go on; Conflict while a job
+        is on its way or printing."""
+        if not call.commit():
+            return
+        self.store.plate_cleared()
+        self.follow(self.bridge.now())
+
+    def change(self, call, fn, *args):
+        """A queue change (move, delete, force) made in the reactor."""
+        if not call.commit():
+            return None
+        result = fn(*args)
+        self.follow(self.bridge.now())
+        return result
+
+
+class StateWriter:
+    """Thread that writes changed state files (disk writes stay off the
+    reactor) and reads the metadata of prints started outside Cura."""
+    def __init__(self, states, reactor, read_metadata, set_metadata):
+        self.states = list(states)
+        self.reactor = reactor
+        self.read_metadata = read_metadata
+        self.set_metadata = set_metadata
+        self.wanted = collections.deque()
+        self.event = threading.Event()
+        self.stopping = False
+        for state in self.states:
+            state.on_change = self.event.set
+        self.thread = threading.Thread(target=self._run, daemon=True,
+                                       name="cura_connection writer")
+        self.thread.start()
+
+    def want_metadata(self, job):
+        """Any thread: read job.filename's metadata soon."""
+        self.wanted.append(job)
+        self.event.set()
 
     def _run(self):
         failing = None
-        while not self.stopping:
-            self.wake.wait(1.)
-            self.wake.clear()
-            if self.stopping:
-                break
+        while True:
+            self.event.wait(1.)
+            self.event.clear()
+            stopping = self.stopping    # then one last pass, and out
             try:
-                self._step()
+                while self.wanted:
+                    job = self.wanted.popleft()
+                    meta = self.read_metadata(job.filename)
+                    self.reactor.register_async_callback(
+                        lambda e, job=job, meta=meta:
+                        self.set_metadata(job, meta))
+                for state in self.states:
+                    if state.dirty:
+                        state.save()
                 failing = None
             except OSError as e:
                 # Disk full, read-only...: the state stays dirty and is
-                # saved when it can be; say so once, not every step.
+                # saved when it can be; say so once, not every second.
                 if str(e) != failing:
                     logging.error("cura_connection: cannot save: %s", e)
                 failing = str(e)
             except Exception:
-                logging.exception("cura_connection: job runner")
-
-    def _step(self):
-        snap = self.bridge.snapshot
-        filename = self.store.needs_external_job(snap)
-        external = filename and self._make_external_job(filename)
-        job = self.store.reconcile(snap, external)
-        for state in self.saved_states:
-            if state.dirty:
-                state.save()
-        if job is None:
-            return
-        self.store.begin_start(job)
-        self.store.save()
-        cmd = self.bridge.submit("SDCARD_PRINT_FILE FILENAME=%s"
-                                 % (job.filename,))
-        error = None
-        try:
-            seq = cmd.wait()["seq"]
-        except CommandError as e:
-            if cmd.done.is_set():
-                error = str(e)
-                seq = cmd.snapshot["seq"] if cmd.snapshot else 0
-            else:
-                seq = self.bridge.snapshot["seq"] + 1
-        if error:
-            logging.info("cura_connection: cannot start %s: %s",
-                         job.filename, error)
-        self.store.finish_start(job, error, seq)
-        self.store.save()
-        self.wake.set()
+                logging.exception("cura_connection: state writer")
+            if stopping:
+                break
 
     def stop(self):
+        """Save what changed (in the writer thread) and end it."""
+        for state in self.states:
+            state.on_change = None
         self.stopping = True
-        self.wake.set()
+        self.event.set()
         self.thread.join(2.)
 
 
@@ -1357,8 +1723,9 @@ class MaterialStore:
         self.index = None   # guid -> material info, read on first use
         self.resolved = {}  # resolve() answers, until the next add()
         self.held = {}      # client id or address -> {filename: data}
-        self.released = []  # (filename, data) the job runner stores
+        self.released = []  # (filename, data) the StateWriter stores
         self.dirty = False
+        self.on_change = None   # the StateWriter's wake-up
 
     @staticmethod
     def parse(data):
@@ -1430,7 +1797,7 @@ class MaterialStore:
 
     def hold(self, owner, filename, data):
         """Keep a profile from a Cura not allowed yet (checked now), by
-        its client id or address: release() hands it to the job runner,
+        its client id or address: release() hands it to the StateWriter,
         drop() forgets it.  Raises BadInput (not a profile) or NoSpace
         (MAX_HELD bytes kept)."""
         self.file_name(filename)
@@ -1446,11 +1813,13 @@ class MaterialStore:
             files[filename] = data
 
     def release(self, *owners):
-        # Runs in the reactor (CURA_ALLOW): memory only
+        # Reactor (CURA_ALLOW): memory only, the StateWriter stores them
         with self.lock:
             for owner in owners:
                 self.released += self.held.pop(owner, {}).items()
             self.dirty = bool(self.released)
+        if self.dirty and self.on_change is not None:
+            self.on_change()
 
     def drop(self, *owners):
         with self.lock:
@@ -1458,7 +1827,7 @@ class MaterialStore:
                 self.held.pop(owner, None)
 
     def save(self):
-        """Store released profiles (job runner thread)."""
+        """Store released profiles (StateWriter thread)."""
         with self.lock:
             files, self.released = self.released, []
             self.dirty = False
@@ -1575,14 +1944,11 @@ def parse_material_option(text):
 class LoadedMaterials(SavedState):
     """The material in each extruder, shown on Cura's printer card.
 
-    SET_CURA_MATERIAL changes it in the reactor, in memory only; the job
-    runner thread writes the file."""
+    SET_CURA_MATERIAL changes it in the reactor, in memory only; the
+    StateWriter thread writes the file."""
     def __init__(self, path, defaults):
-        self.path = path
+        SavedState.__init__(self, path)
         self.names = [name for name, _ in defaults]
-        self.lock = threading.Lock()
-        self.save_lock = threading.Lock()
-        self.dirty = False
         self.entries = dict(defaults)
         saved = self._load()
         for name in self.names:
@@ -1591,17 +1957,22 @@ class LoadedMaterials(SavedState):
         self._update_status_cache()
 
     def _load(self):
-        extruders = self.read_file().get("extruders")
+        extruders = self.read_file().get("extruders", {})
         if not isinstance(extruders, dict):
+            self.drop("extruders", "not an object")
             return {}
         saved = {}
         for name, entry in extruders.items():
             try:
+                if entry is not None and not (
+                        isinstance(entry, dict) and all(
+                            isinstance(k, str) and isinstance(v, str)
+                            for k, v in entry.items())):
+                    raise ValueError("not an object of texts")
                 saved[name] = entry and parse_material_words(
                     {k.upper(): v for k, v in entry.items()})
-            except (ValueError, AttributeError) as e:
-                logging.info("cura_connection: dropping saved material of "
-                             "%s: %s", name, e)
+            except ValueError as e:
+                self.drop("the material of %s" % (name,), e)
         return saved
 
     def _update_status_cache(self):
@@ -1610,13 +1981,14 @@ class LoadedMaterials(SavedState):
                              dict(self.entries[name]) for name in self.names}
 
     def set(self, name, entry):
+        """Reactor (SET_CURA_MATERIAL); BadInput for an unknown extruder."""
         if name not in self.names:
-            raise CommandError("Unknown extruder '%s' (known: %s)"
-                               % (name, ", ".join(self.names)))
+            raise BadInput("Unknown extruder '%s' (known: %s)"
+                           % (name, ", ".join(self.names)))
         with self.lock:
             self.entries[name] = entry
-            self.dirty = True
             self._update_status_cache()
+            self.changed()
 
     def get(self, index):
         with self.lock:
@@ -2092,19 +2464,46 @@ class AuthStore(SavedState):
     MAX_NONCES = 256     # per client: older nonces are forgotten
     REASK_WINDOW = 30.   # s: a refused Cura asks again within seconds
 
+    # saved client field -> check of its value (key and allowed needed)
+    CLIENT_FIELDS = {
+        "key": lambda v: isinstance(v, str) and 16 <= len(v) <= 128,
+        "allowed": lambda v: isinstance(v, bool),
+        "application": lambda v: isinstance(v, str),
+        "user": lambda v: isinstance(v, str),
+        "address": lambda v: isinstance(v, str),
+        "requested_at": lambda v: isinstance(v, str)}
+    ID_RE = re.compile(r"^[0-9a-z]{1,64}$")
+
     def __init__(self, path):
-        self.path = path
-        self.lock = threading.Lock()
+        SavedState.__init__(self, path)
         self.clients = {}    # id -> {"key", "application", "user", ...}
         self.nonces = {}     # id -> OrderedDict nonce -> set of nc seen
         self.refused = {}    # id -> monotonic time of a read refused 401
-        self.save_lock = threading.Lock()
-        self.dirty = False   # changed by a G-code command: the runner saves
-        clients = self.read_file().get("clients")
-        if isinstance(clients, dict):
-            self.clients = {k: v for k, v in clients.items()
-                            if isinstance(v, dict)
-                            and isinstance(v.get("key"), str)}
+        self._load()
+
+    def _load(self):
+        clients = self.read_file().get("clients", {})
+        if not isinstance(clients, dict):
+            self.drop("clients", "not an object")
+            return
+        for key_id, client in clients.items():
+            try:
+                if not self.ID_RE.match(key_id):
+                    raise ValueError("not an id of 1-64 letters and digits")
+                if not isinstance(client, dict):
+                    raise ValueError("not an object")
+                for field in ("key", "allowed"):
+                    if field not in client:
+                        raise ValueError("no %s" % (field,))
+                bad = [f for f, check in self.CLIENT_FIELDS.items()
+                       if f in client and not check(client[f])]
+                if bad:
+                    raise ValueError("bad %s" % (bad[0],))
+            except ValueError as e:
+                self.drop("client %s" % (clean_text(key_id),), e)
+                continue
+            self.clients[key_id] = {f: client[f] for f in self.CLIENT_FIELDS
+                                    if f in client}
 
     file_mode = 0o600   # the keys are secrets
 
@@ -2126,7 +2525,7 @@ class AuthStore(SavedState):
                        if not c.get("allowed")]
             for k in pending[:-self.MAX_PENDING]:
                 del self.clients[k]
-            self.dirty = True
+            self.changed()
             return key_id, self.clients[key_id]["key"]
 
     def allow(self, key_id):
@@ -2135,10 +2534,10 @@ class AuthStore(SavedState):
             if client is None:
                 return False
             client["allowed"] = True
-            allowed = [k for k, c in self.clients.items() if c["allowed"]]
+            allowed = [k for k, c in self.clients.items() if c.get("allowed")]
             for k in allowed[:-self.MAX_CLIENTS]:
                 del self.clients[k]
-            self.dirty = True
+            self.changed()
             return True
 
     def remove(self, key_id):
@@ -2147,7 +2546,7 @@ class AuthStore(SavedState):
             self.refused.pop(key_id, None)
             if self.clients.pop(key_id, None) is None:
                 return False
-            self.dirty = True
+            self.changed()
             return True
 
     def listing(self):
@@ -2304,9 +2703,6 @@ ROUTES = [
      "get_definition_file"),
 ]
 COMPILED_ROUTES = [(m, re.compile(p + "$"), h) for m, p, h in ROUTES]
-ACTIONS = {"pause": (("printing",), "pausing", "PAUSE"),
-           "print": (("paused",), "resuming", "RESUME"),
-           "abort": (ACTIVE, "aborting", "CANCEL_PRINT")}
 
 
 # What a job's reply is made of: a change to any of these is a new reply
@@ -2381,11 +2777,14 @@ class ReplyCache:
 
 
 class CuraApi:
-    """The cluster API: turns requests into JSON from snapshots and store."""
+    """The cluster API: turns requests into JSON from snapshots and store.
+    Handlers run in HTTP threads: they read snapshots and the store, and
+    change jobs only through bridge.call(lifecycle...), in the reactor."""
     def __init__(self, conn):
         self.conn = conn
         self.bridge = conn.bridge
         self.store = conn.store
+        self.lifecycle = conn.lifecycle
         self.intake = conn.intake
         self.materials = conn.materials
         self.replies = ReplyCache(self)
@@ -2476,7 +2875,7 @@ class CuraApi:
              "created_at": job.created_at, "status": job.status,
              "started": job.started, "force": job.force,
              "machine_variant": self.conn.machine_variant,
-             "time_total": int(job.time_total or job.time_estimate or 0),
+             "time_total": int(job.time_total),
              "time_elapsed": int(job.time_elapsed or 0),
              "configuration": self.printer_configuration(None),
              "constraints": [], "configuration_changes_required": [],
@@ -2593,8 +2992,8 @@ class CuraApi:
             self.store.save()
         except OSError as e:
             # An unsaved job would vanish at the next restart: the upload
-            # fails whole instead (unless the runner saved and started it
-            # meanwhile), leaving no job and no file.
+            # fails whole instead (unless the writer saved it and the
+            # lifecycle started it meanwhile), leaving no job and no file.
             with self.store.lock:
                 unsaved = job in self.store.queue
                 if unsaved:
@@ -2602,7 +3001,6 @@ class CuraApi:
             if unsaved:
                 self.intake.remove(filename, meta["preview"])
                 raise storage_error(e, self.store.path)
-        self.conn.runner.wake.set()
         logging.info("cura_connection: received %s from %s (%s)",
                      filename, job.owner, req.client_address[0])
         return 200, {"uuid": job.uuid, "name": job.name,
@@ -2615,24 +3013,12 @@ class CuraApi:
         if not isinstance(action, str) or action not in ACTIONS:
             raise HTTPError(400, "action must be one of %s"
                             % (", ".join(sorted(ACTIONS)),))
-        job = self.store.get(job_uuid)
-        need, transient, script = ACTIONS[action]
-        with self.store.lock:
-            if job is not self.store.current or job.status not in need \
-                    or job.pending is not None:
-                raise HTTPError(409, "Cannot %s print job %s while it is %s"
-                                % (action, job.name, job.status))
-            cmd = self.bridge.submit(script)
-            self.store.set_pending(job, transient, cmd)
-        try:
-            cmd.wait()
-        except CommandError as e:
-            self.conn.runner.wake.set()
-            if cmd.done.is_set():
-                raise HTTPError(409, "%s failed: %s" % (script, e))
-            return 202, {"message": str(e), "status": job.status}
-        self.conn.runner.wake.set()
-        return 200, {"status": job.status}
+        self.store.get(job_uuid)
+        # answered once Klipper did it (or refused: 409)
+        status, job_status = self.bridge.call(self.lifecycle.act, job_uuid,
+                                              action)
+        self.store.save()
+        return status, {"status": job_status}
 
     def post_move(self, req, job_uuid):
         req.require_control()
@@ -2642,7 +3028,8 @@ class CuraApi:
                 or body.get("list", "queued") != "queued":
             raise HTTPError(400, 'Expected {"to_position": <n>, '
                             '"list": "queued"}')
-        self.store.move(job_uuid, pos)
+        self.bridge.call(self.lifecycle.change, self.store.move, job_uuid,
+                         pos)
         self.store.save()
         return 200, {"message": "moved"}
 
@@ -2652,15 +3039,15 @@ class CuraApi:
         if not isinstance(body, dict) or not isinstance(body.get("force"),
                                                         bool):
             raise HTTPError(400, 'Expected {"force": true}')
-        self.store.set_force(job_uuid, body["force"])
+        self.bridge.call(self.lifecycle.change, self.store.set_force,
+                         job_uuid, body["force"])
         self.store.save()
         return 200, {"message": "ok"}
 
     def delete_print_job(self, req, job_uuid):
         req.require_control()
-        self.store.delete(job_uuid)
+        self.bridge.call(self.lifecycle.change, self.store.delete, job_uuid)
         self.store.save()
-        self.conn.runner.wake.set()
         return 200, {"message": "deleted"}
 
     def get_materials(self, req):
@@ -2697,12 +3084,9 @@ class CuraApi:
         req.read_json(optional=True)
         if printer_uuid != self.conn.printer_uuid:
             raise HTTPError(404, "No printer %s" % (printer_uuid,))
-        # through the reactor, like the G-code command from a console
-        try:
-            self.bridge.run_gcode("CURA_BUILD_PLATE_CLEARED")
-        except CommandError as e:
-            raise HTTPError(409, str(e))
-        self.conn.runner.wake.set()
+        # the same operation as CURA_BUILD_PLATE_CLEARED, in the reactor
+        self.bridge.call(self.lifecycle.plate_cleared)
+        self.store.save()
         return 200, {"message": "Build plate marked clear"}
 
     @staticmethod
@@ -3354,13 +3738,60 @@ class ZeroconfAnnouncer:
 ######################################################################
 
 class CuraConnection:
+    """[cura_connection]: reads the config, builds the parts, registers
+    the G-code commands.  Runs in the reactor (config load, commands)."""
     def __init__(self, config):
         self.printer = config.get_printer()
         while _live_instances:
             logging.info("cura_connection: closing server left open by a "
                          "previous printer instance")
             _live_instances.pop().close()
-        # Config
+        self._read_identity(config)
+        self._read_camera(config)
+        trusted, request_timeout = self._read_access(config)
+        gcodes, data_path = self._read_paths(config)
+        material_defaults = self._read_extruders(config)
+        max_upload = config.getint("max_upload_size", 1024, minval=1)
+        history_size = config.getint("history_size", 20, minval=0,
+                                     maxval=1000)
+        # Every poll lists the whole queue: it must stay short
+        self.max_queue = config.getint("max_queue", 100, minval=1,
+                                       maxval=1000)
+        auto_start_next = config.getboolean("auto_start_next", False)
+        # The parts, in data order
+        self.lifecycle = None
+        self.bridge = KlippyBridge(config, self._handle_snapshot)
+        self.store = JobStore(os.path.join(data_path, "queue.json"),
+                              history_size, auto_start_next)
+        self.intake = FileIntake(gcodes, max_upload << 20)
+        self.materials = MaterialStore(os.path.join(data_path, "materials"))
+        self.loaded = LoadedMaterials(
+            os.path.join(data_path, "loaded_materials.json"),
+            material_defaults)
+        self.auth = AuthStore(os.path.join(data_path, "auth.json"))
+        for dirname in (gcodes, os.path.join(gcodes, ".thumbs"), data_path,
+                        os.path.join(data_path, "materials")):
+            remove_stale_temp_files(dirname)
+        self.writer = StateWriter([self.store, self.loaded, self.auth,
+                                   self.materials],
+                                  self.bridge.reactor,
+                                  self.intake.read_metadata,
+                                  self.store.set_metadata)
+        self.lifecycle = JobLifecycle(self.bridge, self.store,
+                                      self.writer.want_metadata)
+        self.api = CuraApi(self)
+        self._start_server(config, trusted, request_timeout)
+        _live_instances.append(self)
+        self.closed = False
+        self._register_commands()
+        self.printer.register_event_handler("klippy:disconnect",
+                                            self._handle_disconnect)
+        logging.info("cura_connection: serving Cura on %s:%d",
+                     self.address, self.bound_port)
+
+    # Config, one concern each
+    def _read_identity(self, config):
+        # Network name, address and what Cura is told this printer is
         self.port = config.getint("port", 8080, minval=0, maxval=65535)
         self.address = config.get("address", "0.0.0.0")
         try:
@@ -3375,14 +3806,21 @@ class CuraConnection:
             raise config.error("cura_connection: name must be 1-63 bytes "
                                "without dots")
         self.definition = MachineDefinition(config, self.name)
-        machine = config.getchoice(
+        self.machine = config.getchoice(
             "cura_machine", {k: k for k in list(CURA_MACHINES)
                              + [CUSTOM_MACHINE]}, "ultimaker_s3")
-        if machine == CUSTOM_MACHINE:
+        if self.machine == CUSTOM_MACHINE:
             self.machine_bom = self.definition.bom
             self.machine_variant = self.definition.name
         else:
-            self.machine_bom, self.machine_variant = CURA_MACHINES[machine]
+            self.machine_bom, self.machine_variant = \
+                CURA_MACHINES[self.machine]
+        self.printer_uuid = str(uuid.uuid5(uuid.NAMESPACE_DNS,
+                                           "cura-connection." + self.name))
+        self.klipper_version = self.printer.get_start_args().get(
+            "software_version", "unknown")
+
+    def _read_camera(self, config):
         self.camera = None
         camera_url = config.get("camera_url", None)
         snapshot_url = config.get("camera_snapshot_url", None)
@@ -3394,13 +3832,8 @@ class CuraConnection:
             except ValueError as e:
                 raise config.error("cura_connection: camera: %s" % (e,))
             self.camera = CameraProxy(camera_url, snapshot_url)
-        max_upload = config.getint("max_upload_size", 1024, minval=1)
-        history_size = config.getint("history_size", 20, minval=0,
-                                     maxval=1000)
-        # Every poll lists the whole queue: it must stay short
-        self.max_queue = config.getint("max_queue", 100, minval=1,
-                                       maxval=1000)
-        auto_start_next = config.getboolean("auto_start_next", False)
+
+    def _read_access(self, config):
         # Who may talk to the printer, and what they may do
         try:
             trusted = parse_trusted_clients(config.get(
@@ -3414,6 +3847,10 @@ class CuraConnection:
         # undocumented: tests shorten it
         request_timeout = config.getfloat("request_timeout", REQUEST_TIMEOUT,
                                           above=0.)
+        return trusted, request_timeout
+
+    def _read_paths(self, config):
+        # (G-code folder, folder of the module's own files), both created
         if not config.has_section("virtual_sdcard"):
             raise config.error("cura_connection needs a [virtual_sdcard] "
                                "section: uploads are stored in its path")
@@ -3421,6 +3858,15 @@ class CuraConnection:
             config.getsection("virtual_sdcard").get("path")))
         data_path = os.path.normpath(os.path.expanduser(config.get(
             "data_path", os.path.join(gcodes, ".cura_connection"))))
+        try:
+            os.makedirs(gcodes, exist_ok=True)
+            os.makedirs(data_path, exist_ok=True)
+        except OSError as e:
+            raise config.error("cura_connection: cannot create %s" % (e,))
+        return gcodes, data_path
+
+    def _read_extruders(self, config):
+        # Print cores shown to Cura; returns [(extruder, material entry)]
         self.extruder_count = 0
         self.print_core_ids = []
         extruder_names = []
@@ -3434,7 +3880,7 @@ class CuraConnection:
             # Cura needs at least one extruder box on the printer card
             self.extruder_count, self.print_core_ids = 1, ["AA 0.4"]
             extruder_names = ["extruder"]
-        if machine == CUSTOM_MACHINE:
+        if self.machine == CUSTOM_MACHINE:
             # The custom definition has no print cores: a core name would
             # keep Cura from matching the printer to its configuration.
             self.print_core_ids = [None] * self.extruder_count
@@ -3448,30 +3894,9 @@ class CuraConnection:
                 raise config.error("cura_connection: material_%s: %s"
                                    % (name, e))
             material_defaults.append((name, entry or None))
-        self.printer_uuid = str(uuid.uuid5(uuid.NAMESPACE_DNS,
-                                           "cura-connection." + self.name))
-        self.klipper_version = self.printer.get_start_args().get(
-            "software_version", "unknown")
-        try:
-            os.makedirs(gcodes, exist_ok=True)
-            os.makedirs(data_path, exist_ok=True)
-        except OSError as e:
-            raise config.error("cura_connection: cannot create %s" % (e,))
-        # The parts, in data order
-        self.runner = None
-        self.bridge = KlippyBridge(config, self._handle_snapshot)
-        self.store = JobStore(os.path.join(data_path, "queue.json"),
-                              history_size, auto_start_next)
-        self.intake = FileIntake(gcodes, max_upload << 20)
-        self.materials = MaterialStore(os.path.join(data_path, "materials"))
-        self.loaded = LoadedMaterials(
-            os.path.join(data_path, "loaded_materials.json"),
-            material_defaults)
-        self.auth = AuthStore(os.path.join(data_path, "auth.json"))
-        for dirname in (gcodes, os.path.join(gcodes, ".thumbs"), data_path,
-                        os.path.join(data_path, "materials")):
-            remove_stale_temp_files(dirname)
-        self.api = CuraApi(self)
+        return material_defaults
+
+    def _start_server(self, config, trusted, request_timeout):
         # Bind now: a busy port is a config error, not a crash later.
         server_class = CuraHTTPServer6 if ":" in self.address \
             else CuraHTTPServer
@@ -3487,10 +3912,6 @@ class CuraConnection:
             target=self.server.serve_forever, kwargs={"poll_interval": 0.2},
             daemon=True, name="cura_connection http")
         self.server_thread.start()
-        self.runner = JobRunner(self.bridge, self.store,
-                                self.intake.read_metadata,
-                                also_save=[self.loaded, self.auth,
-                                           self.materials])
         self.announcer = None
         if self.use_zeroconf:
             self.announcer = ZeroconfAnnouncer(
@@ -3499,32 +3920,23 @@ class CuraConnection:
                     "machine": str(self.machine_bom),
                     "firmware_version": FIRMWARE_VERSION,
                     "cluster_size": "1"})
-        _live_instances.append(self)
-        self.closed = False
-        # G-code commands
+
+    def _register_commands(self):
         gcode = self.printer.lookup_object("gcode")
-        gcode.register_command("CURA_BUILD_PLATE_CLEARED",
-                               self.cmd_CURA_BUILD_PLATE_CLEARED,
-                               desc=self.cmd_CURA_BUILD_PLATE_CLEARED_help)
-        gcode.register_command("CURA_QUEUE", self.cmd_CURA_QUEUE,
-                               desc=self.cmd_CURA_QUEUE_help)
-        gcode.register_command("CURA_PAIRING", self.cmd_CURA_PAIRING,
-                               desc=self.cmd_CURA_PAIRING_help)
-        gcode.register_command("CURA_ALLOW", self.cmd_CURA_ALLOW,
-                               desc=self.cmd_CURA_ALLOW_help)
-        gcode.register_command("CURA_DENY", self.cmd_CURA_DENY,
-                               desc=self.cmd_CURA_DENY_help)
-        gcode.register_command("SET_CURA_MATERIAL",
-                               self.cmd_SET_CURA_MATERIAL,
-                               desc=self.cmd_SET_CURA_MATERIAL_help)
-        self.printer.register_event_handler("klippy:disconnect",
-                                            self._handle_disconnect)
-        logging.info("cura_connection: serving Cura on %s:%d",
-                     self.address, self.bound_port)
+        for name in ("CURA_BUILD_PLATE_CLEARED", "CURA_QUEUE",
+                     "CURA_PAIRING", "CURA_ALLOW", "CURA_DENY",
+                     "SET_CURA_MATERIAL"):
+            gcode.register_command(name, getattr(self, "cmd_" + name),
+                                   desc=getattr(self, "cmd_%s_help" % name))
 
     def _handle_snapshot(self, snap):
-        if self.runner is not None:
-            self.runner.wake.set()
+        # Reactor (the status timer): the lifecycle follows Klipper
+        if self.lifecycle is None:
+            return
+        try:
+            self.lifecycle.follow(snap)
+        except Exception:
+            logging.exception("cura_connection: following the print")
 
     def _handle_disconnect(self):
         self.close()
@@ -3543,21 +3955,21 @@ class CuraConnection:
         self.bridge.closing = True
         self.server.close()
         self.server_thread.join(2.)
-        self.runner.stop()
+        self.writer.stop()
         if self.announcer is not None:
             self.announcer.stop()
         if self in _live_instances:
             _live_instances.remove(self)
         logging.info("cura_connection: released port %d", self.bound_port)
 
+    # G-code commands (reactor): bad input raises only gcmd.error
     cmd_CURA_BUILD_PLATE_CLEARED_help = (
         "Confirm the build plate is empty so the next Cura job can start")
     def cmd_CURA_BUILD_PLATE_CLEARED(self, gcmd):
         try:
-            self.store.plate_cleared()
-        except CommandError as e:
-            raise gcmd.error(str(e))
-        self.runner.wake.set()
+            self.lifecycle.plate_cleared()
+        except CuraError as e:
+            raise gcmd.error(e.message)
         n = len(self.store.queue)
         gcmd.respond_info("Build plate marked clear; %d job(s) queued" % n)
 
@@ -3614,13 +4026,12 @@ class CuraConnection:
 
     cmd_CURA_ALLOW_help = "Allow a Cura that asked for access: ID=<id>"
     def cmd_CURA_ALLOW(self, gcmd):
-        # Runs in the reactor: memory only, the job runner saves.
+        # memory only, the StateWriter saves.
         key_id = self._client_id(gcmd, False)
         if not self.auth.allow(key_id):
             raise gcmd.error("No Cura asked with ID=%s (see CURA_PAIRING)"
                              % (key_id,))
         self.materials.release(key_id, self._client_address(key_id))
-        self.runner.wake.set()
         gcmd.respond_info("Cura ID=%s may now send and control prints"
                           % (key_id,))
 
@@ -3632,14 +4043,13 @@ class CuraConnection:
             raise gcmd.error("No Cura with ID=%s (see CURA_PAIRING)"
                              % (key_id,))
         self.materials.drop(key_id, address)
-        self.runner.wake.set()
         gcmd.respond_info("Cura ID=%s removed" % (key_id,))
 
     cmd_SET_CURA_MATERIAL_help = (
         "Tell Cura which material is loaded: EXTRUDER= GUID= or MATERIAL= "
         "BRAND= COLOR= (MATERIAL=empty: none)")
     def cmd_SET_CURA_MATERIAL(self, gcmd):
-        # Runs in the reactor: memory only, the job runner saves.
+        # memory only, the StateWriter saves.
         name = gcmd.get("EXTRUDER", None)
         if name is None:
             toolhead = self.printer.lookup_object("toolhead")
@@ -3655,9 +4065,10 @@ class CuraConnection:
         try:
             entry = parse_material_words(words)
             self.loaded.set(name, entry)
-        except (ValueError, CommandError) as e:
+        except ValueError as e:
             raise gcmd.error(str(e))
-        self.runner.wake.set()
+        except CuraError as e:
+            raise gcmd.error(e.message)
         gcmd.respond_info("%s: material set for Cura" % (name,))
 
     def get_status(self, eventtime):

@@ -115,6 +115,17 @@ def install_module(flavor):
     return dest_dir
 
 
+def own_tracebacks(log):
+    """Tracebacks in klippy.log, but for Klippy's own failed writes of
+    G-code responses to its pseudo-terminal, which the harness never
+    reads (it fills up after a few hundred responses)."""
+    lines = [line for line in log.splitlines() if line.strip()]
+    return [lines[i + 1] for i, line in enumerate(lines[1:])
+            if line.startswith("Traceback") and lines[i] not in (
+                "Write g-code response", "During handling of the above "
+                "exception, another exception occurred:")]
+
+
 class KlippyNotReady(RuntimeError):
     """Klippy reported a state other than ready (config error, shutdown)."""
     def __init__(self, msg, info=None):

@@ -15,6 +15,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import gcode_samples
+import httpc
+import klippy_harness
 from hostile import check_gcodes_dir, send, tree
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..",
@@ -303,3 +305,191 @@ def test_fuzz_http_requests(klippy_factory, flavor):
     assert "Traceback" not in log and "Internal error" not in log
     print("\nHTTP: %d batches; replies by status: %s" % (
         batches, dict(sorted(seen.items()))))
+
+
+# Saved files: whatever a user, a backup or another tool left in them,
+# the stores load what is usable and stay usable
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats()
+    | st.text(max_size=12),
+    lambda inner: st.lists(inner, max_size=3)
+    | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+    max_leaves=6)
+GOOD_JOB = {"uuid": "1234abcd", "name": "a", "filename": "a.gcode",
+            "owner": "bob", "created_at": "2026-01-01T00:00:00.000000Z",
+            "status": "queued", "source": "cura", "time_estimate": 10,
+            "time_elapsed": 0, "time_total": 10, "preview": None,
+            "started": False, "force": False, "message": "",
+            "finished_at": None}
+GOOD_CLIENT = {"key": "k" * 32, "allowed": True, "application": "Cura",
+               "user": "bob", "address": "127.0.0.1",
+               "requested_at": "2026-01-01 00:00:00"}
+
+
+def mutated(good, **overrides):
+    """good with up to 3 fields replaced by any JSON and up to 2 gone."""
+    good = dict(good, **overrides)
+    keys = sorted(good)
+    return st.tuples(
+        st.dictionaries(st.sampled_from(keys), json_values, max_size=3),
+        st.sets(st.sampled_from(keys), max_size=2)).map(
+        lambda rd: {k: rd[0].get(k, v) for k, v in good.items()
+                    if k not in rd[1]})
+
+
+def jobs_list(status):
+    return st.lists(st.builds(
+        lambda d, n: dict(d, uuid="%s%d" % (d.get("uuid"), n))
+        if isinstance(d.get("uuid"), str) else d,
+        mutated(GOOD_JOB, status=status), st.integers(0, 3)) | json_values,
+        max_size=4)
+
+
+queue_files = st.fixed_dictionaries({}, optional={
+    "version": json_values, "plate_clear": st.booleans() | json_values,
+    "current": mutated(GOOD_JOB, status="printing", uuid="c0") | json_values,
+    "queue": jobs_list("queued") | json_values,
+    "history": jobs_list("finished") | json_values}) | json_values
+auth_files = st.fixed_dictionaries({}, optional={
+    "version": json_values,
+    "clients": st.dictionaries(
+        st.sampled_from(["aaaa1111", "bbbb2222", "Upper", "", "a b"])
+        | st.text(max_size=10),
+        mutated(GOOD_CLIENT) | json_values, max_size=3) | json_values,
+}) | json_values
+material_files = st.fixed_dictionaries({}, optional={
+    "version": json_values,
+    "extruders": st.dictionaries(
+        st.sampled_from(["extruder", "extruder1", "x"]),
+        mutated({"guid": "3ee70a86-77d8-4b87-8005-e4a1bc57d2ce"})
+        | mutated({"material": "PLA", "brand": "Acme", "color": "#ff0000"})
+        | json_values, max_size=2) | json_values}) | json_values
+file_texts = st.one_of(
+    st.builds(lambda v: __import__("json").dumps(v), json_values),
+    st.text(max_size=50), st.just("{"), st.just(""))
+
+
+def file_text(strategy):
+    return st.one_of(st.builds(lambda v: __import__("json").dumps(v),
+                               strategy), file_texts)
+
+
+def test_fuzz_saved_files(tmp_path):
+    import json
+    seen = {"kept": 0, "dropped": 0}
+
+    @BATCH
+    @given(queue=file_text(queue_files), auth=file_text(auth_files),
+           materials=file_text(material_files),
+           ids=st.lists(st.text(max_size=10), max_size=3))
+    def one(queue, auth, materials, ids):
+        for name, text in (("queue.json", queue), ("auth.json", auth),
+                           ("loaded.json", materials)):
+            (tmp_path / name).write_text(text)
+            if os.path.exists(str(tmp_path / (name + ".bad"))):
+                os.unlink(str(tmp_path / (name + ".bad")))
+        store = cc.JobStore(str(tmp_path / "queue.json"), 5, False)
+        cur, q, hist = store.all_jobs()
+        seen["kept"] += len(cur + q + hist)
+        seen["dropped"] += store.kept_aside
+        for job in cur + q + hist:
+            assert cc.safe_base_name(job.filename, "") == job.filename
+            json.dumps(job.to_dict())
+        assert all(j.status == "queued" for j in q)
+        try:
+            store.plate_cleared()
+        except cc.Conflict:
+            pass
+        store.save()
+        again = cc.JobStore(str(tmp_path / "queue.json"), 5, False)
+        assert again.state() == store.state()
+        auth = cc.AuthStore(str(tmp_path / "auth.json"))
+        for key_id in ids + [c["id"] for c in auth.listing()]:
+            auth.allow(key_id)
+            assert auth.status(key_id) in ("unknown", "authorized")
+            auth.remove(key_id)
+        auth.save()
+        loaded = cc.LoadedMaterials(str(tmp_path / "loaded.json"),
+                                    [("extruder", None),
+                                     ("extruder1", {"material": "PLA"})])
+        assert set(loaded.status_cache) == {"extruder", "extruder1"}
+        loaded.get(0), loaded.get(1), loaded.get(5)
+        loaded.save()
+
+    batches = run_for(SECONDS, one)
+    print("\nsaved files: %d batches; jobs kept %d, files with dropped "
+          "entries %d" % (batches, seen["kept"], seen["dropped"]))
+
+
+# G-code commands and saved files against the real Klippy: it stays ready
+
+GCODE_COMMANDS = ["CURA_BUILD_PLATE_CLEARED", "CURA_QUEUE", "CURA_PAIRING",
+                  "CURA_ALLOW", "CURA_DENY", "SET_CURA_MATERIAL"]
+PARAM_NAMES = ["ID", "EXTRUDER", "GUID", "MATERIAL", "BRAND", "COLOR", "X",
+               "id", "Extruder"]
+param_values = st.one_of(
+    st.sampled_from(["", "aaaa1111", "extruder", "extruder1", "empty",
+                     "3ee70a86-77d8-4b87-8005-e4a1bc57d2ce", "PLA",
+                     "#ff8000", "x" * 100, "\"", "'", "=", "é"]),
+    st.text(alphabet=st.characters(min_codepoint=33, max_codepoint=0x2ff,
+                                   blacklist_characters=";"),
+            max_size=20))
+
+
+@pytest.mark.slow
+@pytest.mark.one_flavor   # long-running: the first flavor is enough
+def test_fuzz_gcode_commands_and_saved_files(klippy_factory, flavor):
+    import json
+    k = klippy_factory(start=False)
+    data = os.path.join(k.gcodes_dir, ".cura_connection")
+    os.makedirs(data, exist_ok=True)
+    k.start()
+    k.wait_ready()
+    errors = [0, 0]
+
+    @settings(max_examples=15, deadline=None, database=None,
+              suppress_health_check=list(HealthCheck))
+    @given(commands=st.lists(st.tuples(
+        st.sampled_from(GCODE_COMMANDS),
+        st.lists(st.tuples(st.sampled_from(PARAM_NAMES), param_values),
+                 max_size=3)), min_size=1, max_size=6))
+    def commands(commands):
+        for cmd, params in commands:
+            line = " ".join([cmd] + ["%s=%s" % kv for kv in params])
+            try:
+                k.gcode(line)
+                errors[0] += 1
+            except Exception as e:
+                assert "Internal error" not in str(e), (line, e)
+                errors[1] += 1
+        assert k.info()["state"] == "ready"
+
+    @settings(max_examples=4, deadline=None, database=None,
+              suppress_health_check=list(HealthCheck))
+    @given(queue=file_text(queue_files), auth=file_text(auth_files),
+           materials=file_text(material_files))
+    def files(queue, auth, materials):
+        for name, text in (("queue.json", queue), ("auth.json", auth),
+                           ("loaded_materials.json", materials)):
+            with open(os.path.join(data, name), "w") as f:
+                f.write(text)
+        k.restart()
+        assert k.info()["state"] == "ready"
+        r = httpc.request(k.base_url(), "GET", "/cluster-api/v1/print_jobs")
+        assert r.status == 200, r
+        for line in ("CURA_QUEUE", "CURA_PAIRING", "SET_CURA_MATERIAL",
+                     "CURA_ALLOW ID=aaaa1111", "CURA_BUILD_PLATE_CLEARED"):
+            try:
+                k.gcode(line)
+            except Exception as e:
+                assert "Internal error" not in str(e), (line, e)
+        json.dumps(r.json())
+
+    batches = run_for(SECONDS, lambda: (commands(), files()))
+    assert k.info()["state"] == "ready"
+    log = k.log_text()
+    assert "Internal error" not in log
+    assert klippy_harness.own_tracebacks(log) == []
+    print("\nG-code commands: %d batches; %d ran, %d refused (gcmd.error)"
+          % (batches, errors[0], errors[1]))

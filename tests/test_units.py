@@ -5,7 +5,6 @@ import base64
 import json
 import os
 import sys
-import threading
 
 import pytest
 
@@ -264,31 +263,117 @@ def test_write_file_atomic(tmp_path):
 
 # Job store: state machine with fake snapshots
 
-class Snaps:
+class FakeMutex:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+class FakeKlipper:
+    """Bridge, reactor, printer and G-code of JobLifecycle in one: the
+    scripts it runs change a small model of print_stats/virtual_sdcard/
+    pause_resume the way Klipper's own code does."""
     def __init__(self):
-        self.seq = 0
+        self.reactor = self.printer = self.gcode = self
+        self.kstate, self.state, self.filename = "ready", "standby", ""
+        self.duration, self.active, self.is_paused = 0., False, False
+        self.scripts, self.callbacks, self.seq, self.t = [], [], 0, 0.
 
-    def __call__(self, state="standby", filename="", duration=0.,
-                 progress=0., klippy="ready"):
+    # bridge
+    def ready(self):
+        return True
+
+    def now(self):
         self.seq += 1
-        return {"seq": self.seq, "klippy_state": klippy,
+        return {"seq": self.seq, "klippy_state": self.kstate,
                 "state_message": "msg",
-                "print_stats": {"state": state, "filename": filename,
-                                "print_duration": duration, "message": ""},
-                "virtual_sdcard": {"progress": progress}}
+                "print_stats": {"state": self.state,
+                                "filename": self.filename,
+                                "print_duration": self.duration,
+                                "message": ""},
+                "virtual_sdcard": {"progress": 0.5,
+                                   "is_active": self.active},
+                "pause_resume": {"is_paused": self.is_paused}}
 
+    def run_script(self, call, script):
+        if not call.commit():
+            return False
+        self.run_script_from_command(script)
+        return True
 
-class DoneCommand:
-    def __init__(self, error=None, seq=0):
-        self.done = threading.Event()
-        self.done.set()
-        self.error = error
-        self.snapshot = {"seq": seq}
+    # reactor, printer
+    def monotonic(self):
+        self.t += 0.05
+        return self.t
+
+    def pause(self, waketime):
+        pass
+
+    def register_callback(self, fn):
+        self.callbacks.append(fn)
+
+    def run_callbacks(self):
+        while self.callbacks:
+            self.callbacks.pop(0)(0.)
+
+    def lookup_object(self, name, default=None):
+        return self if name == "pause_resume" else default
+
+    # G-code
+    def get_mutex(self):
+        return FakeMutex()
+
+    def run_script_from_command(self, script):
+        self.scripts.append(script)
+        cmd = script.split()[0]
+        if cmd == "SDCARD_PRINT_FILE":
+            if self.active:
+                raise Exception("SD busy")
+            self.filename = script.split("=", 1)[1]
+            self.state, self.active, self.duration = "printing", True, 0.
+        elif cmd == "PAUSE" and not self.is_paused:
+            self.is_paused, self.active, self.state = True, False, "paused"
+        elif cmd == "M25":
+            self.active, self.state = False, "paused"
+        elif cmd == "RESUME" and self.is_paused:
+            self.is_paused, self.active, self.state = False, True, "printing"
+        elif cmd == "M24":
+            self.active, self.state = True, "printing"
+        elif cmd == "CANCEL_PRINT":
+            if self.active or self.is_paused:   # pause_resume's sd_paused
+                self.active, self.state = False, "cancelled"
+            self.is_paused = False
+        elif cmd == "SDCARD_RESET_FILE":
+            self.active, self.state, self.filename = False, "standby", ""
+            self.duration = 0.
+
+    # test helpers
+    def follow(self, life):
+        life.follow(self.now())
+        self.run_callbacks()
+
+    def finish(self, state="complete", duration=None):
+        self.active = False
+        self.state = state
+        if duration is not None:
+            self.duration = duration
 
 
 @pytest.fixture
 def store(tmp_path):
     return cc.JobStore(str(tmp_path / "queue.json"), 3, False)
+
+
+@pytest.fixture
+def klipper():
+    return FakeKlipper()
+
+
+@pytest.fixture
+def life(store, klipper):
+    return cc.JobLifecycle(klipper, store, lambda job: None)
 
 
 def two_jobs(store):
@@ -299,91 +384,142 @@ def two_jobs(store):
     return a, b
 
 
-def start(store, job, snap):
-    assert store.reconcile(snap) is job
-    store.begin_start(job)
-    store.finish_start(job, None, snap["seq"] + 1)
-
-
-def test_store_queue_lifecycle(store, tmp_path):
-    snap = Snaps()
+def test_lifecycle_queue(store, klipper, life, tmp_path):
     a, b = two_jobs(store)
-    start(store, a, snap())
+    life.follow(klipper.now())
+    # handed to Klipper, which has not answered yet
     assert a.status == "pre_print" and store.current is a
-    assert store.reconcile(snap("printing", "a.gcode", 60, 0.5)) is None
-    assert a.status == "printing" and a.time_elapsed == 60
-    assert store.reconcile(snap("complete", "a.gcode", 120, 1.)) is None
-    assert a.status == "wait_cleanup" and not store.plate_clear
-    # b waits for the plate
-    assert store.reconcile(snap("complete", "a.gcode")) is None
-    store.plate_cleared()
+    klipper.run_callbacks()
+    assert klipper.scripts == ["SDCARD_PRINT_FILE FILENAME=a.gcode"]
+    assert a.status == "printing"
+    klipper.duration = 60.
+    klipper.follow(life)
+    assert a.time_elapsed == 60 and a.time_total > 60
+    klipper.finish("complete", 115.4)
+    klipper.follow(life)
+    # a completed job took exactly its time (Cura 4.13 shows it as done)
+    assert (a.status, a.time_elapsed, a.time_total) == \
+        ("wait_cleanup", 115, 115)
+    assert not store.plate_clear and b.status == "queued"
+    klipper.follow(life)
+    assert b.status == "queued"       # waits for the plate
+    life.plate_cleared()
+    klipper.run_callbacks()
     assert a.status == "finished" and store.history == [a]
-    assert store.reconcile(snap("complete", "a.gcode")) is b
+    assert b.status == "printing"
     store.save()
     data = json.load(open(tmp_path / "queue.json"))
     assert [j["name"] for j in data["history"]] == ["a"]
 
 
-def test_store_stale_snapshot_does_not_end_new_job(store):
-    snap = Snaps()
+def test_lifecycle_abort_during_start_cancels_it(store, klipper, life):
+    a, b = two_jobs(store)
+    life.follow(klipper.now())
+    assert a.status == "pre_print"
+    assert life.act(cc.NoCall, a.uuid, "abort") == \
+        (200, "aborted_wait_cleanup")
+    klipper.run_callbacks()           # the start's turn comes: nothing
+    klipper.follow(life)
+    assert klipper.scripts == [] and not klipper.active
+    assert a.status == "aborted_wait_cleanup" and b.status == "queued"
+
+
+def test_lifecycle_refused_start_goes_back_to_the_queue(store, klipper,
+                                                        life):
+    a, b = two_jobs(store)
+    life.follow(klipper.now())
+    # a console print starts before the start gets the G-code queue
+    klipper.filename, klipper.state, klipper.active = \
+        "console.gcode", "printing", True
+    klipper.run_callbacks()
+    assert [j.name for j in store.queue] == ["a", "b"]
+    assert a.status == "queued" and not a.started and a not in store.history
+    klipper.follow(life)
+    assert store.current.owner == "Klipper" and \
+        store.current.filename == "console.gcode"
+
+
+def test_lifecycle_failed_start(store, klipper, life):
     a = cc.Job(name="a", filename="a.gcode")
     store.add(a)
-    stale = snap("complete", "a.gcode")     # taken before the start
-    assert store.reconcile(stale) is a
-    store.begin_start(a)
-    store.finish_start(a, None, stale["seq"] + 1)
-    assert store.reconcile(stale) is None
-    assert a.status == "pre_print"
+    klipper.run_script_from_command = lambda script: (_ for _ in ()).throw(
+        Exception("Unable to open file"))
+    klipper.follow(life)
+    assert a.status == "failed_wait_cleanup" and "Unable" in a.message
+    assert store.plate_clear       # nothing was printed
 
 
-def test_store_cancel_error_shutdown(store):
-    snap = Snaps()
+@pytest.mark.parametrize("pause", ["PAUSE", "M25"])
+def test_lifecycle_resume_and_abort_whatever_paused(store, klipper, life,
+                                                    pause):
+    a = cc.Job(name="a", filename="a.gcode")
+    store.add(a)
+    klipper.follow(life)
+    klipper.duration = 6.
+    klipper.run_script_from_command(pause)   # the file or a macro
+    klipper.follow(life)
+    assert a.status == "paused" and a.time_elapsed == 6
+    assert life.act(cc.NoCall, a.uuid, "print") == (200, "printing")
+    assert klipper.scripts[-1] == ("RESUME" if pause == "PAUSE" else "M24")
+    assert life.act(cc.NoCall, a.uuid, "pause") == (200, "paused")
+    assert klipper.scripts[-1] == "PAUSE"
+    klipper.run_script_from_command(pause)
+    klipper.duration = 18.   # print_stats counts the pause once cancelled
+    assert life.act(cc.NoCall, a.uuid, "abort") == \
+        (200, "aborted_wait_cleanup")
+    assert not klipper.active and klipper.state in ("cancelled", "standby")
+    assert a.time_elapsed == 6 and a.time_total > 6
+
+
+def test_lifecycle_refuses_what_does_not_apply(store, klipper, life):
+    a, b = two_jobs(store)
+    klipper.follow(life)
+    for job, action in [(a, "print"), (b, "pause"), (b, "abort")]:
+        with pytest.raises(cc.Conflict):
+            life.act(cc.NoCall, job.uuid, action)
+    with pytest.raises(cc.NotFound):
+        life.act(cc.NoCall, "0000", "pause")
+    # a withdrawn call (its HTTP request timed out) changes nothing
+    call = cc.ReactorCall()
+    assert call.withdraw()
+    assert life.act(call, a.uuid, "pause") is None
+    assert a.status == "printing" and klipper.active
+    with pytest.raises(cc.Conflict):
+        life.plate_cleared()
+
+
+def test_lifecycle_end_states(store, klipper, life):
     for state, expected in [("cancelled", "aborted_wait_cleanup"),
                             ("error", "failed_wait_cleanup"),
                             ("standby", "aborted_wait_cleanup")]:
         job = cc.Job(name=state, filename=state + ".gcode")
         store.add(job)
-        start(store, job, snap())
-        store.reconcile(snap("printing", job.filename))
-        store.reconcile(snap(state, job.filename))
+        klipper.follow(life)
+        assert job.status == "printing"
+        klipper.finish(state)
+        klipper.follow(life)
         assert job.status == expected
-        store.plate_cleared()
+        life.plate_cleared()
         assert job.status == cc.ENDED[expected]
     job = cc.Job(name="s", filename="s.gcode")
     store.add(job)
-    start(store, job, snap())
-    store.reconcile(snap("printing", "s.gcode"))
-    store.reconcile(snap(klippy="shutdown"))
+    klipper.follow(life)
+    klipper.kstate = "shutdown"
+    klipper.follow(life)
     assert job.status == "failed_wait_cleanup" and job.message == "msg"
-    # history keeps history_size jobs, newest first
-    store.plate_cleared()
+    life.plate_cleared()
     assert [j.name for j in store.history] == ["s", "standby", "error"]
 
 
-def test_store_external_print_and_pause_pending(store):
-    snap = Snaps()
-    s1 = snap("printing", "from_mainsail.gcode")
-    assert store.needs_external_job(s1) == "from_mainsail.gcode"
-    store.reconcile(s1)
-    cur = store.current
-    assert cur.source == "klipper" and cur.status == "printing"
-    cmd = DoneCommand(seq=s1["seq"] + 3)
-    cmd.done.clear()
-    store.set_pending(cur, "pausing", cmd)
-    store.reconcile(snap("printing", "from_mainsail.gcode"))
-    assert cur.status == "pausing"          # command still running
-    cmd.done.set()
-    store.reconcile(snap("printing", "from_mainsail.gcode"))
-    assert cur.status == "pausing"          # snapshot older than the result
-    store.reconcile(snap("paused", "from_mainsail.gcode"))
-    assert cur.status == "paused"
-    # a failed command puts the old status back
-    store.set_pending(cur, "resuming", DoneCommand(error="no", seq=0))
-    store.reconcile(snap("paused", "from_mainsail.gcode"))
-    assert cur.status == "paused"
-    # a queued job never starts while something else prints
+def test_lifecycle_external_print(store, klipper, life):
+    seen = []
+    life.want_metadata = seen.append
+    klipper.run_script_from_command("SDCARD_PRINT_FILE FILENAME=m.gcode")
     store.add(cc.Job(name="q", filename="q.gcode"))
-    assert store.reconcile(snap("paused", "from_mainsail.gcode")) is None
+    klipper.follow(life)
+    cur = store.current
+    assert (cur.name, cur.owner, cur.status) == ("m", "Klipper", "printing")
+    assert seen == [cur] and store.queue[0].status == "queued"
 
 
 def test_store_restart_reports_interrupted_job(tmp_path):
@@ -408,6 +544,37 @@ def test_store_damaged_file_is_kept_aside(tmp_path, text):
     assert s.queue == [] and (tmp_path / "queue.json.bad").exists()
 
 
+GOOD = {"uuid": "1234abcd", "name": "a", "filename": "a.gcode",
+        "status": "queued"}
+
+
+@pytest.mark.parametrize("data,kept", [
+    ({"queue": 5}, []),                                   # issue 9
+    ({"queue": [GOOD, 5, dict(GOOD, uuid="x y")]}, ["a"]),
+    ({"queue": [GOOD, dict(GOOD, filename="../etc/x.gcode", uuid="2")]},
+     ["a"]),
+    ({"queue": [dict(GOOD, time_total="12"), dict(GOOD, uuid="3")]}, ["a"]),
+    ({"queue": [GOOD, GOOD]}, ["a"]),                     # same uuid
+    ({"queue": [dict(GOOD, status="printing")]}, []),
+    ({"queue": [dict(GOOD, status=["queued"]), dict(GOOD, uuid="4",
+                                                   source={})]}, []),
+    ({"queue": [GOOD], "history": {"a": 1}, "current": [],
+      "plate_clear": "yes"}, ["a"]),
+], ids=["queue is a number", "bad entries", "unsafe name", "bad time",
+        "twice", "wrong status", "unhashable status", "bad fields"])
+def test_store_drops_bad_saved_entries(tmp_path, data, kept):
+    path = tmp_path / "queue.json"
+    path.write_text(json.dumps(data))
+    s = cc.JobStore(str(path), 5, False)
+    assert [j.name for j in s.queue] == kept
+    # the file as it was is kept aside; the next save cleans it
+    assert json.loads((tmp_path / "queue.json.bad").read_text()) == data
+    assert s.dirty
+    s.save()
+    again = cc.JobStore(str(path), 5, False)
+    assert [j.name for j in again.queue] == kept and not again.dirty
+
+
 def test_store_move_delete_force(store):
     jobs = [cc.Job(name=n, filename=n + ".gcode") for n in "abc"]
     for j in jobs:
@@ -418,18 +585,18 @@ def test_store_move_delete_force(store):
     assert [j.name for j in store.queue] == ["c", "b"]
     store.set_force(jobs[1].uuid, True)
     assert jobs[1].force
-    with pytest.raises(cc.HTTPError) as e:
+    with pytest.raises(cc.NotFound):
         store.move("nope", 0)
-    assert e.value.status == 404
 
 
-def test_auto_start_next(tmp_path):
+def test_auto_start_next(tmp_path, klipper):
     store = cc.JobStore(str(tmp_path / "q.json"), 5, True)
-    snap = Snaps()
+    life = cc.JobLifecycle(klipper, store, lambda job: None)
     a, b = two_jobs(store)
-    start(store, a, snap())
-    store.reconcile(snap("printing", "a.gcode"))
-    assert store.reconcile(snap("complete", "a.gcode")) is b
+    klipper.follow(life)
+    klipper.finish()
+    klipper.follow(life)
+    assert a.status == "finished" and b.status == "printing"
 
 
 # Materials
