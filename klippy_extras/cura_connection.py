@@ -2705,11 +2705,9 @@ ROUTES = [
 COMPILED_ROUTES = [(m, re.compile(p + "$"), h) for m, p, h in ROUTES]
 
 
-# What a job's reply is made of: a change to any of these is a new reply
-JOB_REPLY_KEY = operator.attrgetter(
-    "uuid", "name", "owner", "created_at", "status", "started", "force",
-    "time_total", "time_elapsed", "time_estimate", "filename", "source",
-    "preview", "finished_at", "message")
+# What a job's reply is made of (its saved fields): a change to any of
+# them is a new reply
+JOB_REPLY_KEY = operator.attrgetter(*JOB_FIELDS)
 
 
 class ReplyCache:
