@@ -5,6 +5,7 @@ import base64
 import json
 import os
 import sys
+import threading
 
 import pytest
 
