@@ -24,7 +24,6 @@ Two legs:
 """
 import json
 import os
-import shutil
 import subprocess
 import time
 
@@ -58,7 +57,6 @@ UPLOAD_RATIO_GOAL = 1.1
 def nbody(steps):
     """Seconds of CPU for `steps` steps of the 5-body simulation."""
     solar = 4 * 3.141592653589793 ** 2
-    days = 365.24
     bodies = [
         ([0., 0., 0.], [0., 0., 0.], solar),
         ([4.84143144246472090, -1.16032004402742839, -0.103622044471123109],
@@ -92,7 +90,6 @@ def nbody(steps):
             p[0] += dt * v[0]
             p[1] += dt * v[1]
             p[2] += dt * v[2]
-    del days
     return time.process_time() - t0
 
 
@@ -141,30 +138,6 @@ class PiCore:
             pass
 
 
-def seed_queue(k, jobs, filename="bench-seed.gcode"):
-    """Write queue.json before Klippy starts: a finished job on the plate
-    (nothing starts by itself) and `jobs` queued jobs."""
-    data_dir = os.path.join(k.gcodes_dir, ".cura_connection")
-    os.makedirs(data_dir, exist_ok=True)
-    with open(os.path.join(k.gcodes_dir, filename), "w") as f:
-        f.write(";FLAVOR:Marlin\n;TIME:600\nG1 X1\n")
-
-    def job(i, status):
-        return {"uuid": "00000000-0000-4000-8000-%012d" % (i,),
-                "name": "bench job %d" % (i,), "filename": filename,
-                "owner": "bench", "created_at": "2026-11-25T10:00:00.000000Z",
-                "status": status, "source": "cura", "time_estimate": 600,
-                "time_elapsed": 0, "time_total": 600, "preview": None,
-                "started": status != "queued", "force": False,
-                "message": "", "finished_at": None}
-    state = {"version": 1, "plate_clear": False,
-             "current": job(0, "wait_cleanup"),
-             "queue": [job(i + 1, "queued") for i in range(jobs)],
-             "history": []}
-    with open(os.path.join(data_dir, "queue.json"), "w") as f:
-        json.dump(state, f)
-
-
 class Serving:
     def __init__(self, bench, args, helpers):
         self.b = bench           # the work dir and files of bench.py
@@ -180,7 +153,7 @@ class Serving:
         k = klippy_harness.Klippy("klipper", wd, with_module=with_module,
                                   module_options=opts)
         if with_module:
-            seed_queue(k, jobs)
+            k.write_queue(jobs)
         k.start()
         k.wait_ready()
         return k

@@ -3,37 +3,12 @@ long queue from an old queue.json is listed whole and stays correct as it
 changes, and idle, stalled or slow-reading clients hold nobody up.  How
 late the reactor runs is measured by benchmarks/ (never asserted here)."""
 import json
-import os
 import socket
 
 import httpc
 
 JOBS = "/cluster-api/v1/print_jobs"
 LONG_QUEUE = 10000
-
-
-def seed_queue(k, jobs):
-    """queue.json as an old version (before max_queue) or a raised limit
-    leaves it: a finished job on the plate and `jobs` queued."""
-    data_dir = os.path.join(k.gcodes_dir, ".cura_connection")
-    os.makedirs(data_dir, exist_ok=True)
-    with open(os.path.join(k.gcodes_dir, "seed.gcode"), "w") as f:
-        f.write(";TIME:600\nG1 X1\n")
-
-    def job(i, status):
-        return {"uuid": "00000000-0000-4000-8000-%012d" % (i,),
-                "name": "job %d" % (i,), "filename": "seed.gcode",
-                "owner": "test", "created_at": "2026-11-25T10:00:00.000000Z",
-                "status": status, "source": "cura", "time_estimate": 600,
-                "time_elapsed": 0, "time_total": 600, "preview": None,
-                "started": status != "queued", "force": False,
-                "message": "", "finished_at": None}
-    with open(os.path.join(data_dir, "queue.json"), "w") as f:
-        json.dump({"version": 1, "plate_clear": False,
-                   "current": job(0, "wait_cleanup"),
-                   "queue": [job(i + 1, "queued") for i in range(jobs)],
-                   "history": []}, f)
-    return [job(i + 1, "queued")["uuid"] for i in range(jobs)]
 
 
 def raw_get(port, path):
@@ -47,7 +22,7 @@ def raw_get(port, path):
 
 def test_long_queue_listed_whole_and_kept_current(klippy_factory):
     k = klippy_factory(start=False)
-    uuids = seed_queue(k, LONG_QUEUE)
+    uuids = k.write_queue(LONG_QUEUE)
     k.start()
     k.wait_ready()
     base, port = k.base_url(), k.cura_port()
