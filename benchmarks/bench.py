@@ -47,6 +47,7 @@ import gen_files  # noqa: E402
 import httpc  # noqa: E402
 import klippy_harness  # noqa: E402
 import moonraker_proc  # noqa: E402
+import serving  # noqa: E402
 
 CACHE = os.path.join(REPO, ".cache", "bench")
 RESULTS = os.path.join(HERE, "results")
@@ -186,8 +187,13 @@ class CpuWatch:
         self.foreign = max(0., other / self.TICK / max(dt, 1e-3))
 
 
-def wait_quiet(limit=0.15, timeout=120.):
+QUIET_TIMEOUT = 10.    # --quiet-wait
+
+
+def wait_quiet(limit=0.15, timeout=None):
     """Wait (up to timeout) until other processes use < limit of a core."""
+    if timeout is None:
+        timeout = QUIET_TIMEOUT
     deadline = time.monotonic() + timeout
     while True:
         with CpuWatch() as w:
@@ -546,27 +552,6 @@ class Bench:
         self.results["print_jobs_count"] = len(httpc.get_json(
             "http://127.0.0.1:%d" % self.port, CURA_PATHS[1]))
 
-    def phase_other_process(self):
-        """A second Klippy without cura_connection: its reactor's lateness
-        while the pollers load the first one's HTTP server, i.e. what is
-        left when the server runs in another process (CPU sharing only)."""
-        wd = os.path.join(self.workdir, "klippy2")
-        k2 = klippy_harness.Klippy("klipper", wd, with_module=False)
-        k2.start()
-        try:
-            k2.wait_ready()
-            lat2 = Lateness(k2, wd)
-            log("other-process reference: 20 pollers flat out, %g s"
-                % self.args.flat_poll)
-            self.results["poll20_flat_other"] = self.pollers(
-                self.port, 20, self.args.flat_poll, 0, CURA_PATHS, lat2)
-            log("other-process reference: 50 pollers flat out, %g s"
-                % self.args.flat_poll)
-            self.results["poll50_flat_other"] = self.pollers(
-                self.port, 50, self.args.flat_poll, 0, CURA_PATHS, lat2)
-        finally:
-            k2.stop()
-
     def phase_moonraker(self):
         mr = moonraker_proc.Moonraker(self.workdir, self.k.sock_path)
         self.results["moonraker"] = "moonraker==" + mr.version()
@@ -677,11 +662,22 @@ class Bench:
             self.forget(r)
             print_profile(out)
 
+    def phase_serving(self):
+        """The goal table of the serving benchmark (serving.py): both
+        legs, each load beside a Klippy without the module."""
+        self.serving = serving.Serving(self, self.args,
+                                       sys.modules[__name__])
+        self.results["serving"] = self.serving.run()
+
     def run(self):
         self.setup()
         try:
             if self.args.profile:
                 self.profile()
+                return
+            if self.args.quick:
+                self.k.stop()
+                self.phase_serving()
                 return
             self.phase_idle()
             self.phase_gcode()
@@ -689,11 +685,15 @@ class Bench:
             self.phase_memory()
             self.phase_to_print()
             self.phase_pollers()
-            self.phase_other_process()
             if not self.args.no_moonraker:
                 self.phase_moonraker()
+            self.k.stop()
+            if not self.args.no_serving:
+                self.phase_serving()
         finally:
             self.teardown()
+        if self.args.quick:
+            return
         # lateness over all runs of each upload kind
         self.results["pooled_lateness"] = {
             label: lat_summary([s for run in runs for s in run])
@@ -841,10 +841,6 @@ def report(res):
     for key, label in (
             ("poll20_cura", "20 Cura pollers (each: both GETs every 2 s)"),
             ("poll20_flat", "20 pollers flat out"),
-            ("poll20_flat_other", "20 pollers flat out, lateness of a "
-                                  "Klippy without the server"),
-            ("poll50_flat_other", "50 pollers flat out, lateness of a "
-                                  "Klippy without the server"),
             ("mr_poll20_flat", "20 pollers flat out on Moonraker")):
         if res.get(key):
             rows.append((label, res[key]["lateness"],
@@ -991,18 +987,45 @@ def main():
     ap.add_argument("--flat-poll", type=float, default=5.)
     ap.add_argument("--status", type=float, default=4.)
     ap.add_argument("--no-moonraker", action="store_true")
+    ap.add_argument("--quiet-wait", type=float,
+                    help="seconds to wait for a quiet machine before each "
+                    "measurement (default 10, --quick 3)")
+    ap.add_argument("--no-serving", action="store_true",
+                    help="skip the serving goal table (serving.py)")
+    ap.add_argument("--quick", action="store_true",
+                    help="only the serving goal table, shorter loads")
+    ap.add_argument("--flood", type=float, default=5.,
+                    help="seconds of each flat-out poller load (serving)")
+    ap.add_argument("--upload-runs", type=int, default=3,
+                    help="200 MiB uploads per leg (serving)")
+    ap.add_argument("--jobs10k", type=float, default=10.,
+                    help="seconds of the 10,000-job load (serving)")
     ap.add_argument("--profile", action="store_true",
                     help="only profile one upload of each kind (py-spy)")
     ap.add_argument("--keep", action="store_true",
                     help="keep the work dir (Klippy and Moonraker logs)")
     ap.add_argument("--out", default=RESULTS)
     args = ap.parse_args()
+    args.module_options = {}
+    if args.quick:
+        args.flood, args.upload_runs, args.jobs10k = 3., 2, 6.
+    global QUIET_TIMEOUT
+    QUIET_TIMEOUT = args.quiet_wait if args.quiet_wait is not None else (
+        3. if args.quick else 10.)
     os.makedirs(args.out, exist_ok=True)
     b = Bench(args)
     b.run()
     if args.profile:
         return
     res = b.results
+    if args.quick:
+        table = serving.report(res["serving"])
+        with open(os.path.join(args.out, "serving-quick.md"), "w") as f:
+            f.write(table)
+        serving.plot(b.serving.samples,
+                     os.path.join(args.out, "serving-quick.png"))
+        print(table)
+        return
     for runs in res.values():
         if isinstance(runs, list):
             for r in runs:
@@ -1011,6 +1034,10 @@ def main():
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(res, f, indent=1, default=str)
     table = report(res)
+    if "serving" in res:
+        table += "\n" + serving.report(res["serving"])
+        serving.plot(b.serving.samples,
+                     os.path.join(args.out, "serving.png"))
     with open(os.path.join(args.out, "table.md"), "w") as f:
         f.write(table)
     plot(b.samples, os.path.join(args.out, "lateness.png"))

@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # One command for the cura_connection benchmark suite:
-#   ./benchmarks/run.sh [--runs N] [--no-moonraker] [--profile] [--keep]
-# Installs what it needs (idempotent), runs bench.py, prints the table and
-# writes benchmarks/results/ (results.json, table.md, lateness.png).
-# About 5-10 minutes on 2 cores; the first run also generates ~1.3 GB of
-# input files under .cache/bench/files.
+#   ./benchmarks/run.sh [--quick] [--runs N] [--no-moonraker] [--no-serving]
+#                       [--quiet-wait S] [--profile] [--keep]
+# Installs what it needs (idempotent), runs bench.py, prints the tables and
+# writes benchmarks/results/ (results.json, table.md, lateness.png,
+# serving.png).  --quick: only the serving goal table (serving.py), about
+# 2 minutes.  The full run takes about 6-8 minutes on 2 cores; the first run
+# also generates ~1.3 GB of input files under .cache/bench/files.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 VENVS="$ROOT/.venv"

@@ -5,6 +5,7 @@ import base64
 import json
 import os
 import sys
+import threading
 
 import pytest
 
@@ -652,6 +653,99 @@ def test_material_bad_name(tmp_path):
     m = cc.MaterialStore(str(tmp_path))
     with pytest.raises(cc.BadInput):
         m.add("../evil.xml", (MATERIAL % (GUID, 1)).encode())
+
+
+class FakeApi:
+    """What ReplyCache reads of CuraApi: the configuration and job_json."""
+    config = [{"extruder_index": 0, "material": None}]
+
+    def printer_configuration(self, snap):
+        return self.config
+
+    def job_json(self, job, linked):
+        d = job.to_dict()
+        d["linked"] = linked
+        d["configuration"] = self.config
+        return d
+
+
+def test_reply_cache_job_list():
+    api = FakeApi()
+    cache = cc.ReplyCache(api)
+    jobs = [cc.Job(name="j%d" % i, filename="j%d.gcode" % i)
+            for i in range(45)]
+    head, rest = [jobs[0]], jobs[1:]
+    pauses = []
+    first = cache.job_list(head, rest, lambda: pauses.append(1))
+    # the same bytes as encoding the whole list at once, in chunks
+    assert b"".join(first) == json.dumps(
+        [api.job_json(jobs[0], True)]
+        + [api.job_json(j, False) for j in jobs[1:]]).encode()
+    assert len(pauses) == 2          # a long list is encoded in steps
+    small = cc.ReplyCache(api)
+    small.CHUNK = 10
+    chunked = small.job_list(head, rest, lambda: None)
+    assert len(chunked) == 7 and b"".join(chunked) == b"".join(first)
+    # nothing changed: the same chunks again, not joined anew
+    assert small.job_list(head, rest, lambda: None) is chunked
+    kept = cache.entries[jobs[3].uuid]
+    # a job changes: its reply changes, the others are reused as they are
+    jobs[5].status = "printing"
+    second = json.loads(b"".join(cache.job_list(head, rest, lambda: None)))
+    assert second[5]["status"] == "printing"
+    assert cache.entries[jobs[3].uuid] is kept
+    # so does every job when the configuration changes
+    api.config = [{"extruder_index": 0, "material": {"guid": "x"}}]
+    third = json.loads(b"".join(cache.job_list(head, rest, lambda: None)))
+    assert all(j["configuration"] == api.config for j in third)
+    # a job no longer listed is forgotten
+    cache.job_list([jobs[0]], [jobs[1]], lambda: None)
+    assert set(cache.entries) == {jobs[0].uuid, jobs[1].uuid}
+    assert b"".join(cache.job_list([], [], lambda: None)) == b"[]"
+
+
+def test_serve_gate_one_holder_and_a_stuck_one():
+    gate = cc.ServeGate()
+    gate.STUCK = 0.05
+    assert gate.enter()
+    inside = []
+    waiter = threading.Thread(target=lambda: inside.append(gate.enter()))
+    waiter.start()
+    # the holder stays: the waiter goes on without the gate
+    waiter.join(10.)
+    assert inside == [False]
+    gate.leave()
+    # once free, the gate lets the next one in, and out again
+    assert gate.enter()
+    gate.breathe()
+    gate.leave()
+    assert not gate.lock.locked()
+
+
+def test_serve_gate_hands_over():
+    # Threads queued at the gate all get through, one at a time
+    gate = cc.ServeGate()
+    gate.STUCK = 60.     # a loaded test machine is no stuck holder
+    held, peak, done = [0], [0], []
+    lock = threading.Lock()
+
+    def worker():
+        for _ in range(50):
+            assert gate.enter()
+            with lock:
+                held[0] += 1
+                peak[0] = max(peak[0], held[0])
+            gate.breathe()
+            with lock:
+                held[0] -= 1
+            gate.leave()
+        done.append(1)
+    threads = [threading.Thread(target=worker) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60.)
+    assert len(done) == 8 and peak[0] == 1
 
 
 def test_material_profile_names_like_cura():

@@ -1,0 +1,408 @@
+"""Serving benchmark: does Klippy's reactor notice the HTTP server?
+
+For each load, two Klippys run side by side in the same run:
+
+* ours: a Klippy with cura_connection, which the load is aimed at;
+* bare: a Klippy without the module, with the same pinning and quota,
+  running at the same time.  It sees the same machine (the load's CPU, the
+  kernel's work) but no server shares its GIL: the floor for "ours".
+
+Both report the lateness of the 10 ms probe timer of cura_test_tools.
+Loads: 20 and 50 keep-alive pollers flat out (/printers + /print_jobs), a
+200 MiB G-code upload, and a queue of 10,000 jobs (written to queue.json
+before Klippy starts, as an old queue or a raised max_queue would leave it)
+polled by one client at Cura's rate (both GETs every 2 s).
+
+Two legs:
+
+* x86: this machine as it is;
+* pi: both Klippys pinned to CPU 0, each in its own cgroup (v1 `cpu`
+  controller) with a CFS quota of a fraction of that core, and the load
+  generator (this process and its children) on CPU 1.  The fraction is the
+  speed of a Raspberry Pi 4 core relative to this one, measured with an
+  n-body microbenchmark (pure-Python float arithmetic): see pi_fraction().
+"""
+import json
+import os
+import subprocess
+import time
+
+import clients
+import klippy_harness
+
+MIB = 1 << 20
+CURA_PATHS = ["/cluster-api/v1/printers", "/cluster-api/v1/print_jobs"]
+UPLOAD_PATH = "/cluster-api/v1/print_jobs/"
+CGROUP_CPU = "/sys/fs/cgroup/cpu"
+# A Raspberry Pi 4 (Cortex-A72, 1.5 GHz) runs the classic 5,000,000-step
+# n-body benchmark in CPython in 158 s (published figure, Python 3 of
+# Raspberry Pi OS).  nbody() below is the same algorithm.
+PI4_NBODY_5M_SECONDS = 158.
+PERIOD_US = 2000   # short CFS period: the quota throttles in small steps
+
+# name, what, goal on x86, unit
+GOALS = [
+    ("flood20_p99", "20 pollers flat out: lateness p99", 2., "ms"),
+    ("flood20_max", "20 pollers flat out: lateness max", 5., "ms"),
+    ("flood50_max", "50 pollers flat out: lateness max", 5., "ms"),
+    ("jobs10k_max", "10,000 jobs + a Cura-rate poller: lateness max", 5.,
+     "ms"),
+    ("upload_p99", "200 MiB G-code upload: lateness p99", 2., "ms"),
+]
+PI_RATIO = 1.5
+RPS_GOAL = 5000.
+UPLOAD_RATIO_GOAL = 1.1
+
+
+def nbody(steps):
+    """Seconds of CPU for `steps` steps of the 5-body simulation."""
+    solar = 4 * 3.141592653589793 ** 2
+    bodies = [
+        ([0., 0., 0.], [0., 0., 0.], solar),
+        ([4.84143144246472090, -1.16032004402742839, -0.103622044471123109],
+         [0.606326392995832, 2.81198684491626, -0.02521836165988763],
+         9.54791938424326609e-04 * solar),
+        ([8.34336671824457987, 4.12479856412430479, -0.403523417114321381],
+         [-1.0107743461787924, 1.8256623712304119, 0.008415761376584154],
+         2.85885980666130812e-04 * solar),
+        ([12.8943695621391310, -15.1111514016986312, -0.223307578892655734],
+         [1.0827910064415354, 0.8687130181696082, -0.010832637401363636],
+         4.36624404335156298e-05 * solar),
+        ([15.3796971148509165, -25.9193146099879641, 0.179258772950371181],
+         [0.979090732243898, 0.5946989986476762, -0.034755955504078104],
+         5.15138902046611451e-05 * solar)]
+    pairs = [(bodies[i], bodies[j]) for i in range(5)
+             for j in range(i + 1, 5)]
+    dt = 0.01
+    t0 = time.process_time()
+    for _ in range(steps):
+        for (p1, v1, m1), (p2, v2, m2) in pairs:
+            dx, dy, dz = p1[0] - p2[0], p1[1] - p2[1], p1[2] - p2[2]
+            mag = dt * (dx * dx + dy * dy + dz * dz) ** -1.5
+            b1, b2 = m1 * mag, m2 * mag
+            v1[0] -= dx * b2
+            v1[1] -= dy * b2
+            v1[2] -= dz * b2
+            v2[0] += dx * b1
+            v2[1] += dy * b1
+            v2[2] += dz * b1
+        for p, v, _m in bodies:
+            p[0] += dt * v[0]
+            p[1] += dt * v[1]
+            p[2] += dt * v[2]
+    return time.process_time() - t0
+
+
+def pi_fraction(steps=50000, runs=5):
+    """(fraction of this core a Pi 4 core is worth, this core's seconds
+    for 5M steps): best of `runs` short runs, scaled."""
+    here = min(nbody(steps) for _ in range(runs)) * 5e6 / steps
+    return min(1., here / PI4_NBODY_5M_SECONDS), here
+
+
+class PiCore:
+    """A cgroup v1 `cpu` child with a CFS quota, plus a CPU pin."""
+    def __init__(self, name, fraction, cpu=0, period_us=PERIOD_US):
+        self.path = os.path.join(CGROUP_CPU, "cura_bench_%s_%d"
+                                 % (name, os.getpid()))
+        self.cpu = cpu
+        os.mkdir(self.path)
+        self._write("cpu.cfs_period_us", period_us)
+        self._write("cpu.cfs_quota_us", max(1000, int(period_us * fraction)))
+
+    def _write(self, name, value, path=None):
+        with open(os.path.join(path or self.path, name), "w") as f:
+            f.write("%s\n" % (value,))
+
+    def add(self, pid):
+        """Move pid (all its threads) into the group and onto the CPU."""
+        self._write("cgroup.procs", pid)
+        subprocess.check_call(["taskset", "-a", "-p", "-c", str(self.cpu),
+                               str(pid)], stdout=subprocess.DEVNULL)
+
+    def throttled(self):
+        with open(os.path.join(self.path, "cpu.stat")) as f:
+            return dict(line.split() for line in f)
+
+    def close(self):
+        try:
+            with open(os.path.join(self.path, "cgroup.procs")) as f:
+                pids = f.read().split()
+            for pid in pids:
+                try:
+                    self._write("cgroup.procs", pid, CGROUP_CPU)
+                except OSError:
+                    pass
+            os.rmdir(self.path)
+        except OSError:
+            pass
+
+
+class Serving:
+    def __init__(self, bench, args, helpers):
+        self.b = bench           # the work dir and files of bench.py
+        self.h = helpers         # bench.py's probes (its module)
+        self.args = args
+        self.samples = {}        # (leg, load, who) -> [(t, ms)], for plots
+        self.results = {}
+
+    # -- Klippys -----------------------------------------------------
+    def klippy(self, name, with_module=True, jobs=4):
+        wd = os.path.join(self.b.workdir, name)
+        opts = dict(self.args.module_options or {})
+        k = klippy_harness.Klippy("klipper", wd, with_module=with_module,
+                                  module_options=opts)
+        if with_module:
+            k.write_queue(jobs)
+        k.start()
+        k.wait_ready()
+        return k
+
+    def measure(self, ours, bare, load):
+        """Run load() (returns a dict) while both probes record."""
+        h = self.h
+        h.wait_quiet()
+        lat = [h.Lateness(ours, ours.workdir),
+               h.Lateness(bare, bare.workdir)]
+        for probe in lat:
+            probe.reset()
+        with h.CpuWatch() as cpu:
+            r = load()
+        s_ours, s_bare = (probe.dump() for probe in lat)
+        r.update(ours=lat_summary(s_ours), bare=lat_summary(s_bare),
+                 foreign_cpu=cpu.foreign, s_ours=s_ours, s_bare=s_bare)
+        return r
+
+    def pollers(self, port, n, duration, interval):
+        def load():
+            res = clients.Pollers(port, n, duration, interval,
+                                  CURA_PATHS).result()
+            return {"requests_per_s": res["requests_per_s"],
+                    "errors": res["errors"],
+                    "latency_ms": res["summary"]}
+        return load
+
+    def upload(self, k, i):
+        def load():
+            name = "bench-s-%d.gcode" % (i,)
+            r = clients.upload(k.cura_port(), UPLOAD_PATH,
+                               self.b.files["gcode200"], name,
+                               {"owner": "bench"})
+            if r["status"] != 200:
+                raise RuntimeError("upload failed: %r" % (r,))
+            job = json.loads(r["body"])
+            httpc_delete(k.cura_port(), job["uuid"])
+            path = os.path.join(k.gcodes_dir, job["filename"])
+            if os.path.exists(path):
+                os.unlink(path)
+            return {"seconds": r["seconds"]}
+        base = self.h.cp_baseline(self.b.files["gcode200"], k.gcodes_dir)
+        r = self.measure(k, self.bare, load)
+        r.update(base)
+        return r
+
+    # -- one leg -----------------------------------------------------
+    def leg(self, leg):
+        a = self.args
+        groups = []
+        fraction = None
+        if leg == "pi":
+            fraction = self.results["pi_fraction"]
+            os.sched_setaffinity(0, {1})   # the load generator: CPU 1
+        out = {}
+        try:
+            self.bare = self.klippy("%s-bare" % leg, with_module=False)
+            ours = self.klippy("%s-ours" % leg)
+            if leg == "pi":
+                for name, k in (("bare", self.bare), ("ours", ours)):
+                    g = PiCore("%s_%s" % (leg, name), fraction)
+                    groups.append(g)
+                    g.add(k.pid)
+            port = ours.cura_port()
+            for n in (20, 50):
+                key = "flood%d" % (n,)
+                r = self.measure(ours, self.bare,
+                                 self.pollers(port, n, a.flood, 0))
+                self.note(leg, key, r)
+                out[key] = r
+            runs = []
+            for i in range(a.upload_runs):
+                r = self.upload(ours, i)
+                self.note(leg, "upload", r, "upload %.3f s, cp+fsync %.3f s"
+                          % (r["seconds"], r["cp_fsync"]))
+                runs.append(r)
+            out["upload"] = runs
+            ours.stop()
+            # the 10,000-job queue: a fresh Klippy that loads it
+            ours = self.klippy("%s-ours10k" % leg, jobs=10000)
+            if leg == "pi":
+                groups[1].add(ours.pid)
+            r = self.measure(ours, self.bare, self.pollers(
+                ours.cura_port(), 1, a.jobs10k, 2.0))
+            self.note(leg, "jobs10k", r)
+            out["jobs10k"] = r
+            ours.stop()
+        finally:
+            for k in (getattr(self, "bare", None), locals().get("ours")):
+                if k is not None:
+                    k.stop()
+            for g in groups:
+                g.close()
+            os.sched_setaffinity(0, set(range(os.cpu_count())))
+        return out
+
+    def note(self, leg, load, r, extra=""):
+        self.samples.setdefault((leg, load), []).append(
+            (r.pop("s_ours"), r.pop("s_bare")))
+        self.h.log("  %s %s: ours %s | bare %s %s%s" % (
+            leg, load, fmt_lat(r["ours"]), fmt_lat(r["bare"]),
+            ("%.0f req/s " % r["requests_per_s"])
+            if "requests_per_s" in r else "", extra))
+
+    def run(self):
+        log = self.h.log
+        frac, here = pi_fraction()
+        self.results["pi_fraction"] = frac
+        self.results["nbody_5m_here"] = here
+        log("serving: n-body 5M steps here %.1f s, Pi 4 %.0f s: Pi leg "
+            "quota %.0f%% of CPU 0" % (here, PI4_NBODY_5M_SECONDS,
+                                       frac * 100))
+        for leg in ("x86", "pi"):
+            log("serving, %s leg" % (leg,))
+            self.results[leg] = self.leg(leg)
+        self.results["figures"] = self.figures()
+        return self.results
+
+    def figures(self):
+        """{leg: {load: {"ours": summary, "bare": summary}}}; the upload's
+        samples of all runs pooled."""
+        out = {}
+        for (leg, load), runs in self.samples.items():
+            out.setdefault(leg, {})[load] = {
+                who: lat_summary([x for r in runs for x in r[i]])
+                for i, who in enumerate(("ours", "bare"))}
+        return out
+
+
+def lat_summary(samples):
+    s = clients.summary([v for _, v in samples])
+    return {"n": s["n"], "p50": s["p50"], "p99": s["p99"], "max": s["max"]}
+
+
+def httpc_delete(port, job_uuid):
+    import httpc
+    r = httpc.request("http://127.0.0.1:%d" % port, "DELETE",
+                      UPLOAD_PATH + job_uuid)
+    if r.status != 200:
+        raise RuntimeError("DELETE job: %r" % (r,))
+
+
+def fmt_lat(s):
+    return "p50 %.2f / p99 %.2f / max %.2f ms (n %d)" % (
+        s["p50"] or 0, s["p99"] or 0, s["max"] or 0, s["n"])
+
+
+def _f(v, digits=2, unit=""):
+    return "-" if v is None else ("%.*f" % (digits, v)) + unit
+
+
+def _ok(v, limit, at_least=False):
+    if v is None:
+        return "-"
+    return "PASS" if (v >= limit if at_least else v <= limit) else "FAIL"
+
+
+def report(res):
+    """The issue's goal table, Markdown: every row with its goal."""
+    fig = res["figures"]
+    L = ["### Does the reactor notice the server? (goals beside each row)",
+         "",
+         "Lateness of Klippy's 10 ms probe timer.  'bare': a Klippy "
+         "without cura_connection, running at the same time, with the "
+         "same pinning and quota.  Pi-class leg: both Klippys on CPU 0, "
+         "each in a cgroup with a CFS quota of %.0f%% of the core "
+         "(period %d us; n-body: this core %.1f s for 5M steps, a Pi 4 "
+         "%.0f s), the load generator on CPU 1."
+         % (res["pi_fraction"] * 100, PERIOD_US, res["nbody_5m_here"],
+            PI4_NBODY_5M_SECONDS), "",
+         "| figure | x86: ours | x86: bare | x86 goal | | Pi: ours "
+         "| Pi: bare | Pi ours/bare | Pi goal | |",
+         "|---|---|---|---|---|---|---|---|---|---|"]
+    for key, what, goal, unit in GOALS:
+        load, stat = key.rsplit("_", 1)
+        cells = []
+        for leg in ("x86", "pi"):
+            f = fig.get(leg, {}).get(load)
+            o = f and f["ours"][stat]
+            b = f and f["bare"][stat]
+            cells.append((o, b))
+        (xo, xb), (po, pb) = cells
+        pr = po / pb if po is not None and pb else None
+        L.append("| %s | %s | %s | <= %g %s | %s | %s | %s | %s | <= %gx "
+                 "| %s |" % (what, _f(xo, 2, " ms"), _f(xb, 2, " ms"), goal,
+                             unit, _ok(xo, goal), _f(po, 2, " ms"),
+                             _f(pb, 2, " ms"), _f(pr, 2, "x"), PI_RATIO,
+                             _ok(pr, PI_RATIO)))
+    rps = [(res.get(leg, {}).get("flood50") or {}).get("requests_per_s")
+           for leg in ("x86", "pi")]
+    L.append("| /printers + /print_jobs req/s, 50 pollers flat out | %s | "
+             "| >= %d | %s | %s | | | (no goal) | |"
+             % (_f(rps[0], 0), RPS_GOAL, _ok(rps[0], RPS_GOAL, True),
+                _f(rps[1], 0)))
+    ups = res.get("x86", {}).get("upload") or []
+    if ups:
+        import statistics
+        t = statistics.median(r["seconds"] for r in ups)
+        base = statistics.median(r["cp_fsync"] for r in ups)
+        L.append("| upload 200 MiB G-code / (cp + fsync), x86 leg, median "
+                 "of %d | %s (%.3f / %.3f s) | | <= %gx | %s | | | | | |"
+                 % (len(ups), _f(t / base, 2, "x"), t, base,
+                    UPLOAD_RATIO_GOAL, _ok(t / base, UPLOAD_RATIO_GOAL)))
+    return "\n".join(L) + "\n"
+
+
+def plot(samples, path):
+    """Lateness over time, one panel per leg and load: ours and bare."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    loads = [("flood20", "20 pollers flat out"),
+             ("flood50", "50 pollers flat out"),
+             ("upload", "200 MiB G-code upload (runs end to end)"),
+             ("jobs10k", "10,000 jobs, Cura-rate poller")]
+    legs = [("x86", "x86"), ("pi", "Pi-class (1 core, quota)")]
+    fig, axes = plt.subplots(len(legs), len(loads), figsize=(17, 7.5),
+                             sharey=True, squeeze=False)
+    top = 6.
+    for row, (leg, leg_label) in enumerate(legs):
+        for col, (load, title) in enumerate(loads):
+            ax = axes[row][col]
+            runs = samples.get((leg, load), [])
+            for i, (who, color) in enumerate((("ours", "tab:blue"),
+                                              ("bare", "tab:green"))):
+                xs, ys, t = [], [], 0.
+                for run in runs:
+                    s = run[i]
+                    if not s:
+                        continue
+                    xs += [t + x - s[0][0] for x, _ in s]
+                    ys += [y for _, y in s]
+                    t = xs[-1] + 0.01
+                if ys:
+                    top = max(top, max(ys))
+                    ax.plot(xs, ys, lw=0.7, color=color, label=(
+                        "Klippy with cura_connection" if who == "ours"
+                        else "Klippy without it, same time"))
+            ax.axhline(5, color="red", ls=":", lw=0.8)
+            ax.axhline(2, color="grey", ls="--", lw=0.8)
+            ax.set_title("%s: %s" % (leg_label, title), fontsize=9)
+            ax.set_xlabel("seconds")
+            if col == 0:
+                ax.set_ylabel("probe lateness (ms)")
+            ax.legend(loc="upper right", fontsize=7)
+    for ax in axes.flat:
+        ax.set_ylim(0, min(top * 1.05, 200.))
+    fig.text(0.01, 0.005, "dashed: 2 ms (p99 goal), dotted: 5 ms (max "
+             "goal)", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=70)
