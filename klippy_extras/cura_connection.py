@@ -2679,6 +2679,7 @@ ROUTES = [
     ("GET", r"/api/v1/auth/verify", "get_auth_verify"),
     ("GET", r"/cluster-api/v1/printers", "get_printers"),
     ("GET", r"/cluster-api/v1/print_jobs", "get_print_jobs"),
+    ("GET", r"/cluster-api/v1/print_jobs/history", "get_history"),
     ("POST", r"/cluster-api/v1/print_jobs", "post_print_job"),
     ("GET", r"/cluster-api/v1/print_jobs/%s" % UUID_RE, "get_print_job"),
     ("PUT", r"/cluster-api/v1/print_jobs/%s" % UUID_RE, "put_print_job"),
@@ -2719,7 +2720,8 @@ class ReplyCache:
     list goes out in chunks: joining 6 MB at once held the GIL for 10-20 ms
     on a busy host.  A poll leaves few new objects behind (keys are flat
     tuples of plain values): Klipper's reactor runs the garbage collector
-    itself, and its pause grows with what other threads left to collect."""
+    itself, and its pause grows with what other threads left to collect.
+    One cache per job list: it keeps the jobs of the last list only."""
     PAUSE_EVERY = 20       # jobs encoded or checked between pause() calls
     CHUNK = 100            # jobs per chunk of the list
 
@@ -2786,6 +2788,7 @@ class CuraApi:
         self.intake = conn.intake
         self.materials = conn.materials
         self.replies = ReplyCache(self)
+        self.history_replies = ReplyCache(self)    # the page's history
         self.auth_request_lock = threading.Lock()
 
     def route(self, method, path):
@@ -2948,10 +2951,16 @@ class CuraApi:
                             "application/json")
 
     def get_print_jobs(self, req):
+        # Only the printer's job and the queue, as an Ultimaker lists them:
+        # Cura clears its printer card only when the job leaves this list
         cur, queue, history = self.store.all_jobs()
         return 200, Payload(self.replies.job_list(
-            cur, queue + history, req.server.gate.breathe),
-            "application/json")
+            cur, queue, req.server.gate.breathe), "application/json")
+
+    def get_history(self, req):
+        cur, queue, history = self.store.all_jobs()
+        return 200, Payload(self.history_replies.job_list(
+            [], history, req.server.gate.breathe), "application/json")
 
     def get_print_job(self, req, job_uuid):
         job = self.store.get(job_uuid)
@@ -3223,7 +3232,7 @@ class ServeGate:
 # leaves it before it starts.
 GATED_HANDLERS = frozenset((
     "get_system", "get_auth_check", "get_printers", "get_print_jobs",
-    "get_print_job", "get_materials", "get_page"))
+    "get_history", "get_print_job", "get_materials", "get_page"))
 
 
 class CuraRequestHandler(http.server.BaseHTTPRequestHandler):

@@ -6,6 +6,7 @@ import time
 import urllib.parse
 
 JOBS = "/cluster-api/v1/print_jobs"
+HISTORY = JOBS + "/history"
 
 
 class Reply:
@@ -79,7 +80,17 @@ def upload(base, filename, data, owner="alice"):
 
 
 def jobs(base):
+    """Cura's list: the job on the printer and the queue."""
     return get_json(base, JOBS)
+
+
+def all_jobs(base):
+    """Cura's list, then the history.  Read in this order, a job moving to
+    the history in between is in both (kept once), never in neither."""
+    listed = get_json(base, JOBS)
+    history = get_json(base, HISTORY)
+    moved = {j["uuid"] for j in history}
+    return [j for j in listed if j["uuid"] not in moved] + history
 
 
 def printer(base):

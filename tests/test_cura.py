@@ -4,6 +4,7 @@ tab; uploads, actions and the material sync go through Cura's code."""
 import time
 
 import cura_client
+import httpc
 import gcode_samples
 
 
@@ -209,3 +210,27 @@ def test_slicer_thumbnails_show_in_cura(cura, klippy):
         assert (image.width(), image.height()) == size
     thumbs = sorted(os.listdir(os.path.join(klippy.gcodes_dir, ".thumbs")))
     assert thumbs == ["cura5.png", "prusa_jpg.jpg"]
+
+
+def test_card_idle_after_plate_cleared(cura, klippy, tmp_path):
+    # Cura un-assigns a job only when it leaves /print_jobs: a job in the
+    # history must not be listed, or Cura shows it on the card for good
+    addr = address(klippy)
+    api = cura_client.ClusterApi(addr)
+    view = cura_client.MonitorView()
+    path = tmp_path / "cube.ufp"
+    cura_client.make_ufp(str(path), gcode_samples.cura_gcode(
+        print_time=60, count=20))
+    assert cura_client.upload(addr, str(path))[0] == 200
+    wait_view(api, view, lambda s: active(s) and active(s)["state"]
+              == "wait_cleanup", what="cube waits for the plate")
+    klippy.gcode("CURA_BUILD_PLATE_CLEARED")
+    state = wait_view(api, view, lambda s: active(s) is None,
+                      what="no job on the card")
+    card = state["printers"][0]
+    assert card["state"] == "idle", card
+    assert state["jobs"] == [] and state["queue"] == []
+    # the history keeps the job, apart from Cura's list
+    done = [j["name"] for j in httpc.get_json(
+        "http://" + addr, "/cluster-api/v1/print_jobs/history")]
+    assert done == ["cube"]

@@ -111,6 +111,24 @@ def test_cura5_print_over_network_and_every_action(cura, cura5, klippy,
     assert errors(state) == []
 
 
+def test_cura5_card_idle_after_plate_cleared(cura, cura5, klippy,
+                                            tmp_path):
+    # the history is not in Cura's list: Cura 5 clears the card too
+    cura5.device(address(klippy), materials=SOME_MATERIALS)
+    cura5.connect()
+    cura5.wait(lambda s: s["printers"], what="printer card")
+    sent = cura5.upload(ufp(tmp_path, "cube", print_time=60, count=20))
+    assert sent["reply"]["status"] == 200, sent
+    cura5.wait(lambda s: active(s) and active(s)["state"] == "wait_cleanup",
+               what="cube waits for the plate")
+    klippy.gcode("CURA_BUILD_PLATE_CLEARED")
+    state = cura5.wait(lambda s: s["printers"] and active(s) is None,
+                       what="no job on the card")
+    assert state["printers"][0]["state"] == "idle"
+    assert state["jobs"] == []
+    assert errors(state) == []
+
+
 def test_cura5_syncs_materials_once(cura, cura5, klippy):
     cura5.device(address(klippy), materials=SOME_MATERIALS)
     cura5.connect()

@@ -109,13 +109,18 @@ def test_print_started_in_klipper_is_a_job(klippy):
         if j["status"] == "aborted_wait_cleanup"], what="aborted")[0]
     assert job["printer_uuid"] == uuid
     assert printer(base)["status"] == "idle"
-    # the user clears the plate: the job moves to history, unlinked
+    # the user clears the plate: the job moves to history, unlinked, and
+    # leaves Cura's list (Cura then clears its printer card)
     klippy.gcode("CURA_BUILD_PLATE_CLEARED")
     jobs = wait_for(lambda: [j for j in httpc.get_json(
-        base, "/cluster-api/v1/print_jobs") if j["status"] == "aborted"],
+        base, httpc.HISTORY) if j["status"] == "aborted"],
         what="aborted in history")
     assert "printer_uuid" not in jobs[0]
     assert jobs[0]["printed_on_uuid"] == uuid
+    assert httpc.get_json(base, "/cluster-api/v1/print_jobs") == []
+    # each job stays readable on its own
+    assert httpc.get_json(base, "/cluster-api/v1/print_jobs/%s"
+                          % (jobs[0]["uuid"],))["status"] == "aborted"
 
 
 @pytest.mark.parametrize("firmware", [False, True],

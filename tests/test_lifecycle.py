@@ -75,7 +75,9 @@ def test_abort_during_start_cancels_the_start(klippy):
     assert ps["filename"] != "x.gcode" or ps["state"] not in (
         "printing", "paused")
     js = jobs(base)
-    assert [j["name"] for j in js] == ["x", "done"]
+    assert [j["name"] for j in js] == ["x"]
+    assert [j["name"] for j in httpc.get_json(base, httpc.HISTORY)] \
+        == ["done"]
     assert by_name(js)["x"]["status"] == "aborted_wait_cleanup"
     assert not [j for j in js if j["owner"] == "Klipper"]
 

@@ -33,7 +33,7 @@ import cura_client
 import gcode_samples
 import httpc
 import klippy_harness
-from httpc import jobs
+from httpc import all_jobs
 
 SECONDS = float(os.environ.get("CURA_MODEL_SECONDS", "0"))
 TRACE = bool(os.environ.get("CURA_MODEL_TRACE"))   # each step on stderr
@@ -100,7 +100,7 @@ def make_machine(k, workdir):
             self.last_jobs = []       # as served at the last check
 
         def jobs(self):
-            return jobs(self.base)
+            return all_jobs(self.base)
 
         def pick(self, i, pred=lambda j: True):
             js = [j for j in self.jobs() if pred(j)]
@@ -302,6 +302,8 @@ def make_machine(k, workdir):
             card = view["printers"][0]
             active = card["active_job"]
             assert card["state"] in ("idle", "printing"), card
+            assert not [j for j in view["jobs"] if j["state"] in HISTORY], \
+                view["jobs"]
             if state in PRINTING:
                 assert active is not None, (before, view)
                 assert active["state"] in PRINTING[state], (before, active)
@@ -309,11 +311,9 @@ def make_machine(k, workdir):
                 assert cur["filename"] == filename, (before, cur)
                 assert card["state"] == "printing"
             else:
-                # Cura 4.13 keeps the last job on the card, in its history
-                # state, until another job is assigned (it never unassigns
-                # a job that stays in the list)
-                assert active is None or active["state"] in ENDED + HISTORY \
-                    or (
+                # an ended job stays on the card until the plate is
+                # cleared, then leaves it (and Cura's list)
+                assert active is None or active["state"] in ENDED or (
                     active["state"] == "pre_print"
                     and time.monotonic() < self.hold_until + 1), \
                     (before, active)

@@ -5,7 +5,7 @@ import os
 import time
 
 import httpc
-from httpc import JOBS, jobs, upload
+from httpc import JOBS, all_jobs, jobs, upload
 import gcode_samples
 
 
@@ -13,7 +13,7 @@ import gcode_samples
 def wait_jobs(base, pred, timeout=20., what="jobs"):
     deadline = time.monotonic() + timeout
     while True:
-        js = jobs(base)
+        js = all_jobs(base)
         if pred(js):
             return js
         if time.monotonic() > deadline:
@@ -141,7 +141,7 @@ def test_queue_survives_restart_and_kill(klippy_factory):
     wait_jobs(base, lambda js: by_name(js)["long"]["status"] == "printing",
               what="long printing")
     k.restart()
-    js = by_name(jobs(k.base_url()))
+    js = by_name(all_jobs(k.base_url()))
     # the interrupted print is reported, never silently restarted
     assert js["long"]["status"] == "failed_wait_cleanup"
     assert "restart" in js["long"]["message"]
@@ -158,7 +158,7 @@ def test_queue_survives_restart_and_kill(klippy_factory):
     k.kill9()
     k.start()
     k.wait_ready()
-    js = by_name(jobs(k.base_url()))
+    js = by_name(all_jobs(k.base_url()))
     assert js["long2"]["status"] == "failed_wait_cleanup"
     assert js["next"]["status"] == "finished"
     assert js["long"]["status"] == "failed"

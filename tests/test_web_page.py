@@ -185,7 +185,8 @@ def run_page_scenario(klippy_factory, browser, camera):
     wait_for(lambda: texts(browser, "#current-job .name") == ["benchy"]
              and "Printing" in text(browser, "current-job"),
              what="benchy printing")
-    assert [j["name"] for j in jobs(base) if j["status"] == "finished"] \
+    assert [j["name"] for j in httpc.get_json(base, httpc.HISTORY)
+            if j["status"] == "finished"] \
         == ["calibration_cube"]
     wait_for(lambda: "calibration_cube" in text(browser, "history-list"),
              what="history")
