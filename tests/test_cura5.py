@@ -36,6 +36,13 @@ def ufp(tmp_path, name, **kwargs):
     return path
 
 
+def connected(cura5, klippy):
+    """Cura 5's device for this Klippy, connected, showing the printer."""
+    cura5.device(address(klippy), materials=SOME_MATERIALS)
+    cura5.connect()
+    return cura5.wait(lambda s: s["printers"], what="printer card")
+
+
 def test_cura5_parses_every_reply(cura, cura5, klippy_factory, tmp_path):
     k = klippy_factory(extruders=2, module_options={"name": "klipper-test"})
     cura5.device(address(k), materials=SOME_MATERIALS)
@@ -73,9 +80,7 @@ def test_cura5_parses_every_reply(cura, cura5, klippy_factory, tmp_path):
 
 def test_cura5_print_over_network_and_every_action(cura, cura5, klippy,
                                                    tmp_path):
-    cura5.device(address(klippy), materials=SOME_MATERIALS)
-    cura5.connect()
-    cura5.wait(lambda s: s["printers"], what="printer card")
+    connected(cura5, klippy)
     for name in ("one", "two", "three"):
         sent = cura5.upload(ufp(tmp_path, name, print_time=900, count=3000,
                                 sleep_every=10, sleep_s=0.1))
@@ -114,9 +119,7 @@ def test_cura5_print_over_network_and_every_action(cura, cura5, klippy,
 def test_cura5_card_idle_after_plate_cleared(cura, cura5, klippy,
                                             tmp_path):
     # the history is not in Cura's list: Cura 5 clears the card too
-    cura5.device(address(klippy), materials=SOME_MATERIALS)
-    cura5.connect()
-    cura5.wait(lambda s: s["printers"], what="printer card")
+    connected(cura5, klippy)
     sent = cura5.upload(ufp(tmp_path, "cube", print_time=60, count=20))
     assert sent["reply"]["status"] == 200, sent
     cura5.wait(lambda s: active(s) and active(s)["state"] == "wait_cleanup",
@@ -130,9 +133,7 @@ def test_cura5_card_idle_after_plate_cleared(cura, cura5, klippy,
 
 
 def test_cura5_syncs_materials_once(cura, cura5, klippy):
-    cura5.device(address(klippy), materials=SOME_MATERIALS)
-    cura5.connect()
-    cura5.wait(lambda s: s["printers"], what="printer card")
+    connected(cura5, klippy)
     cura5.run(1)
     posts = [r for r in cura5.replies()
              if r["path"] == "/cluster-api/v1/materials/"]
@@ -145,9 +146,7 @@ def test_cura5_syncs_materials_once(cura, cura5, klippy):
     stored = cura5.get("materials")["result"]
     assert len(stored) == len(SOME_MATERIALS)
     # Cura's next start finds nothing to send
-    cura5.device(address(klippy), materials=SOME_MATERIALS)
-    cura5.connect()
-    cura5.wait(lambda s: s["printers"], what="printer card")
+    connected(cura5, klippy)
     cura5.run(1)
     assert [r for r in cura5.replies()
             if r["path"] == "/cluster-api/v1/materials/"] == []
