@@ -10,10 +10,12 @@
 # commands (SDCARD_PRINT_FILE, PAUSE, RESUME, CANCEL_PRINT) back through the
 # reactor.  HTTP threads never touch printer objects.
 import collections
+import email.utils
 import errno
 import functools
 import hashlib
 import hmac
+import http
 import http.client
 import http.server
 import ipaddress
@@ -24,8 +26,12 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import socket
 import socketserver
+import struct
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -226,6 +232,9 @@ class KlippyBridge:
                          "heater_bed": None}
         self.printer.register_event_handler("klippy:connect",
                                             self._handle_connect)
+        # Klippy's state changes are shown at once, not at the next tick
+        for event in ("klippy:ready", "klippy:shutdown"):
+            self.printer.register_event_handler(event, self._handle_state)
         self.reactor.register_timer(self._publish_timer, self.reactor.NOW)
 
     def _handle_connect(self):
@@ -286,6 +295,11 @@ class KlippyBridge:
     def _publish_timer(self, eventtime):
         self.on_snapshot(self.publish(eventtime))
         return eventtime + SNAPSHOT_INTERVAL
+
+    def _handle_state(self):
+        # (a callback: no work inside Klippy's event handler itself)
+        self.reactor.register_callback(
+            lambda e: self.on_snapshot(self.publish(e)))
 
     def ready(self):
         return not self.closing and self.gcode is not None
@@ -543,6 +557,7 @@ class JobStore(SavedState):
         self.history = []
         self.plate_clear = True
         self.status_cache = {}
+        self.version = 0
         self._load()
 
     def _load(self):
@@ -600,6 +615,7 @@ class JobStore(SavedState):
             "plate_clear": self.plate_clear}
 
     def _changed(self):
+        self.version += 1     # what the published job lists are made of
         self._update_status_cache()
         self.changed()
 
@@ -2396,6 +2412,26 @@ def client_ip(address, real_ip=None):
     return ip
 
 
+def reachable_ip(host, sock):
+    # The address Cura reached us on: Host (nginx or iptables keep it)
+    # when it is an IP, else this socket's local address.
+    host = (host or "").strip()
+    if host.startswith("["):
+        host = host[1:].split("]", 1)[0]
+    elif host.count(":") == 1:
+        host = host.split(":", 1)[0]
+    return ip_text(host) or sock.getsockname()[0]
+
+
+def is_trusted(ip, networks):
+    return ip is not None and any(ip in net for net in networks)
+
+
+def untrusted(ip):
+    """The refusal of a client outside trusted_clients."""
+    return HTTPError(403, "%s is not in trusted_clients" % (ip,), close=True)
+
+
 @functools.lru_cache(maxsize=256)
 def ip_text(host):
     # "192.168.1.5" -> the same, normalised; a name -> None
@@ -2946,21 +2982,32 @@ class CuraApi:
                                   req.headers.get("Authorization"))
         return 200, {"message": "ok"}
 
+    # The three polled replies (also published to the front process)
+    def printers_reply(self, req):
+        """JSON bytes of /printers as req (its reachable_ip()) sees it."""
+        return self.replies.printers(self.bridge.snapshot, req)
+
+    def print_jobs_reply(self, pause):
+        """The /print_jobs list as chunks of JSON bytes: only the
+        printer's job and the queue, as an Ultimaker lists them (Cura
+        clears its printer card only when the job leaves this list)."""
+        cur, queue, history = self.store.all_jobs()
+        return self.replies.job_list(cur, queue, pause)
+
+    def history_reply(self, pause):
+        cur, queue, history = self.store.all_jobs()
+        return self.history_replies.job_list([], history, pause)
+
     def get_printers(self, req):
-        return 200, Payload(self.replies.printers(self.bridge.snapshot, req),
-                            "application/json")
+        return 200, Payload(self.printers_reply(req), "application/json")
 
     def get_print_jobs(self, req):
-        # Only the printer's job and the queue, as an Ultimaker lists them:
-        # Cura clears its printer card only when the job leaves this list
-        cur, queue, history = self.store.all_jobs()
-        return 200, Payload(self.replies.job_list(
-            cur, queue, req.server.gate.breathe), "application/json")
+        return 200, Payload(self.print_jobs_reply(req.server.gate.breathe),
+                            "application/json")
 
     def get_history(self, req):
-        cur, queue, history = self.store.all_jobs()
-        return 200, Payload(self.history_replies.job_list(
-            [], history, req.server.gate.breathe), "application/json")
+        return 200, Payload(self.history_reply(req.server.gate.breathe),
+                            "application/json")
 
     def get_print_job(self, req, job_uuid):
         job = self.store.get(job_uuid)
@@ -3356,6 +3403,9 @@ class CuraRequestHandler(http.server.BaseHTTPRequestHandler):
             if handler.__name__ not in GATED_HANDLERS:
                 self.leave_gate()
             status, body = handler(self, *args)
+            if method != "GET" and self.server.front is not None:
+                # the polls the front answers show this change from now
+                self.server.front.sync()
             if status is not None:   # None: the handler replied (streams)
                 self.send_json(status, body)
         except CuraError as e:
@@ -3463,14 +3513,7 @@ class CuraRequestHandler(http.server.BaseHTTPRequestHandler):
 
     # helpers for CuraApi handlers
     def reachable_ip(self):
-        # The address Cura reached us on: Host (nginx or iptables keep it)
-        # when it is an IP, else this socket's local address.
-        host = (self.headers.get("Host") or "").strip()
-        if host.startswith("["):
-            host = host[1:].split("]", 1)[0]
-        elif host.count(":") == 1:
-            host = host.split(":", 1)[0]
-        return ip_text(host) or self.connection.getsockname()[0]
+        return reachable_ip(self.headers.get("Host"), self.connection)
 
     def client_ip(self):
         return client_ip(self.client_address[0],
@@ -3480,8 +3523,7 @@ class CuraRequestHandler(http.server.BaseHTTPRequestHandler):
         # Before anything is read or done: trusted networks only
         ip = self.client_ip()
         if not self.server.is_trusted(ip):
-            raise HTTPError(403, "%s is not in trusted_clients" % (ip,),
-                            close=True)
+            raise untrusted(ip)
 
     def check_origin(self, method):
         # No web page from elsewhere may make a browser change anything
@@ -3603,6 +3645,18 @@ def is_preview_image(data):
     return image_type(data) != "application/octet-stream"
 
 
+def refuse_connection(sock):
+    # One connection too many: a complete reply, then the caller closes
+    body = b'{"message": "Too many connections", "status": 503}'
+    try:
+        sock.settimeout(1.)
+        sock.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: "
+                     b"application/json\r\nContent-Length: %d\r\n"
+                     b"Connection: close\r\n\r\n%s" % (len(body), body))
+    except OSError:
+        pass
+
+
 class CuraHTTPServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
     daemon_threads = True
     block_on_close = False   # a stuck handler must not hold up a restart
@@ -3616,6 +3670,7 @@ class CuraHTTPServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
         self.closing = False
         self.gate = ServeGate()
         self.date_cache = (None, "")
+        self.front = None          # FrontProcess, when the child listens
         self.connections = set()
         self.conn_lock = threading.Lock()
         http.server.HTTPServer.__init__(self, address, CuraRequestHandler)
@@ -3630,8 +3685,7 @@ class CuraHTTPServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
                           client_address[0])
 
     def is_trusted(self, ip):
-        return ip is not None and any(ip in net
-                                      for net in self.trusted_clients)
+        return is_trusted(ip, self.trusted_clients)
 
     def process_request(self, request, client_address):
         # Count the connection before its thread starts, so a flood is
@@ -3641,15 +3695,7 @@ class CuraHTTPServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
             if not busy:
                 self.connections.add(request)
         if busy:
-            body = b'{"message": "Too many connections", "status": 503}'
-            try:
-                request.settimeout(1.)
-                request.sendall(
-                    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: "
-                    b"application/json\r\nContent-Length: %d\r\n"
-                    b"Connection: close\r\n\r\n%s" % (len(body), body))
-            except OSError:
-                pass
+            refuse_connection(request)
             self.shutdown_request(request)
             return
         socketserver.ThreadingMixIn.process_request(self, request,
@@ -3667,9 +3713,19 @@ class CuraHTTPServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
             else:
                 self.connections.discard(sock)
 
+    def serve(self):
+        """Thread: accept connections here (without a front process)."""
+        self.serving = True
+        self.serve_forever(poll_interval=0.2)
+
+    serving = False
+
     def close(self):
         self.closing = True
-        self.shutdown()
+        if self.front is not None:
+            self.front.close()
+        if self.serving:
+            self.shutdown()
         self.server_close()
         # Keep-alive connections from before a restart must not go on
         # talking to this instance.
@@ -3684,6 +3740,509 @@ class CuraHTTPServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
 
 class CuraHTTPServer6(CuraHTTPServer):
     address_family = socket.AF_INET6
+
+
+######################################################################
+# HTTP front: a child process answers the polls
+######################################################################
+
+# Klippy's reactor shares the GIL with every thread of Klippy's process,
+# so a flood of polls there makes its timers late.  By default a child
+# process (this file, run by Klippy's Python) owns the listening socket.
+# It answers the polls of the printer and of the job lists from replies
+# Klippy's side keeps published in it, and hands every other connection
+# (uploads, actions, pairing, signed reads, the camera, pages) to the
+# server in Klippy's process, whole and unread, with its socket.  The two
+# are joined by two socket pairs: "control" carries published replies one
+# way and acknowledgements and log lines the other; "handover" carries
+# connections (SCM_RIGHTS).
+
+FRONT_ROUTES = {"/cluster-api/v1/printers": "printers",
+                "/cluster-api/v1/print_jobs": "print_jobs",
+                "/cluster-api/v1/print_jobs/history": "history"}
+# A request head not complete in this many bytes, or not within
+# HEAD_WAIT of its first byte, goes to Klippy's side, which answers it.
+MAX_HEAD = 16384
+HEAD_WAIT = 0.1
+# Frames on the control pair: payload length, key length, key, payload
+FRAME = struct.Struct(">IH")
+# How often the publisher looks for a new snapshot or job change (s)
+PUBLISH_CHECK = 0.05
+# The printer's address as each client reached it is put into the
+# published /printers reply by the front, in place of this mark.
+IP_MARK = "\x00reachable_ip\x00"
+
+
+def send_frame(sock, key, payload=b""):
+    """Any thread (caller serialises): one frame on a control pair."""
+    key = key.encode()
+    sock.sendall(FRAME.pack(len(payload), len(key)) + key)
+    if payload:
+        sock.sendall(payload)
+
+
+def read_frames(f):
+    """Yields (key, payload) read from a control pair's file until EOF."""
+    while True:
+        head = f.read(FRAME.size)
+        if len(head) < FRAME.size:
+            return
+        size, key_size = FRAME.unpack(head)
+        key = f.read(key_size).decode()
+        payload = f.read(size)
+        if len(payload) < size:
+            return
+        yield key, payload
+
+
+class MarkRequest:
+    """Stands for every client while /printers is published."""
+    @staticmethod
+    def reachable_ip():
+        return IP_MARK
+
+
+class FrontProcess:
+    """Klippy's side of the front process: starts it with the listening
+    socket, keeps its replies current and takes the connections it hands
+    over.  Threads: publisher (encodes what changed after each status
+    snapshot, job change and request that changed something), control
+    reader (acks, log lines, the child's end), handover (connections into
+    server).  The reactor does nothing for it."""
+    def __init__(self, server, api, settings, on_lost):
+        self.server = server
+        self.api = api
+        self.on_lost = on_lost
+        self.closing = False
+        self.cond = threading.Condition()
+        self.asked = self.acked = 0    # sync() rounds asked / published
+        self.wake_event = threading.Event()
+        self.sent = {}                 # key -> the bytes the child has
+        self.list_keys = {}            # job list -> (store version, ...)
+        self.send_lock = threading.Lock()
+        ctl, child_ctl = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        hand, child_hand = socket.socketpair(socket.AF_UNIX,
+                                             socket.SOCK_SEQPACKET)
+        listen_fd = server.socket.fileno()
+        fds = (listen_fd, child_ctl.fileno(), child_hand.fileno())
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-c", FRONT_BOOT, os.path.abspath(__file__)]
+                + [str(fd) for fd in fds], pass_fds=fds,
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+        finally:
+            child_ctl.close()
+            child_hand.close()
+        # The child accepts from now on; Klippy's copy of the listening
+        # socket goes, so the port is free as soon as the child ends.
+        server.socket.close()
+        self.ctl, self.hand = ctl, hand
+        send_frame(ctl, "settings", json.dumps(settings).encode())
+        self.threads = [threading.Thread(target=fn, daemon=True,
+                                         name="cura_connection " + name)
+                        for fn, name in ((self._publish_loop, "publisher"),
+                                         (self._read_control, "control"),
+                                         (self._take_connections,
+                                          "handover"))]
+        for t in self.threads:
+            t.start()
+        logging.info("cura_connection: front process %d answers the polls",
+                     self.proc.pid)
+
+    # Any thread
+    def sync(self, timeout=2.):
+        """Not the reactor: return once the child has what the state is
+        now, so a poll after this reply shows the change it made."""
+        with self.cond:
+            self.asked += 1
+            mine = self.asked
+            self.wake_event.set()
+            self.cond.wait_for(lambda: self.acked >= mine or self.closing,
+                               timeout)
+
+    # Publisher thread
+    def _publish_loop(self):
+        # Looks for a change every PUBLISH_CHECK (two attribute reads):
+        # the reactor does nothing for the front process
+        gen, seen = 0, None
+        store, bridge = self.api.store, self.api.bridge
+        while not self.closing:
+            self.wake_event.wait(PUBLISH_CHECK)
+            self.wake_event.clear()
+            with self.cond:
+                asked = self.asked
+            now = (bridge.snapshot["seq"], store.version, asked)
+            if now == seen:
+                continue
+            seen = now
+            gen += 1
+            try:
+                self._publish(gen, asked)
+            except OSError:
+                return      # the child is gone: the control reader says so
+            except Exception:
+                logging.exception("cura_connection: publishing replies")
+
+    def _publish(self, gen, asked):
+        gate = self.server.gate
+        gated = gate.enter()
+        try:
+            changed = self._changed_replies(gate.breathe)
+        finally:
+            if gated:
+                gate.leave()
+        with self.send_lock:
+            for key, data in changed:
+                send_frame(self.ctl, key, data)
+            send_frame(self.ctl, "commit", b"%d %d" % (gen, asked))
+
+    def _changed_replies(self, pause):
+        # [(key, bytes)] that differ from what the child has
+        api, store = self.api, self.api.store
+        out = [("printers", api.printers_reply(MarkRequest))]
+        cur = store.current
+        version = (store.version, cur and JOB_REPLY_KEY(cur),
+                   json.dumps(api.printer_configuration(None)))
+        for name, reply in (("print_jobs", api.print_jobs_reply),
+                            ("history", api.history_reply)):
+            if self.list_keys.get(name) == version:
+                continue
+            chunks = reply(pause)
+            self.list_keys[name] = version
+            out += [("%s:%d" % (name, i), c) for i, c in enumerate(chunks)]
+            out.append(("%s#" % (name,), b"%d" % (len(chunks),)))
+        changed = []
+        for key, data in out:
+            old = self.sent.get(key)
+            if old is not data and old != data:
+                self.sent[key] = data
+                changed.append((key, data))
+        return changed
+
+    # Control reader thread
+    def _read_control(self):
+        with self.ctl.makefile("rb") as f:
+            for key, payload in read_frames(f):
+                if key == "ack":
+                    with self.cond:
+                        self.acked = max(self.acked, int(payload))
+                        self.cond.notify_all()
+                elif key == "log":
+                    logging.info("cura_connection: front process: %s",
+                                 payload.decode("utf-8", "replace"))
+        with self.cond:
+            lost = not self.closing
+            self.closing = True
+            self.cond.notify_all()
+        if lost:
+            try:
+                rc = self.proc.wait(5.)
+            except subprocess.TimeoutExpired:
+                rc = "still running"
+            logging.error("cura_connection: the front process ended (%s); "
+                          "answering in Klippy's process", rc)
+            self.on_lost()
+
+    # Handover thread: connections the child passes on, unread
+    def _take_connections(self):
+        while True:
+            try:
+                msg, fds, flags, addr = socket.recv_fds(self.hand, 16, 4)
+            except OSError:
+                return
+            if not msg and not fds:
+                return
+            for fd in fds:
+                try:
+                    sock = socket.socket(fileno=fd)
+                except OSError:
+                    os.close(fd)
+                    continue
+                try:
+                    peer = sock.getpeername()
+                except OSError:
+                    sock.close()
+                    continue
+                self.server.process_request(sock, peer)
+
+    def close(self):
+        """Ends the child (its connections with it) and the threads."""
+        with self.cond:
+            self.closing = True
+            self.cond.notify_all()
+        self.wake_event.set()
+        for sock in (self.ctl, self.hand):
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        try:
+            self.proc.wait(2.)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(2.)
+        for t in self.threads:
+            t.join(2.)
+        for sock in (self.ctl, self.hand):
+            sock.close()
+
+
+# Run by FrontProcess with Klippy's Python: loads this file (its cached
+# byte code) without Klippy, and serves.
+FRONT_BOOT = """import importlib.util, sys
+spec = importlib.util.spec_from_file_location("cura_connection_front",
+                                              sys.argv[1])
+module = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(module)
+module.front_main(*[int(a) for a in sys.argv[2:]])
+"""
+
+
+def front_main(listen_fd, ctl_fd, hand_fd):
+    """The child process: serve until Klippy's side closes the control
+    pair (or dies: the kernel then ends this process too)."""
+    try:
+        import ctypes
+        # PR_SET_PDEATHSIG: SIGKILL when Klippy's thread that started us
+        # ends (kill -9 of Klippy included); then check it was not before
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass
+    signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C is Klippy's
+    ctl = socket.socket(fileno=ctl_fd)
+    front = FrontServer(socket.socket(fileno=listen_fd), ctl,
+                        socket.socket(fileno=hand_fd))
+    threading.Thread(target=front.read_control, daemon=True).start()
+    front.serve()
+
+
+class FrontLog(logging.Handler):
+    """The child's log lines go to klippy.log through Klippy's side."""
+    def __init__(self, front):
+        logging.Handler.__init__(self, logging.INFO)
+        self.front = front
+
+    def emit(self, record):
+        try:
+            self.front.send("log", self.format(record).encode())
+        except Exception:
+            pass
+
+
+class FrontRequest:
+    """A request head the front can answer: GET of a FRONT_ROUTES path,
+    no body; None from parse() for anything else."""
+    REQUEST_LINE = re.compile(r"GET (/[!-~]*) HTTP/1\.([01])\Z")
+    HEADER = re.compile(r"([!#$%&'*+.^_`|~0-9A-Za-z-]+):[ \t]*(.*?)[ \t]*\Z")
+    # present at all -> Klippy's side decides
+    HANDED_OVER = ("content-length", "transfer-encoding", "expect")
+    ONCE = ("host", "x-real-ip", "connection", "authorization")
+
+    def __init__(self, route, http11, headers):
+        self.route = route
+        self.headers = headers
+        conn = headers.get("connection", "").lower()
+        self.close = conn == "close" or (not http11 and conn != "keep-alive")
+
+    @classmethod
+    def parse(cls, head):
+        try:
+            lines = head.decode("ascii").split("\n")
+        except UnicodeDecodeError:
+            return None
+        if not (head.endswith(b"\n\n") or head.endswith(b"\r\n\r\n")):
+            return None
+        m = cls.REQUEST_LINE.match(lines[0].rstrip("\r"))
+        if m is None:
+            return None
+        route = FRONT_ROUTES.get(m.group(1).split("?", 1)[0].rstrip("/"))
+        if route is None:
+            return None
+        headers = {}
+        for line in lines[1:]:
+            line = line.rstrip("\r")
+            if not line:
+                break
+            h = cls.HEADER.match(line)
+            if h is None:
+                return None
+            name = h.group(1).lower()
+            if name in headers and name in cls.ONCE:
+                return None
+            headers[name] = h.group(2)
+        if any(h in headers for h in cls.HANDED_OVER):
+            if headers.get("content-length") != "0" or len(
+                    [h for h in cls.HANDED_OVER if h in headers]) > 1:
+                return None
+        return cls(route, m.group(2) == "1", headers)
+
+
+class FrontServer:
+    """The child process's server: a thread per connection answers
+    FrontRequests from the published replies, and hands a connection
+    over to Klippy's side at its first request of any other kind."""
+    version_string = "%s %s" % (CuraRequestHandler.server_version,
+                                CuraRequestHandler.sys_version)
+
+    def __init__(self, listen, ctl, hand):
+        self.listen = listen
+        self.ctl = ctl
+        self.hand = hand
+        self.send_lock = threading.Lock()
+        self.settings = None
+        self.ready = threading.Event()
+        self.replies = {}          # route -> [bytes] (printers: 2 parts)
+        self.connections = 0
+        self.count_lock = threading.Lock()
+        self.date = (None, b"")
+        logging.getLogger().addHandler(FrontLog(self))
+        logging.getLogger().setLevel(logging.INFO)
+
+    def send(self, key, payload=b""):
+        with self.send_lock:
+            send_frame(self.ctl, key, payload)
+
+    # Control: published replies in, acknowledgements out
+    def read_control(self):
+        staged = {}
+        with self.ctl.makefile("rb") as f:
+            for key, payload in read_frames(f):
+                if key == "settings":
+                    self._settle(json.loads(payload.decode()))
+                elif key == "commit":
+                    self._commit(staged)
+                    self.send("ack", payload.split()[1])
+                else:
+                    staged[key] = payload
+        os._exit(0)     # Klippy's side closed it (or is gone)
+
+    def _settle(self, settings):
+        settings["trusted"] = parse_trusted_clients(
+            ", ".join(settings["trusted"]))
+        self.settings = settings
+
+    def _commit(self, staged):
+        replies = {"printers": staged["printers"].split(
+            json.dumps(IP_MARK).encode(), 1)}
+        for name in ("print_jobs", "history"):
+            n = int(staged["%s#" % (name,)])
+            replies[name] = [staged["%s:%d" % (name, i)] for i in range(n)]
+        self.replies = replies      # swapped whole: readers see one state
+        self.ready.set()
+
+    # Connections
+    def serve(self):
+        self.ready.wait()   # until the first replies (and settings) came
+        while True:
+            try:
+                sock, addr = self.listen.accept()
+            except OSError as e:
+                if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS,
+                               errno.ENOMEM):
+                    time.sleep(0.05)
+                continue
+            with self.count_lock:
+                busy = self.connections >= MAX_CONNECTIONS
+                if not busy:
+                    self.connections += 1
+            if busy:
+                refuse_connection(sock)
+                sock.close()
+                continue
+            threading.Thread(target=self.connection, args=(sock, addr),
+                             daemon=True).start()
+
+    def connection(self, sock, addr):
+        try:
+            self._serve_connection(sock, addr)
+        except OSError:
+            pass
+        except Exception:
+            logging.exception("connection from %s", addr[0])
+        finally:
+            with self.count_lock:
+                self.connections -= 1
+            if sock.fileno() != -1:
+                sock.close()
+
+    def _serve_connection(self, sock, addr):
+        settings = self.settings
+        timeout = settings["request_timeout"]
+        if not is_trusted(client_ip(addr[0]), settings["trusted"]):
+            timeout = min(timeout, 5.)
+        sock.settimeout(timeout)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        while True:
+            try:
+                head = self._peek_head(sock)
+            except OSError:     # timed out or reset: as Klippy's side does
+                return
+            if not head:
+                return
+            req = FrontRequest.parse(head)
+            if req is None or not self.replies or (
+                    settings["require_pairing"]
+                    and "authorization" in req.headers):
+                self._hand_over(sock)
+                return
+            sock.recv(len(head), socket.MSG_WAITALL)
+            ip = client_ip(addr[0], req.headers.get("x-real-ip"))
+            if not is_trusted(ip, settings["trusted"]):
+                err = untrusted(ip)
+                self._reply(sock, err.status, [json.dumps(
+                    {"message": err.message, "status": err.status}).encode()],
+                    close=True)
+                return
+            parts = self.replies[req.route]
+            if req.route == "printers":
+                parts = [parts[0], json.dumps(reachable_ip(
+                    req.headers.get("host"), sock)).encode(), parts[1]]
+            self._reply(sock, 200, parts, req.close)
+            if req.close:
+                return
+
+    def _peek_head(self, sock):
+        # The head without taking it from the socket: b"" when the client
+        # closed; an incomplete head after HEAD_WAIT goes on as it is
+        data = sock.recv(MAX_HEAD, socket.MSG_PEEK)
+        deadline = time.monotonic() + HEAD_WAIT
+        while data:
+            for end in (b"\r\n\r\n", b"\n\n"):
+                i = data.find(end)
+                if i >= 0:
+                    return data[:i + len(end)]
+            if len(data) >= MAX_HEAD or time.monotonic() > deadline:
+                return data     # incomplete: parse() refuses it
+            time.sleep(0.005)
+            data = sock.recv(MAX_HEAD, socket.MSG_PEEK)
+        return data
+
+    def _hand_over(self, sock):
+        # Nothing of the request was taken: Klippy's side reads it whole
+        socket.send_fds(self.hand, [b"c"], [sock.fileno()])
+        sock.close()
+
+    def _date(self):
+        now = int(time.time())
+        if self.date[0] != now:
+            self.date = (now, email.utils.formatdate(
+                now, usegmt=True).encode())
+        return self.date[1]
+
+    def _reply(self, sock, status, parts, close):
+        length = sum(map(len, parts))
+        head = (b"HTTP/1.1 %d %s\r\nServer: %s\r\nDate: %s\r\n"
+                b"Content-Type: application/json\r\nContent-Length: %d\r\n"
+                b"Cache-Control: no-store\r\n%s\r\n" % (
+                    status, http.HTTPStatus(status).phrase.encode(),
+                    self.version_string.encode(), self._date(), length,
+                    b"Connection: close\r\n" if close else b""))
+        if length < 65536:
+            sock.sendall(b"".join([head] + parts))
+        else:
+            sock.sendall(head)
+            for part in parts:
+                sock.sendall(part)
 
 
 ######################################################################
@@ -3851,6 +4410,8 @@ class CuraConnection:
             raise config.error("cura_connection: trusted_clients is empty")
         self.allow_control = config.getboolean("allow_control", True)
         self.require_pairing = config.getboolean("require_pairing", False)
+        # answer polls from a child process (see "HTTP front")
+        self.front_process = config.getboolean("front_process", True)
         # undocumented: tests shorten it
         request_timeout = config.getfloat("request_timeout", REQUEST_TIMEOUT,
                                           above=0.)
@@ -3915,10 +4476,20 @@ class CuraConnection:
         self.bound_port = self.server.server_address[1]
         self.server.trusted_clients = trusted
         self.server.request_timeout = request_timeout
-        self.server_thread = threading.Thread(
-            target=self.server.serve_forever, kwargs={"poll_interval": 0.2},
-            daemon=True, name="cura_connection http")
-        self.server_thread.start()
+        self.servers, self.server_threads = [self.server], []
+        if self.front_process:
+            try:
+                self.server.front = FrontProcess(self.server, self.api, {
+                    "trusted": [str(n) for n in trusted],
+                    "request_timeout": request_timeout,
+                    "require_pairing": self.require_pairing},
+                    self._front_lost)
+            except OSError as e:
+                logging.error("cura_connection: cannot start the front "
+                              "process (%s): answering in Klippy's process",
+                              e)
+        if self.server.front is None:
+            self._serve_here(self.server)
         self.announcer = None
         if self.use_zeroconf:
             self.announcer = ZeroconfAnnouncer(
@@ -3927,6 +4498,29 @@ class CuraConnection:
                     "machine": str(self.machine_bom),
                     "firmware_version": FIRMWARE_VERSION,
                     "cluster_size": "1"})
+
+    def _serve_here(self, server):
+        thread = threading.Thread(target=server.serve, daemon=True,
+                                  name="cura_connection http")
+        self.server_threads.append(thread)
+        thread.start()
+
+    def _front_lost(self):
+        # Front process thread: the child ended by itself.  Its connections
+        # are gone; new ones are answered here, on the same port.
+        if self.closed:
+            return
+        try:
+            server = self.server.__class__((self.address, self.bound_port),
+                                           self.api)
+        except OSError as e:
+            logging.error("cura_connection: cannot listen on %s:%d again: "
+                          "%s", self.address, self.bound_port, e)
+            return
+        server.trusted_clients = self.server.trusted_clients
+        server.request_timeout = self.server.request_timeout
+        self.servers.append(server)
+        self._serve_here(server)
 
     def _register_commands(self):
         gcode = self.printer.lookup_object("gcode")
@@ -3960,8 +4554,10 @@ class CuraConnection:
             return
         self.closed = True
         self.bridge.closing = True
-        self.server.close()
-        self.server_thread.join(2.)
+        for server in self.servers:
+            server.close()
+        for thread in self.server_threads:
+            thread.join(2.)
         self.writer.stop()
         if self.announcer is not None:
             self.announcer.stop()
