@@ -998,6 +998,9 @@ def main():
                     help="seconds of each flat-out poller load (serving)")
     ap.add_argument("--upload-runs", type=int, default=3,
                     help="200 MiB uploads per leg (serving)")
+    ap.add_argument("--front-cpu", type=int, default=1, choices=(0, 1),
+                    help="Pi-class leg: the CPU of the front process "
+                    "(1: another core, as on a Pi 4; 0: Klippy's core)")
     ap.add_argument("--jobs10k", type=float, default=10.,
                     help="seconds of the 10,000-job load (serving)")
     ap.add_argument("--profile", action="store_true",

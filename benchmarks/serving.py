@@ -1,11 +1,18 @@
 """Serving benchmark: does Klippy's reactor notice the HTTP server?
 
-For each load, two Klippys run side by side in the same run:
+For each load, Klippys run side by side in the same run:
 
-* ours: a Klippy with cura_connection, which the load is aimed at;
+* ours: a Klippy with cura_connection as configured by default: its front
+  process answers the polls (see "HTTP front" in the module);
+* in-process: a Klippy with cura_connection and `front_process: False`,
+  every request answered inside Klippy's process (the design before the
+  front process): the baseline;
 * bare: a Klippy without the module, with the same pinning and quota,
   running at the same time.  It sees the same machine (the load's CPU, the
-  kernel's work) but no server shares its GIL: the floor for "ours".
+  kernel's work) but no server shares its GIL: the floor for the others.
+
+The load is aimed at ours, then at in-process, each time with bare
+measured at the same moment.
 
 Both report the lateness of the 10 ms probe timer of cura_test_tools.
 Loads: 20 and 50 keep-alive pollers flat out (/printers + /print_jobs), a
@@ -16,11 +23,14 @@ polled by one client at Cura's rate (both GETs every 2 s).
 Two legs:
 
 * x86: this machine as it is;
-* pi: both Klippys pinned to CPU 0, each in its own cgroup (v1 `cpu`
+* pi: the Klippys pinned to CPU 0, each in its own cgroup (v1 `cpu`
   controller) with a CFS quota of a fraction of that core, and the load
   generator (this process and its children) on CPU 1.  The fraction is the
   speed of a Raspberry Pi 4 core relative to this one, measured with an
   n-body microbenchmark (pure-Python float arithmetic): see pi_fraction().
+  The front process gets a group of its own with the same quota: on CPU 1
+  (`--front-cpu 1`, default: a Pi 4 has four cores, Klippy uses one), or
+  on CPU 0 beside its Klippy (`--front-cpu 0`: a one-core board).
 """
 import json
 import os
@@ -39,6 +49,8 @@ CGROUP_CPU = "/sys/fs/cgroup/cpu"
 # Raspberry Pi OS).  nbody() below is the same algorithm.
 PI4_NBODY_5M_SECONDS = 158.
 PERIOD_US = 2000   # short CFS period: the quota throttles in small steps
+# who the load is aimed at: name, module options
+VARIANTS = [("ours", {}), ("inproc", {"front_process": "False"})]
 
 # name, what, goal on x86, unit
 GOALS = [
@@ -147,9 +159,10 @@ class Serving:
         self.results = {}
 
     # -- Klippys -----------------------------------------------------
-    def klippy(self, name, with_module=True, jobs=4):
+    def klippy(self, name, with_module=True, jobs=4, options=None):
         wd = os.path.join(self.b.workdir, name)
         opts = dict(self.args.module_options or {})
+        opts.update(options or {})
         k = klippy_harness.Klippy("klipper", wd, with_module=with_module,
                                   module_options=opts)
         if with_module:
@@ -210,57 +223,67 @@ class Serving:
             fraction = self.results["pi_fraction"]
             os.sched_setaffinity(0, {1})   # the load generator: CPU 1
         out = {}
-        try:
-            self.bare = self.klippy("%s-bare" % leg, with_module=False)
-            ours = self.klippy("%s-ours" % leg)
+        started = []
+
+        def start(name, **kwargs):
+            k = self.klippy("%s-%s" % (leg, name), **kwargs)
+            started.append(k)
             if leg == "pi":
-                for name, k in (("bare", self.bare), ("ours", ours)):
-                    g = PiCore("%s_%s" % (leg, name), fraction)
+                g = PiCore("%s_%s" % (leg, name), fraction)
+                groups.append(g)
+                g.add(k.pid)
+                for child in child_pids(k.pid):   # the front process
+                    g = PiCore("%s_%s_front" % (leg, name), fraction,
+                               cpu=a.front_cpu)
                     groups.append(g)
-                    g.add(k.pid)
-            port = ours.cura_port()
-            for n in (20, 50):
-                key = "flood%d" % (n,)
-                r = self.measure(ours, self.bare,
-                                 self.pollers(port, n, a.flood, 0))
-                self.note(leg, key, r)
-                out[key] = r
-            runs = []
-            for i in range(a.upload_runs):
-                r = self.upload(ours, i)
-                self.note(leg, "upload", r, "upload %.3f s, cp+fsync %.3f s"
-                          % (r["seconds"], r["cp_fsync"]))
-                runs.append(r)
-            out["upload"] = runs
-            ours.stop()
-            # the 10,000-job queue: a fresh Klippy that loads it
-            ours = self.klippy("%s-ours10k" % leg, jobs=10000)
-            if leg == "pi":
-                groups[1].add(ours.pid)
-            r = self.measure(ours, self.bare, self.pollers(
-                ours.cura_port(), 1, a.jobs10k, 2.0))
-            self.note(leg, "jobs10k", r)
-            out["jobs10k"] = r
-            ours.stop()
+                    g.add(child)
+            return k
+        try:
+            self.bare = start("bare", with_module=False)
+            for variant, options in VARIANTS:
+                k = start(variant, options=options)
+                port = k.cura_port()
+                for n in (20, 50):
+                    key = "flood%d" % (n,)
+                    r = self.measure(k, self.bare,
+                                     self.pollers(port, n, a.flood, 0))
+                    self.note(leg, key, variant, r)
+                    out.setdefault(variant, {})[key] = r
+                runs = []
+                for i in range(a.upload_runs):
+                    r = self.upload(k, i)
+                    self.note(leg, "upload", variant, r,
+                              "upload %.3f s, cp+fsync %.3f s"
+                              % (r["seconds"], r["cp_fsync"]))
+                    runs.append(r)
+                out[variant]["upload"] = runs
+                k.stop()
+                # the 10,000-job queue: a fresh Klippy that loads it
+                k = start(variant + "10k", jobs=10000, options=options)
+                r = self.measure(k, self.bare, self.pollers(
+                    k.cura_port(), 1, a.jobs10k, 2.0))
+                self.note(leg, "jobs10k", variant, r)
+                out[variant]["jobs10k"] = r
+                k.stop()
         finally:
-            for k in (getattr(self, "bare", None), locals().get("ours")):
-                if k is not None:
-                    k.stop()
+            for k in started:
+                k.stop()
             for g in groups:
                 g.close()
             os.sched_setaffinity(0, set(range(os.cpu_count())))
         return out
 
-    def note(self, leg, load, r, extra=""):
-        self.samples.setdefault((leg, load), []).append(
+    def note(self, leg, load, variant, r, extra=""):
+        self.samples.setdefault((leg, load, variant), []).append(
             (r.pop("s_ours"), r.pop("s_bare")))
-        self.h.log("  %s %s: ours %s | bare %s %s%s" % (
-            leg, load, fmt_lat(r["ours"]), fmt_lat(r["bare"]),
+        self.h.log("  %s %s: %s %s | bare %s %s%s" % (
+            leg, load, variant, fmt_lat(r["ours"]), fmt_lat(r["bare"]),
             ("%.0f req/s " % r["requests_per_s"])
             if "requests_per_s" in r else "", extra))
 
     def run(self):
         log = self.h.log
+        self.results["front_cpu"] = self.args.front_cpu
         frac, here = pi_fraction()
         self.results["pi_fraction"] = frac
         self.results["nbody_5m_here"] = here
@@ -274,14 +297,27 @@ class Serving:
         return self.results
 
     def figures(self):
-        """{leg: {load: {"ours": summary, "bare": summary}}}; the upload's
-        samples of all runs pooled."""
+        """{leg: {load: {variant: {"ours": summary, "bare": summary}}}}
+        ("ours": the variant's Klippy); the upload's samples of all runs
+        pooled."""
         out = {}
-        for (leg, load), runs in self.samples.items():
-            out.setdefault(leg, {})[load] = {
+        for (leg, load, variant), runs in self.samples.items():
+            out.setdefault(leg, {}).setdefault(load, {})[variant] = {
                 who: lat_summary([x for r in runs for x in r[i]])
                 for i, who in enumerate(("ours", "bare"))}
         return out
+
+
+def child_pids(pid):
+    """The processes pid started (cura_connection's front process)."""
+    out = []
+    for tid in os.listdir("/proc/%d/task" % (pid,)):
+        try:
+            with open("/proc/%d/task/%s/children" % (pid, tid)) as f:
+                out += [int(c) for c in f.read().split()]
+        except OSError:
+            pass
+    return out
 
 
 def lat_summary(samples):
@@ -313,51 +349,73 @@ def _ok(v, limit, at_least=False):
 
 
 def report(res):
-    """The issue's goal table, Markdown: every row with its goal."""
+    """The issue's goal table, Markdown: every row with its goal, for the
+    default (front process) beside in-process and bare."""
     fig = res["figures"]
     L = ["### Does the reactor notice the server? (goals beside each row)",
          "",
-         "Lateness of Klippy's 10 ms probe timer.  'bare': a Klippy "
-         "without cura_connection, running at the same time, with the "
-         "same pinning and quota.  Pi-class leg: both Klippys on CPU 0, "
-         "each in a cgroup with a CFS quota of %.0f%% of the core "
-         "(period %d us; n-body: this core %.1f s for 5M steps, a Pi 4 "
-         "%.0f s), the load generator on CPU 1."
+         "Lateness of Klippy's 10 ms probe timer.  'ours': cura_connection "
+         "as configured by default (its front process answers the polls); "
+         "'in-process': `front_process: False`, everything answered in "
+         "Klippy's process; 'bare': a Klippy without cura_connection, "
+         "running at the same time as each, with the same pinning and quota "
+         "(the bare column is the one measured beside ours).  Pi-class leg: "
+         "the Klippys on CPU 0, each in a cgroup with a CFS quota of %.0f%% "
+         "of the core (period %d us; n-body: this core %.1f s for 5M steps, "
+         "a Pi 4 %.0f s), the front process in a group of its own with the "
+         "same quota on CPU %d, the load generator on CPU 1."
          % (res["pi_fraction"] * 100, PERIOD_US, res["nbody_5m_here"],
-            PI4_NBODY_5M_SECONDS), "",
-         "| figure | x86: ours | x86: bare | x86 goal | | Pi: ours "
-         "| Pi: bare | Pi ours/bare | Pi goal | |",
-         "|---|---|---|---|---|---|---|---|---|---|"]
+            PI4_NBODY_5M_SECONDS, res.get("front_cpu", 1)), "",
+         "| figure | x86: ours | x86: in-process | x86: bare | x86 goal | "
+         "| Pi: ours | Pi: in-process | Pi: bare | Pi ours/bare "
+         "| Pi in-process/bare | Pi goal | |",
+         "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for key, what, goal, unit in GOALS:
         load, stat = key.rsplit("_", 1)
         cells = []
         for leg in ("x86", "pi"):
-            f = fig.get(leg, {}).get(load)
-            o = f and f["ours"][stat]
-            b = f and f["bare"][stat]
-            cells.append((o, b))
-        (xo, xb), (po, pb) = cells
+            f = fig.get(leg, {}).get(load, {})
+            o = f.get("ours") and f["ours"]["ours"][stat]
+            i = f.get("inproc") and f["inproc"]["ours"][stat]
+            b = f.get("ours") and f["ours"]["bare"][stat]
+            bi = f.get("inproc") and f["inproc"]["bare"][stat]
+            cells.append((o, i, b, bi))
+        (xo, xi, xb, _), (po, pi, pb, pbi) = cells
         pr = po / pb if po is not None and pb else None
-        L.append("| %s | %s | %s | <= %g %s | %s | %s | %s | %s | <= %gx "
-                 "| %s |" % (what, _f(xo, 2, " ms"), _f(xb, 2, " ms"), goal,
-                             unit, _ok(xo, goal), _f(po, 2, " ms"),
-                             _f(pb, 2, " ms"), _f(pr, 2, "x"), PI_RATIO,
-                             _ok(pr, PI_RATIO)))
-    rps = [(res.get(leg, {}).get("flood50") or {}).get("requests_per_s")
-           for leg in ("x86", "pi")]
-    L.append("| /printers + /print_jobs req/s, 50 pollers flat out | %s | "
-             "| >= %d | %s | %s | | | (no goal) | |"
-             % (_f(rps[0], 0), RPS_GOAL, _ok(rps[0], RPS_GOAL, True),
-                _f(rps[1], 0)))
-    ups = res.get("x86", {}).get("upload") or []
-    if ups:
+        pir = pi / pbi if pi is not None and pbi else None
+        L.append("| %s | %s | %s | %s | <= %g %s | %s | %s | %s | %s | %s "
+                 "| %s | <= %gx | %s |" % (
+                     what, _f(xo, 2, " ms"), _f(xi, 2, " ms"),
+                     _f(xb, 2, " ms"), goal, unit, _ok(xo, goal),
+                     _f(po, 2, " ms"), _f(pi, 2, " ms"), _f(pb, 2, " ms"),
+                     _f(pr, 2, "x"), _f(pir, 2, "x"), PI_RATIO,
+                     _ok(pr, PI_RATIO)))
+
+    def got(leg, variant, load):
+        return res.get(leg, {}).get(variant, {}).get(load) or {}
+    rps = [got(leg, v, "flood50").get("requests_per_s")
+           for leg in ("x86", "pi") for v in ("ours", "inproc")]
+    L.append("| /printers + /print_jobs req/s, 50 pollers flat out | %s | %s "
+             "| | >= %d | %s | %s | %s | | | | (no goal) | |"
+             % (_f(rps[0], 0), _f(rps[1], 0), RPS_GOAL,
+                _ok(rps[0], RPS_GOAL, True), _f(rps[2], 0), _f(rps[3], 0)))
+    ups = [got("x86", v, "upload") or [] for v in ("ours", "inproc")]
+    if ups[0]:
         import statistics
-        t = statistics.median(r["seconds"] for r in ups)
-        base = statistics.median(r["cp_fsync"] for r in ups)
+        cells = []
+        for runs in ups:
+            t = statistics.median(r["seconds"] for r in runs) if runs \
+                else None
+            base = statistics.median(r["cp_fsync"] for r in runs) if runs \
+                else None
+            cells.append((t, base))
+        (t, base), (ti, basei) = cells
         L.append("| upload 200 MiB G-code / (cp + fsync), x86 leg, median "
-                 "of %d | %s (%.3f / %.3f s) | | <= %gx | %s | | | | | |"
-                 % (len(ups), _f(t / base, 2, "x"), t, base,
-                    UPLOAD_RATIO_GOAL, _ok(t / base, UPLOAD_RATIO_GOAL)))
+                 "of %d | %s (%.3f / %.3f s) | %s | | <= %gx | %s | | | | | "
+                 "| | |" % (len(ups[0]), _f(t / base, 2, "x"), t, base,
+                            _f(ti / basei, 2, "x") if ti else "-",
+                            UPLOAD_RATIO_GOAL, _ok(t / base,
+                                                   UPLOAD_RATIO_GOAL)))
     return "\n".join(L) + "\n"
 
 
@@ -377,9 +435,13 @@ def plot(samples, path):
     for row, (leg, leg_label) in enumerate(legs):
         for col, (load, title) in enumerate(loads):
             ax = axes[row][col]
-            runs = samples.get((leg, load), [])
-            for i, (who, color) in enumerate((("ours", "tab:blue"),
-                                              ("bare", "tab:green"))):
+            lines = [(samples.get((leg, load, "inproc"), []), 0,
+                      "in-process (front_process: False)", "tab:orange"),
+                     (samples.get((leg, load, "ours"), []), 0,
+                      "Klippy with cura_connection", "tab:blue"),
+                     (samples.get((leg, load, "ours"), []), 1,
+                      "Klippy without it, same time", "tab:green")]
+            for runs, i, label, color in lines:
                 xs, ys, t = [], [], 0.
                 for run in runs:
                     s = run[i]
@@ -390,9 +452,7 @@ def plot(samples, path):
                     t = xs[-1] + 0.01
                 if ys:
                     top = max(top, max(ys))
-                    ax.plot(xs, ys, lw=0.7, color=color, label=(
-                        "Klippy with cura_connection" if who == "ours"
-                        else "Klippy without it, same time"))
+                    ax.plot(xs, ys, lw=0.7, color=color, label=label)
             ax.axhline(5, color="red", ls=":", lw=0.8)
             ax.axhline(2, color="grey", ls="--", lw=0.8)
             ax.set_title("%s: %s" % (leg_label, title), fontsize=9)

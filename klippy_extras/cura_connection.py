@@ -3782,14 +3782,18 @@ def send_frame(sock, key, payload=b""):
 
 
 def read_frames(f):
-    """Yields (key, payload) read from a control pair's file until EOF."""
+    """Yields (key, payload) read from a control pair's file until EOF
+    (or a reset: the other process ended with frames unread)."""
     while True:
-        head = f.read(FRAME.size)
-        if len(head) < FRAME.size:
+        try:
+            head = f.read(FRAME.size)
+            if len(head) < FRAME.size:
+                return
+            size, key_size = FRAME.unpack(head)
+            key = f.read(key_size).decode()
+            payload = f.read(size)
+        except OSError:
             return
-        size, key_size = FRAME.unpack(head)
-        key = f.read(key_size).decode()
-        payload = f.read(size)
         if len(payload) < size:
             return
         yield key, payload

@@ -134,6 +134,35 @@ def free_port():
         return s.getsockname()[1]
 
 
+def children(pid):
+    """The live processes pid started (Klippy: the module's front
+    process)."""
+    out = []
+    for tid in os.listdir("/proc/%d/task" % (pid,)):
+        try:
+            with open("/proc/%d/task/%s/children" % (pid, tid)) as f:
+                out += [int(c) for c in f.read().split()]
+        except OSError:
+            pass
+    return [c for c in out if alive(c)]
+
+
+def alive(pid):
+    try:
+        with open("/proc/%d/stat" % (pid,)) as f:
+            return f.read().rsplit(") ", 1)[1][0] != "Z"
+    except OSError:
+        return False
+
+
+def server_pid(k):
+    """The process that accepts Cura's connections: the front process,
+    or Klippy itself with front_process: False."""
+    found = children(k.pid)
+    assert len(found) <= 1, found
+    return found[0] if found else k.pid
+
+
 def thread_count(pid):
     return len(os.listdir("/proc/%d/task" % (pid,)))
 

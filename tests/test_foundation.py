@@ -5,7 +5,7 @@ import socket
 import pytest
 
 import httpc
-from hostile import assert_config_errors, free_port, socket_count
+from hostile import assert_config_errors, children, free_port, socket_count
 from httpc import printer, wait_for
 
 
@@ -157,6 +157,8 @@ def test_restart_rebinds_and_leaks_nothing(klippy_factory, firmware):
     log = k.log_text()
     assert "Address already in use" not in log
     assert log.count("cura_connection: released port %d" % (port,)) == 10
+    # one front process: each restart ended the one before
+    assert len(children(k.pid)) == 1
 
 
 def test_busy_port_is_a_config_error(klippy_factory):

@@ -12,7 +12,8 @@ import pytest
 import httpc
 from httpc import JOBS, jobs
 from hostile import (check_gcodes_dir, connect, is_json_error, read_reply,
-                     request_bytes, send, thread_count, tree, wait_for)
+                     request_bytes, send, server_pid, thread_count, tree,
+                     wait_for)
 
 BOUNDARY = "boundary_.oOo._MjE+Mzk/NDU="
 GCODE = b";TIME:60\nG1 X1\nG1 X2\n"
@@ -473,21 +474,22 @@ def test_connection_flood(klippy_factory):
     k = klippy_factory(module_options={"request_timeout": 30})
     base, port = k.base_url(), k.cura_port()
     httpc.get_json(base, JOBS)
-    threads = settled_threads(k.pid)
+    server = server_pid(k)     # the front process holds idle connections
+    threads = settled_threads(server)
     idle = []
     for i in range(100):
         idle.append(connect(port))
     # the server counts them before their threads run
-    wait_for(lambda: thread_count(k.pid) >= threads + 100, 10,
+    wait_for(lambda: thread_count(server) >= threads + 100, 10,
              "100 handler threads")
     extra = connect(port)
     r = read_reply(extra)
     extra.close()
     assert is_json_error(r, 503), r
-    assert thread_count(k.pid) < threads + 102
+    assert thread_count(server) < threads + 102
     for s in idle:
         s.close()
-    wait_for(lambda: thread_count(k.pid) <= threads, 10, "threads to end")
+    wait_for(lambda: thread_count(server) <= threads, 10, "threads to end")
     assert httpc.get_json(base, "/cluster-api/v1/printers")[0]["status"] \
         == "idle"
     assert k.info()["state"] == "ready"

@@ -1,0 +1,195 @@
+"""The front process: a child of Klippy answers the polls from published
+replies and hands every other connection to Klippy's side, unread.  These
+tests follow the connections to the process that holds them (through
+/proc), and check that the child never outlives its Klippy."""
+import os
+import signal
+import socket
+import time
+
+import pytest
+
+import gcode_samples
+import httpc
+from hostile import alive, children, free_port
+from httpc import JOBS, jobs, printer, upload, wait_for
+
+
+def front_pid(k):
+    found = wait_for(lambda: children(k.pid), 10., "the front process")
+    assert len(found) == 1, found
+    return found[0]
+
+
+def server_side_inode(conn):
+    # The inode of the server's end of this client connection, from
+    # /proc/net/tcp (loopback, IPv4)
+    client_port = conn.sock.getsockname()[1]
+    server_port = conn.sock.getpeername()[1]
+    with open("/proc/net/tcp") as f:
+        for line in f.readlines()[1:]:
+            fields = line.split()
+            local, remote = fields[1], fields[2]
+            if int(local.split(":")[1], 16) == server_port and \
+                    int(remote.split(":")[1], 16) == client_port:
+                return fields[9]
+    raise AssertionError("no server socket for port %d" % (client_port,))
+
+
+def holder(conn, pids):
+    """Which of pids holds the server's end of conn."""
+    inode = server_side_inode(conn)
+    for pid in pids:
+        for fd in os.listdir("/proc/%d/fd" % (pid,)):
+            try:
+                if os.readlink("/proc/%d/fd/%s" % (pid, fd)) == \
+                        "socket:[%s]" % (inode,):
+                    return pid
+            except OSError:
+                pass
+    return None
+
+
+def port_free(port):
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def test_polls_stay_in_the_child_other_requests_move_to_klippy(klippy):
+    base = klippy.base_url()
+    front = front_pid(klippy)
+    conn = httpc.connect(base)
+    for path in ("/cluster-api/v1/printers", JOBS, JOBS + "/history",
+                 "/cluster-api/v1/printers/", JOBS + "?x=1"):
+        r = httpc.request(conn, "GET", path)
+        assert r.status == 200 and isinstance(r.json(), list), (path, r)
+        assert holder(conn, [front, klippy.pid]) == front, path
+    # anything else goes to Klippy's side with its connection, unread
+    r = httpc.request(conn, "GET", "/api/v1/system")
+    assert r.status == 200 and r.json()["name"]
+    assert holder(conn, [front, klippy.pid]) == klippy.pid
+    # and is answered there from then on, the same way
+    assert httpc.request(conn, "GET", JOBS).json() == jobs(base)
+    conn.close()
+
+
+@pytest.mark.parametrize("method, path, headers, status", [
+    ("HEAD", "/cluster-api/v1/printers", {}, 405),
+    ("POST", "/cluster-api/v1/printers", {}, 405),
+    ("DELETE", JOBS, {}, 405),
+    ("GET", "/cluster-api/v1/printersX", {}, 404),
+    ("GET", JOBS, {"Content-Length": "+5"}, 400),
+    ("GET", JOBS, {"Transfer-Encoding": "chunked"}, 411),
+])
+def test_handed_over_requests_get_klippys_answer(klippy, method, path,
+                                                 headers, status):
+    r = httpc.request(klippy.base_url(), method, path, headers=headers)
+    assert r.status == status, r
+    if method != "HEAD":
+        assert r.json()["status"] == status
+
+
+def test_each_client_sees_the_address_it_reached(klippy):
+    base = klippy.base_url()
+    front_pid(klippy)
+    assert printer(base)["ip_address"] == "127.0.0.1"
+    for host, ip in (("10.1.2.3:8080", "10.1.2.3"), ("[::1]:80", "::1"),
+                     ("printer.local", "127.0.0.1")):
+        r = httpc.request(base, "GET", "/cluster-api/v1/printers",
+                          headers={"Host": host})
+        assert r.json()[0]["ip_address"] == ip, host
+
+
+def test_a_change_is_in_the_next_poll(klippy_factory):
+    # Cura believes /print_jobs right after its request: a 200 to a change
+    # is only sent once the front shows it.  (A finished job on the plate:
+    # nothing starts by itself.)
+    k = klippy_factory(start=False)
+    seeded = k.write_queue(3)
+    k.start()
+    k.wait_ready()
+    base = k.base_url()
+    front_pid(k)
+    for i in range(6):
+        r = upload(base, "part%d.gcode" % (i,), gcode_samples.cura_gcode())
+        assert r.status == 200, r
+        assert r.json()["uuid"] in [j["uuid"] for j in jobs(base)], i
+    listed = [j["uuid"] for j in jobs(base) if j["status"] == "queued"]
+    assert len(listed) == 9 and listed[:3] == seeded
+    r = httpc.request(base, "POST", JOBS + "/%s/action/move" % (listed[-1],),
+                      json_body={"to_position": 0, "list": "queued"})
+    assert r.status == 200, r
+    assert jobs(base)[1]["uuid"] == listed[-1]
+    for uuid in listed:
+        r = httpc.request(base, "DELETE", JOBS + "/" + uuid)
+        assert r.status == 200, r
+        assert uuid not in [j["uuid"] for j in jobs(base)]
+    r = httpc.request(base, "POST", "/cluster-api/v1/printers/%s/action/"
+                      "plate_cleared" % (printer(base)["uuid"],))
+    assert r.status == 200, r
+    assert jobs(base) == [] and printer(base)["plate_clear"] is True
+
+
+def test_restart_ends_the_child_and_starts_a_new_one(klippy_factory):
+    port = free_port()
+    k = klippy_factory(module_options={"port": port})
+    base = "http://127.0.0.1:%d" % (port,)
+    for firmware in (False, True):
+        old = front_pid(k)
+        conn = httpc.connect(base)
+        assert httpc.request(conn, "GET", JOBS).status == 200
+        assert holder(conn, [old, k.pid]) == old
+        k.restart(firmware=firmware)
+        assert not alive(old)
+        new = front_pid(k)
+        assert new != old
+        with pytest.raises((ConnectionError, OSError,
+                            __import__("http.client").client.HTTPException)):
+            r = httpc.request(conn, "GET", JOBS)
+            raise AssertionError("old connection answered: %r" % (r,))
+        conn.close()
+        assert printer(base)["status"] == "idle"
+
+
+def test_no_child_outlives_a_killed_klippy(klippy_factory):
+    port = free_port()
+    k = klippy_factory(module_options={"port": port})
+    front = front_pid(k)
+    k.kill9()
+    wait_for(lambda: not alive(front), 10., "the front process to end")
+    wait_for(lambda: port_free(port), 10., "the port to be free")
+
+
+def test_a_dead_child_leaves_klippy_serving(klippy):
+    base = klippy.base_url()
+    front = front_pid(klippy)
+    os.kill(front, signal.SIGKILL)
+    wait_for(lambda: not alive(front), 10., "the front process to end")
+    wait_for(lambda: "answering in Klippy's process" in klippy.log_text(),
+             10., "the log line")
+    deadline = time.monotonic() + 10.
+    while True:
+        try:
+            assert printer(base)["status"] == "idle"
+            break
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+    assert klippy.query("webhooks")["webhooks"]["state"] == "ready"
+
+
+def test_in_process_serving_still_works(klippy_factory):
+    k = klippy_factory(module_options={"front_process": "False"})
+    base = k.base_url()
+    assert children(k.pid) == []
+    assert printer(base)["status"] == "idle"
+    r = upload(base, "part.gcode", gcode_samples.cura_gcode())
+    assert r.status == 200, r
+    wait_for(lambda: jobs(base) and jobs(base)[0]["status"] in (
+        "printing", "wait_cleanup"), 20., "the job to start")
