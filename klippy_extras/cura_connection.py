@@ -3023,25 +3023,28 @@ class CuraApi:
 
     def post_print_job(self, req):
         req.require_control()
-        length = req.content_length(required=True)
-        boundary = req.multipart_boundary()
-        # Queue room and disk space are taken before the body is read
-        upload = self.intake.begin(length, lambda: len(self.store.queue),
-                                   self.conn.max_queue)
-        try:
-            req.send_continue()
-            filename, meta = self.intake.receive(upload, req.readinto_body,
-                                                 boundary)
-            owner = upload.fields.get("owner", b"").decode("utf-8",
-                                                           "replace")
-            job = Job(name=os.path.splitext(filename)[0], filename=filename,
-                      owner=owner.strip()[:100] or "Cura",
-                      time_estimate=meta["time_estimate"],
-                      time_total=meta["time_estimate"],
-                      preview=meta["preview"])
-            self.store.add(job)
-        finally:
-            self.intake.end(upload)
+        return 200, receive_upload(
+            req, self.intake, lambda: len(self.store.queue),
+            self.conn.max_queue, lambda filename, owner, meta:
+            self.add_upload(filename, owner, meta, req.client_address[0]))
+
+    def add_upload(self, filename, owner, meta, address):
+        """A received print file (its G-code in place) becomes a queued
+        job, saved before the reply: {uuid, name, filename, status}.
+        Conflict when the queue is full, StorageError when the queue
+        cannot be saved; either way the file is removed."""
+        job = Job(name=os.path.splitext(filename)[0], filename=filename,
+                  owner=owner, time_estimate=meta["time_estimate"],
+                  time_total=meta["time_estimate"], preview=meta["preview"])
+        with self.store.lock:
+            # (the front process counts the queue it was last shown)
+            full = len(self.store.queue) >= self.conn.max_queue
+            if not full:
+                self.store.add(job)
+        if full:
+            self.intake.remove(filename, meta["preview"])
+            raise Conflict("The print queue is full (max_queue: %d)"
+                           % (self.conn.max_queue,))
         try:
             self.store.save()
         except OSError as e:
@@ -3056,9 +3059,9 @@ class CuraApi:
                 self.intake.remove(filename, meta["preview"])
                 raise storage_error(e, self.store.path)
         logging.info("cura_connection: received %s from %s (%s)",
-                     filename, job.owner, req.client_address[0])
-        return 200, {"uuid": job.uuid, "name": job.name,
-                     "filename": filename, "status": job.status}
+                     filename, job.owner, address)
+        return {"uuid": job.uuid, "name": job.name, "filename": filename,
+                "status": job.status}
 
     def put_action(self, req, job_uuid):
         req.require_control()
@@ -3186,6 +3189,23 @@ class CuraApi:
             raise HTTPError(404, "No definition file %s" % (fname,))
         return 200, Payload(data, "application/json", [
             ("Content-Disposition", 'attachment; filename="%s"' % (fname,))])
+
+
+def receive_upload(req, intake, queued, max_queue, add):
+    """Not the reactor: admit the upload in req (queue room and disk space
+    are taken before the body is read: see FileIntake.begin), receive it,
+    and return add(filename, owner, meta), the reply.  What begin()
+    reserved is held until add() has made the job."""
+    length = req.content_length(required=True)
+    boundary = req.multipart_boundary()
+    upload = intake.begin(length, queued, max_queue)
+    try:
+        req.send_continue()
+        filename, meta = intake.receive(upload, req.readinto_body, boundary)
+        owner = upload.fields.get("owner", b"").decode("utf-8", "replace")
+        return add(filename, owner.strip()[:100] or "Cura", meta)
+    finally:
+        intake.end(upload)
 
 
 class SmallParts(MultipartReader):
@@ -3750,16 +3770,22 @@ class CuraHTTPServer6(CuraHTTPServer):
 # so a flood of polls there makes its timers late.  By default a child
 # process (this file, run by Klippy's Python) owns the listening socket.
 # It answers the polls of the printer and of the job lists from replies
-# Klippy's side keeps published in it, and hands every other connection
-# (uploads, actions, pairing, signed reads, the camera, pages) to the
-# server in Klippy's process, whole and unread, with its socket.  The two
-# are joined by two socket pairs: "control" carries published replies one
-# way and acknowledgements and log lines the other; "handover" carries
-# connections (SCM_RIGHTS).
+# Klippy's side keeps published in it, and receives uploads (without
+# require_pairing) into the G-code folder, asking Klippy's side only to
+# queue the finished file.  Every other connection (actions, pairing,
+# signed reads, the camera, pages) it hands to the server in Klippy's
+# process, whole and unread, with its socket.  The two are joined by two
+# socket pairs: "control" carries published replies and answers one way,
+# acknowledgements, requests (add_upload) and log lines the other;
+# "handover" carries connections (SCM_RIGHTS).
 
 FRONT_ROUTES = {"/cluster-api/v1/printers": "printers",
                 "/cluster-api/v1/print_jobs": "print_jobs",
                 "/cluster-api/v1/print_jobs/history": "history"}
+UPLOAD_LINE = re.compile(r"POST /cluster-api/v1/print_jobs/?(\?[!-~]*)? "
+                         r"HTTP/1\.[01]\r?\n")
+# How long the front waits for Klippy's side to queue an upload (s)
+FRONT_CALL_LIMIT = 30.
 # A request head not complete in this many bytes, or not within
 # HEAD_WAIT of its first byte, goes to Klippy's side, which answers it.
 MAX_HEAD = 16384
@@ -3903,7 +3929,8 @@ class FrontProcess:
     def _changed_replies(self, pause):
         # [(key, bytes)] that differ from what the child has
         api, store = self.api, self.api.store
-        out = [("printers", api.printers_reply(MarkRequest))]
+        out = [("printers", api.printers_reply(MarkRequest)),
+               ("queued", b"%d" % (len(store.queue),))]
         cur = store.current
         version = (store.version, cur and JOB_REPLY_KEY(cur),
                    json.dumps(api.printer_configuration(None)))
@@ -3934,6 +3961,9 @@ class FrontProcess:
                 elif key == "log":
                     logging.info("cura_connection: front process: %s",
                                  payload.decode("utf-8", "replace"))
+                elif key == "call":
+                    threading.Thread(target=self._answer, args=(payload,),
+                                     daemon=True).start()
         with self.cond:
             lost = not self.closing
             self.closing = True
@@ -3946,6 +3976,28 @@ class FrontProcess:
             logging.error("cura_connection: the front process ended (%s); "
                           "answering in Klippy's process", rc)
             self.on_lost()
+
+    # A thread per call of the child (an upload to queue)
+    def _answer(self, payload):
+        call = json.loads(payload.decode())
+        try:
+            if call["op"] != "add_upload":
+                raise BadInput("Unknown call %s" % (call["op"],))
+            reply = {"status": 200, "body": self.api.add_upload(
+                **call["args"])}
+        except CuraError as e:
+            reply = {"status": error_status(e), "message": e.message}
+        except Exception:
+            logging.exception("cura_connection: front process call")
+            reply = {"status": 500, "message": "Internal error; see "
+                     "klippy.log"}
+        self.sync()     # the next poll lists the new job
+        reply["id"] = call["id"]
+        try:
+            with self.send_lock:
+                send_frame(self.ctl, "answer", json.dumps(reply).encode())
+        except OSError:
+            pass
 
     # Handover thread: connections the child passes on, unread
     def _take_connections(self):
@@ -4081,24 +4133,77 @@ class FrontRequest:
         return cls(route, m.group(2) == "1", headers)
 
 
+class FrontUploads:
+    """The child's own handler: uploads, received here and queued by
+    Klippy's side (add_upload).  It stands where CuraApi stands for
+    CuraRequestHandler, for this one route."""
+    def __init__(self, front, settings):
+        self.front = front
+        self.conn = self    # what require_control() reads
+        self.allow_control = settings["allow_control"]
+        self.require_pairing = False     # (else uploads are handed over)
+        self.max_queue = settings["max_queue"]
+        self.intake = FileIntake(settings["gcodes"], settings["max_upload"])
+
+    def route(self, method, path):
+        return self.post_print_job, ()
+
+    def post_print_job(self, req):
+        req.require_control()
+        return 200, receive_upload(
+            req, self.intake, lambda: self.front.queued, self.max_queue,
+            lambda filename, owner, meta: self.front.call(
+                "add_upload", filename=filename, owner=owner, meta={
+                    k: v for k, v in meta.items()
+                    if not isinstance(v, (bytes, bytearray))},
+                address=req.client_address[0]))
+
+
+class FrontUploadHandler(CuraRequestHandler):
+    """One upload on a connection, answered with Connection: close (the
+    front goes on reading a connection only from the socket itself)."""
+    def handle(self):
+        self.handle_one_request()
+
+    def send_json(self, status, body, close=False, headers=()):
+        CuraRequestHandler.send_json(self, status, body, True, headers)
+
+
+class NoGate:
+    """ServeGate's place in the front process: no reactor to give way to."""
+    def enter(self):
+        return False
+
+    def breathe(self):
+        pass
+
+
 class FrontServer:
     """The child process's server: a thread per connection answers
-    FrontRequests from the published replies, and hands a connection
-    over to Klippy's side at its first request of any other kind."""
+    FrontRequests from the published replies, receives uploads, and hands
+    a connection over to Klippy's side at its first request of any other
+    kind.  It also stands for CuraHTTPServer to FrontUploadHandler."""
     version_string = "%s %s" % (CuraRequestHandler.server_version,
                                 CuraRequestHandler.sys_version)
+    closing = False
+    front = None
+    gate = NoGate()
 
     def __init__(self, listen, ctl, hand):
         self.listen = listen
         self.ctl = ctl
         self.hand = hand
         self.send_lock = threading.Lock()
-        self.settings = None
+        self.settings = self.api = None
         self.ready = threading.Event()
         self.replies = {}          # route -> [bytes] (printers: 2 parts)
+        self.queued = 0            # jobs in the queue, as last published
+        self.calls = {}            # id -> [Event, answer]
+        self.call_ids = iter(range(1, 1 << 62))
         self.connections = 0
         self.count_lock = threading.Lock()
         self.date = (None, b"")
+        self.date_cache = (None, "")
         logging.getLogger().addHandler(FrontLog(self))
         logging.getLogger().setLevel(logging.INFO)
 
@@ -4106,7 +4211,7 @@ class FrontServer:
         with self.send_lock:
             send_frame(self.ctl, key, payload)
 
-    # Control: published replies in, acknowledgements out
+    # Control: published replies and answers in, acknowledgements out
     def read_control(self):
         staged = {}
         with self.ctl.makefile("rb") as f:
@@ -4116,6 +4221,12 @@ class FrontServer:
                 elif key == "commit":
                     self._commit(staged)
                     self.send("ack", payload.split()[1])
+                elif key == "answer":
+                    answer = json.loads(payload.decode())
+                    waiting = self.calls.get(answer["id"])
+                    if waiting is not None:
+                        waiting[1] = answer
+                        waiting[0].set()
                 else:
                     staged[key] = payload
         os._exit(0)     # Klippy's side closed it (or is gone)
@@ -4124,6 +4235,9 @@ class FrontServer:
         settings["trusted"] = parse_trusted_clients(
             ", ".join(settings["trusted"]))
         self.settings = settings
+        self.trusted_clients = settings["trusted"]
+        self.request_timeout = settings["request_timeout"]
+        self.api = FrontUploads(self, settings)
 
     def _commit(self, staged):
         replies = {"printers": staged["printers"].split(
@@ -4131,8 +4245,34 @@ class FrontServer:
         for name in ("print_jobs", "history"):
             n = int(staged["%s#" % (name,)])
             replies[name] = [staged["%s:%d" % (name, i)] for i in range(n)]
+        self.queued = int(staged["queued"])
         self.replies = replies      # swapped whole: readers see one state
         self.ready.set()
+
+    def call(self, op, **args):
+        """Ask Klippy's side to do op(**args); its reply body, or
+        HTTPError with its status and message."""
+        call_id = next(self.call_ids)
+        waiting = self.calls[call_id] = [threading.Event(), None]
+        try:
+            self.send("call", json.dumps({"id": call_id, "op": op,
+                                          "args": args}).encode())
+            if not waiting[0].wait(FRONT_CALL_LIMIT):
+                raise HTTPError(503, "Klipper did not queue the upload "
+                                "within %.0f s" % (FRONT_CALL_LIMIT,))
+        finally:
+            del self.calls[call_id]
+        answer = waiting[1]
+        if answer["status"] != 200:
+            raise HTTPError(answer["status"], answer["message"])
+        return answer["body"]
+
+    # What CuraRequestHandler asks of its server
+    def is_trusted(self, ip):
+        return is_trusted(ip, self.trusted_clients)
+
+    def track(self, sock, add):
+        pass
 
     # Connections
     def serve(self):
@@ -4182,6 +4322,10 @@ class FrontServer:
             except OSError:     # timed out or reset: as Klippy's side does
                 return
             if not head:
+                return
+            if settings["uploads"] and UPLOAD_LINE.match(
+                    head.decode("latin-1")):
+                FrontUploadHandler(sock, addr, self)
                 return
             req = FrontRequest.parse(head)
             if req is None or not self.replies or (
@@ -4486,8 +4630,13 @@ class CuraConnection:
                 self.server.front = FrontProcess(self.server, self.api, {
                     "trusted": [str(n) for n in trusted],
                     "request_timeout": request_timeout,
-                    "require_pairing": self.require_pairing},
-                    self._front_lost)
+                    "require_pairing": self.require_pairing,
+                    # uploads of a paired Cura are checked in Klippy
+                    "uploads": not self.require_pairing,
+                    "allow_control": self.allow_control,
+                    "gcodes": self.intake.gcodes,
+                    "max_upload": self.intake.max_upload_size,
+                    "max_queue": self.max_queue}, self._front_lost)
             except OSError as e:
                 logging.error("cura_connection: cannot start the front "
                               "process (%s): answering in Klippy's process",

@@ -193,3 +193,62 @@ def test_in_process_serving_still_works(klippy_factory):
     assert r.status == 200, r
     wait_for(lambda: jobs(base) and jobs(base)[0]["status"] in (
         "printing", "wait_cleanup"), 20., "the job to start")
+
+
+def slow_upload(base, data, filename="slow.gcode"):
+    """An upload whose last bytes wait: (connection, send the rest)."""
+    body, headers = httpc.multipart({"owner": "slow"},
+                                    {"file": (filename, data)})
+    conn = httpc.connect(base)
+    conn.putrequest("POST", JOBS + "/")
+    for name, value in headers.items():
+        conn.putheader(name, value)
+    conn.endheaders()
+    conn.send(body[:-100])
+    return conn, lambda: conn.send(body[-100:])
+
+
+def test_uploads_are_received_by_the_child(klippy):
+    base = klippy.base_url()
+    front = front_pid(klippy)
+    conn, rest = slow_upload(base, gcode_samples.cura_gcode())
+    wait_for(lambda: holder(conn, [front, klippy.pid]) == front, 5.,
+             "the child to hold the upload")
+    rest()
+    r = conn.getresponse()
+    body = r.read()
+    assert r.status == 200, body
+    # the front goes on reading a connection only from its socket
+    assert r.getheader("Connection") == "close"
+    conn.close()
+    assert [j["name"] for j in jobs(base)] == ["slow"]
+    assert "received slow.gcode from slow" in klippy.log_text()
+
+
+def test_paired_uploads_are_checked_in_klippy(klippy_factory):
+    k = klippy_factory(module_options={"require_pairing": "True"})
+    base = k.base_url()
+    front = front_pid(k)
+    conn, rest = slow_upload(base, gcode_samples.cura_gcode())
+    wait_for(lambda: holder(conn, [front, k.pid]) == k.pid, 5.,
+             "Klippy to hold the upload")
+    rest()
+    r = conn.getresponse()
+    assert r.status == 403, r.read()     # no credentials
+    conn.close()
+
+
+def test_a_full_queue_refuses_the_childs_upload(klippy_factory):
+    # the child counts the queue it was last shown; Klippy's side decides
+    k = klippy_factory(start=False, module_options={"max_queue": 3})
+    k.write_queue(2)
+    k.start()
+    k.wait_ready()
+    base = k.base_url()
+    front_pid(k)
+    replies = [upload(base, "p%d.gcode" % (i,), gcode_samples.cura_gcode())
+               for i in range(3)]
+    assert [r.status for r in replies] == [200, 409, 409], replies
+    assert len(jobs(base)) == 4      # the finished one and three queued
+    names = sorted(n for n in os.listdir(k.gcodes_dir) if n.startswith("p"))
+    assert names == ["p0.gcode"]
