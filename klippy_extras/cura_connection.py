@@ -4,11 +4,12 @@
 #
 # Cura's bundled "UM3NetworkPrinting" plugin finds printers through zeroconf
 # (_ultimaker._tcp) and talks to them with a small HTTP "cluster API".  This
-# module answers that API from inside Klippy: a threaded HTTP server reads
-# status snapshots published by the reactor, stores uploads in the
-# virtual_sdcard directory, keeps a persistent print queue and sends its
-# commands (SDCARD_PRINT_FILE, PAUSE, RESUME, CANCEL_PRINT) back through the
-# reactor.  HTTP threads never touch printer objects.
+# module answers that API for Klippy: a threaded HTTP server reads status
+# snapshots published by the reactor, stores uploads in the virtual_sdcard
+# directory, keeps a persistent print queue and sends its commands
+# (SDCARD_PRINT_FILE, PAUSE, RESUME, CANCEL_PRINT) back through the
+# reactor.  HTTP threads never touch printer objects.  A child process
+# (the "front") takes the polls and the uploads off Klippy's process.
 import collections
 import email.utils
 import errno
@@ -482,6 +483,7 @@ class SavedState:
         self.lock = lock or threading.Lock()
         self.save_lock = threading.Lock()
         self.dirty = False
+        self.version = 0         # counts changes (the front publishes them)
         self.on_change = None    # the writer's wake-up, set when it starts
         self.kept_aside = False
 
@@ -526,6 +528,7 @@ class SavedState:
     def changed(self):
         """Caller holds self.lock: the writer thread saves soon."""
         self.dirty = True
+        self.version += 1
         if self.on_change is not None:
             self.on_change()
 
@@ -557,7 +560,6 @@ class JobStore(SavedState):
         self.history = []
         self.plate_clear = True
         self.status_cache = {}
-        self.version = 0
         self._load()
 
     def _load(self):
@@ -615,7 +617,6 @@ class JobStore(SavedState):
             "plate_clear": self.plate_clear}
 
     def _changed(self):
-        self.version += 1     # what the published job lists are made of
         self._update_status_cache()
         self.changed()
 
@@ -3786,14 +3787,18 @@ UPLOAD_LINE = re.compile(r"POST /cluster-api/v1/print_jobs/?(\?[!-~]*)? "
                          r"HTTP/1\.[01]\r?\n")
 # How long the front waits for Klippy's side to queue an upload (s)
 FRONT_CALL_LIMIT = 30.
+# How long a G-code command waits for the front to show its change (s)
+FRONT_SHOW_LIMIT = 0.5
 # A request head not complete in this many bytes, or not within
 # HEAD_WAIT of its first byte, goes to Klippy's side, which answers it.
 MAX_HEAD = 16384
 HEAD_WAIT = 0.1
 # Frames on the control pair: payload length, key length, key, payload
 FRAME = struct.Struct(">IH")
-# How often the publisher looks for a new snapshot or job change (s)
-PUBLISH_CHECK = 0.05
+# How often the publisher looks for a new snapshot or a change of jobs or
+# loaded materials (s); a change a request made is published before its
+# reply
+PUBLISH_CHECK = 0.02
 # The printer's address as each client reached it is put into the
 # published /printers reply by the front, in place of this mark.
 IP_MARK = "\x00reachable_ip\x00"
@@ -3880,28 +3885,39 @@ class FrontProcess:
                      self.proc.pid)
 
     # Any thread
+    def ask(self):
+        """Ask for a publication of the state as it is now; returns the
+        number to pass to shown()."""
+        with self.cond:
+            self.asked += 1
+            self.wake_event.set()
+            return self.asked
+
+    def shown(self, asked):
+        """True once the child has publication asked (or is gone)."""
+        return self.acked >= asked or self.closing
+
     def sync(self, timeout=2.):
         """Not the reactor: return once the child has what the state is
         now, so a poll after this reply shows the change it made."""
+        mine = self.ask()
         with self.cond:
-            self.asked += 1
-            mine = self.asked
-            self.wake_event.set()
-            self.cond.wait_for(lambda: self.acked >= mine or self.closing,
-                               timeout)
+            self.cond.wait_for(lambda: self.shown(mine), timeout)
 
     # Publisher thread
     def _publish_loop(self):
-        # Looks for a change every PUBLISH_CHECK (two attribute reads):
+        # Looks for a change every PUBLISH_CHECK (a few attribute reads):
         # the reactor does nothing for the front process
         gen, seen = 0, None
-        store, bridge = self.api.store, self.api.bridge
+        bridge = self.api.bridge
+        states = (self.api.store, self.api.conn.loaded)
         while not self.closing:
             self.wake_event.wait(PUBLISH_CHECK)
             self.wake_event.clear()
             with self.cond:
                 asked = self.asked
-            now = (bridge.snapshot["seq"], store.version, asked)
+            now = (bridge.snapshot["seq"], asked) + tuple(
+                state.version for state in states)
             if now == seen:
                 continue
             seen = now
@@ -4695,6 +4711,19 @@ class CuraConnection:
     def _handle_disconnect(self):
         self.close()
 
+    def _shown(self):
+        # G-code command (reactor, which may pause here): return once the
+        # front process shows what the command changed, so a poll after
+        # the console's "ok" sees it (at most FRONT_SHOW_LIMIT)
+        front = self.server.front
+        if front is None:
+            return
+        asked = front.ask()
+        reactor = self.bridge.reactor
+        deadline = reactor.monotonic() + FRONT_SHOW_LIMIT
+        while not front.shown(asked) and reactor.monotonic() < deadline:
+            reactor.pause(reactor.monotonic() + 0.002)
+
     def console(self, msg):
         # From any thread: a line in the Klipper console (Mainsail, Fluidd)
         def show(eventtime):
@@ -4726,6 +4755,7 @@ class CuraConnection:
             self.lifecycle.plate_cleared()
         except CuraError as e:
             raise gcmd.error(e.message)
+        self._shown()
         n = len(self.store.queue)
         gcmd.respond_info("Build plate marked clear; %d job(s) queued" % n)
 
@@ -4825,6 +4855,7 @@ class CuraConnection:
             raise gcmd.error(str(e))
         except CuraError as e:
             raise gcmd.error(e.message)
+        self._shown()
         gcmd.respond_info("%s: material set for Cura" % (name,))
 
     def get_status(self, eventtime):
