@@ -1130,9 +1130,19 @@ def safe_base_name(filename, default="print"):
     return name or default
 
 
+def process_running(pid):
+    # (a zombie has ended: its parent just has not collected it yet)
+    try:
+        with open("/proc/%d/stat" % (pid,)) as f:
+            return f.read().rsplit(") ", 1)[1][:1] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
 def remove_stale_temp_files(dirname):
     # Partial files of this process (a RESTART ended them) or of one that
-    # is gone; another Klippy sharing the folder keeps its own.
+    # is gone (an earlier front process too); another Klippy sharing the
+    # folder keeps its own.
     try:
         names = os.listdir(dirname)
     except OSError:
@@ -1140,7 +1150,7 @@ def remove_stale_temp_files(dirname):
     for name in names:
         m = re.match(r"\.cura-(?:upload|tmp)-(\d+)-", name)
         if m is None or (int(m.group(1)) != os.getpid()
-                         and os.path.exists("/proc/" + m.group(1))):
+                         and process_running(int(m.group(1)))):
             continue
         try:
             os.unlink(os.path.join(dirname, name))
@@ -3862,8 +3872,8 @@ class FrontProcess:
         fds = (listen_fd, child_ctl.fileno(), child_hand.fileno())
         try:
             self.proc = subprocess.Popen(
-                [sys.executable, "-c", FRONT_BOOT, os.path.abspath(__file__)]
-                + [str(fd) for fd in fds], pass_fds=fds,
+                [sys.executable, "-c", FRONT_BOOT, os.path.abspath(__file__),
+                 str(os.getpid())] + [str(fd) for fd in fds], pass_fds=fds,
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
         finally:
             child_ctl.close()
@@ -4070,7 +4080,7 @@ module.front_main(*[int(a) for a in sys.argv[2:]])
 """
 
 
-def front_main(listen_fd, ctl_fd, hand_fd):
+def front_main(klippy_pid, listen_fd, ctl_fd, hand_fd):
     """The child process: serve until Klippy's side closes the control
     pair (or dies: the kernel then ends this process too)."""
     try:
@@ -4080,6 +4090,8 @@ def front_main(listen_fd, ctl_fd, hand_fd):
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)
     except (OSError, AttributeError):
         pass
+    if os.getppid() != klippy_pid:
+        os._exit(0)
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C is Klippy's
     ctl = socket.socket(fileno=ctl_fd)
     front = FrontServer(socket.socket(fileno=listen_fd), ctl,
@@ -4229,6 +4241,14 @@ class FrontServer:
 
     # Control: published replies and answers in, acknowledgements out
     def read_control(self):
+        try:
+            self._read_control()
+        except Exception:
+            logging.exception("control pair")
+        finally:
+            os._exit(0)     # Klippy's side closed it (or is gone)
+
+    def _read_control(self):
         staged = {}
         with self.ctl.makefile("rb") as f:
             for key, payload in read_frames(f):
@@ -4245,7 +4265,6 @@ class FrontServer:
                         waiting[0].set()
                 else:
                     staged[key] = payload
-        os._exit(0)     # Klippy's side closed it (or is gone)
 
     def _settle(self, settings):
         settings["trusted"] = parse_trusted_clients(
