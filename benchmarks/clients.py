@@ -212,9 +212,10 @@ def poller_main(argv):
 
 class Pollers:
     """N pollers as threads spread over child processes of at most
-    per_proc threads each (so the client's own GIL adds little latency);
-    .result() waits and merges."""
-    def __init__(self, port, n, duration, interval, paths, per_proc=5):
+    per_proc threads each (so the client's own GIL adds little latency),
+    at the given nice value; .result() waits and merges."""
+    def __init__(self, port, n, duration, interval, paths, per_proc=5,
+                 nice=0):
         self.duration = duration
         self.procs = []
         left = n
@@ -222,6 +223,7 @@ class Pollers:
             k = min(per_proc, left)
             left -= k
             self.procs.append(subprocess.Popen(
+                ["nice", "-n", str(nice)] +
                 [sys.executable, os.path.abspath(__file__), "poll",
                  str(port), str(k), str(duration), str(interval)]
                 + list(paths), stdout=subprocess.PIPE))

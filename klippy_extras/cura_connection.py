@@ -3799,6 +3799,8 @@ UPLOAD_LINE = re.compile(r"POST /cluster-api/v1/print_jobs/?(\?[!-~]*)? "
 FRONT_CALL_LIMIT = 30.
 # How long a G-code command waits for the front to show its change (s)
 FRONT_SHOW_LIMIT = 0.5
+# The front's priority below Klippy's (nice value added)
+FRONT_NICE = 5
 # A request head not complete in this many bytes, or not within
 # HEAD_WAIT of its first byte, goes to Klippy's side, which answers it.
 MAX_HEAD = 16384
@@ -4093,6 +4095,10 @@ def front_main(klippy_pid, listen_fd, ctl_fd, hand_fd):
     if os.getppid() != klippy_pid:
         os._exit(0)
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C is Klippy's
+    try:
+        os.nice(FRONT_NICE)     # on a busy core the printer goes first
+    except OSError:
+        pass
     ctl = socket.socket(fileno=ctl_fd)
     front = FrontServer(socket.socket(fileno=listen_fd), ctl,
                         socket.socket(fileno=hand_fd))
