@@ -3799,8 +3799,9 @@ UPLOAD_LINE = re.compile(r"POST /cluster-api/v1/print_jobs/?(\?[!-~]*)? "
 FRONT_CALL_LIMIT = 30.
 # How long a G-code command waits for the front to show its change (s)
 FRONT_SHOW_LIMIT = 0.5
-# The front's priority below Klippy's (nice value added)
-FRONT_NICE = 5
+# The front's priority below Klippy's (nice value added): on a saturated
+# core the printer goes first, and the front still gets about a tenth
+FRONT_NICE = 10
 # A request head not complete in this many bytes, or not within
 # HEAD_WAIT of its first byte, goes to Klippy's side, which answers it.
 MAX_HEAD = 16384

@@ -759,3 +759,81 @@ def test_material_profile_names_like_cura():
                                (b"Black", b"<label>Pro PLA</label>",
                                 "Pro PLA")):
         assert cc.MaterialStore.parse(xml % (color, label))["name"] == name
+
+
+# The front process: which request heads it answers itself
+
+@pytest.mark.parametrize("head,route", [
+    (b"GET /cluster-api/v1/printers HTTP/1.1\r\nHost: x\r\n\r\n", "printers"),
+    (b"GET /cluster-api/v1/print_jobs/ HTTP/1.1\r\n\r\n", "print_jobs"),
+    (b"GET /cluster-api/v1/print_jobs?a=1 HTTP/1.0\n\n", "print_jobs"),
+    (b"GET /cluster-api/v1/print_jobs/history HTTP/1.1\r\n"
+     b"Content-Length: 0\r\n\r\n", "history"),
+    # everything else is Klippy's side's to answer
+    (b"HEAD /cluster-api/v1/printers HTTP/1.1\r\n\r\n", None),
+    (b"GET /cluster-api/v1/printers HTTP/1.1\r\nHost: x\r\n", None),
+    (b"GET /cluster-api/v1/printers HTTP/2.0\r\n\r\n", None),
+    (b"GET /cluster-api/v1/printers\r\n\r\n", None),
+    (b"GET /api/v1/system HTTP/1.1\r\n\r\n", None),
+    (b"GET //cluster-api/v1/printers HTTP/1.1\r\n\r\n", None),
+    (b"GET /cluster-api/v1/printers HTTP/1.1\r\nContent-Length: 5\r\n\r\n",
+     None),
+    (b"GET /cluster-api/v1/printers HTTP/1.1\r\nContent-Length: 0\r\n"
+     b"Transfer-Encoding: chunked\r\n\r\n", None),
+    (b"GET /cluster-api/v1/printers HTTP/1.1\r\nExpect: 100-continue"
+     b"\r\n\r\n", None),
+    (b"GET /cluster-api/v1/printers HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+     None),
+    (b"GET /cluster-api/v1/printers HTTP/1.1\r\n folded\r\n\r\n", None),
+    (b"GET /cluster-api/v1/printers HTTP/1.1\r\nBad Header: x\r\n\r\n", None),
+    (b"GET /cluster-api/v1/printers HTTP/1.1\r\nX: \xff\r\n\r\n", None),
+])
+def test_front_answers_only_plain_polls(head, route):
+    req = cc.FrontRequest.parse(head)
+    assert (req and req.route) == route
+
+
+@pytest.mark.parametrize("head,close", [
+    (b"GET /cluster-api/v1/printers HTTP/1.1\r\n\r\n", False),
+    (b"GET /cluster-api/v1/printers HTTP/1.1\r\nConnection: close\r\n\r\n",
+     True),
+    (b"GET /cluster-api/v1/printers HTTP/1.0\r\n\r\n", True),
+    (b"GET /cluster-api/v1/printers HTTP/1.0\r\nConnection: Keep-Alive"
+     b"\r\n\r\n", False),
+])
+def test_front_keeps_connections_as_http_server_does(head, close):
+    assert cc.FrontRequest.parse(head).close is close
+
+
+@pytest.mark.parametrize("line,upload", [
+    ("POST /cluster-api/v1/print_jobs/ HTTP/1.1\r\n", True),
+    ("POST /cluster-api/v1/print_jobs HTTP/1.0\n", True),
+    ("POST /cluster-api/v1/print_jobs/x HTTP/1.1\r\n", False),
+    ("PUT /cluster-api/v1/print_jobs/ HTTP/1.1\r\n", False),
+    ("POST /cluster-api/v1/materials HTTP/1.1\r\n", False),
+])
+def test_front_receives_only_uploads(line, upload):
+    assert bool(cc.UPLOAD_LINE.match(line + "Host: x\r\n\r\n")) is upload
+
+
+def test_control_frames_round_trip_and_stop_at_a_cut():
+    import socket
+    a, b = socket.socketpair()
+    sent = [("printers", b"[1]"), ("commit", b"1 0"), ("empty", b""),
+            ("big", b"x" * 300000)]
+    writer = threading.Thread(target=lambda: [cc.send_frame(a, k, v)
+                                              for k, v in sent])
+    writer.start()
+    with b.makefile("rb") as f:
+        got = [next(iter_) for iter_ in [cc.read_frames(f)] * len(sent)]
+    writer.join()
+    assert got == sent
+    # a frame cut short (the other process died) ends the stream
+    cc.send_frame(a, "half", b"y" * 10)
+    a.close()
+    c, d = socket.socketpair()
+    c.sendall(cc.FRAME.pack(100, 4) + b"half" + b"z" * 10)
+    c.close()
+    with d.makefile("rb") as f:
+        assert list(cc.read_frames(f)) == []
+    b.close()
