@@ -25,6 +25,7 @@ import logging
 import operator
 import os
 import re
+import select
 import shlex
 import shutil
 import signal
@@ -3825,22 +3826,41 @@ def send_frame(sock, key, payload=b""):
         sock.sendall(payload)
 
 
-def read_frames(f):
-    """Yields (key, payload) read from a control pair's file until EOF
-    (or a reset: the other process ended with frames unread)."""
-    while True:
-        try:
-            head = f.read(FRAME.size)
-            if len(head) < FRAME.size:
+class FrameReader:
+    """Reads frames from a control pair (one thread)."""
+    def __init__(self, sock):
+        self.sock = sock
+        self.buf = bytearray()
+
+    def _fill(self, n):
+        # False at EOF (or a reset: the other process ended with frames
+        # unread) before n bytes are buffered
+        while len(self.buf) < n:
+            try:
+                data = self.sock.recv(max(READ_CHUNK, n - len(self.buf)))
+            except OSError:
+                return False
+            if not data:
+                return False
+            self.buf += data
+        return True
+
+    def frames(self):
+        """Yields (key, payload) until EOF."""
+        while self._fill(FRAME.size):
+            size, key_size = FRAME.unpack_from(self.buf)
+            end = FRAME.size + key_size + size
+            if not self._fill(end):
                 return
-            size, key_size = FRAME.unpack(head)
-            key = f.read(key_size).decode()
-            payload = f.read(size)
-        except OSError:
-            return
-        if len(payload) < size:
-            return
-        yield key, payload
+            key = bytes(self.buf[FRAME.size:FRAME.size + key_size]).decode()
+            payload = bytes(self.buf[FRAME.size + key_size:end])
+            del self.buf[:end]
+            yield key, payload
+
+    def pending(self):
+        """True if more is there to read right now."""
+        return bool(self.buf) or bool(select.select([self.sock], [], [],
+                                                    0)[0])
 
 
 class MarkRequest:
@@ -3981,18 +4001,17 @@ class FrontProcess:
 
     # Control reader thread
     def _read_control(self):
-        with self.ctl.makefile("rb") as f:
-            for key, payload in read_frames(f):
-                if key == "ack":
-                    with self.cond:
-                        self.acked = max(self.acked, int(payload))
-                        self.cond.notify_all()
-                elif key == "log":
-                    logging.info("cura_connection: front process: %s",
-                                 payload.decode("utf-8", "replace"))
-                elif key == "call":
-                    threading.Thread(target=self._answer, args=(payload,),
-                                     daemon=True).start()
+        for key, payload in FrameReader(self.ctl).frames():
+            if key == "ack":
+                with self.cond:
+                    self.acked = max(self.acked, int(payload))
+                    self.cond.notify_all()
+            elif key == "log":
+                logging.info("cura_connection: front process: %s",
+                             payload.decode("utf-8", "replace"))
+            elif key == "call":
+                threading.Thread(target=self._answer, args=(payload,),
+                                 daemon=True).start()
         with self.cond:
             lost = not self.closing
             self.closing = True
@@ -4257,21 +4276,23 @@ class FrontServer:
 
     def _read_control(self):
         staged = {}
-        with self.ctl.makefile("rb") as f:
-            for key, payload in read_frames(f):
-                if key == "settings":
-                    self._settle(json.loads(payload.decode()))
-                elif key == "commit":
-                    self._commit(staged)
-                    self.send("ack", payload.split()[1])
-                elif key == "answer":
-                    answer = json.loads(payload.decode())
-                    waiting = self.calls.get(answer["id"])
-                    if waiting is not None:
-                        waiting[1] = answer
-                        waiting[0].set()
-                else:
-                    staged[key] = payload
+        reader = FrameReader(self.ctl)
+        for key, payload in reader.frames():
+            if key == "settings":
+                self._settle(json.loads(payload.decode()))
+            elif key == "commit":
+                # serving begins once the state is the latest one
+                # (a front that started late has several waiting)
+                self._commit(staged, not reader.pending())
+                self.send("ack", payload.split()[1])
+            elif key == "answer":
+                answer = json.loads(payload.decode())
+                waiting = self.calls.get(answer["id"])
+                if waiting is not None:
+                    waiting[1] = answer
+                    waiting[0].set()
+            else:
+                staged[key] = payload
 
     def _settle(self, settings):
         settings["trusted"] = parse_trusted_clients(
@@ -4281,7 +4302,7 @@ class FrontServer:
         self.request_timeout = settings["request_timeout"]
         self.api = FrontUploads(self, settings)
 
-    def _commit(self, staged):
+    def _commit(self, staged, latest):
         replies = {"printers": staged["printers"].split(
             json.dumps(IP_MARK).encode(), 1)}
         for name in ("print_jobs", "history"):
@@ -4289,7 +4310,8 @@ class FrontServer:
             replies[name] = [staged["%s:%d" % (name, i)] for i in range(n)]
         self.queued = int(staged["queued"])
         self.replies = replies      # swapped whole: readers see one state
-        self.ready.set()
+        if latest:
+            self.ready.set()
 
     def call(self, op, **args):
         """Ask Klippy's side to do op(**args); its reply body, or

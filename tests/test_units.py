@@ -824,16 +824,20 @@ def test_control_frames_round_trip_and_stop_at_a_cut():
     writer = threading.Thread(target=lambda: [cc.send_frame(a, k, v)
                                               for k, v in sent])
     writer.start()
-    with b.makefile("rb") as f:
-        got = [next(iter_) for iter_ in [cc.read_frames(f)] * len(sent)]
+    reader = cc.FrameReader(b)
+    frames = reader.frames()
+    got = [next(frames) for _ in sent]
     writer.join()
     assert got == sent
-    # a frame cut short (the other process died) ends the stream
-    cc.send_frame(a, "half", b"y" * 10)
+    assert not reader.pending()
+    cc.send_frame(a, "more", b"1")
+    assert reader.pending() and next(frames) == ("more", b"1")
     a.close()
+    assert list(frames) == []
+    b.close()
+    # a frame cut short (the other process died) ends the stream
     c, d = socket.socketpair()
     c.sendall(cc.FRAME.pack(100, 4) + b"half" + b"z" * 10)
     c.close()
-    with d.makefile("rb") as f:
-        assert list(cc.read_frames(f)) == []
-    b.close()
+    assert list(cc.FrameReader(d).frames()) == []
+    d.close()
