@@ -662,6 +662,9 @@ class FakeApi:
     def printer_configuration(self, snap):
         return self.config
 
+    def jobs_basis(self):
+        return json.dumps(self.config)
+
     def job_json(self, job, linked):
         d = job.to_dict()
         d["linked"] = linked
