@@ -2094,7 +2094,8 @@ def material_differs(wanted, loaded):
     """Whether a job that wants the material wanted (a job materials
     entry) must wait while loaded (a LoadedMaterials entry or None) is in
     its extruder: only when both are known and they differ.  By GUID when
-    both have one, else by type, then brand and colour where both say."""
+    both have one, else by type, then brand and colour where both say (a
+    Generic profile is any brand's, in any colour)."""
     if not loaded or loaded.get("material") == "empty":
         return False    # nothing known, or nothing to swap: no hold
     if loaded.get("guid") and wanted.get("guid"):
@@ -2104,12 +2105,13 @@ def material_differs(wanted, loaded):
     if loaded["material"].lower() != wanted["material"].lower():
         return True
     brand = loaded.get("brand", "").lower()
-    if brand and wanted.get("brand") and brand != wanted["brand"].lower():
+    want = wanted.get("brand", "").lower()
+    if brand and want not in ("", "generic", brand):
         return True
     color = loaded.get("color", "").lower()
-    names = [wanted[k].lower() for k in ("color", "color_code")
-             if wanted.get(k)]
-    return bool(color and names and color not in names)
+    names = [wanted.get(k, "").lower() for k in ("color", "color_code")]
+    return bool(color and names[0] not in ("", "generic")
+                and color not in names)
 
 
 class LoadedMaterials(SavedState):
@@ -3080,7 +3082,9 @@ class CuraApi:
                  if wanted.get(k)}
         if wanted.get("color_code") or wanted.get("color"):
             entry["color"] = wanted.get("color_code") or wanted["color"]
-        return self.material_json(entry)
+        d = self.material_json(entry)
+        d["name"] = wanted.get("name") or d["name"]
+        return d
 
     def configuration_changes(self, job):
         # Cura's "Configuration change" list for a job that waits for one;
@@ -3092,7 +3096,7 @@ class CuraApi:
             changes.append({
                 "type_of_change": "material_change", "index": index,
                 "target_id": target["guid"], "origin_id": origin["guid"],
-                "target_name": wanted.get("name") or target["name"],
+                "target_name": target["name"],
                 "origin_name": origin["name"]})
         return changes
 

@@ -302,8 +302,21 @@ def test_job_for_another_material_waits_for_override_or_load(
     assert [q["name"] for q in state["queue"]] == ["petg_box"]
     assert state["printers"][0]["state"] == "idle"
     assert linked(base) == ["petg_box"]
+    # the job's configuration is its file's; Cura's models take it
+    raw = httpc.get_json(base, "/cluster-api/v1/print_jobs")[0]
+    assert raw["configuration"] == [{
+        "extruder_index": 0, "print_core_id": "AA 0.4", "material": {
+            "guid": gcode_samples.GENERIC_PETG, "brand": "Generic",
+            "material": "PETG", "color": "#ff5086", "name": "PETG"}}]
     time.sleep(1.)      # held: Klipper is not asked to print it
     assert klippy.query("print_stats")["print_stats"]["state"] == "standby"
+    # macros and the console see it too
+    assert klippy.query("cura_connection")["cura_connection"][
+        "held_job"]["name"] == "petg_box"
+    klippy.api.call("gcode/subscribe_output", {"response_template": {}})
+    klippy.gcode("CURA_QUEUE")
+    assert "petg_box waits for PETG in extruder 0" in "\n".join(
+        str(n.get("params")) for n in klippy.api.notifications)
     # the Override button: Cura's forcePrintJob
     assert api.force(job["key"]) == 200
     wait_started(klippy, "petg_box.gcode")
@@ -359,3 +372,15 @@ def test_jobs_without_material_facts_never_wait(cura, klippy, tmp_path):
         state = view.poll(api)
         assert all(j["configuration_changes"] == [] for j in state["jobs"])
         clear_after(api, view, klippy, name[:-len(".gcode")])
+
+
+def test_holding_can_be_turned_off(cura, klippy_factory, tmp_path):
+    k = klippy_factory(module_options={"hold_material_mismatch": "False"})
+    k.gcode("SET_CURA_MATERIAL GUID=%s" % (gcode_samples.GENERIC_PLA,))
+    path = tmp_path / "petg.ufp"
+    cura_client.make_ufp(str(path), gcode_samples.cura_gcode(
+        print_time=60, count=20, material=gcode_samples.GENERIC_PETG))
+    assert cura_client.upload(address(k), str(path))[0] == 200
+    wait_started(k, "petg.gcode")
+    assert all(j["configuration_changes_required"] == [] for j in
+               httpc.get_json(k.base_url(), "/cluster-api/v1/print_jobs"))
