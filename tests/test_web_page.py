@@ -190,6 +190,10 @@ def run_page_scenario(klippy_factory, browser, camera):
         == ["calibration_cube"]
     wait_for(lambda: "calibration_cube" in text(browser, "history-list"),
              what="history")
+    # with the time it finished (finished_at, ISO like created_at)
+    import re
+    assert re.search(r"\d\d:\d\d", text(browser, "history-list")), \
+        text(browser, "history-list")
     wait_for(lambda: texts(browser, "#queue-list .name")
              == ["phone_stand", "vase"], what="queue after start")
     # move to top, then delete (a second click confirms)
