@@ -385,7 +385,8 @@ class Job:
         self.started = self.force = False
         self.message = ""
         self.finished_at = None
-        # What the file asks of each extruder it uses (see job_materials)
+        # What the file asks of the extruders it uses: parse_job_materials,
+        # named by MaterialStore.name_job_materials
         self.materials = []
         for k, v in fields.items():
             if k in JOB_FIELDS:
@@ -2002,8 +2003,11 @@ class MaterialStore:
         for entry in wanted:
             entry = dict(entry)
             guid = entry.get("guid")
-            info = guid and (profiles.get(guid) or self.resolve(
-                {"guid": guid}))
+            try:
+                info = guid and (profiles.get(guid) or self.resolve(
+                    {"guid": guid}))
+            except OSError:     # no materials folder: no names, no loss
+                info = None
             if info:
                 entry.update((k, info[k]) for k in (
                     "brand", "material", "color", "color_code", "name")

@@ -250,6 +250,15 @@ def sync_profile(base, name):
     assert r.status == 200, r
 
 
+def send_sliced_for(addr, tmp_path, name, material, profiles=()):
+    # Cura sends a short UFP sliced for that material (GUID), its
+    # profiles packed with it
+    path = tmp_path / (name + ".ufp")
+    cura_client.make_ufp(str(path), gcode_samples.cura_gcode(
+        print_time=60, count=20, material=material), materials=profiles)
+    assert cura_client.upload(addr, str(path))[0] == 200
+
+
 def linked(base):
     """Names of the jobs in /print_jobs that point at the printer."""
     return [j["name"] for j in httpc.get_json(base, "/cluster-api/v1/"
@@ -285,11 +294,8 @@ def test_job_for_another_material_waits_for_override_or_load(
     klippy.gcode("SET_CURA_MATERIAL GUID=%s" % (gcode_samples.GENERIC_PLA,))
     # a UFP sliced for Generic PETG, its profile packed with it (the
     # printer has not got that one)
-    path = tmp_path / "petg_box.ufp"
-    cura_client.make_ufp(str(path), gcode_samples.cura_gcode(
-        print_time=60, count=20, material=gcode_samples.GENERIC_PETG),
-        materials=[MATERIALS / "generic_petg.xml.fdm_material"])
-    assert cura_client.upload(addr, str(path))[0] == 200
+    send_sliced_for(addr, tmp_path, "petg_box", gcode_samples.GENERIC_PETG,
+                    [MATERIALS / "generic_petg.xml.fdm_material"])
     state = wait_view(api, view, lambda s: active(s) and active(s)[
         "configuration_changes"], what="the held job on the card")
     job = active(state)
@@ -348,14 +354,11 @@ def test_job_for_another_material_waits_for_override_or_load(
 
 
 def test_jobs_without_material_facts_never_wait(cura, klippy, tmp_path):
+    # nothing known loaded: a job for PETG prints
     addr = address(klippy)
+    send_sliced_for(addr, tmp_path, "petg", gcode_samples.GENERIC_PETG)
     api = cura_client.ClusterApi(addr)
     view = cura_client.MonitorView()
-    # nothing known loaded: a job for PETG prints
-    path = tmp_path / "petg.ufp"
-    cura_client.make_ufp(str(path), gcode_samples.cura_gcode(
-        print_time=60, count=20, material=gcode_samples.GENERIC_PETG))
-    assert cura_client.upload(addr, str(path))[0] == 200
     wait_started(klippy, "petg.gcode")
     clear_after(api, view, klippy, "petg")
     # PLA known loaded: files that name no material print all the same
@@ -377,10 +380,7 @@ def test_jobs_without_material_facts_never_wait(cura, klippy, tmp_path):
 def test_holding_can_be_turned_off(cura, klippy_factory, tmp_path):
     k = klippy_factory(module_options={"hold_material_mismatch": "False"})
     k.gcode("SET_CURA_MATERIAL GUID=%s" % (gcode_samples.GENERIC_PLA,))
-    path = tmp_path / "petg.ufp"
-    cura_client.make_ufp(str(path), gcode_samples.cura_gcode(
-        print_time=60, count=20, material=gcode_samples.GENERIC_PETG))
-    assert cura_client.upload(address(k), str(path))[0] == 200
+    send_sliced_for(address(k), tmp_path, "petg", gcode_samples.GENERIC_PETG)
     wait_started(k, "petg.gcode")
     assert all(j["configuration_changes_required"] == [] for j in
                httpc.get_json(k.base_url(), "/cluster-api/v1/print_jobs"))

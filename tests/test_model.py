@@ -8,6 +8,9 @@ Cura 4.13's own client, and checks after every step:
   - a file whose abort was acknowledged (2xx) never prints again;
   - every 2xx action changed the job as asked, every 409 was an action
     that did not apply (or Klipper was busy) and changed nothing;
+  - a job Cura shows held (queued on the card, with its configuration
+    changes) waits for a material it was not given, and was not forced;
+    at most one job points at the printer;
   - Klippy is ready;
   - the saved queue equals the one served, once settled;
   - no job and no queued file is lost (except entries of a state file the
@@ -96,6 +99,8 @@ def make_machine(k, workdir):
             self.known = {}           # uuid -> file name, jobs not deleted
             self.aborted = set()      # files whose abort was acknowledged
             self.hold_until = 0.
+            self.other_loaded = False  # a material the uploads were not for
+            self.forced = set()
             self.n = 0
             self.last_jobs = []       # as served at the last check
 
@@ -201,6 +206,18 @@ def make_machine(k, workdir):
                 assert (status == 200) == queued, (job, status)
             else:
                 assert status == 200
+                self.forced.add(job["uuid"])
+
+        @rule(which=st.sampled_from(["file's", "other", "empty"]))
+        def load_material(self, which):
+            # uploads are sliced for Ultimaker PLA Black: another known
+            # material holds them, the file's or none lets them print
+            words = {"file's": "GUID=" + gcode_samples.ULTIMAKER_PLA_BLACK,
+                     "other": "GUID=" + gcode_samples.GENERIC_PLA,
+                     "empty": "MATERIAL=empty"}[which]
+            k.gcode("SET_CURA_MATERIAL " + words)
+            self.other_loaded = which == "other"
+            note("load %s material" % (which,))
 
         @rule(http=st.booleans())
         def plate_cleared(self, http):
@@ -302,6 +319,15 @@ def make_machine(k, workdir):
             card = view["printers"][0]
             active = card["active_job"]
             assert card["state"] in ("idle", "printing"), card
+            assert len([j for j in js if "printer_uuid" in j
+                        or "assigned_to" in j]) <= 1, js
+            held = active is not None and active["state"] == "queued"
+            if held:
+                assert self.other_loaded and \
+                    active["key"] not in self.forced, active
+                assert active["configuration_changes"] and all(
+                    c["can_override"] for c in
+                    active["configuration_changes"]), active
             assert not [j for j in view["jobs"] if j["state"] in HISTORY], \
                 view["jobs"]
             if state in PRINTING:
@@ -313,7 +339,7 @@ def make_machine(k, workdir):
             else:
                 # an ended job stays on the card until the plate is
                 # cleared, then leaves it (and Cura's list)
-                assert active is None or active["state"] in ENDED or (
+                assert active is None or held or active["state"] in ENDED or (
                     active["state"] == "pre_print"
                     and time.monotonic() < self.hold_until + 1), \
                     (before, active)
