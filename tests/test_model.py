@@ -57,6 +57,8 @@ BODIES = {
     + gcode_samples.moves(40, 10, 0.1),
     "error": gcode_samples.moves(20, 10, 0.1) + "M104 S5000\n",
 }
+MATERIALS = {"black": gcode_samples.ULTIMAKER_PLA_BLACK,
+             "generic": gcode_samples.GENERIC_PLA}
 STEPS = {"steps": 0, "examples": 0}
 OUTCOMES = {}     # "pause printing -> 200" -> count, printed at the end
 
@@ -99,7 +101,11 @@ def make_machine(k, workdir):
             self.known = {}           # uuid -> file name, jobs not deleted
             self.aborted = set()      # files whose abort was acknowledged
             self.hold_until = 0.
-            self.other_loaded = False  # a material the uploads were not for
+            # uploads are sliced for Ultimaker PLA Black or Generic PLA;
+            # one known loaded holds the others
+            k.gcode("SET_CURA_MATERIAL GUID=" + MATERIALS["black"])
+            self.loaded = "black"
+            self.material_of = {}     # uuid -> the material it was sliced for
             self.forced = set()
             self.n = 0
             self.last_jobs = []       # as served at the last check
@@ -116,17 +122,19 @@ def make_machine(k, workdir):
             return js[0] if js and "printer_uuid" in js[0] else None
 
         # Rules
-        @rule(kind=st.sampled_from(sorted(BODIES)))
-        def upload(self, kind):
+        @rule(kind=st.sampled_from(sorted(BODIES)),
+              material=st.sampled_from(sorted(MATERIALS)))
+        def upload(self, kind, material):
             self.n += 1
             name = "%s_%d" % (kind, self.n)
             path = os.path.join(workdir, name + ".ufp")
-            cura_client.make_ufp(path, gcode_samples.griffin_header(60)
-                                 + BODIES[kind])
+            cura_client.make_ufp(path, gcode_samples.griffin_header(
+                60, MATERIALS[material]) + BODIES[kind])
             status, body = cura_client.upload(self.addr, path)
             assert status == 200, body
             reply = json.loads(body)
             self.known[reply["uuid"]] = reply["filename"]
+            self.material_of[reply["uuid"]] = material
             note("upload %s" % (kind,))
 
         # hypothesis turns whole rules off per example (swarm testing):
@@ -208,15 +216,13 @@ def make_machine(k, workdir):
                 assert status == 200
                 self.forced.add(job["uuid"])
 
-        @rule(which=st.sampled_from(["file's", "other", "empty"]))
+        @rule(which=st.sampled_from(sorted(MATERIALS) + ["empty"]))
         def load_material(self, which):
-            # uploads are sliced for Ultimaker PLA Black: another known
-            # material holds them, the file's or none lets them print
-            words = {"file's": "GUID=" + gcode_samples.ULTIMAKER_PLA_BLACK,
-                     "other": "GUID=" + gcode_samples.GENERIC_PLA,
-                     "empty": "MATERIAL=empty"}[which]
-            k.gcode("SET_CURA_MATERIAL " + words)
-            self.other_loaded = which == "other"
+            # the job's material or none lets it print
+            k.gcode("SET_CURA_MATERIAL " + ("GUID=" + MATERIALS[which]
+                                            if which in MATERIALS
+                                            else "MATERIAL=empty"))
+            self.loaded = which
             note("load %s material" % (which,))
 
         @rule(http=st.booleans())
@@ -323,11 +329,13 @@ def make_machine(k, workdir):
                         or "assigned_to" in j]) <= 1, js
             held = active is not None and active["state"] == "queued"
             if held:
-                assert self.other_loaded and \
+                assert self.loaded in MATERIALS and self.loaded \
+                    != self.material_of[active["key"]] and \
                     active["key"] not in self.forced, active
                 assert active["configuration_changes"] and all(
                     c["can_override"] for c in
                     active["configuration_changes"]), active
+                note("held job on Cura's card")
             assert not [j for j in view["jobs"] if j["state"] in HISTORY], \
                 view["jobs"]
             if state in PRINTING:
