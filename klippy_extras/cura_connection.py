@@ -377,8 +377,15 @@ END_OF_PRINT = {"complete": "wait_cleanup",
                 "error": "failed_wait_cleanup"}
 JOB_FIELDS = ("uuid", "name", "filename", "owner", "created_at", "status",
               "source", "time_estimate", "time_elapsed", "time_total",
-              "preview", "started", "force", "message", "finished_at")
+              "preview", "started", "force", "message", "finished_at",
+              "materials")
 JOB_UUID_RE = re.compile(r"^[0-9a-fA-F-]{1,64}$")
+# Jobs' times as Cura's models expect them (ISO 8601, UTC)
+TIME_FORMAT = "%Y-%m-%dT%H:%M:%S.000000Z"
+
+
+def iso_time(epoch=None):
+    return time.strftime(TIME_FORMAT, time.gmtime(epoch))
 
 
 class Job:
@@ -386,8 +393,7 @@ class Job:
         self.uuid = str(uuid.uuid4())
         self.name = self.filename = ""
         self.owner = "Cura"
-        self.created_at = time.strftime("%Y-%m-%dT%H:%M:%S.000000Z",
-                                        time.gmtime())
+        self.created_at = iso_time()
         self.status = "queued"
         self.source = "cura"
         self.time_estimate = self.time_elapsed = self.time_total = 0
@@ -395,6 +401,9 @@ class Job:
         self.started = self.force = False
         self.message = ""
         self.finished_at = None
+        # What the file asks of the extruders it uses: parse_job_materials,
+        # named by MaterialStore.name_job_materials
+        self.materials = []
         for k, v in fields.items():
             if k in JOB_FIELDS:
                 setattr(self, k, v)
@@ -435,7 +444,10 @@ SAVED_JOB_FIELDS = {
     "started": lambda v: isinstance(v, bool),
     "force": lambda v: isinstance(v, bool),
     "message": lambda v: isinstance(v, str),
-    "finished_at": lambda v: v is None or _is_number(v),
+    # a number: an epoch saved by an older version, converted on load
+    "finished_at": lambda v: v is None or _is_number(v) or (
+        isinstance(v, str) and len(v) <= 64),
+    "materials": lambda v: valid_job_materials(v),
 }
 
 
@@ -454,6 +466,8 @@ def saved_job(data, statuses):
             if not check(data[key]):
                 raise ValueError("bad %s %r" % (key, data[key]))
             fields[key] = data[key]
+    if _is_number(fields.get("finished_at")):
+        fields["finished_at"] = iso_time(fields["finished_at"])
     if fields["status"] not in statuses:
         raise ValueError("status %s is not possible here"
                          % (fields["status"],))
@@ -560,6 +574,9 @@ class JobStore(SavedState):
         self.queue = []
         self.history = []
         self.plate_clear = True
+        # The queue head while it waits for a configuration change (set
+        # by JobLifecycle.follow); then it is the printer's job
+        self.held = None
         self.status_cache = {}
         self._load()
 
@@ -615,7 +632,8 @@ class JobStore(SavedState):
         self.status_cache = {
             "current_job": cur and cur.summary(),
             "queue": [j.summary() for j in self.queue],
-            "plate_clear": self.plate_clear}
+            "plate_clear": self.plate_clear,
+            "held_job": self.held and self.held.summary()}
 
     def _changed(self):
         self._update_status_cache()
@@ -626,6 +644,19 @@ class JobStore(SavedState):
         with self.lock:
             cur = [self.current] if self.current else []
             return cur, list(self.queue), list(self.history)
+
+    def printer_jobs(self):
+        """([the job that points at the printer] or [], the other jobs of
+        the printer's list): the job on it, or the held queue head once
+        the plate is clear (then the ended job is just listed); then the
+        queue."""
+        with self.lock:
+            cur = [self.current] if self.current else []
+            held = self.held
+            if held is not None and self.queue and self.queue[0] is held \
+                    and self.plate_clear and not self.has_active():
+                return [held], cur + self.queue[1:]
+            return cur, list(self.queue)
 
     def find(self, job_uuid):
         with self.lock:
@@ -676,6 +707,16 @@ class JobStore(SavedState):
             self._changed()
             return job
 
+    def hold(self, job):
+        """The queue head job waits for a configuration change (None: no
+        job waits)."""
+        with self.lock:
+            if self.held is not job:
+                self.held = job
+                self._update_status_cache()
+                # (not saved, but the job lists show it: a new version)
+                self.version += 1
+
     def set_force(self, job_uuid, force):
         with self.lock:
             job = self.get(job_uuid)
@@ -703,7 +744,7 @@ class JobStore(SavedState):
         job.status = status
         job.starting = job.action = None
         job.message = message or job.message
-        job.finished_at = time.time()
+        job.finished_at = iso_time()
         if status == "wait_cleanup":
             # Cura 4.13 draws a job with time_total > time_elapsed as
             # aborted: a completed one took exactly its time.
@@ -779,6 +820,7 @@ class JobStore(SavedState):
         with self.lock:
             job.time_estimate = meta["time_estimate"]
             job.preview = meta["preview"]
+            job.materials = meta["materials"]
             if job.status in ACTIVE:
                 job.time_total = max(job.time_total, job.time_estimate)
             self._changed()
@@ -836,7 +878,8 @@ class JobLifecycle:
     reactor, where Klipper's state is read at the moment of deciding:
     the status timer (follow), G-code commands, and calls HTTP handlers
     submit through KlippyBridge.call().  Nothing here writes to disk."""
-    def __init__(self, bridge, store, want_metadata):
+    def __init__(self, bridge, store, want_metadata,
+                 changes=lambda job: []):
         self.bridge = bridge
         self.store = store
         self.reactor = bridge.reactor
@@ -844,6 +887,9 @@ class JobLifecycle:
         # want_metadata(job): read the file's estimate/preview off the
         # reactor, then store.set_metadata() through the reactor
         self.want_metadata = want_metadata
+        # changes(job): the configuration changes a queued job waits for
+        # (memory only: it runs here); [] lets it start
+        self.changes = changes
 
     # Reactor: following Klipper
     def follow(self, snap):
@@ -872,8 +918,15 @@ class JobLifecycle:
             return
         if cur is not None and cur.status in ACTIVE:
             self._ended(cur, state, ps)
-        if store.plate_clear and store.queue and not store.has_active():
-            self._start(store.queue[0])
+        head = store.queue[0] if store.queue else None
+        if head is not None and self.changes(head):
+            store.hold(head)    # until the material is loaded or forced
+        elif store.plate_clear and head is not None \
+                and not store.has_active():
+            store.hold(None)
+            self._start(head)
+        else:
+            store.hold(None)
 
     def _ended(self, job, state, ps):
         # time_elapsed is Klipper's print_duration.  print_stats forgets
@@ -1194,6 +1247,55 @@ FILAMENT_PATTERNS = [
 ]
 HEADER_BYTES = 1024 * 1024
 TAIL_BYTES = 256 * 1024
+# What an Ultimaker (Griffin) header says each extruder needs.  Cura's
+# Marlin-flavour header names no material: such files need nothing.
+GRIFFIN_EXTRUDER_RE = re.compile(
+    rb"^;EXTRUDER_TRAIN\.(\d{1,2})\.(MATERIAL\.GUID|NOZZLE\.NAME):[ \t]*"
+    rb"([^\r\n]*?)[ \t\r]*$", re.M)
+MAX_EXTRUDERS = 16
+# A job's materials entry: extruder (int), guid, and where known
+JOB_MATERIAL_KEYS = ("guid", "print_core_id", "brand", "material", "color",
+                     "color_code", "name")
+
+
+def parse_job_materials(head):
+    """[{"extruder": n, "guid": ..., "print_core_id": ...}] from the
+    Griffin header in head (comment lines), by extruder; [] when it names
+    none.  A GUID is kept as written (lower case): Cura's own profiles are
+    not all well-formed UUIDs."""
+    found = {}
+    for m in GRIFFIN_EXTRUDER_RE.finditer(head):
+        n, key = int(m.group(1)), m.group(2)
+        value = m.group(3).decode("utf-8", "replace").strip()
+        if n >= MAX_EXTRUDERS or not value or len(value) > 64 \
+                or not value.isprintable():
+            continue
+        entry = found.setdefault(n, {"extruder": n})
+        if key == b"NOZZLE.NAME":
+            entry["print_core_id"] = value
+        elif re.match(r"^[\w-]{1,64}$", value):
+            entry["guid"] = value.lower()
+    return [found[n] for n in sorted(found)]
+
+
+def valid_job_materials(value):
+    # A saved job's materials: a short list of entries as above
+    if not isinstance(value, list) or len(value) > MAX_EXTRUDERS:
+        return False
+    seen = set()
+    for entry in value:
+        if not isinstance(entry, dict) or set(entry) - set(
+                JOB_MATERIAL_KEYS) - {"extruder"}:
+            return False
+        n = entry.get("extruder")
+        if not isinstance(n, int) or isinstance(n, bool) \
+                or not 0 <= n < MAX_EXTRUDERS or n in seen:
+            return False
+        seen.add(n)
+        if not all(isinstance(entry[k], str) and len(entry[k]) <= 100
+                   for k in entry if k != "extruder"):
+            return False
+    return True
 
 
 def parse_duration(text):
@@ -1243,9 +1345,11 @@ def best_thumbnail(text):
 
 
 def parse_gcode_metadata(head, tail):
-    """Slicer estimate (s), filament (mm) and the embedded thumbnail to
-    preview (best_thumbnail)."""
-    meta = {"time_estimate": 0, "filament_mm": 0., "thumbnail": None}
+    """Slicer estimate (s), filament (mm), the embedded thumbnail to
+    preview (best_thumbnail) and the materials the header names
+    (parse_job_materials)."""
+    meta = {"time_estimate": 0, "filament_mm": 0., "thumbnail": None,
+            "materials": parse_job_materials(head)}
     for text in (head, tail):
         for pattern in TIME_PATTERNS:
             m = pattern.search(text)
@@ -1578,12 +1682,15 @@ class FileIntake:
     def _finish(self, upload):
         """Unpack a UFP, read metadata, move the G-code into place."""
         thumbnail = None
+        profiles = {}
         gcode_tmp = upload.tmp_path
         if upload.kind == ".ufp":
             gcode_tmp, thumbnail = self._unpack_ufp(upload.tmp_path)
+            profiles = self._ufp_materials(upload.tmp_path)
             os.unlink(upload.tmp_path)
             upload.tmp_path = gcode_tmp
         meta = read_gcode_metadata(gcode_tmp)
+        meta["material_profiles"] = profiles
         if thumbnail and not is_preview_image(thumbnail):
             thumbnail = None    # Cura would keep a blank preview for good
         thumbnail = thumbnail or meta["thumbnail"]
@@ -1660,6 +1767,31 @@ class FileIntake:
         except zipfile.BadZipFile as e:
             raise BadInput("Not a UFP (zip) file: %s" % (e,))
 
+    @staticmethod
+    def _ufp_materials(path):
+        # The material profiles Cura packs with the G-code: {guid: info}
+        # (MaterialStore.parse); they name the GUIDs of its header.
+        import zipfile
+        profiles = {}
+        try:
+            with zipfile.ZipFile(path) as z:
+                names = [n for n in z.namelist()
+                         if n.lstrip("/").startswith("Materials/")
+                         and n.endswith(MATERIAL_SUFFIX)]
+                for name in names[:MAX_EXTRUDERS * 4]:
+                    with z.open(name) as f:
+                        data = f.read(MAX_MATERIAL_BODY + 1)
+                    try:
+                        info = MaterialStore.parse(data)
+                    except CuraError:
+                        continue
+                    profiles[info["guid"].lower()] = info
+        except (zipfile.BadZipFile, zlib.error, NotImplementedError,
+                ValueError) as e:
+            logging.info("cura_connection: no material profiles read from "
+                         "the UFP: %s", e)
+        return profiles
+
     def _place(self, tmp, base):
         # A free name, taken atomically: existing files (and the one being
         # printed) are never overwritten.
@@ -1705,12 +1837,14 @@ class FileIntake:
     def read_metadata(self, filename):
         # For prints started outside Cura: the slicer's estimate and a
         # thumbnail Moonraker may have extracted.
-        meta = {"time_estimate": 0, "preview": None}
+        meta = {"time_estimate": 0, "preview": None, "materials": []}
         path = os.path.join(self.gcodes, filename)
         try:
-            meta["time_estimate"] = read_gcode_metadata(path)["time_estimate"]
+            found = read_gcode_metadata(path)
         except OSError:
             return meta
+        meta["time_estimate"] = found["time_estimate"]
+        meta["materials"] = found["materials"]
         dirname, name = os.path.split(filename)
         stem = os.path.splitext(name)[0]
         thumbs = os.path.join(self.gcodes, dirname, ".thumbs")
@@ -1890,6 +2024,27 @@ class MaterialStore:
             self.resolved.clear()
             return True
 
+    def name_job_materials(self, wanted, profiles):
+        """Not the reactor: the job materials wanted (parse_job_materials)
+        with brand, material, colour and name from the file's own profiles
+        (profiles: guid -> parse()), else from the stored ones by GUID; a
+        GUID neither knows keeps no names."""
+        out = []
+        for entry in wanted:
+            entry = dict(entry)
+            guid = entry.get("guid")
+            try:
+                info = guid and (profiles.get(guid) or self.resolve(
+                    {"guid": guid}))
+            except OSError:     # no materials folder: no names, no loss
+                info = None
+            if info:
+                entry.update((k, info[k]) for k in (
+                    "brand", "material", "color", "color_code", "name")
+                    if info.get(k))
+            out.append(entry)
+        return out
+
     def resolve(self, entry):
         """The stored profile a loaded-material entry names, or None: by
         GUID, else the first match of material type, brand and colour
@@ -1969,6 +2124,30 @@ def parse_material_option(text):
     return parse_material_words(words)
 
 
+def material_differs(wanted, loaded):
+    """Whether a job that wants the material wanted (a job materials
+    entry) must wait while loaded (a LoadedMaterials entry or None) is in
+    its extruder: only when both are known and they differ.  By GUID when
+    both have one, else by type, then brand and colour where both say (a
+    Generic profile is any brand's, in any colour)."""
+    if not loaded or loaded.get("material") == "empty":
+        return False    # nothing known, or nothing to swap: no hold
+    if loaded.get("guid") and wanted.get("guid"):
+        return loaded["guid"].lower() != wanted["guid"].lower()
+    if not loaded.get("material") or not wanted.get("material"):
+        return False
+    if loaded["material"].lower() != wanted["material"].lower():
+        return True
+    brand = loaded.get("brand", "").lower()
+    want = wanted.get("brand", "").lower()
+    if brand and want not in ("", "generic", brand):
+        return True
+    color = loaded.get("color", "").lower()
+    names = [wanted.get(k, "").lower() for k in ("color", "color_code")]
+    return bool(color and names[0] not in ("", "generic")
+                and color not in names)
+
+
 class LoadedMaterials(SavedState):
     """The material in each extruder, shown on Cura's printer card.
 
@@ -2023,6 +2202,17 @@ class LoadedMaterials(SavedState):
             if index >= len(self.names):
                 return None
             return self.entries.get(self.names[index])
+
+    def changes(self, wanted):
+        """Any thread: [(extruder index, wanted entry, loaded entry)] for
+        the job materials wanted whose extruder holds another material
+        (material_differs); extruders this printer lacks are left out."""
+        out = []
+        for entry in wanted:
+            loaded = self.get(entry["extruder"])
+            if material_differs(entry, loaded):
+                out.append((entry["extruder"], entry, loaded))
+        return out
 
     def state(self):
         return {"version": 1, "extruders": {
@@ -2794,7 +2984,7 @@ class ReplyCache:
         return self.printer[1]
 
     def job(self, job, linked, config, entries):
-        """JSON bytes of one job (config: the configuration's JSON); its
+        """JSON bytes of one job (config: CuraApi.jobs_basis()); its
         entry goes into entries."""
         key = JOB_REPLY_KEY(job) + (linked, config)
         entry = self.entries.get(job.uuid)
@@ -2807,7 +2997,7 @@ class ReplyCache:
     def job_list(self, linked, others, pause):
         """The JSON list of the jobs linked (on the printer), then the
         others, as a list of bytes."""
-        config = json.dumps(self.api.printer_configuration(None))
+        config = self.api.jobs_basis()
         parts, entries = [], {}
         for i, job in enumerate(linked + others):
             if i and not i % self.PAUSE_EVERY:
@@ -2919,6 +3109,51 @@ class CuraApi:
             "machine_definition": self.conn.definition.id,
         }
 
+    def jobs_basis(self):
+        # JSON of what jobs' replies are made of besides their fields: the
+        # printer's configuration, the loaded entries changes compare
+        return json.dumps([self.printer_configuration(None),
+                           self.conn.loaded.status_cache])
+
+    def job_configuration(self, job):
+        # The printer's configuration, with what the job's file asks of
+        # the extruders it names
+        config = self.printer_configuration(None)
+        for wanted in job.materials:
+            if wanted["extruder"] >= len(config):
+                continue
+            extruder = config[wanted["extruder"]]
+            if wanted.get("print_core_id") and extruder["print_core_id"]:
+                extruder["print_core_id"] = wanted["print_core_id"]
+            if wanted.get("guid") or wanted.get("material"):
+                extruder["material"] = self.wanted_material_json(wanted)
+        return config
+
+    def wanted_material_json(self, wanted):
+        # A job's material as the printer's are shown (by GUID, else the
+        # file's own names and colour code)
+        entry = {k: wanted[k] for k in ("guid", "brand", "material")
+                 if wanted.get(k)}
+        if wanted.get("color_code") or wanted.get("color"):
+            entry["color"] = wanted.get("color_code") or wanted["color"]
+        d = self.material_json(entry)
+        d["name"] = wanted.get("name") or d["name"]
+        return d
+
+    def configuration_changes(self, job):
+        # Cura's "Configuration change" list for a job that waits for one;
+        # material_change only: Cura lets the user override it
+        changes = []
+        for index, wanted, loaded in self.conn.configuration_changes(job):
+            target = self.wanted_material_json(wanted)
+            origin = self.material_json(loaded)
+            changes.append({
+                "type_of_change": "material_change", "index": index,
+                "target_id": target["guid"], "origin_id": origin["guid"],
+                "target_name": target["name"],
+                "origin_name": origin["name"]})
+        return changes
+
     def job_json(self, job, linked):
         d = {"uuid": job.uuid, "name": job.name, "owner": job.owner,
              "created_at": job.created_at, "status": job.status,
@@ -2926,8 +3161,10 @@ class CuraApi:
              "machine_variant": self.conn.machine_variant,
              "time_total": int(job.time_total),
              "time_elapsed": int(job.time_elapsed or 0),
-             "configuration": self.printer_configuration(None),
-             "constraints": [], "configuration_changes_required": [],
+             "configuration": self.job_configuration(job),
+             "constraints": [],
+             "configuration_changes_required":
+                 self.configuration_changes(job),
              "impediments_to_printing": [], "build_plate": {"type": "glass"},
              "compatible_machine_families": [self.conn.machine_variant],
              "filename": job.filename, "source": job.source,
@@ -3003,8 +3240,8 @@ class CuraApi:
         """The /print_jobs list as chunks of JSON bytes: only the
         printer's job and the queue, as an Ultimaker lists them (Cura
         clears its printer card only when the job leaves this list)."""
-        cur, queue, history = self.store.all_jobs()
-        return self.replies.job_list(cur, queue, pause)
+        linked, others = self.store.printer_jobs()
+        return self.replies.job_list(linked, others, pause)
 
     def history_reply(self, pause):
         cur, queue, history = self.store.all_jobs()
@@ -3023,7 +3260,7 @@ class CuraApi:
 
     def get_print_job(self, req, job_uuid):
         job = self.store.get(job_uuid)
-        return 200, self.job_json(job, job is self.store.current)
+        return 200, self.job_json(job, job in self.store.printer_jobs()[0])
 
     def get_preview_image(self, req, job_uuid):
         job = self.store.get(job_uuid)
@@ -3047,7 +3284,9 @@ class CuraApi:
         cannot be saved; either way the file is removed."""
         job = Job(name=os.path.splitext(filename)[0], filename=filename,
                   owner=owner, time_estimate=meta["time_estimate"],
-                  time_total=meta["time_estimate"], preview=meta["preview"])
+                  time_total=meta["time_estimate"], preview=meta["preview"],
+                  materials=self.materials.name_job_materials(
+                      meta["materials"], meta["material_profiles"]))
         with self.store.lock:
             # (the front process counts the queue it was last shown)
             full = len(self.store.queue) >= self.conn.max_queue
@@ -3982,7 +4221,7 @@ class FrontProcess:
                ("queued", b"%d" % (len(store.queue),))]
         cur = store.current
         version = (store.version, cur and JOB_REPLY_KEY(cur),
-                   json.dumps(api.printer_configuration(None)))
+                   api.jobs_basis())
         for name, reply in (("print_jobs", api.print_jobs_reply),
                             ("history", api.history_reply)):
             if self.list_keys.get(name) == version:
@@ -4536,6 +4775,10 @@ class CuraConnection:
         self.max_queue = config.getint("max_queue", 100, minval=1,
                                        maxval=1000)
         auto_start_next = config.getboolean("auto_start_next", False)
+        # A job sliced for another material than the one known loaded
+        # waits, as on an Ultimaker
+        self.hold_material_mismatch = config.getboolean(
+            "hold_material_mismatch", True)
         # The parts, in data order
         self.lifecycle = None
         self.bridge = KlippyBridge(config, self._handle_snapshot)
@@ -4556,7 +4799,8 @@ class CuraConnection:
                                   self.intake.read_metadata,
                                   self.store.set_metadata)
         self.lifecycle = JobLifecycle(self.bridge, self.store,
-                                      self.writer.want_metadata)
+                                      self.writer.want_metadata,
+                                      self.configuration_changes)
         self.api = CuraApi(self)
         self._start_server(config, trusted, request_timeout)
         _live_instances.append(self)
@@ -4772,6 +5016,15 @@ class CuraConnection:
         while not front.shown(asked) and reactor.monotonic() < deadline:
             reactor.pause(reactor.monotonic() + 0.002)
 
+    def configuration_changes(self, job):
+        """Any thread (memory only): [(extruder index, wanted, loaded)]
+        a queued job waits for (LoadedMaterials.changes); none once
+        forced or with hold_material_mismatch off."""
+        if not self.hold_material_mismatch or job.force \
+                or job.status != "queued" or not job.materials:
+            return []
+        return self.loaded.changes(job.materials)
+
     def console(self, msg):
         # From any thread: a line in the Klipper console (Mainsail, Fluidd)
         def show(eventtime):
@@ -4814,6 +5067,12 @@ class CuraConnection:
             cur[0].name, cur[0].status) if cur else "Printer: no job"]
         lines += ["%d. %s (%s, from %s)" % (i + 1, j.name, j.status, j.owner)
                   for i, j in enumerate(queue)]
+        waits = queue and self.configuration_changes(queue[0])
+        for index, wanted, loaded in waits or ():
+            lines.append("%s waits for %s in extruder %d (SET_CURA_MATERIAL"
+                         " or Override in Cura)" % (
+                             queue[0].name, wanted.get("name") or wanted.get(
+                                 "material") or wanted.get("guid"), index))
         if not queue:
             lines.append("Queue is empty")
         if not self.store.plate_clear and queue and not (
@@ -4903,6 +5162,8 @@ class CuraConnection:
             raise gcmd.error(str(e))
         except CuraError as e:
             raise gcmd.error(e.message)
+        # a job waiting for this material starts now
+        self.lifecycle.follow(self.bridge.now())
         self._shown()
         gcmd.respond_info("%s: material set for Cura" % (name,))
 

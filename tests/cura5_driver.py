@@ -543,8 +543,9 @@ def _job_dict(job):
             "is_active": job.isActive,
             "assigned_printer": job.assignedPrinter.name
             if job.assignedPrinter else None,
-            "configuration_changes": [c.typeOfChange
-                                      for c in job.configurationChanges]}
+            "configuration_changes": [
+                cura_client._change_dict(c)
+                for c in job.configurationChanges]}
 
 
 def _printer_dict(printer):

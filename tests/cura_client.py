@@ -710,7 +710,8 @@ class MonitorView:
 
         A job dict: key, name, owner, state, time_elapsed, time_total,
         time_remaining, progress (0..1), is_active, assigned_printer (name),
-        machine_variant, configuration_changes (type_of_change list).
+        machine_variant, configuration_changes (list of {"type", "index",
+        "origin_name", "target_name", "can_override"}).
         """
         device = self.device
         cls = _cura.UltimakerNetworkedPrinterOutputDevice
@@ -754,8 +755,15 @@ def _job_dict(job):
         "is_active": job.isActive,
         "assigned_printer": job.assignedPrinter.name if job.assignedPrinter else None,
         "machine_variant": job.configuration.printerType if job.configuration else None,
-        "configuration_changes": [c.typeOfChange for c in job.configurationChanges],
+        "configuration_changes": [_change_dict(c) for c in job.configurationChanges],
     }
+
+
+def _change_dict(change):
+    """A ConfigurationChangeModel as the override dialog reads it."""
+    return {"type": change.typeOfChange, "index": change.index,
+            "origin_name": change.originName, "target_name": change.targetName,
+            "can_override": change.canOverride}
 
 
 def _queued_job_dict(job):

@@ -15,28 +15,40 @@ def moves(count=200, sleep_every=20, sleep_s=0.1):
     return "\n".join(lines) + "\n"
 
 
-def griffin_header(print_time=3600):
-    # What Cura writes for an Ultimaker S3 (libcharon checks these keys)
-    return "\n".join([
+# Material GUIDs of Cura's library (fdm_materials)
+ULTIMAKER_PLA_BLACK = "3ee70a86-77d8-4b87-8005-e4a1bc57d2ce"
+GENERIC_PLA = "506c9f0d-e3aa-4bd4-b2d2-23e2425b1aa9"
+GENERIC_PETG = "1cbfaeb3-1906-4b26-b2e7-6f777a8c197a"
+
+
+def griffin_header(print_time=3600, material=ULTIMAKER_PLA_BLACK,
+                   nozzle="AA 0.4"):
+    # What Cura writes for an Ultimaker S3 (libcharon checks these keys);
+    # material None: no material line
+    lines = [
         ";START_OF_HEADER", ";HEADER_VERSION:0.1", ";FLAVOR:Griffin",
         ";GENERATOR.NAME:Cura_SteamEngine", ";GENERATOR.VERSION:4.13.0",
         ";GENERATOR.BUILD_DATE:2022-01-01",
         ";TARGET_MACHINE.NAME:Ultimaker S3",
         ";EXTRUDER_TRAIN.0.INITIAL_TEMPERATURE:200",
-        ";EXTRUDER_TRAIN.0.MATERIAL.VOLUME_USED:1234",
-        ";EXTRUDER_TRAIN.0.MATERIAL.GUID:3ee70a86-77d8-4b87-8005-e4a1bc57d2ce",
+        ";EXTRUDER_TRAIN.0.MATERIAL.VOLUME_USED:1234"]
+    if material:
+        lines.append(";EXTRUDER_TRAIN.0.MATERIAL.GUID:%s" % (material,))
+    lines += [
         ";EXTRUDER_TRAIN.0.NOZZLE.DIAMETER:0.4",
-        ";EXTRUDER_TRAIN.0.NOZZLE.NAME:AA 0.4",
+        ";EXTRUDER_TRAIN.0.NOZZLE.NAME:%s" % (nozzle,),
         ";BUILD_PLATE.TYPE:glass", ";BUILD_PLATE.INITIAL_TEMPERATURE:60",
         ";PRINT.TIME:%d" % (print_time,), ";PRINT.GROUPS:1",
         ";PRINT.SIZE.MIN.X:9", ";PRINT.SIZE.MIN.Y:6", ";PRINT.SIZE.MIN.Z:0.27",
         ";PRINT.SIZE.MAX.X:173", ";PRINT.SIZE.MAX.Y:160",
-        ";PRINT.SIZE.MAX.Z:58", ";END_OF_HEADER"]) + "\n"
+        ";PRINT.SIZE.MAX.Z:58", ";END_OF_HEADER"]
+    return "\n".join(lines) + "\n"
 
 
-def cura_gcode(print_time=3600, **kw):
-    """G-code as Cura writes it for an Ultimaker (Griffin header)."""
-    return (griffin_header(print_time) + moves(**kw)).encode()
+def cura_gcode(print_time=3600, material=ULTIMAKER_PLA_BLACK, **kw):
+    """G-code as Cura writes it for an Ultimaker (Griffin header), sliced
+    for the material of that GUID."""
+    return (griffin_header(print_time, material) + moves(**kw)).encode()
 
 
 def png(width=16, height=16, rgb=(200, 40, 40)):

@@ -234,3 +234,153 @@ def test_card_idle_after_plate_cleared(cura, klippy, tmp_path):
     done = [j["name"] for j in httpc.get_json(
         "http://" + addr, "/cluster-api/v1/print_jobs/history")]
     assert done == ["cube"]
+
+
+MATERIALS = (cura_client.DEFAULT_CURA_ROOT
+             / "usr/share/cura/resources/materials")
+
+
+def sync_profile(base, name):
+    # One profile as Cura's material sync posts it
+    body, headers = httpc.multipart({}, {"file": (
+        name + ".xml.fdm_material",
+        (MATERIALS / (name + ".xml.fdm_material")).read_bytes())})
+    r = httpc.request(base, "POST", "/cluster-api/v1/materials/", body,
+                      headers)
+    assert r.status == 200, r
+
+
+def send_sliced_for(addr, tmp_path, name, material, profiles=()):
+    # Cura sends a short UFP sliced for that material (GUID), its
+    # profiles packed with it
+    path = tmp_path / (name + ".ufp")
+    cura_client.make_ufp(str(path), gcode_samples.cura_gcode(
+        print_time=60, count=20, material=material), materials=profiles)
+    assert cura_client.upload(addr, str(path))[0] == 200
+
+
+def linked(base):
+    """Names of the jobs in /print_jobs that point at the printer."""
+    return [j["name"] for j in httpc.get_json(base, "/cluster-api/v1/"
+                                              "print_jobs")
+            if j.get("printer_uuid") or j.get("assigned_to")]
+
+
+def wait_started(klippy, filename, timeout=20.):
+    # Klipper prints (or has printed) this file
+    deadline = time.monotonic() + timeout
+    while True:
+        ps = klippy.query("print_stats")["print_stats"]
+        if ps["filename"] == filename and ps["state"] in ("printing",
+                                                          "complete"):
+            return
+        assert time.monotonic() < deadline, ps
+        time.sleep(0.1)
+
+
+def clear_after(api, view, klippy, name):
+    # the job has ended on Cura's card: then the plate is cleared
+    wait_view(api, view, lambda s: active(s) and active(s)["name"] == name
+              and active(s)["state"] == "wait_cleanup", what=name + " done")
+    klippy.gcode("CURA_BUILD_PLATE_CLEARED")
+
+
+def test_job_for_another_material_waits_for_override_or_load(
+        cura, klippy, tmp_path):
+    addr, base = address(klippy), klippy.base_url()
+    api = cura_client.ClusterApi(addr)
+    view = cura_client.MonitorView()
+    sync_profile(base, "generic_pla")
+    klippy.gcode("SET_CURA_MATERIAL GUID=%s" % (gcode_samples.GENERIC_PLA,))
+    # a UFP sliced for Generic PETG, its profile packed with it (the
+    # printer has not got that one)
+    send_sliced_for(addr, tmp_path, "petg_box", gcode_samples.GENERIC_PETG,
+                    [MATERIALS / "generic_petg.xml.fdm_material"])
+    state = wait_view(api, view, lambda s: active(s) and active(s)[
+        "configuration_changes"], what="the held job on the card")
+    job = active(state)
+    assert (job["name"], job["state"]) == ("petg_box", "queued")
+    # Cura's override dialog: "Change material 1 from PLA to PETG", and
+    # its Override button (shown when every change can be overridden)
+    assert job["configuration_changes"] == [{
+        "type": "material_change", "index": 0, "origin_name": "PLA",
+        "target_name": "PETG", "can_override": True}]
+    assert [q["name"] for q in state["queue"]] == ["petg_box"]
+    assert state["printers"][0]["state"] == "idle"
+    assert linked(base) == ["petg_box"]
+    # the job's configuration is its file's; Cura's models take it
+    raw = httpc.get_json(base, "/cluster-api/v1/print_jobs")[0]
+    assert raw["configuration"] == [{
+        "extruder_index": 0, "print_core_id": "AA 0.4", "material": {
+            "guid": gcode_samples.GENERIC_PETG, "brand": "Generic",
+            "material": "PETG", "color": "#ff5086", "name": "PETG"}}]
+    time.sleep(1.)      # held: Klipper is not asked to print it
+    assert klippy.query("print_stats")["print_stats"]["state"] == "standby"
+    # macros and the console see it too
+    assert klippy.query("cura_connection")["cura_connection"][
+        "held_job"]["name"] == "petg_box"
+    klippy.api.call("gcode/subscribe_output", {"response_template": {}})
+    klippy.gcode("CURA_QUEUE")
+    assert "petg_box waits for PETG in extruder 0" in "\n".join(
+        str(n.get("params")) for n in klippy.api.notifications)
+    # the Override button: Cura's forcePrintJob
+    assert api.force(job["key"]) == 200
+    wait_started(klippy, "petg_box.gcode")
+    state = wait_view(api, view, lambda s: active(s) and active(s)[
+        "state"] in ("printing", "wait_cleanup"), what="petg_box printed")
+    assert active(state)["configuration_changes"] == []
+    clear_after(api, view, klippy, "petg_box")
+    # a Griffin G-code for PETG, named from the profile the printer now
+    # has; loading PETG releases it
+    sync_profile(base, "generic_petg")
+    second = tmp_path / "petg_lid.gcode"
+    second.write_bytes(gcode_samples.cura_gcode(
+        print_time=60, count=20, material=gcode_samples.GENERIC_PETG))
+    assert cura_client.upload(addr, str(second))[0] == 200
+    state = wait_view(api, view, lambda s: active(s) and active(s)[
+        "name"] == "petg_lid" and active(s)["configuration_changes"],
+        what="petg_lid held")
+    assert active(state)["configuration_changes"] == [{
+        "type": "material_change", "index": 0, "origin_name": "PLA",
+        "target_name": "PETG", "can_override": True}]
+    assert linked(base) == ["petg_lid"]
+    klippy.gcode("SET_CURA_MATERIAL GUID=%s" % (gcode_samples.GENERIC_PETG,))
+    wait_started(klippy, "petg_lid.gcode")
+    state = wait_view(api, view, lambda s: active(s)["state"] in (
+        "printing", "wait_cleanup"), what="petg_lid printed")
+    assert active(state)["configuration_changes"] == []
+    assert not httpc.get_json(base, "/cluster-api/v1/print_jobs/%s" % (
+        active(state)["key"],))["force"]
+
+
+def test_jobs_without_material_facts_never_wait(cura, klippy, tmp_path):
+    # nothing known loaded: a job for PETG prints
+    addr = address(klippy)
+    send_sliced_for(addr, tmp_path, "petg", gcode_samples.GENERIC_PETG)
+    api = cura_client.ClusterApi(addr)
+    view = cura_client.MonitorView()
+    wait_started(klippy, "petg.gcode")
+    clear_after(api, view, klippy, "petg")
+    # PLA known loaded: files that name no material print all the same
+    klippy.gcode("SET_CURA_MATERIAL GUID=%s" % (gcode_samples.GENERIC_PLA,))
+    files = {
+        "marlin.gcode": (gcode_samples.cura_marlin_header(60)
+                         + gcode_samples.moves(20)).encode(),
+        "no_guid.gcode": gcode_samples.cura_gcode(
+            print_time=60, count=20, material=None)}
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+        assert cura_client.upload(addr, str(tmp_path / name))[0] == 200
+        wait_started(klippy, name)
+        state = view.poll(api)
+        assert all(j["configuration_changes"] == [] for j in state["jobs"])
+        clear_after(api, view, klippy, name[:-len(".gcode")])
+
+
+def test_holding_can_be_turned_off(cura, klippy_factory, tmp_path):
+    k = klippy_factory(module_options={"hold_material_mismatch": "False"})
+    k.gcode("SET_CURA_MATERIAL GUID=%s" % (gcode_samples.GENERIC_PLA,))
+    send_sliced_for(address(k), tmp_path, "petg", gcode_samples.GENERIC_PETG)
+    wait_started(k, "petg.gcode")
+    assert all(j["configuration_changes_required"] == [] for j in
+               httpc.get_json(k.base_url(), "/cluster-api/v1/print_jobs"))

@@ -282,3 +282,42 @@ def test_cura5_pairing_materials_after_cura_restart(cura, cura5,
     k.gcode("CURA_ALLOW ID=%s" % (key_id,))
     cura5.wait(lambda s: len(stored_materials(k)) == len(SOME_MATERIALS),
                what="the kept materials stored")
+
+
+def test_cura5_held_job_override_and_material_load(cura, cura5, klippy,
+                                                   tmp_path):
+    # The printer has synced Cura's profiles (connected) and PLA loaded:
+    # a job sliced for PETG waits on Cura 5's card with its change
+    connected(cura5, klippy)
+    klippy.gcode("SET_CURA_MATERIAL GUID=%s" % (gcode_samples.GENERIC_PLA,))
+    change = [{"type": "material_change", "index": 0, "origin_name": "PLA",
+               "target_name": "PETG", "can_override": True}]
+    for name in ("forced", "loaded"):
+        path = tmp_path / (name + ".ufp")
+        cura_client.make_ufp(str(path), gcode_samples.cura_gcode(
+            print_time=60, count=20, material=gcode_samples.GENERIC_PETG),
+            materials=[cura_client.DEFAULT_CURA_ROOT / "usr/share/cura/"
+                       "resources/materials/generic_petg.xml.fdm_material"])
+        assert cura5.upload(path)["reply"]["status"] == 200
+        state = cura5.wait(lambda s: active(s) and active(s)["name"] == name
+                           and active(s)["configuration_changes"] == change,
+                           what="%s held with its change" % (name,))
+        job = active(state)
+        assert job["state"] == "queued"
+        assert state["printers"][0]["state"] == "idle"
+        assert klippy.query("print_stats")["print_stats"]["state"] in (
+            "standby", "complete")
+        if name == "forced":
+            # Cura's Override button: forceSendJob
+            assert cura5.action("force", job["key"])["status"] == 200
+        else:
+            klippy.gcode("SET_CURA_MATERIAL GUID=%s"
+                         % (gcode_samples.GENERIC_PETG,))
+        state = cura5.wait(lambda s: active(s)["state"] == "wait_cleanup",
+                           what="%s printed" % (name,))
+        assert active(state)["configuration_changes"] == []
+        assert klippy.query("print_stats")["print_stats"]["filename"] \
+            == name + ".gcode"
+        klippy.gcode("CURA_BUILD_PLATE_CLEARED")
+        cura5.wait(lambda s: active(s) is None, what="card cleared")
+    assert errors(state) == []

@@ -321,7 +321,9 @@ GOOD_JOB = {"uuid": "1234abcd", "name": "a", "filename": "a.gcode",
             "status": "queued", "source": "cura", "time_estimate": 10,
             "time_elapsed": 0, "time_total": 10, "preview": None,
             "started": False, "force": False, "message": "",
-            "finished_at": None}
+            "finished_at": 1764410400.0,
+            "materials": [{"extruder": 0, "guid": "1cbfaeb3-1906-4b26-b2e7"
+                           "-6f777a8c197a", "name": "PETG"}]}
 GOOD_CLIENT = {"key": "k" * 32, "allowed": True, "application": "Cura",
                "user": "bob", "address": "127.0.0.1",
                "requested_at": "2026-01-01 00:00:00"}
@@ -415,6 +417,10 @@ def test_fuzz_saved_files(tmp_path):
                                      ("extruder1", {"material": "PLA"})])
         assert set(loaded.status_cache) == {"extruder", "extruder1"}
         loaded.get(0), loaded.get(1), loaded.get(5)
+        for job in cur + q + hist:     # what a saved job asks is usable
+            loaded.changes(job.materials)
+            assert job.finished_at is None \
+                or isinstance(job.finished_at, str)
         loaded.save()
 
     batches = run_for(SECONDS, one)

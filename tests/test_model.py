@@ -8,6 +8,9 @@ Cura 4.13's own client, and checks after every step:
   - a file whose abort was acknowledged (2xx) never prints again;
   - every 2xx action changed the job as asked, every 409 was an action
     that did not apply (or Klipper was busy) and changed nothing;
+  - a job Cura shows held (queued on the card, with its configuration
+    changes) waits for a material it was not given, and was not forced;
+    at most one job points at the printer;
   - Klippy is ready;
   - the saved queue equals the one served, once settled;
   - no job and no queued file is lost (except entries of a state file the
@@ -54,6 +57,8 @@ BODIES = {
     + gcode_samples.moves(40, 10, 0.1),
     "error": gcode_samples.moves(20, 10, 0.1) + "M104 S5000\n",
 }
+MATERIALS = {"black": gcode_samples.ULTIMAKER_PLA_BLACK,
+             "generic": gcode_samples.GENERIC_PLA}
 STEPS = {"steps": 0, "examples": 0}
 OUTCOMES = {}     # "pause printing -> 200" -> count, printed at the end
 
@@ -96,6 +101,12 @@ def make_machine(k, workdir):
             self.known = {}           # uuid -> file name, jobs not deleted
             self.aborted = set()      # files whose abort was acknowledged
             self.hold_until = 0.
+            # uploads are sliced for Ultimaker PLA Black or Generic PLA;
+            # one known loaded holds the others
+            k.gcode("SET_CURA_MATERIAL GUID=" + MATERIALS["black"])
+            self.loaded = "black"
+            self.material_of = {}     # uuid -> the material it was sliced for
+            self.forced = set()
             self.n = 0
             self.last_jobs = []       # as served at the last check
 
@@ -111,17 +122,19 @@ def make_machine(k, workdir):
             return js[0] if js and "printer_uuid" in js[0] else None
 
         # Rules
-        @rule(kind=st.sampled_from(sorted(BODIES)))
-        def upload(self, kind):
+        @rule(kind=st.sampled_from(sorted(BODIES)),
+              material=st.sampled_from(sorted(MATERIALS)))
+        def upload(self, kind, material):
             self.n += 1
             name = "%s_%d" % (kind, self.n)
             path = os.path.join(workdir, name + ".ufp")
-            cura_client.make_ufp(path, gcode_samples.griffin_header(60)
-                                 + BODIES[kind])
+            cura_client.make_ufp(path, gcode_samples.griffin_header(
+                60, MATERIALS[material]) + BODIES[kind])
             status, body = cura_client.upload(self.addr, path)
             assert status == 200, body
             reply = json.loads(body)
             self.known[reply["uuid"]] = reply["filename"]
+            self.material_of[reply["uuid"]] = material
             note("upload %s" % (kind,))
 
         # hypothesis turns whole rules off per example (swarm testing):
@@ -201,6 +214,16 @@ def make_machine(k, workdir):
                 assert (status == 200) == queued, (job, status)
             else:
                 assert status == 200
+                self.forced.add(job["uuid"])
+
+        @rule(which=st.sampled_from(sorted(MATERIALS) + ["empty"]))
+        def load_material(self, which):
+            # the job's material or none lets it print
+            k.gcode("SET_CURA_MATERIAL " + ("GUID=" + MATERIALS[which]
+                                            if which in MATERIALS
+                                            else "MATERIAL=empty"))
+            self.loaded = which
+            note("load %s material" % (which,))
 
         @rule(http=st.booleans())
         def plate_cleared(self, http):
@@ -302,6 +325,17 @@ def make_machine(k, workdir):
             card = view["printers"][0]
             active = card["active_job"]
             assert card["state"] in ("idle", "printing"), card
+            assert len([j for j in js if "printer_uuid" in j
+                        or "assigned_to" in j]) <= 1, js
+            held = active is not None and active["state"] == "queued"
+            if held:
+                assert self.loaded in MATERIALS and self.loaded \
+                    != self.material_of[active["key"]] and \
+                    active["key"] not in self.forced, active
+                assert active["configuration_changes"] and all(
+                    c["can_override"] for c in
+                    active["configuration_changes"]), active
+                note("held job on Cura's card")
             assert not [j for j in view["jobs"] if j["state"] in HISTORY], \
                 view["jobs"]
             if state in PRINTING:
@@ -313,7 +347,7 @@ def make_machine(k, workdir):
             else:
                 # an ended job stays on the card until the plate is
                 # cleared, then leaves it (and Cura's list)
-                assert active is None or active["state"] in ENDED or (
+                assert active is None or held or active["state"] in ENDED or (
                     active["state"] == "pre_print"
                     and time.monotonic() < self.hold_until + 1), \
                     (before, active)

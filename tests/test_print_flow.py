@@ -155,6 +155,11 @@ def test_queue_survives_restart_and_kill(klippy_factory):
     k.gcode("CURA_BUILD_PLATE_CLEARED")
     wait_jobs(k.base_url(), lambda js: by_name(js)["long2"]["status"]
               == "printing", what="long2 printing")
+    # the writer thread has saved it (kill -9 a moment earlier loses the
+    # change, as any process would)
+    saved = os.path.join(k.gcodes_dir, ".cura_connection", "queue.json")
+    httpc.wait_for(lambda: '"name": "long2"' in open(saved).read().split(
+        '"queue"')[0], what="long2 saved as the printer's job")
     k.kill9()
     k.start()
     k.wait_ready()

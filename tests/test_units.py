@@ -4,6 +4,7 @@ machine, material files.  The real Klippy runs in the other test files."""
 import base64
 import json
 import os
+import re
 import sys
 import threading
 
@@ -561,8 +562,17 @@ GOOD = {"uuid": "1234abcd", "name": "a", "filename": "a.gcode",
                                                    source={})]}, []),
     ({"queue": [GOOD], "history": {"a": 1}, "current": [],
       "plate_clear": "yes"}, ["a"]),
+    ({"queue": [dict(GOOD, materials=[{"extruder": 0, "guid": 5}]),
+                dict(GOOD, uuid="5", materials=[{"extruder": -1}]),
+                dict(GOOD, uuid="6", materials={"0": {}}),
+                dict(GOOD, uuid="7", materials=[{"extruder": 0},
+                                                {"extruder": 0}]),
+                dict(GOOD, uuid="8", materials=[{"extruder": 0, "x": ""}]),
+                dict(GOOD, uuid="9", name="b",
+                     materials=[{"extruder": 1, "guid": "g"}])]}, ["b"]),
 ], ids=["queue is a number", "bad entries", "unsafe name", "bad time",
-        "twice", "wrong status", "unhashable status", "bad fields"])
+        "twice", "wrong status", "unhashable status", "bad fields",
+        "bad materials"])
 def test_store_drops_bad_saved_entries(tmp_path, data, kept):
     path = tmp_path / "queue.json"
     path.write_text(json.dumps(data))
@@ -661,6 +671,9 @@ class FakeApi:
 
     def printer_configuration(self, snap):
         return self.config
+
+    def jobs_basis(self):
+        return json.dumps(self.config)
 
     def job_json(self, job, linked):
         d = job.to_dict()
@@ -841,3 +854,125 @@ def test_control_frames_round_trip_and_stop_at_a_cut():
     c.close()
     assert list(cc.FrameReader(d).frames()) == []
     d.close()
+
+
+PETG = {"extruder": 0, "guid": "1cbfaeb3-1906-4b26-b2e7-6f777a8c197a",
+        "brand": "Generic", "material": "PETG", "color": "Generic",
+        "name": "PETG"}
+
+
+def test_griffin_header_materials():
+    head = cc.gcode_comment_lines(
+        b";FLAVOR:Griffin\n"
+        b";EXTRUDER_TRAIN.0.MATERIAL.GUID:3EE70A86-77d8-4b87-8005-e4a1bc57d2ce"
+        b"\r\n;EXTRUDER_TRAIN.0.NOZZLE.NAME:AA 0.4\n"
+        b";EXTRUDER_TRAIN.1.NOZZLE.NAME:BB 0.4 \n"
+        b";EXTRUDER_TRAIN.1.MATERIAL.GUID:not a guid\n"
+        b";EXTRUDER_TRAIN.2.MATERIAL.GUID:\n"
+        b";EXTRUDER_TRAIN.99.MATERIAL.GUID:abc\nG1 X1\n")
+    assert cc.parse_gcode_metadata(head, b"")["materials"] == [
+        {"extruder": 0, "guid": "3ee70a86-77d8-4b87-8005-e4a1bc57d2ce",
+         "print_core_id": "AA 0.4"},
+        {"extruder": 1, "print_core_id": "BB 0.4"}]
+    # Cura's Marlin header names no material
+    marlin = b";FLAVOR:Marlin\n;TIME:60\n;Filament used: 1m\nG1 X1\n"
+    assert cc.parse_gcode_metadata(marlin, b"")["materials"] == []
+    assert cc.valid_job_materials(
+        cc.parse_gcode_metadata(head, b"")["materials"])
+
+
+HOUSE = {"extruder": 0, "guid": "0b1c7e2a-5f7c-4d57-a9b4-2c9d7a4b1e01",
+         "brand": "House", "material": "PETG", "color": "Teal",
+         "color_code": "#008080"}
+
+
+@pytest.mark.parametrize("wanted,loaded,differs", [
+    (PETG, None, False),                             # nothing known
+    (PETG, {"material": "empty"}, False),            # nothing to swap
+    (PETG, {"guid": PETG["guid"].upper()}, False),
+    (PETG, {"guid": "506c9f0d-e3aa-4bd4-b2d2-23e2425b1aa9"}, True),
+    (PETG, {"material": "petg"}, False),
+    (PETG, {"material": "PLA"}, True),
+    # a Generic profile is any brand's, in any colour
+    (PETG, {"material": "PETG", "brand": "Acme", "color": "red"}, False),
+    (HOUSE, {"material": "PETG", "brand": "Acme"}, True),
+    (HOUSE, {"material": "PETG", "brand": "house", "color": "#008080"},
+     False),
+    (HOUSE, {"material": "PETG", "color": "teal"}, False),
+    (HOUSE, {"material": "PETG", "color": "red"}, True),
+])
+def test_material_differs(wanted, loaded, differs):
+    assert cc.material_differs(wanted, loaded) is differs
+    # a job that names only a GUID is compared by GUID only
+    assert cc.material_differs({"extruder": 0, "guid": wanted["guid"]},
+                               loaded) is bool(differs and "guid" in loaded)
+
+
+def test_job_materials_named_from_the_ufp_then_the_store(tmp_path):
+    m = cc.MaterialStore(str(tmp_path / "m"))
+    m.add("house.xml.fdm_material", (MATERIAL % (GUID, 1)).encode())
+    wanted = [{"extruder": 0, "guid": PETG["guid"]},
+              {"extruder": 1, "guid": GUID},
+              {"extruder": 2, "guid": "unknown"}]
+    named = m.name_job_materials(wanted, {PETG["guid"]: cc.MaterialStore.parse(
+        (MATERIAL % (PETG["guid"], 2)).encode())})
+    assert [e.get("name") for e in named] == ["Red PLA", "Red PLA", None]
+    assert named[2] == {"extruder": 2, "guid": "unknown"}
+    assert cc.valid_job_materials(named)
+
+
+def test_lifecycle_holds_a_job_until_forced_or_loaded(tmp_path, klipper):
+    loaded = cc.LoadedMaterials(str(tmp_path / "loaded.json"),
+                                [("extruder", {"material": "PLA"})])
+    def changes(job):
+        return [] if job.force else loaded.changes(job.materials)
+    for auto_start_next in (False, True):
+        store = cc.JobStore(str(tmp_path / "q.json"), 5, auto_start_next)
+        life = cc.JobLifecycle(klipper, store, lambda job: None, changes)
+        done = cc.Job(name="done", filename="done.gcode")
+        store.add(done)
+        klipper.follow(life)
+        klipper.finish()
+        klipper.follow(life)
+        if not auto_start_next:
+            life.plate_cleared()
+        a = cc.Job(name="a", filename="a.gcode", materials=[PETG])
+        b = cc.Job(name="b", filename="b.gcode", materials=[PETG])
+        store.add(a)
+        store.add(b)
+        klipper.follow(life)
+        klipper.follow(life)
+        # held: not started, and the job Cura's card shows (alone)
+        assert a.status == "queued" and store.held is a
+        assert klipper.filename == "done.gcode"
+        assert store.printer_jobs() == ([a], [done, b] if store.current
+                                        else [b])
+        assert store.status_cache["held_job"]["name"] == "a"
+        life.change(cc.NoCall, store.set_force, a.uuid, True)
+        klipper.run_callbacks()
+        assert a.status == "printing" and store.printer_jobs()[0] == [a]
+        klipper.finish()
+        klipper.follow(life)
+        life.plate_cleared()
+        klipper.follow(life)
+        assert b.status == "queued" and store.held is b
+        loaded.set("extruder", {"material": "PETG"})
+        klipper.follow(life)
+        assert b.status == "printing" and store.held is None
+        klipper.finish()
+        klipper.follow(life)
+        life.plate_cleared()
+        loaded.set("extruder", {"material": "PLA"})
+
+
+def test_finished_at_is_iso_and_old_epochs_convert(tmp_path):
+    path = tmp_path / "queue.json"
+    path.write_text(json.dumps({"history": [dict(
+        GOOD, status="finished", finished_at=1764410400.5)]}))
+    s = cc.JobStore(str(path), 5, False)
+    assert s.history[0].finished_at == "2025-11-29T10:00:00.000000Z"
+    job = cc.Job(name="x", filename="x.gcode")
+    s.end(job, "wait_cleanup")
+    assert re.match(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.000000Z$",
+                    job.finished_at)
+    assert len(job.finished_at) == len(job.created_at)

@@ -190,6 +190,10 @@ def run_page_scenario(klippy_factory, browser, camera):
         == ["calibration_cube"]
     wait_for(lambda: "calibration_cube" in text(browser, "history-list"),
              what="history")
+    # with the time it finished (finished_at, ISO like created_at)
+    import re
+    assert re.search(r"\d\d:\d\d", text(browser, "history-list")), \
+        text(browser, "history-list")
     wait_for(lambda: texts(browser, "#queue-list .name")
              == ["phone_stand", "vase"], what="queue after start")
     # move to top, then delete (a second click confirms)
@@ -292,3 +296,36 @@ def test_page_paths_and_errors(klippy_factory, browser):
     wait_for(lambda: browser.find_element("id", "offline").is_displayed(),
              what="offline banner")
     assert shutil.which("chromium") or os.path.exists(CHROMIUM)
+
+
+def test_page_shows_a_held_job_and_prints_it_anyway(klippy_factory,
+                                                     browser):
+    import cura_client
+    import gcode_samples
+    k = klippy_factory(module_options={
+        "material_extruder": gcode_samples.ULTIMAKER_PLA_BLACK})
+    base = k.base_url()
+    for name in ("ultimaker_pla_black", "generic_petg"):
+        name += ".xml.fdm_material"
+        body, headers = httpc.multipart({}, {"file": (name, (
+            cura_client.DEFAULT_CURA_ROOT / "usr/share/cura/resources/"
+            "materials" / name).read_bytes())})
+        assert httpc.request(base, "POST", "/cluster-api/v1/materials/",
+                             body, headers).status == 200
+    upload(base, "lid.gcode", gcode_samples.cura_gcode(
+        print_time=60, count=20, material=gcode_samples.GENERIC_PETG),
+        "alice")
+    browser.get(base + "/print_jobs")
+    wait_for(lambda: browser.execute_script(
+        "return document.body.dataset.loaded"), what="page loaded")
+    wait_for(lambda: browser.find_elements("id", "changes"),
+             what="the held job's change")
+    assert texts(browser, "#current-job .name") == ["lid"]
+    assert text(browser, "changes") \
+        == "Waits for PETG in extruder 1 (Black PLA is loaded)"
+    assert k.query("print_stats")["print_stats"]["state"] == "standby"
+    click(browser, "#override")
+    wait_for(lambda: k.query("print_stats")["print_stats"]["filename"]
+             == "lid.gcode", what="lid printing")
+    wait_for(lambda: not browser.find_elements("id", "changes"),
+             what="the change gone")
