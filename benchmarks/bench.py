@@ -994,15 +994,18 @@ def main():
                     help="skip the serving goal table (serving.py)")
     ap.add_argument("--quick", action="store_true",
                     help="only the serving goal table, shorter loads")
-    ap.add_argument("--flood", type=float, default=5.,
-                    help="seconds of each flat-out poller load (serving)")
-    ap.add_argument("--upload-runs", type=int, default=3,
-                    help="200 MiB uploads per leg (serving)")
+    ap.add_argument("--flood", type=float,
+                    help="seconds of each flat-out poller load (serving; "
+                    "default 5, --quick 3)")
+    ap.add_argument("--upload-runs", type=int,
+                    help="200 MiB uploads per leg and variant (serving; "
+                    "default 3, --quick 2)")
     ap.add_argument("--front-cpu", type=int, default=1, choices=(0, 1),
                     help="Pi-class leg: the CPU of the front process "
                     "(1: another core, as on a Pi 4; 0: Klippy's core)")
-    ap.add_argument("--jobs10k", type=float, default=10.,
-                    help="seconds of the 10,000-job load (serving)")
+    ap.add_argument("--jobs10k", type=float,
+                    help="seconds of the 10,000-job load (serving; default "
+                    "10, --quick 6)")
     ap.add_argument("--profile", action="store_true",
                     help="only profile one upload of each kind (py-spy)")
     ap.add_argument("--keep", action="store_true",
@@ -1010,8 +1013,11 @@ def main():
     ap.add_argument("--out", default=RESULTS)
     args = ap.parse_args()
     args.module_options = {}
-    if args.quick:
-        args.flood, args.upload_runs, args.jobs10k = 3., 2, 6.
+    # (--quick: shorter loads, unless given)
+    for name, full, quick in (("flood", 5., 3.), ("upload_runs", 3, 2),
+                              ("jobs10k", 10., 6.)):
+        if getattr(args, name) is None:
+            setattr(args, name, quick if args.quick else full)
     global QUIET_TIMEOUT
     QUIET_TIMEOUT = args.quiet_wait if args.quiet_wait is not None else (
         3. if args.quick else 10.)
