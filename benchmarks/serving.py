@@ -38,6 +38,7 @@ import subprocess
 import time
 
 import clients
+import hostile
 import klippy_harness
 
 MIB = 1 << 20
@@ -245,7 +246,7 @@ class Serving:
                 g = PiCore("%s_%s" % (leg, name), fraction)
                 groups.append(g)
                 g.add(k.pid)
-                for child in child_pids(k.pid):   # the front process
+                for child in hostile.children(k.pid):   # the front process
                     g = PiCore("%s_%s_front" % (leg, name), fraction,
                                cpu=a.front_cpu)
                     groups.append(g)
@@ -320,17 +321,6 @@ class Serving:
                 for i, who in enumerate(("ours", "bare"))}
         return out
 
-
-def child_pids(pid):
-    """The processes pid started (cura_connection's front process)."""
-    out = []
-    for tid in os.listdir("/proc/%d/task" % (pid,)):
-        try:
-            with open("/proc/%d/task/%s/children" % (pid, tid)) as f:
-                out += [int(c) for c in f.read().split()]
-        except OSError:
-            pass
-    return out
 
 
 def lat_summary(samples):
