@@ -28,9 +28,10 @@ Two legs:
   generator (this process and its children) on CPU 1.  The fraction is the
   speed of a Raspberry Pi 4 core relative to this one, measured with an
   n-body microbenchmark (pure-Python float arithmetic): see pi_fraction().
-  The front process gets a group of its own with the same quota: on CPU 1
+  The front process gets a group of its own with the same quota on CPU 1
   (`--front-cpu 1`, default: a Pi 4 has four cores, Klippy uses one), or
-  on CPU 0 beside its Klippy (`--front-cpu 0`: a one-core board).
+  shares its Klippy's group and core (`--front-cpu 0`: a one-core board,
+  where one service's cgroup holds both).
 """
 import json
 import os
@@ -247,10 +248,15 @@ class Serving:
                 groups.append(g)
                 g.add(k.pid)
                 for child in hostile.children(k.pid):   # the front process
-                    g = PiCore("%s_%s_front" % (leg, name), fraction,
-                               cpu=a.front_cpu)
-                    groups.append(g)
-                    g.add(child)
+                    if a.front_cpu == 0:
+                        # one core: Klippy's share, as one service's
+                        # cgroup would hold both on a one-core board
+                        g.add(child)
+                        continue
+                    front = PiCore("%s_%s_front" % (leg, name), fraction,
+                                   cpu=a.front_cpu)
+                    groups.append(front)
+                    front.add(child)
             return k
         try:
             self.bare = start("bare", with_module=False)
@@ -365,11 +371,12 @@ def report(res):
          "(the bare column is the one measured beside ours).  Pi-class leg: "
          "the Klippys on CPU 0, each in a cgroup with a CFS quota of %.0f%% "
          "of the core (period %d us; n-body: this core %.1f s for 5M steps, "
-         "a Pi 4 %.0f s), the front process in a group of its own with the "
-         "same quota on CPU %d, the load generator on CPU 1.  The pollers run "
-         "at nice 19 in both legs."
+         "a Pi 4 %.0f s), the front process %s, the load generator on "
+         "CPU 1.  The pollers run at nice 19 in both legs."
          % (res["pi_fraction"] * 100, PERIOD_US, res["nbody_5m_here"],
-            PI4_NBODY_5M_SECONDS, res.get("front_cpu", 1)), "",
+            PI4_NBODY_5M_SECONDS,
+            "in its Klippy's group (one core)" if res.get("front_cpu") == 0
+            else "in a group of its own with the same quota on CPU 1"), "",
          "| figure | x86: ours | x86: in-process | x86: bare | x86 goal | "
          "| Pi: ours | Pi: in-process | Pi: bare | Pi ours/bare "
          "| Pi in-process/bare | Pi goal | |",
