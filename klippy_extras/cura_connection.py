@@ -3553,6 +3553,17 @@ GATED_HANDLERS = frozenset((
     "get_history", "get_print_job", "get_materials", "get_page"))
 
 
+def http_date(server):
+    """The Date header's value now, formatted once a second (kept in
+    server.date_cache: CuraHTTPServer, FrontServer)."""
+    now = int(time.time())
+    cached = server.date_cache
+    if cached[0] != now:
+        cached = server.date_cache = (now, email.utils.formatdate(
+            now, usegmt=True))
+    return cached[1]
+
+
 class CuraRequestHandler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"   # keep-alive, as Qt uses it
     default_request_version = "HTTP/1.0"   # every reply has a status line
@@ -3606,14 +3617,10 @@ class CuraRequestHandler(http.server.BaseHTTPRequestHandler):
                       *args)
 
     def date_time_string(self, timestamp=None):
-        # one Date per second, not one per reply
-        now = int(time.time()) if timestamp is None else timestamp
-        cached = self.server.date_cache
-        if cached[0] != now:
-            cached = self.server.date_cache = (
-                now, http.server.BaseHTTPRequestHandler.date_time_string(
-                    self, now))
-        return cached[1]
+        if timestamp is not None:
+            return http.server.BaseHTTPRequestHandler.date_time_string(
+                self, timestamp)
+        return http_date(self.server)
 
     def handle_expect_100(self):
         # Answer "100 Continue" only once the upload has been accepted
@@ -3989,6 +3996,17 @@ class CuraHTTPServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
         self.serving = True
         self.serve_forever(poll_interval=0.2)
 
+    def listen_again(self):
+        """After the front process ended: a new listening socket on the
+        address bound first (OSError if it is taken meanwhile)."""
+        self.socket = socket.socket(self.address_family, self.socket_type)
+        try:
+            self.server_bind()
+            self.server_activate()
+        except OSError:
+            self.socket.close()
+            raise
+
     serving = False
 
     def close(self):
@@ -4144,7 +4162,7 @@ class FrontProcess:
         # socket goes, so the port is free as soon as the child ends.
         server.socket.close()
         self.ctl, self.hand = ctl, hand
-        send_frame(ctl, "settings", json.dumps(settings).encode())
+        self.send("settings", json.dumps(settings).encode())
         self.threads = [threading.Thread(target=fn, daemon=True,
                                          name="cura_connection " + name)
                         for fn, name in ((self._publish_loop, "publisher"),
@@ -4157,6 +4175,10 @@ class FrontProcess:
                      self.proc.pid)
 
     # Any thread
+    def send(self, key, payload=b""):
+        with self.send_lock:
+            send_frame(self.ctl, key, payload)
+
     def ask(self):
         """Ask for a publication of the state as it is now; returns the
         number to pass to shown()."""
@@ -4209,10 +4231,9 @@ class FrontProcess:
         finally:
             if gated:
                 gate.leave()
-        with self.send_lock:
-            for key, data in changed:
-                send_frame(self.ctl, key, data)
-            send_frame(self.ctl, "commit", b"%d %d" % (gen, asked))
+        for key, data in changed:
+            self.send(key, data)
+        self.send("commit", b"%d %d" % (gen, asked))
 
     def _changed_replies(self, pause):
         # [(key, bytes)] that differ from what the child has
@@ -4281,8 +4302,7 @@ class FrontProcess:
         self.sync()     # the next poll lists the new job
         reply["id"] = call["id"]
         try:
-            with self.send_lock:
-                send_frame(self.ctl, "answer", json.dumps(reply).encode())
+            self.send("answer", json.dumps(reply).encode())
         except OSError:
             pass
 
@@ -4495,7 +4515,6 @@ class FrontServer:
         self.call_ids = iter(range(1, 1 << 62))
         self.connections = 0
         self.count_lock = threading.Lock()
-        self.date = (None, b"")
         self.date_cache = (None, "")
         logging.getLogger().addHandler(FrontLog(self))
         logging.getLogger().setLevel(logging.INFO)
@@ -4673,20 +4692,14 @@ class FrontServer:
         socket.send_fds(self.hand, [b"c"], [sock.fileno()])
         sock.close()
 
-    def _date(self):
-        now = int(time.time())
-        if self.date[0] != now:
-            self.date = (now, email.utils.formatdate(
-                now, usegmt=True).encode())
-        return self.date[1]
-
     def _reply(self, sock, status, parts, close):
         length = sum(map(len, parts))
         head = (b"HTTP/1.1 %d %s\r\nServer: %s\r\nDate: %s\r\n"
                 b"Content-Type: application/json\r\nContent-Length: %d\r\n"
                 b"Cache-Control: no-store\r\n%s\r\n" % (
                     status, http.HTTPStatus(status).phrase.encode(),
-                    self.version_string.encode(), self._date(), length,
+                    self.version_string.encode(), http_date(self).encode(),
+                    length,
                     b"Connection: close\r\n" if close else b""))
         if length < 65536:
             sock.sendall(b"".join([head] + parts))
@@ -4932,7 +4945,7 @@ class CuraConnection:
         self.bound_port = self.server.server_address[1]
         self.server.trusted_clients = trusted
         self.server.request_timeout = request_timeout
-        self.servers, self.server_threads = [self.server], []
+        self.server_threads = []
         if self.front_process:
             try:
                 self.server.front = FrontProcess(self.server, self.api, {
@@ -4972,16 +4985,12 @@ class CuraConnection:
         if self.closed:
             return
         try:
-            server = self.server.__class__((self.address, self.bound_port),
-                                           self.api)
+            self.server.listen_again()
         except OSError as e:
             logging.error("cura_connection: cannot listen on %s:%d again: "
                           "%s", self.address, self.bound_port, e)
             return
-        server.trusted_clients = self.server.trusted_clients
-        server.request_timeout = self.server.request_timeout
-        self.servers.append(server)
-        self._serve_here(server)
+        self._serve_here(self.server)
 
     def _register_commands(self):
         gcode = self.printer.lookup_object("gcode")
@@ -5037,8 +5046,7 @@ class CuraConnection:
             return
         self.closed = True
         self.bridge.closing = True
-        for server in self.servers:
-            server.close()
+        self.server.close()
         for thread in self.server_threads:
             thread.join(2.)
         self.writer.stop()
