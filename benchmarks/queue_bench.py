@@ -63,7 +63,7 @@ def measure(n, max_queue, seconds):
     workdir = tempfile.mkdtemp(prefix="queue-bench-")
     k = klippy_harness.Klippy("klipper", workdir,
                               module_options={"max_queue": max_queue})
-    data = os.path.join(k.gcodes_dir, ".cura_connection")
+    data = k.data_dir
     os.makedirs(data)
     with open(os.path.join(data, "queue.json"), "w") as f:
         f.write(queue_file(n))

@@ -177,6 +177,13 @@ class Klippy:
         self.start_seconds = self.restart_seconds = None
 
     # Files
+    @property
+    def data_dir(self):
+        """The module's own folder (queue.json, auth.json...): data_path,
+        else the module's default for this instance."""
+        return self.module_options.get("data_path") or os.path.join(
+            self.gcodes_dir, ".cura_connection")
+
     def config_text(self):
         """printer.cfg: a heater-only printer with kinematics none."""
         parts = ["""\
@@ -257,7 +264,7 @@ path: %s
         or a raised limit leaves it -- a finished job on the plate, so
         nothing starts by itself, and `jobs` queued jobs of one small file.
         Returns the queued jobs' uuids."""
-        data_dir = os.path.join(self.gcodes_dir, ".cura_connection")
+        data_dir = self.data_dir
         os.makedirs(data_dir, exist_ok=True)
         with open(os.path.join(self.gcodes_dir, filename), "w") as f:
             f.write(";FLAVOR:Marlin\n;TIME:600\nG1 X1\n")

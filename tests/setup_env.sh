@@ -108,6 +108,15 @@ unpack_debs "$CACHE/nginx" nginx
 make_klippy_venv klipper
 make_klippy_venv kalico
 
+# Upstream Klipper master (KLIPPY_UPSTREAM_DIR, a writable copy): compile
+# its C helper into that tree once, with the Kalico venv it runs on.
+if [ -n "${KLIPPY_UPSTREAM_DIR:-}" ]; then
+    [ -f "$KLIPPY_UPSTREAM_DIR/klippy/klippy.py" ] \
+        || die "KLIPPY_UPSTREAM_DIR=$KLIPPY_UPSTREAM_DIR has no klippy/klippy.py"
+    "$VENVS/kalico/bin/python" -c "import sys; sys.path.insert(0, sys.argv[1]); import chelper; chelper.get_ffi()" \
+        "$KLIPPY_UPSTREAM_DIR/klippy" >/dev/null
+fi
+
 T="$VENVS/test"
 want=$(stamp test "$ROOT/tests/requirements.txt")
 if [ "$(cat "$T/.done" 2>/dev/null)" != "$want" ]; then

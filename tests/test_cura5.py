@@ -162,7 +162,7 @@ def free_port():
 def waiting_ids(k):
     import json
     import os
-    path = os.path.join(k.gcodes_dir, ".cura_connection", "auth.json")
+    path = os.path.join(k.data_dir, "auth.json")
     if not os.path.exists(path):
         return []
     with open(path) as f:
@@ -247,7 +247,7 @@ def test_cura5_pairing(cura, cura5, klippy_factory, tmp_path):
     cura5.wait(lambda s: active(s)["state"] in ("aborted",
                "aborted_wait_cleanup"), what="aborted")
     import os
-    os.unlink(os.path.join(k.gcodes_dir, ".cura_connection", "auth.json"))
+    os.unlink(os.path.join(k.data_dir, "auth.json"))
     k.restart()
     third = wait_asking(cura5, k)
     k.gcode("CURA_ALLOW ID=%s" % (third,))

@@ -448,7 +448,7 @@ param_values = st.one_of(
 def test_fuzz_gcode_commands_and_saved_files(klippy_factory, flavor):
     import json
     k = klippy_factory(start=False)
-    data = os.path.join(k.gcodes_dir, ".cura_connection")
+    data = k.data_dir
     os.makedirs(data, exist_ok=True)
     k.start()
     k.wait_ready()

@@ -418,7 +418,7 @@ def test_material_abuse(klippy_factory):
     k = klippy_factory(module_options=OPTIONS)
     base = k.base_url()
     watch = Watch(k)
-    mats = os.path.join(k.gcodes_dir, ".cura_connection", "materials")
+    mats = os.path.join(k.data_dir, "materials")
 
     def post(filename, data, name="file"):
         body, h = httpc.multipart({}, {name: (filename, data)})

@@ -196,7 +196,7 @@ def test_action_behind_a_busy_gcode_queue_is_refused(klippy):
 
 
 def write_data(k, name, data):
-    d = os.path.join(k.gcodes_dir, ".cura_connection")
+    d = k.data_dir
     os.makedirs(d, exist_ok=True)
     with open(os.path.join(d, name), "w") as f:
         f.write(data if isinstance(data, str) else json.dumps(data))

@@ -105,8 +105,7 @@ def test_materials_on_cura_card_and_over_restarts(cura, klippy_factory):
     assert status["extruder1"]["material"] == "pla"
 
     # the runner thread wrote it; a restart keeps it over the config
-    data_file = os.path.join(k.gcodes_dir, ".cura_connection",
-                             "loaded_materials.json")
+    data_file = os.path.join(k.data_dir, "loaded_materials.json")
     wait_for(lambda: os.path.exists(data_file) and json.load(open(
         data_file))["extruders"]["extruder1"], what="saved file")
     k.restart()

@@ -82,7 +82,7 @@ def klipper_print(k):
 
 
 def make_machine(k, workdir):
-    data = os.path.join(k.gcodes_dir, ".cura_connection")
+    data = k.data_dir
 
     class Lifecycle(RuleBasedStateMachine):
         def __init__(self):

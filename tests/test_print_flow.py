@@ -157,7 +157,7 @@ def test_queue_survives_restart_and_kill(klippy_factory):
               == "printing", what="long2 printing")
     # the writer thread has saved it (kill -9 a moment earlier loses the
     # change, as any process would)
-    saved = os.path.join(k.gcodes_dir, ".cura_connection", "queue.json")
+    saved = os.path.join(k.data_dir, "queue.json")
     httpc.wait_for(lambda: '"name": "long2"' in open(saved).read().split(
         '"queue"')[0], what="long2 saved as the printer's job")
     k.kill9()

@@ -458,8 +458,7 @@ def test_pairing(klippy_factory):
     assert other.check() == "authorized"
     assert other.upload("fourth.gcode").status == 200
     assert {"second", "fourth"} <= {j["name"] for j in jobs(base)}
-    with open(os.path.join(k.gcodes_dir, ".cura_connection",
-                           "auth.json")) as f:
+    with open(os.path.join(k.data_dir, "auth.json")) as f:
         assert cura.id not in f.read()
 
 
