@@ -2684,18 +2684,52 @@ class MachineDefinition:
                             for n in self.notes)
             z.writestr("README.txt", DEFINITION_HOWTO % {
                 "id": self.id, "bom": self.bom, "name": self.name,
-                "notes": notes})
+                "folders": cura_data_folders_text(), "notes": notes})
         return buf.getvalue()
+
+
+# Where Cura reads machine definitions from: Uranium's data folder, with
+# <version> Cura's major.minor (5.11).  On Linux it is not the folder
+# Help > Show Configuration Folder opens (~/.config/cura/<version>).
+CURA_DATA_FOLDERS = (
+    ("Windows", "%APPDATA%\\cura\\<version>"),
+    ("macOS", "~/Library/Application Support/cura/<version>"),
+    ("Linux", "~/.local/share/cura/<version>"),
+)
+CURA_DATA_FOLDER_NOTE = (
+    "<version> is Cura's, e.g. 5.11. Help > Show Configuration Folder"
+    " opens it on Windows and macOS; on Linux it opens"
+    " ~/.config/cura/<version>, which is not it. A set $XDG_DATA_HOME"
+    " takes the place of ~/.local/share.")
+
+
+def cura_data_folders_text():
+    # for the zip's README.txt
+    import textwrap
+    return "".join("     %s: %s\n" % f for f in CURA_DATA_FOLDERS) + \
+        textwrap.fill(CURA_DATA_FOLDER_NOTE, 72, initial_indent="   ",
+                      subsequent_indent="   ")
+
+
+def cura_data_folders_html():
+    # for the web page (where it says <!--cura-data-folders-->)
+    from html import escape
+    return "<ul>%s</ul><small>%s</small>" % ("".join(
+        "<li>%s: <code>%s</code></li>" % (escape(system), escape(folder))
+        for system, folder in CURA_DATA_FOLDERS),
+        escape(CURA_DATA_FOLDER_NOTE))
 
 
 DEFINITION_HOWTO = """\
 Cura machine definition for %(name)s, made by cura_connection from the
 printer's Klipper configuration.
 
-1. In Cura: Help > Show Configuration Folder.  Close Cura.
-2. Copy definitions/*.def.json into its "definitions" folder and
-   extruders/*.def.json into its "extruders" folder (create them if
-   missing).  On Linux the folder is ~/.local/share/cura/<version>/.
+1. Close Cura.  Cura reads machine definitions from the "definitions"
+   and "extruders" folders of its data folder:
+%(folders)s
+2. Copy definitions/*.def.json into that folder's "definitions" folder
+   and extruders/*.def.json into its "extruders" folder (create them if
+   missing).
 3. In printer.cfg, [cura_connection]: cura_machine: custom, then restart
    Klipper.  The printer now announces BOM %(bom)s, which is this
    definition's (%(id)s).
@@ -3548,6 +3582,8 @@ class CuraApi:
                 page = f.read()
         except OSError as e:
             raise HTTPError(500, "Web page missing: %s" % (e,))
+        page = page.replace(b"<!--cura-data-folders-->",
+                            cura_data_folders_html().encode())
         return 200, Payload(page, "text/html; charset=utf-8")
 
     def get_root(self, req):
