@@ -1472,8 +1472,8 @@ TEXT_ONLY = ("Klipper prints text G-code only: export the file as text"
 
 
 class GcodeOutput:
-    """The G-code of an upload on its way to the disk, under the unpacking
-    of a .gcode.gz or .ufp: refuses what does not start as text G-code
+    """The G-code of an upload on its way to the disk (below the unpacking
+    of a .gcode.gz or .ufp): refuses what does not start as text G-code
     (Unsupported), and has FileIntake.check_room() keep SPACE_MARGIN free
     for every byte beyond covered(), the bytes the upload's reservation
     covers so far."""
@@ -2688,9 +2688,8 @@ class MachineDefinition:
         return buf.getvalue()
 
 
-# Where Cura reads machine definitions from: Uranium's data folder, with
-# <version> Cura's major.minor (5.11).  On Linux it is not the folder
-# Help > Show Configuration Folder opens (~/.config/cura/<version>).
+# Where Cura reads machine definitions from, per system: Uranium's data
+# folder (on Linux not its configuration folder)
 CURA_DATA_FOLDERS = (
     ("Windows", "%APPDATA%\\cura\\<version>"),
     ("macOS", "~/Library/Application Support/cura/<version>"),
