@@ -14,7 +14,7 @@ import pytest
 import cura_client
 import gcode_samples
 import httpc
-from httpc import JOBS, upload, wait_for
+from httpc import upload, wait_for
 from test_faults import leftovers, tmpfs_gcodes
 
 SPACE_MARGIN = 16 << 20     # the module's
