@@ -10,6 +10,7 @@
 # (SDCARD_PRINT_FILE, PAUSE, RESUME, CANCEL_PRINT) back through the
 # reactor.  HTTP threads never touch printer objects.  A child process
 # (the "front") takes the polls and the uploads off Klippy's process.
+import codecs
 import collections
 import email.utils
 import errno
@@ -1172,16 +1173,46 @@ class StateWriter:
 # File intake: uploads, G-code metadata, materials
 ######################################################################
 
-def safe_base_name(filename, default="print"):
+def safe_base_name(filename, default="print", limit=200):
     # Only the base name, letters/digits and a few safe marks, no leading
     # dot: the result can't escape the folder, hide, or break a G-code line.
     name = filename.replace("\\", "/").rsplit("/", 1)[-1]
     name = unicodedata.normalize("NFC", name)
     name = "".join(c if c.isalnum() or c in "._-()+" else "_" for c in name)
     name = name.lstrip(".")
-    while len(name.encode("utf-8")) > 200:
+    while len(name.encode("utf-8")) > limit:
         name = name[:-1]
     return name or default
+
+
+# The name a job is shown by (Cura, the web page, CURA_QUEUE) is the one
+# the user gave, as on an Ultimaker; only the file needs a safe name.
+MAX_JOB_NAME = 200
+# Format characters that join emoji and letters stay (ZWNJ, ZWJ)
+JOINERS = "\u200c\u200d"
+
+
+def label_text(value, limit):
+    """value (any type) as a one-line label of at most limit characters:
+    other line breaks and spaces become spaces, control and format
+    characters (direction overrides...) go."""
+    text = unicodedata.normalize("NFC", value if isinstance(value, str)
+                                 else "")
+    out = []
+    for c in text:
+        cat = unicodedata.category(c)
+        if c.isspace():
+            out.append(" ")
+        elif cat[0] != "C" or c in JOINERS:
+            out.append(c)
+    return "".join(out).strip()[:limit].rstrip(" " + JOINERS)
+
+
+def job_name(filename):
+    """The name a job uploaded as filename is shown by: the base name
+    without the print file extension, as the user wrote it."""
+    base = filename.replace("\\", "/").rsplit("/", 1)[-1]
+    return label_text(split_upload_name(base)[0], MAX_JOB_NAME)
 
 
 def process_running(pid):
@@ -1427,6 +1458,68 @@ class WritebackFile:
         return n
 
 
+# Binary G-code (libbgcode's format, PrusaSlicer's .bgcode) starts with
+# this.  Klipper reads text only: it would pause at the first line, and
+# Cura would show "Paused" with no reason.
+BGCODE_MAGIC = b"GCDE"
+# How much of a G-code file must be text (all of a smaller file)
+TEXT_CHECK_BYTES = 64 * 1024
+# C0 control bytes no text G-code has (tabs, line ends, form feeds and
+# DOS's end-of-file mark pass)
+CONTROL_BYTE_RE = re.compile(rb"[\x00-\x08\x0e-\x19\x1b-\x1f]")
+TEXT_ONLY = ("Klipper prints text G-code only: export the file as text"
+             " G-code")
+
+
+class GcodeOutput:
+    """The G-code of an upload on its way to the disk (below the unpacking
+    of a .gcode.gz or .ufp): refuses what does not start as text G-code
+    (Unsupported), and has FileIntake.check_room() keep SPACE_MARGIN free
+    for every byte beyond covered(), the bytes the upload's reservation
+    covers so far."""
+    def __init__(self, f, upload, covered):
+        self.f = f
+        self.upload = upload
+        self.covered = covered
+        self.written = 0
+        self.head = b""
+        self.decoder = codecs.getincrementaldecoder("utf-8")()
+
+    def write(self, data):
+        n = len(data)
+        if self.written < TEXT_CHECK_BYTES:
+            self._check(bytes(data[:TEXT_CHECK_BYTES - self.written]))
+        if self.written + n > self.covered():
+            self.upload.intake.check_room(self.upload, n)
+        self.f.write(data)
+        self.written += n
+        return n
+
+    def close(self):
+        if self.written < TEXT_CHECK_BYTES:
+            self._check(b"", True)
+
+    def _check(self, data, final=False):
+        name = self.upload.filename
+        self.head = (self.head + data)[:len(BGCODE_MAGIC)]
+        if self.head == BGCODE_MAGIC:
+            raise Unsupported("%s is binary G-code (.bgcode); %s (turn off "
+                              "binary G-code in the slicer's printer "
+                              "settings)" % (name, TEXT_ONLY))
+        m = CONTROL_BYTE_RE.search(data)
+        if m is not None:
+            raise Unsupported("%s is not text G-code (byte 0x%02x at offset"
+                              " %d); %s" % (name, data[m.start()],
+                                            self.written + m.start(),
+                                            TEXT_ONLY))
+        try:
+            self.decoder.decode(data, final)
+        except UnicodeDecodeError:
+            raise Unsupported("%s is not text G-code (not UTF-8 text in its"
+                              " first %d KiB); %s" % (
+                                  name, TEXT_CHECK_BYTES >> 10, TEXT_ONLY))
+
+
 class GzipWriter:
     """Decompresses a .gcode.gz upload while it streams to disk."""
     def __init__(self, f):
@@ -1513,6 +1606,7 @@ class Upload(MultipartReader):
         self.tmp_path = None
         self.file = None
         self.writer = None
+        self.gcode = None
         self._name = None
         self._in_file = False
 
@@ -1540,7 +1634,13 @@ class Upload(MultipartReader):
         os.fchmod(fd, 0o644)
         self.file = os.fdopen(fd, "wb")
         # A .ufp is read back at once and deleted: it stays in the cache
-        self.writer = self.file if ext == ".ufp" else WritebackFile(self.file)
+        if ext == ".ufp":
+            self.writer = self.file
+            return
+        # (what the body holds so far is reserved: no longer pending)
+        self.gcode = GcodeOutput(WritebackFile(self.file), self,
+                                 lambda: self.received)
+        self.writer = self.gcode
         if ext == ".gcode.gz":
             self.writer = GzipWriter(self.writer)
 
@@ -1557,6 +1657,8 @@ class Upload(MultipartReader):
         if self._in_file and self.file is not None:
             if isinstance(self.writer, GzipWriter):
                 self.writer.close()
+            if self.gcode is not None:
+                self.gcode.close()
             self.file.flush()
             if self.kind != ".ufp":
                 # the .ufp is a scratch file: only its G-code must be durable
@@ -1631,6 +1733,23 @@ class FileIntake:
             self.in_flight.add(upload)
             return upload
 
+    def check_room(self, upload, n):
+        """NoSpace unless n more bytes of upload's G-code, beyond what its
+        reservation covers (it unpacks to more), leave SPACE_MARGIN free
+        beside what the other uploads in flight still have to write."""
+        with self.lock:
+            try:
+                st = os.statvfs(self.gcodes)
+            except OSError as e:
+                raise storage_error(e, self.gcodes)
+            pending = sum(u.length - u.received for u in self.in_flight
+                          if u is not upload)
+        if n + pending + SPACE_MARGIN > st.f_bavail * st.f_frsize:
+            raise NoSpace("Disk full (%s): %s unpacks to more than the free"
+                          " space allows (%d MiB must stay free)" % (
+                              self.gcodes, upload.filename,
+                              SPACE_MARGIN >> 20))
+
     def end(self, upload):
         """Release what begin() reserved; removes what is left of an
         upload that did not finish."""
@@ -1685,7 +1804,7 @@ class FileIntake:
         profiles = {}
         gcode_tmp = upload.tmp_path
         if upload.kind == ".ufp":
-            gcode_tmp, thumbnail = self._unpack_ufp(upload.tmp_path)
+            gcode_tmp, thumbnail = self._unpack_ufp(upload)
             profiles = self._ufp_materials(upload.tmp_path)
             os.unlink(upload.tmp_path)
             upload.tmp_path = gcode_tmp
@@ -1694,7 +1813,10 @@ class FileIntake:
         if thumbnail and not is_preview_image(thumbnail):
             thumbnail = None    # Cura would keep a blank preview for good
         thumbnail = thumbnail or meta["thumbnail"]
-        base = safe_base_name(split_upload_name(upload.filename)[0])
+        meta["name"] = job_name(upload.filename)
+        # room for _place's "-<n>.gcode": the file name stays safe whole
+        base = safe_base_name(split_upload_name(upload.filename)[0],
+                              limit=200 - len("-9999.gcode"))
         final = self._place(gcode_tmp, base)
         upload.tmp_path = None
         name = os.path.basename(final)
@@ -1708,9 +1830,10 @@ class FileIntake:
                                 name, e)
         return name, meta
 
-    def _unpack_ufp(self, path):
+    def _unpack_ufp(self, upload):
         # libcharon reads the package; fall back to plain zip reading for
         # packages whose G-code header it rejects (non-Griffin flavours).
+        path = upload.tmp_path
         fd, gcode_tmp = tempfile.mkstemp(prefix=UPLOAD_TMP_PREFIX,
                                          suffix=".part", dir=self.gcodes)
         thumbnail = None
@@ -1723,8 +1846,10 @@ class FileIntake:
                     vf.openStream(src, "application/x-ufp",
                                   self.charon.OpenMode.OpenMode.ReadOnly)
                     try:
+                        gcode = self._ufp_output(out, upload)
                         shutil.copyfileobj(vf.getStream("/3D/model.gcode"),
-                                           WritebackFile(out), READ_CHUNK)
+                                           gcode, READ_CHUNK)
+                        gcode.close()
                         try:
                             thumbnail = vf.getStream("/Metadata/thumbnail.png"
                                                      ).read(MAX_PREVIEW_SIZE)
@@ -1745,7 +1870,8 @@ class FileIntake:
                                      "(%s); reading it as a zip", path, e)
                     out.seek(0)
                     out.truncate()
-                    thumbnail = self._unpack_zip(path, out)
+                    thumbnail = self._unpack_zip(
+                        path, self._ufp_output(out, upload))
                 out.flush()
                 os.fsync(out.fileno())
         except BaseException:
@@ -1753,7 +1879,7 @@ class FileIntake:
             raise
         return gcode_tmp, thumbnail
 
-    def _unpack_zip(self, path, out):
+    def _unpack_zip(self, path, gcode):
         import zipfile
         try:
             with zipfile.ZipFile(path) as z:
@@ -1761,11 +1887,18 @@ class FileIntake:
                 if "3D/model.gcode" not in names:
                     raise BadInput("The UFP file has no G-code")
                 with z.open(names["3D/model.gcode"]) as src:
-                    shutil.copyfileobj(src, WritebackFile(out), READ_CHUNK)
+                    shutil.copyfileobj(src, gcode, READ_CHUNK)
+                gcode.close()
                 thumb = names.get("Metadata/thumbnail.png")
                 return z.read(thumb)[:MAX_PREVIEW_SIZE] if thumb else None
         except zipfile.BadZipFile as e:
             raise BadInput("Not a UFP (zip) file: %s" % (e,))
+
+    @staticmethod
+    def _ufp_output(out, upload):
+        # The .ufp on disk took the upload's whole reservation: every byte
+        # of its G-code needs room of its own.
+        return GcodeOutput(WritebackFile(out), upload, lambda: 0)
 
     @staticmethod
     def _ufp_materials(path):
@@ -2551,18 +2684,51 @@ class MachineDefinition:
                             for n in self.notes)
             z.writestr("README.txt", DEFINITION_HOWTO % {
                 "id": self.id, "bom": self.bom, "name": self.name,
-                "notes": notes})
+                "folders": cura_data_folders_text(), "notes": notes})
         return buf.getvalue()
+
+
+# Where Cura reads machine definitions from, per system: Uranium's data
+# folder (on Linux not its configuration folder)
+CURA_DATA_FOLDERS = (
+    ("Windows", "%APPDATA%\\cura\\<version>"),
+    ("macOS", "~/Library/Application Support/cura/<version>"),
+    ("Linux", "~/.local/share/cura/<version>"),
+)
+CURA_DATA_FOLDER_NOTE = (
+    "<version> is Cura's, e.g. 5.11. Help > Show Configuration Folder"
+    " opens it on Windows and macOS; on Linux it opens"
+    " ~/.config/cura/<version>, which is not it. A set $XDG_DATA_HOME"
+    " takes the place of ~/.local/share.")
+
+
+def cura_data_folders_text():
+    # for the zip's README.txt
+    import textwrap
+    return "".join("     %s: %s\n" % f for f in CURA_DATA_FOLDERS) + \
+        textwrap.fill(CURA_DATA_FOLDER_NOTE, 72, initial_indent="   ",
+                      subsequent_indent="   ")
+
+
+def cura_data_folders_html():
+    # for the web page (where it says <!--cura-data-folders-->)
+    from html import escape
+    return "<ul>%s</ul><small>%s</small>" % ("".join(
+        "<li>%s: <code>%s</code></li>" % (escape(system), escape(folder))
+        for system, folder in CURA_DATA_FOLDERS),
+        escape(CURA_DATA_FOLDER_NOTE))
 
 
 DEFINITION_HOWTO = """\
 Cura machine definition for %(name)s, made by cura_connection from the
 printer's Klipper configuration.
 
-1. In Cura: Help > Show Configuration Folder.  Close Cura.
-2. Copy definitions/*.def.json into its "definitions" folder and
-   extruders/*.def.json into its "extruders" folder (create them if
-   missing).  On Linux the folder is ~/.local/share/cura/<version>/.
+1. Close Cura.  Cura reads machine definitions from the "definitions"
+   and "extruders" folders of its data folder:
+%(folders)s
+2. Copy definitions/*.def.json into that folder's "definitions" folder
+   and extruders/*.def.json into its "extruders" folder (create them if
+   missing).
 3. In printer.cfg, [cura_connection]: cura_machine: custom, then restart
    Klipper.  The printer now announces BOM %(bom)s, which is this
    definition's (%(id)s).
@@ -3282,8 +3448,11 @@ class CuraApi:
         job, saved before the reply: {uuid, name, filename, status}.
         Conflict when the queue is full, StorageError when the queue
         cannot be saved; either way the file is removed."""
-        job = Job(name=os.path.splitext(filename)[0], filename=filename,
-                  owner=owner, time_estimate=meta["time_estimate"],
+        # (meta comes from the front process too: cleaned again)
+        name = label_text(meta.get("name"), MAX_JOB_NAME)
+        job = Job(name=name or os.path.splitext(filename)[0],
+                  filename=filename, owner=owner,
+                  time_estimate=meta["time_estimate"],
                   time_total=meta["time_estimate"], preview=meta["preview"],
                   materials=self.materials.name_job_materials(
                       meta["materials"], meta["material_profiles"]))
@@ -3412,6 +3581,8 @@ class CuraApi:
                 page = f.read()
         except OSError as e:
             raise HTTPError(500, "Web page missing: %s" % (e,))
+        page = page.replace(b"<!--cura-data-folders-->",
+                            cura_data_folders_html().encode())
         return 200, Payload(page, "text/html; charset=utf-8")
 
     def get_root(self, req):
@@ -3454,7 +3625,7 @@ def receive_upload(req, intake, queued, max_queue, add):
         req.send_continue()
         filename, meta = intake.receive(upload, req.readinto_body, boundary)
         owner = upload.fields.get("owner", b"").decode("utf-8", "replace")
-        return add(filename, owner.strip()[:100] or "Cura", meta)
+        return add(filename, label_text(owner, 100) or "Cura", meta)
     finally:
         intake.end(upload)
 

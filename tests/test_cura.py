@@ -107,13 +107,13 @@ def test_print_over_network(cura, klippy, tmp_path):
     assert cura_client.upload(addr, str(second), owner="bob")[0] == 200
     state = wait_view(api, view, lambda s: s["queue"], what="queue")
     assert [(q["name"], q["owner"], q["state"]) for q in state["queue"]] \
-        == [("phone_stand", "bob", "queued")]
+        == [("phone stand", "bob", "queued")]
     # the preview Cura shows is the UFP thumbnail
     jobs = {j.name: j for j in api.print_jobs()}
     image = api.preview_image(jobs["benchy"].uuid)
     assert image is not None and not image.isNull()
     assert (image.width(), image.height()) == (32, 24)
-    assert api.preview_image(jobs["phone_stand"].uuid) is None
+    assert api.preview_image(jobs["phone stand"].uuid) is None
     # files where Mainsail and Moonraker look; no .ufp left behind
     import os
     names = sorted(os.listdir(klippy.gcodes_dir))

@@ -321,3 +321,17 @@ def test_cura5_held_job_override_and_material_load(cura, cura5, klippy,
         klippy.gcode("CURA_BUILD_PLATE_CLEARED")
         cura5.wait(lambda s: active(s) is None, what="card cleared")
     assert errors(state) == []
+
+
+def test_cura5_shows_the_job_name_it_sent(cura, cura5, klippy, tmp_path):
+    # Cura names the file after the job name (letters of any script kept)
+    connected(cura5, klippy)
+    path = ufp(tmp_path, "job", print_time=900, count=3000, sleep_every=10,
+               sleep_s=0.1)
+    sent = ["Würfel - 测试 (2)", "UMS3_שלום part", "Würfel - 测试 (2)"]
+    for name in sent:
+        reply = cura5.upload(path, file_name=name + ".ufp")["reply"]
+        assert reply["status"] == 200, reply
+    state = cura5.wait(lambda s: len(s["jobs"]) == 3, what="three jobs")
+    assert sorted(j["name"] for j in state["jobs"]) == sorted(sent)
+    assert errors(state) == []

@@ -3,7 +3,9 @@ definition code parses it, and its BOM lookup (add-by-IP and zeroconf)
 maps what the module advertises with cura_machine: custom to it."""
 import io
 import json
+import os
 import re
+import sys
 import zipfile
 
 import pytest
@@ -11,6 +13,10 @@ import pytest
 import cura_definitions
 import cura_netns
 import httpc
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..",
+                                "klippy_extras"))
+import cura_connection as cc  # noqa: E402
 
 CARTESIAN = """
 [printer]
@@ -184,6 +190,12 @@ def test_definition_from_printer_cfg(cura, klippy_factory):
              "firmware_version": "5.2.11"}, with_ours) == um
     readme = files["README.txt"].decode()
     assert "cura_machine: custom" in readme and str(bom) in readme
+    # where Cura reads definitions, per system (checked against Uranium in
+    # test_definition_folders_are_where_cura_reads_them)
+    assert "Linux: ~/.local/share/cura/<version>\n" in readme
+    assert "Windows: %APPDATA%\\cura\\<version>\n" in readme
+    assert "macOS: ~/Library/Application Support/cura/<version>\n" in readme
+    assert "Help > Show Configuration Folder" in readme
 
     # "Sync with printer": Cura compares the printer's configuration with
     # the one MachineManager makes for the active machine (definition
@@ -562,3 +574,79 @@ def test_without_the_definition_cura_shows_unknown(cura):
     readme = " ".join((pathlib.Path(__file__).parent.parent / "README.md")
                       .read_text().split())
     assert '"Unknown" under "%s"' % (heading,) in readme
+
+
+# Uranium's own Resources code, asked where each system keeps the
+# definitions of a Cura version (run in a child: Platform is patched)
+URANIUM_PATHS = r"""
+import json, os, sys
+sys.path.insert(0, sys.argv[1])
+from UM.Platform import Platform
+from UM.Resources import Resources
+home = sys.argv[3]
+os.environ.update(HOME=home, APPDATA=os.path.join(home, "AppData"))
+for var in ("XDG_DATA_HOME", "XDG_CONFIG_HOME", "XDG_CACHE_HOME"):
+    os.environ.pop(var, None)
+found = {}
+for system in ("Windows", "OSX", "Linux"):
+    for name in ("Windows", "OSX", "Linux"):
+        setattr(Platform, "is" + name,
+                classmethod(lambda cls, n=name: n == system))
+    Resources.ApplicationIdentifier = "cura"
+    Resources.ApplicationVersion = sys.argv[2]
+    Resources._Resources__config_storage_path = None
+    Resources._Resources__data_storage_path = None
+    found[system] = Resources.getStoragePathForType(
+        Resources.DefinitionContainers)
+print(json.dumps(found))
+"""
+
+
+def uranium_definition_folders(python, uranium, version, home):
+    import subprocess
+    out = subprocess.run([python, "-c", URANIUM_PATHS, uranium, version,
+                          str(home)], capture_output=True, text=True,
+                         check=True, timeout=60).stdout
+    return json.loads(out.splitlines()[-1])
+
+
+def documented_folders(home, version):
+    """The module's folders as paths of this home and Cura version."""
+    systems = {"Windows": "Windows", "macOS": "OSX", "Linux": "Linux"}
+    return {systems[system]: folder.replace("<version>", version)
+            .replace("%APPDATA%", str(home / "AppData")).replace("\\", "/")
+            .replace("~", str(home)) + "/definitions"
+            for system, folder in cc.CURA_DATA_FOLDERS}
+
+
+def test_definition_folders_are_where_cura_reads_them(cura, tmp_path):
+    import pathlib
+    import cura5_client
+    import cura_client
+    legs = [(sys.executable, str(cura_client.DEFAULT_CURA_ROOT / "usr" /
+             "lib" / "python3" / "dist-packages"), "4.13.0", "4.13")]
+    if not cura5_client.unavailable():
+        legs.append((cura5_client.PYTHON, os.path.join(
+            os.environ["CURA5_DIR"], "Uranium"), "5.11.0", "5.11"))
+    for python, uranium, version, short in legs:
+        home = tmp_path / short
+        home.mkdir()
+        found = uranium_definition_folders(python, uranium, version, home)
+        assert found == documented_folders(home, short), (version, found)
+        # not the folder Help > Show Configuration Folder opens on Linux
+        assert not found["Linux"].startswith(str(home / ".config"))
+    # the zip's README.txt, the web page and README.md name them all
+    readme_txt = cc.DEFINITION_HOWTO % {
+        "id": "x", "bom": 1, "name": "x", "notes": "",
+        "folders": cc.cura_data_folders_text()}
+    page = cc.cura_data_folders_html()
+    readme_md = (pathlib.Path(__file__).parent.parent / "README.md"
+                 ).read_text()
+    for system, folder in cc.CURA_DATA_FOLDERS:
+        assert "%s: %s\n" % (system, folder) in readme_txt
+        assert "| %s | `%s` |" % (system, folder) in readme_md
+        assert "<li>%s: <code>%s</code></li>" % (
+            system, folder.replace("<", "&lt;").replace(">", "&gt;")) \
+            in page
+    assert "~/.config/cura/<version>, which is not it" in " ".join(
+        readme_txt.split())

@@ -6,9 +6,11 @@ tests/test_fuzz.py.  A failure prints the smallest input hypothesis found.
 """
 import gzip
 import io
+import json
 import os
 import sys
 import time
+import unicodedata
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -161,6 +163,19 @@ def test_fuzz_multipart_intake(tmp_path):
     assert check_gcodes_dir(str(gcodes)) == []
     print("\nmultipart intake: %d batches of examples, %d files stored"
           % (batches, len(stored)))
+
+
+@settings(max_examples=500, deadline=None)
+@given(text=st.text(max_size=400))
+def test_job_names_are_one_clean_line(text):
+    name = cc.job_name(text + ".gcode")
+    assert cc.SAVED_JOB_FIELDS["name"](name)
+    assert len(name) <= cc.MAX_JOB_NAME and name == name.strip()
+    assert all(c == " " or not c.isspace() for c in name)
+    assert all(unicodedata.category(c)[0] != "C" or c in cc.JOINERS
+               for c in name)
+    assert json.loads(json.dumps(name)) == name
+    name.encode("utf-8")    # no lone surrogate
 
 
 def test_fuzz_small_multipart(tmp_path):

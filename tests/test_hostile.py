@@ -81,8 +81,9 @@ def test_hostile_file_names(klippy_factory):
         "x;M112\tG28.gcode": "x_M112_G28.gcode",
         "sp ace$(reboot)`id`.gcode": "sp_ace_(reboot)_id_.gcode",
         "\u202eedoc\u200b.gcode": "_edoc_.gcode",
-        "y" * 3000 + ".gcode": "y" * 200 + ".gcode",
-        "é" * 300 + ".gcode": "é" * 100 + ".gcode",
+        # within 200 bytes whole, "-<n>" of a taken name included
+        "y" * 3000 + ".gcode": "y" * 189 + ".gcode",
+        "é" * 300 + ".gcode": "é" * 94 + ".gcode",
     }
     for given, stored in names.items():
         body = part("owner", b"x") + part("file", GCODE, given) + end()
@@ -141,7 +142,9 @@ def test_malformed_uploads(klippy_factory):
         ("broken gzip", upload_bytes(part("file", b"\x1f\x8bxx", "a.gcode.gz")
                                      + end()), 400),
         ("truncated gzip", upload_bytes(part(
-            "file", gzip.compress(os.urandom(3000))[:2000], "a.gcode.gz")
+            "file", gzip.compress("".join(
+                "G1 X%d\n" % i for i in range(3000)).encode())[:2000],
+            "a.gcode.gz")
             + end()), 400),
         ("not a zip", upload_bytes(part("file", b"PK\x03\x04junk", "a.ufp")
                                    + end()), (400, 415)),

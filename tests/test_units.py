@@ -186,10 +186,8 @@ def test_absurd_time_estimates(head, seconds):
     assert cc.parse_gcode_metadata(head, b"")["time_estimate"] == seconds
 
 
-def test_intake_reserves_space_and_queue_slots(tmp_path, monkeypatch):
-    MiB = 1 << 20
-    free = [96 * MiB]
-
+def fake_statvfs(monkeypatch, free):
+    """The module's os.statvfs says free[0] bytes are free."""
     class Vfs:
         f_frsize = 4096
 
@@ -197,6 +195,13 @@ def test_intake_reserves_space_and_queue_slots(tmp_path, monkeypatch):
         def f_bavail(self):
             return free[0] // 4096
     monkeypatch.setattr(cc.os, "statvfs", lambda path: Vfs())
+
+
+def test_intake_reserves_space_and_queue_slots(tmp_path, monkeypatch):
+    MiB = 1 << 20
+    free = [96 * MiB]
+
+    fake_statvfs(monkeypatch, free)
     intake = cc.FileIntake(str(tmp_path), 1024 * MiB)
     # two 55 MiB uploads into 96 MiB free: each fits alone, not together
     a = intake.begin(55 * MiB)
@@ -976,3 +981,95 @@ def test_finished_at_is_iso_and_old_epochs_convert(tmp_path):
     assert re.match(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.000000Z$",
                     job.finished_at)
     assert len(job.finished_at) == len(job.created_at)
+
+
+@pytest.mark.parametrize("given, shown", [
+    ("Würfel – 测试 ✓.gcode", "Würfel – 测试 ✓"),
+    ("Wu\u0308rfel.ufp", "Würfel"),                 # NFD from macOS: NFC
+    ("a\tb\nc\x00d\x1b[0m\u202e\u2028e.gcode.gz", "a b cd[0m e"),
+    ("👩\u200d🔧 fix.g", "👩\u200d🔧 fix"),         # the joiner stays
+    ("../../dir/C:\\x\\ שלום.gco", "שלום"),
+    ("  spaced  .gcode", "spaced"),
+    ("é" * 300 + ".gcode", "é" * 200),
+])
+def test_job_name_is_the_users(given, shown):
+    assert cc.job_name(given) == shown
+    assert cc.SAVED_JOB_FIELDS["name"](shown)
+
+
+def test_label_text_takes_anything():
+    assert cc.label_text(None, 10) == "" and cc.label_text(5, 10) == ""
+    assert cc.label_text("ab\udcff\u200d", 10) == "ab"
+    assert cc.label_text("x" * 20, 10) == "x" * 10
+
+
+class FakeUpload:
+    def __init__(self, intake):
+        self.intake, self.filename = intake, "part.gcode"
+        self.length = self.received = 0
+
+
+def gcode_output(tmp_path, covered=lambda: 1 << 40):
+    import io
+    intake = cc.FileIntake(str(tmp_path), 1 << 30)
+    out = io.BytesIO()
+    return cc.GcodeOutput(out, FakeUpload(intake), covered), out
+
+
+@pytest.mark.parametrize("data, why", [
+    (b"GCDE\x01\x00\x00\x00\x01\x00", "binary G-code (.bgcode)"),
+    (b"GCDE", "binary G-code (.bgcode)"),
+    (b"G28\nG1 X1\x00", "byte 0x00 at offset 9"),
+    (b"\x1b[2J", "byte 0x1b at offset 0"),
+    (b";\xb0C\n", "not UTF-8 text"),
+    (b";\xe6\xb5", "not UTF-8 text"),        # cut in the middle of a letter
+])
+def test_gcode_output_refuses_binary(tmp_path, data, why):
+    gcode, out = gcode_output(tmp_path)
+    with pytest.raises(cc.Unsupported) as e:
+        for i in range(len(data)):      # byte by byte: found all the same
+            gcode.write(memoryview(data)[i:i + 1])
+        gcode.close()
+    assert why in e.value.message and "text G-code" in e.value.message
+
+
+def test_gcode_output_passes_text(tmp_path):
+    text = ";Würfel – 测试\r\n\tG1 X1\f\x1a".encode()
+    gcode, out = gcode_output(tmp_path)
+    for i in range(len(text)):
+        gcode.write(text[i:i + 1])
+    gcode.close()
+    assert out.getvalue() == text
+    # only the start is looked at
+    gcode, out = gcode_output(tmp_path)
+    gcode.write(b"G1\n" * (cc.TEXT_CHECK_BYTES // 3 + 1))
+    gcode.write(b"\x00")
+    gcode.close()
+
+
+def test_gcode_output_keeps_the_margin(tmp_path, monkeypatch):
+    MiB = 1 << 20
+    free = [40 * MiB]
+
+    fake_statvfs(monkeypatch, free)
+    covered = [2 * MiB]
+    gcode, out = gcode_output(tmp_path, lambda: covered[0])
+    gcode.upload.intake.in_flight.add(gcode.upload)
+    chunk = b"G1 X1\n" * (MiB // 6)
+    written = 0
+    with pytest.raises(cc.NoSpace) as e:
+        while True:
+            gcode.write(chunk)
+            written += len(chunk)
+            free[0] -= len(chunk) if written > covered[0] else 0
+    assert "Disk full" in e.value.message
+    assert free[0] >= cc.SPACE_MARGIN
+    assert free[0] - len(chunk) < cc.SPACE_MARGIN
+    # another upload's pending bytes are kept free as well
+    other = FakeUpload(gcode.upload.intake)
+    other.length = 10 * MiB
+    gcode.upload.intake.in_flight.add(other)
+    free[0] = 40 * MiB
+    with pytest.raises(cc.NoSpace):
+        gcode.upload.intake.check_room(gcode.upload, 15 * MiB)
+    gcode.upload.intake.check_room(gcode.upload, 14 * MiB)

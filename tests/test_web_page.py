@@ -329,3 +329,32 @@ def test_page_shows_a_held_job_and_prints_it_anyway(klippy_factory,
              == "lid.gcode", what="lid printing")
     wait_for(lambda: not browser.find_elements("id", "changes"),
              what="the change gone")
+
+
+def test_page_shows_names_as_given_and_the_definition_folders(
+        klippy_factory, browser):
+    k = klippy_factory(module_options={"name": "names"})
+    base = k.base_url()
+    # a print that ends first (on the printer card), then a queue
+    upload(base, "Würfel – 测试 ✓.gcode", gcode(60, 20, False), "ana")
+    wait_for(lambda: [j for j in jobs(base) if j["status"] == "wait_cleanup"],
+             what="first finished")
+    queued = ["שלום עולם 👨\u200d👩\u200d👧", "cube?", "cube*",
+              "<i>tag<i> & co"]
+    for name in queued:
+        upload(base, name + ".gcode", gcode(60, 20, False), "ana")
+    browser.get(base + "/print_jobs")
+    wait_for(lambda: browser.execute_script(
+        "return document.body.dataset.loaded"), what="page loaded")
+    wait_for(lambda: texts(browser, "#queue-list .name") == queued,
+             what="queue names")
+    assert texts(browser, "#current-job .name") == ["Würfel – 测试 ✓"]
+    assert not browser.find_elements("css selector", "#queue-list i")
+    # the how-to names the folder Cura reads definitions from, per system
+    click(browser, "#definition summary")
+    howto = text(browser, "definition")
+    for line in ("Windows: %APPDATA%\\cura\\<version>",
+                 "macOS: ~/Library/Application Support/cura/<version>",
+                 "Linux: ~/.local/share/cura/<version>"):
+        assert line in howto, howto
+    assert "~/.config/cura/<version>, which is not it" in howto
