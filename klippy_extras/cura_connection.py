@@ -4886,6 +4886,7 @@ def move_old_state(old, new, owner, legacy_uuid):
     staging = os.path.join(new, STATE_MOVING)
     complete = os.path.join(staging, ".complete")
     old_lock = StateLock(old, owner)
+    remove_stale_temp_files(old)    # (of a move that crashed)
     if not os.path.exists(complete):
         shutil.rmtree(staging, ignore_errors=True)
         if not os.path.isdir(old) or os.path.samefile(old, new):
@@ -5147,8 +5148,11 @@ class CuraConnection:
                     "each Klipper instance its own data_path" % (
                         data_path, self.state_lock.holder()))
             _state_locks.append(self.state_lock)
+            # what versions before per-instance state showed: the uuid5
+            # of the name, which defaulted to the host name
+            old_name = config.get("name", socket.gethostname()).strip()
             legacy_uuid = str(uuid.uuid5(uuid.NAMESPACE_DNS,
-                                         "cura-connection." + self.name))
+                                         "cura-connection." + old_name))
             if data_path == default != old:
                 move_old_state(old, data_path, owner, legacy_uuid)
             self.printer_uuid = load_printer_uuid(data_path, legacy_uuid)

@@ -281,12 +281,13 @@ path: %s
         with open(self.cfg_path, "w") as f:
             f.write(self.config_text())
 
-    def write_queue(self, jobs, filename="seed.gcode"):
+    def write_queue(self, jobs, filename="seed.gcode", data_dir=None):
         """Before start: a queue.json as an old version (before max_queue)
         or a raised limit leaves it -- a finished job on the plate, so
-        nothing starts by itself, and `jobs` queued jobs of one small file.
-        Returns the queued jobs' uuids."""
-        data_dir = self.data_dir
+        nothing starts by itself, and `jobs` queued jobs of one small file
+        -- in data_dir (default: the module's).  Returns the queued jobs'
+        uuids."""
+        data_dir = data_dir or self.data_dir
         os.makedirs(data_dir, exist_ok=True)
         with open(os.path.join(self.gcodes_dir, filename), "w") as f:
             f.write(";FLAVOR:Marlin\n;TIME:600\nG1 X1\n")
