@@ -32,6 +32,7 @@ import shutil
 import signal
 import socket
 import socketserver
+import stat
 import struct
 import subprocess
 import sys
@@ -4838,13 +4839,21 @@ class StateLock:
 
     def acquire(self):
         """True once held; False while another process holds it."""
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
+                         0o644)
+        except OSError:
+            # a read-only folder: its files can't change, but two
+            # instances must not show them both
+            fd = os.open(os.path.dirname(self.path),
+                         os.O_RDONLY | os.O_CLOEXEC)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, json.dumps({"pid": os.getpid(),
-                                      "config_file": self.owner}).encode()
-                      + b"\n", 0)
+            if stat.S_ISREG(os.fstat(fd).st_mode):
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, json.dumps({
+                    "pid": os.getpid(), "config_file": self.owner}).encode()
+                    + b"\n", 0)
         except BlockingIOError:
             os.close(fd)
             return False
@@ -4987,7 +4996,12 @@ def load_printer_uuid(data_path, legacy_uuid):
     had_state = any(os.path.lexists(os.path.join(data_path, n))
                     for n in STATE_FILES)
     value = legacy_uuid if had_state else str(uuid.uuid4())
-    write_file_atomic(path, (value + "\n").encode())
+    try:
+        write_file_atomic(path, (value + "\n").encode())
+    except OSError as e:
+        # (the state cannot be saved either: the uploads say so)
+        logging.error("cura_connection: cannot save the printer uuid in "
+                      "%s: %s", path, e)
     return value
 
 
@@ -5157,8 +5171,9 @@ class CuraConnection:
                 move_old_state(old, data_path, owner, legacy_uuid)
             self.printer_uuid = load_printer_uuid(data_path, legacy_uuid)
         except OSError as e:
-            raise config.error("cura_connection: state folder %s: %s"
-                               % (data_path, e))
+            raise config.error("cura_connection: cannot set up the state "
+                               "folder %s (%s); data_path can choose "
+                               "another" % (data_path, e))
         return gcodes, data_path
 
     def _read_extruders(self, config):
