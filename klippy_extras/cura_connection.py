@@ -4820,6 +4820,21 @@ def default_printer_name(host, suffix):
     return host + "-" + suffix
 
 
+def gcodes_owner(gcodes, config_file):
+    """The config file of the other instance whose own G-code folder this
+    one is (through a link: KIAUH's shared ~/printer_2_data/gcodes ->
+    ~/printer_1_data/gcodes gives ~/printer_1_data/config/printer.cfg),
+    or None.  The old shared state is that instance's to take."""
+    real = os.path.realpath(gcodes)
+    if os.path.basename(real) != "gcodes":
+        return None
+    other = os.path.join(os.path.dirname(real), "config", "printer.cfg")
+    if not os.path.exists(other) or os.path.realpath(other) \
+            == os.path.realpath(config_file):
+        return None
+    return other
+
+
 def fsync_dir(path):
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -4883,15 +4898,33 @@ def is_temp_file(name):
     return name.startswith((".cura-tmp-", ".cura-upload-"))
 
 
+def state_in_use(folder):
+    return any(os.path.lexists(os.path.join(folder, n))
+               for n in STATE_FILES + (PRINTER_UUID_FILE,))
+
+
+def read_moved_note(old):
+    # {"moved_to", "config_file"} once the old state moved, else None
+    try:
+        with open(os.path.join(old, STATE_MOVED)) as f:
+            note = json.load(f)
+        return note if isinstance(note, dict) else {}
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return {}
+
+
 def move_old_state(old, new, owner, legacy_uuid):
     """Moves the state kept in the old default place into this instance's
-    new state folder (locked by the caller, holding no state yet); True
-    when this instance took it.  First a whole, synced copy in new, then
-    renames within new, then a note in old naming new, then the old files
-    go: a crash at any step loses nothing, and the next start finishes
-    the move.  Of instances sharing the G-code folder the first to start
-    takes it, under the old folder's lock; the note keeps the others
-    from ever taking it.  The copy keeps the printer uuid Cura knows."""
+    new state folder (locked by the caller) when that has never been used;
+    True when this instance took it.  First a whole, synced copy in new,
+    then renames within new, then a note in old naming new, then the old
+    files go: a crash at any step loses nothing, and the next start
+    finishes the move.  Of instances sharing the G-code folder (and none
+    of them its owner: gcodes_owner) the first to start takes it, under
+    the old folder's lock; the note keeps the others from ever taking it.
+    The copy keeps the printer uuid Cura knows."""
     staging = os.path.join(new, STATE_MOVING)
     complete = os.path.join(staging, ".complete")
     old_lock = StateLock(old, owner)
@@ -4900,29 +4933,22 @@ def move_old_state(old, new, owner, legacy_uuid):
         shutil.rmtree(staging, ignore_errors=True)
         if not os.path.isdir(old) or os.path.samefile(old, new):
             return False
+        if state_in_use(new):
+            if read_moved_note(old) is None and state_in_use(old):
+                logging.warning("cura_connection: %s is in use: leaving "
+                                "the state in %s as it is", new, old)
+            return False
         if not old_lock.acquire():
             logging.warning("cura_connection: not taking the state in %s: "
                             "%s uses it; starting with no saved state",
                             old, old_lock.holder())
             return False
         try:
-            try:
-                with open(os.path.join(old, STATE_MOVED)) as f:
-                    note = json.load(f)
+            note = read_moved_note(old)
+            if note is not None:
                 logging.info("cura_connection: the state in %s went to %s "
                              "(%s); starting with no saved state", old,
                              note.get("moved_to"), note.get("config_file"))
-                return False
-            except FileNotFoundError:
-                pass
-            except (OSError, ValueError, AttributeError):
-                logging.warning("cura_connection: unreadable %s: not "
-                                "taking the state in %s", STATE_MOVED, old)
-                return False
-            if any(os.path.lexists(os.path.join(new, n))
-                   for n in STATE_FILES + (PRINTER_UUID_FILE,)):
-                logging.warning("cura_connection: %s is in use already: "
-                                "leaving the state in %s as it is", new, old)
                 return False
             _copy_state(old, staging, legacy_uuid)
         except BaseException:
@@ -5168,7 +5194,14 @@ class CuraConnection:
             legacy_uuid = str(uuid.uuid5(uuid.NAMESPACE_DNS,
                                          "cura-connection." + old_name))
             if data_path == default != old:
-                move_old_state(old, data_path, owner, legacy_uuid)
+                other = gcodes_owner(gcodes, owner)
+                if other is None:
+                    move_old_state(old, data_path, owner, legacy_uuid)
+                elif os.path.isdir(old) and not state_in_use(data_path):
+                    logging.info("cura_connection: the state in %s "
+                                 "belongs to the Klipper instance of %s, "
+                                 "whose G-code folder it is in: starting "
+                                 "with no saved state", old, other)
             self.printer_uuid = load_printer_uuid(data_path, legacy_uuid)
         except OSError as e:
             raise config.error("cura_connection: cannot set up the state "

@@ -200,13 +200,15 @@ def test_old_shared_state_moves_to_one_instance(klippy_factory, tmp_path):
     assert {"queue.json", "auth.json", "loaded_materials.json",
             "materials"} <= set(saved)
 
-    # After: printer 1 starts first and takes it; printer 2 starts empty
+    # After: printer 2, whose gcodes folder is a link to printer 1's,
+    # starts first, and leaves the state to printer 1
+    k2 = klippy_factory(workdir=home, instance="printer_2_data",
+                        gcodes_link=k1.gcodes_dir, module_options=PAIRING)
+    assert sorted(os.listdir(old)) == saved
     del k1.module_options["data_path"]
     k1.start()
     k1.wait_ready()
     base = cura.base = k1.base_url()
-    k2 = klippy_factory(workdir=home, instance="printer_2_data",
-                        gcodes_link=k1.gcodes_dir, module_options=PAIRING)
     assert sorted(os.listdir(old)) == ["lock", "moved.json"]
     assert sorted(os.listdir(k1.data_dir)) == sorted(
         saved + ["lock", "printer_uuid"])
@@ -230,10 +232,36 @@ def test_old_shared_state_moves_to_one_instance(klippy_factory, tmp_path):
         in k1.log_text()
     assert all_jobs(k2.base_url()) == []
     assert identity(k2)[1] != legacy
-    assert "the state in %s went to %s" % (
-        os.path.join(k2.gcodes_dir, ".cura_connection"), k1.data_dir) \
+    assert "the state in %s belongs to the Klipper instance of %s" % (
+        os.path.join(k2.gcodes_dir, ".cura_connection"), k1.cfg_path) \
         in k2.log_text()
     assert not allowed(k2, cura)
+
+
+def test_first_of_equals_takes_the_old_state(klippy_factory, tmp_path):
+    # Two instances whose gcodes folders both link to a third folder: the
+    # first to start takes the old state, for good
+    home = tmp_path / "home"
+    shared = str(tmp_path / "shared")
+    k2 = klippy_factory(workdir=home, instance="printer_2_data",
+                        gcodes_link=shared, start=False)
+    old = os.path.join(shared, ".cura_connection")
+    queued = k2.write_queue(2, data_dir=old)
+    k2.start()
+    k2.wait_ready()
+    k1 = klippy_factory(workdir=home, instance="printer_1_data",
+                        gcodes_link=shared)
+    for restart in (False, True):
+        if restart:
+            k1.restart()
+            k2.restart()
+        assert [j["uuid"] for j in all_jobs(k2.base_url())
+                if j["status"] == "queued"] == queued
+        assert all_jobs(k1.base_url()) == []
+    assert "the state in %s went to %s" % (
+        os.path.join(k1.gcodes_dir, ".cura_connection"), k2.data_dir) \
+        in k1.log_text()
+    assert identity(k1)[1] != identity(k2)[1]
 
 
 # The logic on its own
@@ -280,6 +308,27 @@ def test_default_printer_name(host, suffix, name):
     got = cc.default_printer_name(host, suffix)
     assert got == name
     assert 1 <= len(got.encode()) <= 63 and "." not in got
+
+
+def test_gcodes_owner(tmp_path):
+    one, two = tmp_path / "printer_1_data", tmp_path / "printer_2_data"
+    for d in (one, two):
+        (d / "config").mkdir(parents=True)
+        (d / "config" / "printer.cfg").write_text("")
+    (one / "gcodes").mkdir()
+    (two / "gcodes").symlink_to(one / "gcodes")
+    cfg1, cfg2 = (str(d / "config" / "printer.cfg") for d in (one, two))
+    assert cc.gcodes_owner(str(one / "gcodes"), cfg1) is None
+    assert cc.gcodes_owner(str(two / "gcodes"), cfg2) == cfg1
+    # a link to a folder of no instance, or to a folder in no data folder
+    (tmp_path / "usb" / "gcodes").mkdir(parents=True)
+    (tmp_path / "usb2").mkdir()
+    (one / "gcodes").rmdir()
+    (one / "gcodes").symlink_to(tmp_path / "usb" / "gcodes")
+    assert cc.gcodes_owner(str(one / "gcodes"), cfg1) is None
+    (one / "gcodes").unlink()
+    (one / "gcodes").symlink_to(tmp_path / "usb2")
+    assert cc.gcodes_owner(str(one / "gcodes"), cfg1) is None
 
 
 def test_state_lock(tmp_path):
