@@ -168,6 +168,24 @@ def test_one_state_folder_two_instances_is_a_config_error(klippy_factory,
     assert jobs(k2.base_url()) == []
 
 
+def test_a_failed_load_keeps_no_lock_from_its_own_process(klippy_factory):
+    # The port is taken: the load fails after the state folder was locked;
+    # the RESTART after the port is free takes the folder again
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    k = klippy_factory(start=False, module_options={
+        "port": busy.getsockname()[1]})
+    k.start()
+    with pytest.raises(klippy_harness.KlippyNotReady) as e:
+        k.wait_ready()
+    assert "cannot listen" in e.value.info["state_message"]
+    assert os.path.exists(os.path.join(k.data_dir, "lock"))
+    busy.close()
+    k.restart()
+    assert jobs(k.base_url()) == []
+
+
 def test_old_shared_state_moves_to_one_instance(klippy_factory, tmp_path):
     home = tmp_path / "home"
     k1 = klippy_factory(workdir=home, instance="printer_1_data", start=False)
