@@ -5167,8 +5167,7 @@ class CuraConnection:
                                "section: uploads are stored in its path")
         gcodes = os.path.normpath(os.path.expanduser(
             config.getsection("virtual_sdcard").get("path")))
-        old = os.path.join(gcodes, OLD_STATE_DIR)
-        default = old
+        default = os.path.join(gcodes, OLD_STATE_DIR)
         if self.config_file:
             default = instance_defaults(self.config_file)[0]
         data_path = config.get("data_path", None)
@@ -5178,8 +5177,14 @@ class CuraConnection:
             os.makedirs(data_path, exist_ok=True)
         except OSError as e:
             raise config.error("cura_connection: cannot create %s" % (e,))
-        # One instance per state folder, and its own printer uuid
-        owner = os.path.abspath(self.config_file or "?")
+        self._open_state(config, gcodes, data_path, default)
+        return gcodes, data_path
+
+    def _open_state(self, config, gcodes, data_path, default):
+        # One instance per state folder, the old shared state moved to its
+        # instance, and this printer's own uuid
+        old = os.path.join(gcodes, OLD_STATE_DIR)
+        owner = os.path.abspath(self.config_file or "unknown")
         self.state_lock = StateLock(data_path, owner)
         try:
             if not self.state_lock.acquire():
@@ -5207,7 +5212,6 @@ class CuraConnection:
             raise config.error("cura_connection: cannot set up the state "
                                "folder %s (%s); data_path can choose "
                                "another" % (data_path, e))
-        return gcodes, data_path
 
     def _read_extruders(self, config):
         # Print cores shown to Cura; returns [(extruder, material entry)]
