@@ -4782,8 +4782,10 @@ STATE_LOCK = "lock"
 STATE_MOVED = "moved.json"          # in the old place: where its state went
 STATE_MOVING = ".cura-moving"       # the copy of the old state, while moving
 PRINTER_UUID_FILE = "printer_uuid"
-# KIAUH names the data folder of instance <x> printer_<x>_data
+# KIAUH names the data folder of instance <x> printer_<x>_data (before
+# data folders: the config folder ~/klipper_config/printer_<x>)
 KIAUH_DATA_RE = re.compile(r"printer_(.+)_data\Z")
+KIAUH_OLD_CONFIG_RE = re.compile(r"printer_(.+)\Z")
 
 
 def instance_defaults(config_file):
@@ -4791,9 +4793,9 @@ def instance_defaults(config_file):
     config_file.  In a Moonraker data folder the state goes beside config/
     (~/printer_data/config/printer.cfg -> ~/printer_data/cura_connection),
     else beside the config file (~/printer.cfg -> ~/.cura_connection).
-    The suffix tells instances apart: "2" for KIAUH's printer_2_data, ""
-    for a single printer_data; a config file not named printer.cfg adds
-    its own name to both."""
+    The suffix tells instances apart: "2" for KIAUH's printer_2_data (or
+    klipper_config/printer_2), "" for a single printer_data; a config file
+    not named printer.cfg adds its own name to both."""
     folder, filename = os.path.split(os.path.abspath(config_file))
     stem = os.path.splitext(filename)[0]
     own = [] if stem == "printer" else [stem]
@@ -4803,8 +4805,9 @@ def instance_defaults(config_file):
         state = os.path.join(data, "-".join(["cura_connection"] + own))
         suffix = [m.group(1)] if m else []
     else:
+        m = KIAUH_OLD_CONFIG_RE.match(os.path.basename(folder))
         state = os.path.join(folder, "-".join([OLD_STATE_DIR] + own))
-        suffix = []
+        suffix = [m.group(1)] if m else []
     return state, "-".join(suffix + own)
 
 

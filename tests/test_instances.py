@@ -300,6 +300,9 @@ def test_first_of_equals_takes_the_old_state(klippy_factory, tmp_path):
      "/home/pi/printer_2_data/cura_connection-ender", "2-ender"),
     ("/home/pi/printer2.cfg", "/home/pi/.cura_connection-printer2",
      "printer2"),
+    # KIAUH before data folders
+    ("/home/pi/klipper_config/printer_2/printer.cfg",
+     "/home/pi/klipper_config/printer_2/.cura_connection", "2"),
 ])
 def test_instance_defaults(config_file, state, suffix):
     assert cc.instance_defaults(config_file) == (state, suffix)
