@@ -256,6 +256,24 @@ def test_old_shared_state_moves_to_one_instance(klippy_factory, tmp_path):
     assert not allowed(k2, cura)
 
 
+def test_single_printer_keeps_its_state_name_and_uuid(klippy_factory):
+    # One printer, its state in the old place: after the move Cura sees
+    # the printer it knows, with its jobs
+    k = klippy_factory(start=False)
+    old = os.path.join(k.gcodes_dir, ".cura_connection")
+    queued = k.write_queue(3, data_dir=old)
+    k.start()
+    k.wait_ready()
+    assert [j["uuid"] for j in all_jobs(k.base_url())
+            if j["status"] == "queued"] == queued
+    assert identity(k) == (HOST, str(uuid.uuid5(
+        uuid.NAMESPACE_DNS, "cura-connection." + socket.gethostname())))
+    assert k.data_dir == os.path.join(k.workdir, ".cura_connection")
+    assert {"lock", "printer_uuid", "queue.json"} <= set(
+        os.listdir(k.data_dir))
+    assert sorted(os.listdir(old)) == ["lock", "moved.json"]
+
+
 def test_first_of_equals_takes_the_old_state(klippy_factory, tmp_path):
     # Two instances whose gcodes folders both link to a third folder: the
     # first to start takes the old state, for good
