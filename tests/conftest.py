@@ -51,8 +51,9 @@ def flavor(request, _installed_flavors):
 def klippy_factory(flavor, tmp_path, request):
     made = []
 
-    def make(start=True, wait=True, **kwargs):
-        workdir = tmp_path / ("klippy%d" % (len(made),))
+    def make(start=True, wait=True, workdir=None, **kwargs):
+        # (several instances may share one workdir: see instance=)
+        workdir = workdir or tmp_path / ("klippy%d" % (len(made),))
         k = klippy_harness.Klippy(flavor, workdir, **kwargs)
         made.append(k)
         if start:

@@ -115,11 +115,11 @@ SAFE_NAME = re.compile(r"^[^./\\\x00-\x1f\x7f][^/\\\x00-\x1f\x7f]*\.gcode$")
 
 
 def check_gcodes_dir(gcodes):
-    """Only plain, safe .gcode names (plus the module's hidden folders);
+    """Only plain, safe .gcode names (plus the thumbnails, .thumbs);
     no partial uploads."""
     bad = []
     for name in os.listdir(gcodes):
-        if name in (".cura_connection", ".thumbs"):
+        if name == ".thumbs":
             continue
         path = os.path.join(gcodes, name)
         if not SAFE_NAME.match(name) or not os.path.isfile(path) \

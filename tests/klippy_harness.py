@@ -147,19 +147,36 @@ class Klippy:
     call_timeout = 30.
 
     def __init__(self, flavor, workdir, module_options=None, extra_cfg="",
-                 with_module=True, extruders=1, tools_options=None):
+                 with_module=True, extruders=1, tools_options=None,
+                 instance=None, gcodes_link=None):
+        """instance: a KIAUH layout, workdir/<instance> (such as
+        "printer_2_data") holding config/printer.cfg, gcodes/, logs/ and
+        comms/; else everything is in workdir.  gcodes_link: make the
+        gcodes folder a symlink to this folder (shared with another)."""
         if flavor not in FLAVORS:
             raise ValueError("unknown Klippy flavor %r" % (flavor,))
         self.flavor = flavor
         self.workdir = os.path.abspath(str(workdir))
-        self.gcodes_dir = os.path.join(self.workdir, "gcodes")
+        self.instance = instance
+        base = self.workdir
+        config = logs = comms = base
+        if instance:
+            base = os.path.join(self.workdir, instance)
+            config, logs, comms = (os.path.join(base, d)
+                                   for d in ("config", "logs", "comms"))
+            for d in (config, logs, comms):
+                os.makedirs(d, exist_ok=True)
+        self.gcodes_dir = os.path.join(base, "gcodes")
+        if gcodes_link and not os.path.lexists(self.gcodes_dir):
+            os.makedirs(gcodes_link, exist_ok=True)
+            os.symlink(os.path.abspath(str(gcodes_link)), self.gcodes_dir)
         os.makedirs(self.gcodes_dir, exist_ok=True)
-        self.cfg_path = os.path.join(self.workdir, "printer.cfg")
-        self.dict_path = os.path.join(self.workdir, "fake.dict")
-        self.log_path = os.path.join(self.workdir, "klippy.log")
-        self.out_path = os.path.join(self.workdir, "klippy.out")
-        self.pty_path = os.path.join(self.workdir, "klippy.pty")
-        self.sock_path = os.path.join(self.workdir, "klippy.sock")
+        self.cfg_path = os.path.join(config, "printer.cfg")
+        self.dict_path = os.path.join(comms, "fake.dict")
+        self.log_path = os.path.join(logs, "klippy.log")
+        self.out_path = os.path.join(logs, "klippy.out")
+        self.pty_path = os.path.join(comms, "klippy.pty")
+        self.sock_path = os.path.join(comms, "klippy.sock")
         if len(self.sock_path) > 100:
             # UNIX socket paths are limited to 108 bytes
             self.sock_path = os.path.join(
@@ -180,9 +197,14 @@ class Klippy:
     @property
     def data_dir(self):
         """The module's own folder (queue.json, auth.json...): data_path,
-        else the module's default for this instance."""
-        return self.module_options.get("data_path") or os.path.join(
-            self.gcodes_dir, ".cura_connection")
+        else the module's default for this instance: beside config/ in a
+        KIAUH layout, else beside printer.cfg."""
+        if self.module_options.get("data_path"):
+            return self.module_options["data_path"]
+        if self.instance:
+            return os.path.join(self.workdir, self.instance,
+                                "cura_connection")
+        return os.path.join(self.workdir, ".cura_connection")
 
     def config_text(self):
         """printer.cfg: a heater-only printer with kinematics none."""
@@ -259,12 +281,13 @@ path: %s
         with open(self.cfg_path, "w") as f:
             f.write(self.config_text())
 
-    def write_queue(self, jobs, filename="seed.gcode"):
+    def write_queue(self, jobs, filename="seed.gcode", data_dir=None):
         """Before start: a queue.json as an old version (before max_queue)
         or a raised limit leaves it -- a finished job on the plate, so
-        nothing starts by itself, and `jobs` queued jobs of one small file.
-        Returns the queued jobs' uuids."""
-        data_dir = self.data_dir
+        nothing starts by itself, and `jobs` queued jobs of one small file
+        -- in data_dir (default: the module's).  Returns the queued jobs'
+        uuids."""
+        data_dir = data_dir or self.data_dir
         os.makedirs(data_dir, exist_ok=True)
         with open(os.path.join(self.gcodes_dir, filename), "w") as f:
             f.write(";FLAVOR:Marlin\n;TIME:600\nG1 X1\n")

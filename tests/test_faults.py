@@ -70,8 +70,7 @@ def test_kill9_mid_upload_and_mid_print(klippy_factory):
     assert jobs["next"]["owner"] == "bob"
     assert k.query("print_stats")["print_stats"]["state"] == "standby"
     # no partial file, visible or hidden
-    assert sorted(os.listdir(k.gcodes_dir)) == [
-        ".cura_connection", "long.gcode", "next.gcode"]
+    assert sorted(os.listdir(k.gcodes_dir)) == ["long.gcode", "next.gcode"]
     assert leftovers(k.gcodes_dir, k.pid) == []
     assert "removed partial file .cura-upload-" in k.log_text()
     # and it goes on: the queue starts once the plate is clear
@@ -99,10 +98,15 @@ def start_with_mounts(k, monkeypatch, script):
     k.wait_ready()
 
 
-def tmpfs_gcodes(klippy_factory, monkeypatch, mib, **kw):
+def tmpfs_gcodes(klippy_factory, monkeypatch, mib, state_inside=False,
+                 **kw):
     """A Klippy whose gcodes folder is a tmpfs of mib MiB in its own mount
-    namespace; the test reaches the files through k.disk."""
+    namespace; the test reaches the files through k.disk.  state_inside:
+    its state folder too (data_path in the gcodes folder)."""
     k = klippy_factory(start=False, **kw)
+    if state_inside:
+        k.module_options["data_path"] = os.path.join(k.gcodes_dir,
+                                                     ".cura_connection")
     start_with_mounts(k, monkeypatch, 'mount -t tmpfs -o size=%dm '
                       'cura-test "$0/gcodes"' % (mib,))
     with open("/proc/%d/mounts" % (k.pid,)) as f:
@@ -113,8 +117,10 @@ def tmpfs_gcodes(klippy_factory, monkeypatch, mib, **kw):
 
 @pytest.fixture
 def small_disk(klippy_factory, monkeypatch):
-    """A Klippy whose gcodes folder is a 32 MiB tmpfs."""
-    return tmpfs_gcodes(klippy_factory, monkeypatch, TMPFS_MIB)
+    """A Klippy whose gcodes folder, its state folder in it, is a 32 MiB
+    tmpfs."""
+    return tmpfs_gcodes(klippy_factory, monkeypatch, TMPFS_MIB,
+                        state_inside=True)
 
 
 def fill(path, leave=0):

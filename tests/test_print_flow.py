@@ -100,7 +100,7 @@ def test_refused_uploads_leave_nothing(klippy_factory):
     r = upload(base, "broken.ufp", b"PK not a zip")
     assert r.status == 400
     assert jobs(base) == []
-    assert os.listdir(k.gcodes_dir) == [".cura_connection"]
+    assert os.listdir(k.gcodes_dir) == []
 
 
 def test_client_gone_mid_upload(klippy):
@@ -116,7 +116,7 @@ def test_client_gone_mid_upload(klippy):
     s.close()
     time.sleep(0.5)
     assert jobs(base) == []
-    assert os.listdir(klippy.gcodes_dir) == [".cura_connection"]
+    assert os.listdir(klippy.gcodes_dir) == []
 
 
 def test_plate_cleared_and_auto_start(klippy_factory):

@@ -28,8 +28,7 @@ def upload(base, filename="part.gcode", headers=None):
 
 
 def cura_files(k):
-    return sorted(f for f in os.listdir(k.gcodes_dir)
-                  if f != ".cura_connection")
+    return sorted(os.listdir(k.gcodes_dir))
 
 
 def is_json_error(r, status):
