@@ -60,21 +60,41 @@ def port_free(port):
     return True
 
 
-def test_polls_stay_in_the_child_other_requests_move_to_klippy(klippy):
+def answered_here(k):
+    """Requests answered in Klippy's process so far, by handler."""
+    return k.query("cura_connection")["cura_connection"]["answered_here"]
+
+
+def test_reads_stay_in_the_child_other_requests_visit_klippy(klippy):
     base = klippy.base_url()
     front = front_pid(klippy)
+    thumb = gcode_samples.png()
+    r = upload(base, "part.gcode", gcode_samples.embedded_thumbnail(
+        thumb).encode() + gcode_samples.cura_gcode())
+    assert r.status == 200, r
+    uuid = r.json()["uuid"]
     conn = httpc.connect(base)
     for path in ("/cluster-api/v1/printers", JOBS, JOBS + "/history",
-                 "/cluster-api/v1/printers/", JOBS + "?x=1"):
+                 "/cluster-api/v1/printers/", JOBS + "?x=1",
+                 "/api/v1/system", "/cluster-api/v1/materials",
+                 JOBS + "/" + uuid, JOBS + "/%s/preview_image" % (uuid,)):
         r = httpc.request(conn, "GET", path)
-        assert r.status == 200 and isinstance(r.json(), list), (path, r)
+        assert r.status == 200, (path, r)
         assert holder(conn, [front, klippy.pid]) == front, path
-    # anything else goes to Klippy's side with its connection, unread
-    r = httpc.request(conn, "GET", "/api/v1/system")
-    assert r.status == 200 and r.json()["name"]
-    assert holder(conn, [front, klippy.pid]) == klippy.pid
-    # and is answered there from then on, the same way
-    assert httpc.request(conn, "GET", JOBS).json() == jobs(base)
+    assert r.body == thumb and r.headers["Content-Type"] == "image/png"
+    r = httpc.request(conn, "GET", JOBS + "/0123-abc")
+    assert r.status == 404 and r.json()["status"] == 404, r
+    r = httpc.request(conn, "GET", "/print_jobs",
+                      headers={"Accept": "text/html"})
+    assert r.status == 200 and b"<html" in r.body.lower(), r
+    assert holder(conn, [front, klippy.pid]) == front
+    assert "get_print_job" not in answered_here(klippy)
+    assert "get_system" not in answered_here(klippy)
+    # anything else goes to Klippy's side with its connection, unread,
+    # and is closed with its reply
+    r = httpc.request(conn, "GET", "/api/v1/auth/verify")
+    assert r.status == 200 and r.headers["Connection"] == "close", r
+    assert answered_here(klippy)["get_auth_verify"] == 1
     conn.close()
 
 
