@@ -4123,6 +4123,8 @@ FRONT_NICE = 10
 # http.server reads lines (ended by LF, CRLF or not).
 MAX_HEAD = 16384
 HEAD_END = re.compile(rb"\n\r?\n")
+# More header lines than http.server takes (431) go to Klippy's side too
+MAX_HEADERS = 100
 # Frames on the control pair: payload length, key length, key, payload
 FRAME = struct.Struct(">IH")
 # How often the publisher looks for a new snapshot or a change of jobs or
@@ -4580,7 +4582,8 @@ class FrontRequest:
         lines = [line[:-1] if line.endswith("\r") else line
                  for line in text.split("\n")]
         # one head, ended by its first empty line (and by nothing else)
-        if lines[-2:] != ["", ""] or "" in lines[:-2]:
+        if lines[-2:] != ["", ""] or "" in lines[:-2] \
+                or len(lines) > MAX_HEADERS + 3:
             return None
         m = cls.REQUEST_LINE.match(lines[0])
         if m is None:

@@ -63,6 +63,41 @@ def read_reply(s):
     return RawReply(status, headers, body, buf)
 
 
+def read_replies(s, count):
+    """Up to count replies from s, in order, until the server closes:
+    ([RawReply], how it ended: "eof", "reset", "timeout" or "open")."""
+    buf, out = b"", []
+    while len(out) < count:
+        end = buf.find(b"\r\n\r\n")
+        if end >= 0:
+            m = re.search(rb"(?im)^content-length:\s*(\d+)", buf[:end])
+            size = end + 4 + int(m.group(1)) if m else None
+            if size is not None and len(buf) >= size:
+                out.append(_raw_reply(buf[:size]))
+                buf = buf[size:]
+                continue
+        try:
+            chunk = s.recv(65536)
+        except ConnectionResetError:
+            return out, "reset"
+        except socket.timeout:
+            return out, "timeout"
+        if not chunk:
+            return out, "eof"
+        buf += chunk
+    return out, "open"
+
+
+def _raw_reply(buf):
+    end = buf.find(b"\r\n\r\n")
+    lines = buf[:end].decode("latin-1").split("\r\n")
+    headers = {}
+    for line in lines[1:]:
+        k, _, v = line.partition(":")
+        headers[k.strip().lower()] = v.strip()
+    return RawReply(int(lines[0].split()[1]), headers, buf[end + 4:], buf)
+
+
 def send(port, data, timeout=10., shut=False, pause=0.):
     """Send raw bytes, return the reply (None: closed without one)."""
     s = connect(port, timeout)
