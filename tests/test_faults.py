@@ -222,6 +222,51 @@ def test_uploads_in_flight_reserve_space(klippy_factory, monkeypatch):
     assert "Disk full" not in k.log_text()
 
 
+# An upload to this path is handed to Klippy's side by the front (its
+# request line is not the front's upload route) and received there
+TO_KLIPPY = JOBS + "//"
+
+
+@pytest.mark.parametrize("first_path, second_path", [
+    (JOBS + "/", TO_KLIPPY), (TO_KLIPPY, JOBS + "/")])
+def test_one_reservation_for_both_processes(klippy_factory, monkeypatch,
+                                            first_path, second_path):
+    # Each alone fits above the 16 MiB margin; the two at once would fill
+    # the disk: whichever process receives each, one 200 and one 507.
+    k = tmpfs_gcodes(klippy_factory, monkeypatch, 64)
+    base, port, disk = k.base_url(), k.cura_port(), k.disk
+    fill(disk, leave=48 << 20)
+    line = b"G1 X1 Y1\n"
+    body, headers = httpc.multipart({"owner": "x"}, {"file": (
+        "first.gcode", line * ((28 << 20) // len(line)))})
+    first = request_bytes("POST", first_path, headers, body)
+    body, headers = httpc.multipart({"owner": "x"}, {"file": (
+        "second.gcode", line * ((28 << 20) // len(line)))})
+    second = request_bytes("POST", second_path, headers, body)
+    s = connect(port)
+    s.sendall(first[:3 << 19])
+    wait_for(lambda: parts_in(disk), 10, "first upload in flight")
+    r = send(port, second)
+    assert is_json_error(r, 507), r
+    assert "in progress" in r.json()["message"], r
+    assert len(parts_in(disk)) == 1
+    s.sendall(first[3 << 19:])
+    r = read_reply(s)
+    s.close()
+    assert r.status == 200, r
+    assert set(by_name(base)) == {"first"}
+    assert leftovers(disk, k.pid) == []
+    # the reservations are released: 1 MiB fits in the 20 MiB left
+    body, headers = httpc.multipart({"owner": "x"}, {"file": (
+        "small.gcode", line * ((1 << 20) // len(line)))})
+    r = send(port, request_bytes("POST", second_path, headers, body))
+    assert r.status == 200, r
+    # (the uploads to TO_KLIPPY were received in Klippy's process)
+    here = k.query("cura_connection")["cura_connection"]["answered_here"]
+    assert here.get("post_print_job", 0) == [
+        first_path, second_path, second_path].count(TO_KLIPPY)
+
+
 def test_gcodes_folder_gone(klippy_factory):
     # Mainsail renamed it, or the USB stick is gone: statvfs fails
     k = klippy_factory(start=False)

@@ -11,7 +11,7 @@ import pytest
 
 import gcode_samples
 import httpc
-from hostile import alive, children, free_port
+from hostile import alive, children, free_port, socket_count
 from httpc import JOBS, jobs, printer, upload, wait_for
 
 
@@ -202,6 +202,29 @@ def test_a_dead_child_leaves_klippy_serving(klippy):
                 raise
             time.sleep(0.1)
     assert klippy.query("webhooks")["webhooks"]["state"] == "ready"
+
+
+def test_a_killed_front_leaves_nothing_behind(klippy):
+    # its partial upload goes, and so do its two socket pairs' ends in
+    # Klippy (Klippy listens again instead: one socket)
+    base = klippy.base_url()
+    front = front_pid(klippy)
+    printer(base)
+    sockets = socket_count(klippy.pid)
+    conn, rest = slow_upload(base, gcode_samples.cura_gcode() * 2000)
+    wait_for(lambda: [n for n in os.listdir(klippy.gcodes_dir)
+                      if n.endswith(".part")], 5, "the partial upload")
+    os.kill(front, signal.SIGKILL)
+    wait_for(lambda: "answering in Klippy's process" in klippy.log_text(),
+             10., "the log line")
+    conn.close()
+    wait_for(lambda: not [n for n in os.listdir(klippy.gcodes_dir)
+                          if n.startswith(".cura-")], 5,
+             "the partial upload to be removed")
+    wait_for(lambda: socket_count(klippy.pid) == sockets - 1, 5,
+             "the front's sockets to close")
+    assert printer(base)["status"] == "idle"
+    assert jobs(base) == []
 
 
 def test_in_process_serving_still_works(klippy_factory):
