@@ -198,6 +198,30 @@ def server_pid(k):
     return found[0] if found else k.pid
 
 
+def port_holders(port, pids):
+    """For each established connection to port (its server end, from
+    /proc/net/tcp*): which of pids holds it (None: none of them)."""
+    inodes = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            for line in f.readlines()[1:]:
+                fields = line.split()
+                if int(fields[1].rsplit(":", 1)[1], 16) == port \
+                        and fields[3] == "01":
+                    inodes.append(fields[9])
+    owners = {}
+    for pid in pids:
+        fd_dir = "/proc/%d/fd" % (pid,)
+        for fd in os.listdir(fd_dir):
+            try:
+                link = os.readlink(os.path.join(fd_dir, fd))
+            except OSError:
+                continue
+            if link.startswith("socket:["):
+                owners[link[8:-1]] = pid
+    return [owners.get(inode) for inode in inodes]
+
+
 def thread_count(pid):
     return len(os.listdir("/proc/%d/task" % (pid,)))
 
