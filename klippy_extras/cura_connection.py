@@ -4311,10 +4311,14 @@ class FrontProcess:
     def _changed_replies(self, pause):
         # [(key, bytes)] that differ from what the child has
         api, store = self.api, self.api.store
+        try:
+            materials = json.dumps(api.get_materials(None)[1]).encode()
+        except OSError:
+            materials = b""     # unreadable: Klippy's side says why
         out = [("printers", api.printers_reply(MarkRequest)),
                ("queued", b"%d" % (len(store.queue),)),
                ("system", json.dumps(api.get_system(None)[1]).encode()),
-               ("materials", json.dumps(api.get_materials(None)[1]).encode())]
+               ("materials", materials)]
         listed = False
         cur = store.current
         version = (store.version, cur and JOB_REPLY_KEY(cur),
@@ -4923,7 +4927,9 @@ class FrontServer:
             if job is None:
                 return self._error(404, "No print job %s" % (job_uuid,))
             if name == "get_print_job":
-                return job[2] and (200, "application/json", [job[2]])
+                if job[2] is None:
+                    return None
+                return 200, "application/json", [job[2]]
             data = job[1] and self.api.intake.read_preview(job[1])
             if not data:
                 return self._error(404, "Print job %s has no preview image"
@@ -4931,6 +4937,8 @@ class FrontServer:
             return 200, image_type(data), [data]
         key = {"get_print_jobs": "print_jobs", "get_history": "history",
                "get_system": "system", "get_materials": "materials"}[name]
+        if replies[key] == [b""]:
+            return None
         return 200, "application/json", replies[key]
 
     @staticmethod
