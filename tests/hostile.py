@@ -222,6 +222,19 @@ def port_holders(port, pids):
     return [owners.get(inode) for inode in inodes]
 
 
+def cura_connections(k, front):
+    """Which process holds each of the connections to k's Cura port (see
+    port_holders), once Klippy's process holds none of them: a connection
+    it answered ends when the client has read the reply and closed its
+    end.  (After a while, whoever holds them.)"""
+    port, pids = k.cura_port(), [front, k.pid]
+    try:
+        wait_for(lambda: k.pid not in port_holders(port, pids), 10.)
+    except AssertionError:
+        pass
+    return port_holders(port, pids)
+
+
 def thread_count(pid):
     return len(os.listdir("/proc/%d/task" % (pid,)))
 

@@ -6,7 +6,7 @@ import time
 import cura_client
 import httpc
 import gcode_samples
-from hostile import children, port_holders, wait_for
+from hostile import children, cura_connections, wait_for
 
 
 def address(k):
@@ -399,20 +399,13 @@ def test_a_cura_session_stays_in_the_front(cura, klippy, tmp_path):
     # resume.  No read is answered in Klippy's process, and between the
     # requests handed to it Klippy's process holds none of the
     # connections; Cura sees no failed request.
-    k, port = klippy, klippy.cura_port()
+    k = klippy
     addr = address(k)
     front = wait_for(lambda: children(k.pid), 10., "the front process")[0]
     samples = []
 
     def sample():
-        # (a connection Klippy's side answered ends once Cura has read the
-        # reply and closed its end)
-        try:
-            wait_for(lambda: k.pid not in port_holders(
-                port, [front, k.pid]), 10., "")
-        except AssertionError:
-            pass
-        samples.append(port_holders(port, [front, k.pid]))
+        samples.append(cura_connections(k, front))
         assert k.pid not in samples[-1], samples
 
     mark = cura_client._cura.logs.mark()

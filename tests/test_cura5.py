@@ -4,7 +4,7 @@ the module in the real Klippy.  Runs where CURA5_DIR names Cura 5 source
 trees (README, Run the tests); skipped with that reason elsewhere."""
 import cura_client
 import gcode_samples
-from hostile import children, port_holders, wait_for
+from hostile import children, cura_connections, wait_for
 
 # A few of the library's materials: the full library (230 files) is
 # synced by the Cura 4.13 leg; here the flow matters
@@ -336,17 +336,12 @@ def test_cura5_session_stays_in_the_front(cura, cura5, klippy, tmp_path):
     # monitor polls with previews, a pause and a resume.  No read is
     # answered in Klippy's process, between the requests handed to it
     # Klippy's process holds none of the connections, and no request fails.
-    k, port = klippy, klippy.cura_port()
+    k = klippy
     front = wait_for(lambda: children(k.pid), 10., "the front process")[0]
     samples = []
 
     def sample(state=None):
-        try:
-            wait_for(lambda: k.pid not in port_holders(
-                port, [front, k.pid]), 10., "")
-        except AssertionError:
-            pass
-        samples.append(port_holders(port, [front, k.pid]))
+        samples.append(cura_connections(k, front))
         assert k.pid not in samples[-1], samples
         return state
 

@@ -196,43 +196,19 @@ def parts_in(folder):
     return [n for n in os.listdir(folder) if n.endswith(".part")]
 
 
-def test_uploads_in_flight_reserve_space(klippy_factory, monkeypatch):
-    # Each upload alone fits (28 MiB + 16 MiB margin <= 48 MiB free); two
-    # at once would fill the disk: the second is refused before writing.
-    k = tmpfs_gcodes(klippy_factory, monkeypatch, 64)
-    base, port, disk = k.base_url(), k.cura_port(), k.disk
-    fill(disk, leave=48 << 20)
-    line = b"G1 X1 Y1\n"
-    first = upload_bytes("first.gcode", line * ((28 << 20) // len(line)))
-    second = upload_bytes("second.gcode", line * ((28 << 20) // len(line)))
-    s = connect(port)
-    s.sendall(first[:3 << 19])
-    wait_for(lambda: parts_in(disk), 10, "first upload in flight")
-    r = send(port, second)
-    assert is_json_error(r, 507), r
-    assert "in progress" in r.json()["message"], r
-    assert len(parts_in(disk)) == 1
-    s.sendall(first[3 << 19:])
-    r = read_reply(s)
-    s.close()
-    assert r.status == 200, r
-    assert set(by_name(base)) == {"first"}
-    assert leftovers(disk, k.pid) == []
-    assert os.path.getsize(os.path.join(disk, "first.gcode")) > 27 << 20
-    assert "Disk full" not in k.log_text()
-
-
 # An upload to this path is handed to Klippy's side by the front (its
 # request line is not the front's upload route) and received there
 TO_KLIPPY = JOBS + "//"
 
 
 @pytest.mark.parametrize("first_path, second_path", [
-    (JOBS + "/", TO_KLIPPY), (TO_KLIPPY, JOBS + "/")])
-def test_one_reservation_for_both_processes(klippy_factory, monkeypatch,
-                                            first_path, second_path):
-    # Each alone fits above the 16 MiB margin; the two at once would fill
-    # the disk: whichever process receives each, one 200 and one 507.
+    (JOBS + "/", JOBS + "/"), (JOBS + "/", TO_KLIPPY),
+    (TO_KLIPPY, JOBS + "/")])
+def test_uploads_in_flight_reserve_space(klippy_factory, monkeypatch,
+                                         first_path, second_path):
+    # Each alone fits (28 MiB + 16 MiB margin <= 48 MiB free); two at once
+    # would fill the disk: the second is refused before writing, whichever
+    # process receives each (one reservation for the module).
     k = tmpfs_gcodes(klippy_factory, monkeypatch, 64)
     base, port, disk = k.base_url(), k.cura_port(), k.disk
     fill(disk, leave=48 << 20)
@@ -256,6 +232,8 @@ def test_one_reservation_for_both_processes(klippy_factory, monkeypatch,
     assert r.status == 200, r
     assert set(by_name(base)) == {"first"}
     assert leftovers(disk, k.pid) == []
+    assert os.path.getsize(os.path.join(disk, "first.gcode")) > 27 << 20
+    assert "Disk full" not in k.log_text()
     # the reservations are released: 1 MiB fits in the 20 MiB left
     body, headers = httpc.multipart({"owner": "x"}, {"file": (
         "small.gcode", line * ((1 << 20) // len(line)))})
