@@ -4018,8 +4018,9 @@ class CuraHTTPServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
                 if handed:
                     self.handed.add(request)
         if busy:
+            # (closed at once: the accepting thread must not linger)
             refuse_connection(request)
-            self.shutdown_request(request)
+            request.close()
             return
         socketserver.ThreadingMixIn.process_request(self, request,
                                                     client_address)
@@ -4750,6 +4751,9 @@ class FrontServer:
                 if waiting is not None:
                     waiting[1] = answer
                     waiting[0].set()
+                elif "token" in (answer.get("body") or {}):
+                    # a reservation that came after its request gave up
+                    self.send("unreserve", b"%d" % (answer["body"]["token"],))
             elif key == "released":
                 with self.count_lock:
                     self.connections -= 1
