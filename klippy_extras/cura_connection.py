@@ -4106,6 +4106,11 @@ class CuraHTTPServer6(CuraHTTPServer):
 # any head the front does not fully understand) is handed over alone:
 # Klippy's side answers it with "Connection: close" and closes (see
 # CuraRequestHandler.handle), so no connection stays in Klippy's process.
+# Closing rather than handing the connection back: Cura 4.13's and Cura
+# 5's Qt clients open a new connection for their next request without a
+# failed request (tests/test_cura.py, tests/test_cura5.py: none in their
+# logs), and a closed connection leaves no bytes read ahead by
+# http.server that would have to go back with it.
 FRONT_HANDLERS = frozenset((
     "get_system", "get_printers", "get_print_jobs", "get_history",
     "get_print_job", "get_preview_image", "get_materials", "get_page",
