@@ -4349,19 +4349,18 @@ class FrontProcess:
         return changed
 
     def _job_replies(self, pause):
-        # Each job's own reply (the bytes its list entry was made of) as
-        # "job:<uuid>", and "jobs": uuid -> [name, preview file]
+        # Each listed job's own reply (the bytes its list entry was made
+        # of) as "job:<uuid>", and "jobs": uuid -> [name, preview file],
+        # from the lists just made
         entries = dict(self.api.history_replies.entries)
         entries.update(self.api.replies.entries)
-        cur, queue, history = self.api.store.all_jobs()
+        name, preview = JOB_FIELDS.index("name"), JOB_FIELDS.index("preview")
         index, out = {}, []
-        for i, job in enumerate(cur + queue + history):
+        for i, (job_uuid, (key, data)) in enumerate(entries.items()):
             if i and not i % ReplyCache.PAUSE_EVERY:
                 pause()
-            index[job.uuid] = [job.name, job.preview]
-            entry = entries.get(job.uuid)
-            if entry is not None:
-                out.append(("job:" + job.uuid, entry[1]))
+            index[job_uuid] = [key[name], key[preview]]
+            out.append(("job:" + job_uuid, data))
         for key in [k for k in self.sent if k.startswith("job:")
                     and k[4:] not in index]:
             del self.sent[key]      # (the child forgets it too)

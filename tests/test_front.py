@@ -82,6 +82,8 @@ def test_reads_stay_in_the_child_other_requests_visit_klippy(klippy):
         assert r.status == 200, (path, r)
         assert holder(conn, [front, klippy.pid]) == front, path
     assert r.body == thumb and r.headers["Content-Type"] == "image/png"
+    r = httpc.request(conn, "GET", JOBS + "/" + uuid)
+    assert (r.json()["uuid"], r.json()["name"]) == (uuid, "part")
     r = httpc.request(conn, "GET", JOBS + "/0123-abc")
     assert r.status == 404 and r.json()["status"] == 404, r
     r = httpc.request(conn, "GET", "/print_jobs",
