@@ -1,7 +1,8 @@
-"""The front process: a child of Klippy answers the polls from published
-replies and hands every other connection to Klippy's side, unread.  These
-tests follow the connections to the process that holds them (through
-/proc), and check that the child never outlives its Klippy."""
+"""The front process: a child of Klippy answers the reads from published
+replies and hands every other request to Klippy's side, unread, with its
+connection, which Klippy's side closes with its reply.  These tests follow
+the connections to the process that holds them (through /proc), and check
+that the child never outlives its Klippy and leaves nothing behind."""
 import os
 import signal
 import socket
