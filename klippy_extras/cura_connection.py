@@ -9,7 +9,7 @@
 # directory, keeps a persistent print queue and sends its commands
 # (SDCARD_PRINT_FILE, PAUSE, RESUME, CANCEL_PRINT) back through the
 # reactor.  HTTP threads never touch printer objects.  A child process
-# (the "front") takes the polls and the uploads off Klippy's process.
+# (the "front") takes Cura's reads and uploads off Klippy's process.
 import collections
 import email.utils
 import errno
@@ -4090,15 +4090,17 @@ class CuraHTTPServer6(CuraHTTPServer):
 # Klippy's reactor shares the GIL with every thread of Klippy's process,
 # so a flood of polls there makes its timers late.  By default a child
 # process (this file, run by Klippy's Python) owns the listening socket.
-# It answers the polls of the printer and of the job lists from replies
-# Klippy's side keeps published in it, and receives uploads (without
-# require_pairing) into the G-code folder, asking Klippy's side only to
-# queue the finished file.  Every other connection (actions, pairing,
-# signed reads, the camera, pages) it hands to the server in Klippy's
-# process, whole and unread, with its socket.  The two are joined by two
-# socket pairs: "control" carries published replies and answers one way,
-# acknowledgements, requests (add_upload) and log lines the other;
-# "handover" carries connections (SCM_RIGHTS).
+# It answers the reads (FRONT_HANDLERS) from replies Klippy's side keeps
+# published in it, and receives uploads (without require_pairing) into
+# the G-code folder, asking Klippy's side to reserve room for them and to
+# queue the finished file.  Every other request (actions, pairing, signed
+# reads with require_pairing, the camera, material posts) it hands to the
+# server in Klippy's process, whole and unread, with its socket, which
+# that server closes after its reply.  The two are joined by two socket
+# pairs: "control" carries published replies, answers and the end of
+# handed-over connections ("released") one way, acknowledgements, calls
+# (reserve, add_upload), the end of reservations ("unreserve") and log
+# lines the other; "handover" carries connections (SCM_RIGHTS).
 
 # The reads the front answers (CuraApi's handlers of their routes), from
 # what Klippy's side publishes: everything a Cura without pairing reads,
