@@ -552,7 +552,8 @@ def queued_job(base):
     # a bare-LF head, then a CRLF one in the same write: both, in order
     # (and the connection stays open: no more replies come)
     (b"GET /cluster-api/v1/printers HTTP/1.1\nHost: x\n\n"
-     b"GET /api/v1/system HTTP/1.1\r\nHost: x\r\n\r\n", [list, dict], "timeout"),
+     b"GET /api/v1/system HTTP/1.1\r\nHost: x\r\n\r\n", [list, dict],
+     "timeout"),
     (b"GET /api/v1/system HTTP/1.1\r\nHost: x\r\n\r\n"
      b"GET /cluster-api/v1/printers HTTP/1.1\nHost: x\n\n"
      b"GET /cluster-api/v1/print_jobs/history HTTP/1.1\n\n",
