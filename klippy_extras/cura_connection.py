@@ -9,7 +9,7 @@
 # directory, keeps a persistent print queue and sends its commands
 # (SDCARD_PRINT_FILE, PAUSE, RESUME, CANCEL_PRINT) back through the
 # reactor.  HTTP threads never touch printer objects.  A child process
-# (the "front") takes the polls and the uploads off Klippy's process.
+# (the "front") takes Cura's reads and uploads off Klippy's process.
 import codecs
 import collections
 import email.utils
@@ -1229,18 +1229,19 @@ def process_running(pid):
         return False
 
 
-def remove_stale_temp_files(dirname):
+def remove_stale_temp_files(dirname, pid=None):
     # Partial files of this process (a RESTART ended them) or of one that
     # is gone (an earlier front process too); another Klippy sharing the
-    # folder keeps its own.
+    # folder keeps its own.  With pid: only those of that ended process.
     try:
         names = os.listdir(dirname)
     except OSError:
         return
     for name in names:
         m = re.match(r"\.cura-(?:upload|tmp)-(\d+)-", name)
-        if m is None or (int(m.group(1)) != os.getpid()
-                         and process_running(int(m.group(1)))):
+        if m is None or (pid is not None and int(m.group(1)) != pid) or (
+                int(m.group(1)) != os.getpid()
+                and process_running(int(m.group(1)))):
             continue
         try:
             os.unlink(os.path.join(dirname, name))
@@ -1432,6 +1433,9 @@ def read_gcode_metadata(path):
 UPLOAD_CHUNK = 1024 * 1024
 # Free space an upload must leave (Klipper's logs, Moonraker's database)
 SPACE_MARGIN = 16 * 1024 * 1024
+# An upload that unpacks in the front process asks Klippy's side for room
+# beyond its reservation in steps of at least this many bytes
+UNPACK_GRANT = 8 * 1024 * 1024
 WRITEBACK_WINDOW = 8 * 1024 * 1024
 
 
@@ -3759,6 +3763,14 @@ class CuraRequestHandler(http.server.BaseHTTPRequestHandler):
         self.expect_continue = False
         self.gated = False
         self.server.track(self.connection, True)
+        # A connection the front handed over carries this one request
+        self.handed = self.connection in self.server.handed
+
+    def handle(self):
+        if self.handed:
+            self.handle_one_request()
+        else:
+            http.server.BaseHTTPRequestHandler.handle(self)
 
     def handle_one_request(self):
         # An idle keep-alive connection waits for its next request outside
@@ -3854,6 +3866,7 @@ class CuraRequestHandler(http.server.BaseHTTPRequestHandler):
                 self.check_reader()
             path = self.path.split("?", 1)[0]
             handler, args = self.server.api.route(method, path)
+            self.server.count(handler.__name__)
             if handler.__name__ not in GATED_HANDLERS:
                 self.leave_gate()
             status, body = handler(self, *args)
@@ -3922,7 +3935,7 @@ class CuraRequestHandler(http.server.BaseHTTPRequestHandler):
             else:
                 self.rfile.read(self.body_left)
                 self.body_left = 0
-        if close or self.server.closing:
+        if close or self.server.closing or self.handed:
             self.close_connection = True
         chunks = data if isinstance(data, list) else [data]
         length = sum(map(len, chunks))
@@ -4099,6 +4112,31 @@ def is_preview_image(data):
     return image_type(data) != "application/octet-stream"
 
 
+# A closed connection's last words: what the client still sends after
+# the reply is read for this long, up to this many bytes, so that the
+# reply is not destroyed by a reset (unread data at close() sends RST)
+LINGER_TIME = 1.
+LINGER_BYTES = 1 << 16
+
+
+def linger_close(sock):
+    """Close sock after its last reply: FIN first, then read what the
+    client still sends (briefly, a bounded amount) until it closes."""
+    try:
+        sock.shutdown(socket.SHUT_WR)
+        sock.settimeout(LINGER_TIME)
+        deadline = time.monotonic() + LINGER_TIME
+        left = LINGER_BYTES
+        while left > 0 and time.monotonic() < deadline:
+            data = sock.recv(min(left, READ_CHUNK))
+            if not data:
+                break
+            left -= len(data)
+    except OSError:
+        pass
+    sock.close()
+
+
 def refuse_connection(sock):
     # One connection too many: a complete reply, then the caller closes
     body = b'{"message": "Too many connections", "status": 503}'
@@ -4126,6 +4164,8 @@ class CuraHTTPServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
         self.date_cache = (None, "")
         self.front = None          # FrontProcess, when the child listens
         self.connections = set()
+        self.handed = set()        # of connections: from the front
+        self.answered = {}         # handler name -> requests routed here
         self.conn_lock = threading.Lock()
         http.server.HTTPServer.__init__(self, address, CuraRequestHandler)
 
@@ -4141,16 +4181,25 @@ class CuraHTTPServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
     def is_trusted(self, ip):
         return is_trusted(ip, self.trusted_clients)
 
-    def process_request(self, request, client_address):
-        # Count the connection before its thread starts, so a flood is
-        # refused here rather than growing threads without bound.
+    def count(self, name):
         with self.conn_lock:
-            busy = len(self.connections) >= MAX_CONNECTIONS
+            self.answered[name] = self.answered.get(name, 0) + 1
+
+    def process_request(self, request, client_address, handed=False):
+        # Count the connection before its thread starts, so a flood is
+        # refused here rather than growing threads without bound.  (The
+        # front counts those it hands over in its own budget, until they
+        # are released.)
+        with self.conn_lock:
+            busy = not handed and len(self.connections) >= MAX_CONNECTIONS
             if not busy:
                 self.connections.add(request)
+                if handed:
+                    self.handed.add(request)
         if busy:
+            # (closed at once: the accepting thread must not linger)
             refuse_connection(request)
-            self.shutdown_request(request)
+            request.close()
             return
         socketserver.ThreadingMixIn.process_request(self, request,
                                                     client_address)
@@ -4158,7 +4207,13 @@ class CuraHTTPServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
     def shutdown_request(self, request):
         # every accepted connection ends here, whatever happened to it
         self.track(request, False)
-        http.server.HTTPServer.shutdown_request(self, request)
+        with self.conn_lock:
+            handed = request in self.handed
+            self.handed.discard(request)
+        linger_close(request)
+        front = self.front
+        if handed and front is not None:
+            front.released()
 
     def track(self, sock, add):
         with self.conn_lock:
@@ -4214,19 +4269,33 @@ class CuraHTTPServer6(CuraHTTPServer):
 # Klippy's reactor shares the GIL with every thread of Klippy's process,
 # so a flood of polls there makes its timers late.  By default a child
 # process (this file, run by Klippy's Python) owns the listening socket.
-# It answers the polls of the printer and of the job lists from replies
-# Klippy's side keeps published in it, and receives uploads (without
-# require_pairing) into the G-code folder, asking Klippy's side only to
-# queue the finished file.  Every other connection (actions, pairing,
-# signed reads, the camera, pages) it hands to the server in Klippy's
-# process, whole and unread, with its socket.  The two are joined by two
-# socket pairs: "control" carries published replies and answers one way,
-# acknowledgements, requests (add_upload) and log lines the other;
-# "handover" carries connections (SCM_RIGHTS).
+# It answers the reads (FRONT_HANDLERS) from replies Klippy's side keeps
+# published in it, and receives uploads (without require_pairing) into
+# the G-code folder, asking Klippy's side to reserve room for them and to
+# queue the finished file.  Every other request (actions, pairing, signed
+# reads with require_pairing, the camera, material posts) it hands to the
+# server in Klippy's process, whole and unread, with its socket, which
+# that server closes after its reply.  The two are joined by two socket
+# pairs: "control" carries published replies, answers and the end of
+# handed-over connections ("released") one way, acknowledgements, calls
+# (reserve, add_upload), the end of reservations ("unreserve") and log
+# lines the other; "handover" carries connections (SCM_RIGHTS).
 
-FRONT_ROUTES = {"/cluster-api/v1/printers": "printers",
-                "/cluster-api/v1/print_jobs": "print_jobs",
-                "/cluster-api/v1/print_jobs/history": "history"}
+# The reads the front answers (CuraApi's handlers of their routes), from
+# what Klippy's side publishes: everything a Cura without pairing reads,
+# and the web page with its reads.  A request for any other route (and
+# any head the front does not fully understand) is handed over alone:
+# Klippy's side answers it with "Connection: close" and closes (see
+# CuraRequestHandler.handle), so no connection stays in Klippy's process.
+# Closing rather than handing the connection back: Cura 4.13's and Cura
+# 5's Qt clients open a new connection for their next request without a
+# failed request (tests/test_cura.py, tests/test_cura5.py: none in their
+# logs), and a closed connection leaves no bytes read ahead by
+# http.server that would have to go back with it.
+FRONT_HANDLERS = frozenset((
+    "get_system", "get_printers", "get_print_jobs", "get_history",
+    "get_print_job", "get_preview_image", "get_materials", "get_page",
+    "get_root"))
 UPLOAD_LINE = re.compile(r"POST /cluster-api/v1/print_jobs/?(\?[!-~]*)? "
                          r"HTTP/1\.[01]\r?\n")
 # How long the front waits for Klippy's side to queue an upload (s)
@@ -4236,10 +4305,13 @@ FRONT_SHOW_LIMIT = 0.5
 # The front's priority below Klippy's (nice value added): on a saturated
 # core the printer goes first, and the front still gets about a tenth
 FRONT_NICE = 10
-# A request head not complete in this many bytes, or not within
-# HEAD_WAIT of its first byte, goes to Klippy's side, which answers it.
+# A request head not complete in this many bytes goes to Klippy's side,
+# which answers it.  Where a head ends: at its first empty line, as
+# http.server reads lines (ended by LF, CRLF or not).
 MAX_HEAD = 16384
-HEAD_WAIT = 0.1
+HEAD_END = re.compile(rb"\n\r?\n")
+# More header lines than http.server takes (431) go to Klippy's side too
+MAX_HEADERS = 100
 # Frames on the control pair: payload length, key length, key, payload
 FRAME = struct.Struct(">IH")
 # How often the publisher looks for a new snapshot or a change of jobs or
@@ -4321,6 +4393,10 @@ class FrontProcess:
         self.sent = {}                 # key -> the bytes the child has
         self.list_keys = {}            # job list -> (store version, ...)
         self.send_lock = threading.Lock()
+        # The child's uploads in flight, reserved in Klippy's intake (one
+        # reservation of queue room and disk space for the whole module)
+        self.reserved = {}             # token -> Upload
+        self.tokens = iter(range(1, 1 << 62))
         ctl, child_ctl = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         hand, child_hand = socket.socketpair(socket.AF_UNIX,
                                              socket.SOCK_SEQPACKET)
@@ -4354,6 +4430,14 @@ class FrontProcess:
     def send(self, key, payload=b""):
         with self.send_lock:
             send_frame(self.ctl, key, payload)
+
+    def released(self):
+        """A connection the child handed over is closed: it leaves the
+        child's connection budget."""
+        try:
+            self.send("released")
+        except OSError:
+            pass
 
     def ask(self):
         """Ask for a publication of the state as it is now; returns the
@@ -4414,8 +4498,15 @@ class FrontProcess:
     def _changed_replies(self, pause):
         # [(key, bytes)] that differ from what the child has
         api, store = self.api, self.api.store
+        try:
+            materials = json.dumps(api.get_materials(None)[1]).encode()
+        except OSError:
+            materials = b""     # unreadable: Klippy's side says why
         out = [("printers", api.printers_reply(MarkRequest)),
-               ("queued", b"%d" % (len(store.queue),))]
+               ("queued", b"%d" % (len(store.queue),)),
+               ("system", json.dumps(api.get_system(None)[1]).encode()),
+               ("materials", materials)]
+        listed = False
         cur = store.current
         version = (store.version, cur and JOB_REPLY_KEY(cur),
                    api.jobs_basis())
@@ -4425,8 +4516,11 @@ class FrontProcess:
                 continue
             chunks = reply(pause)
             self.list_keys[name] = version
+            listed = True
             out += [("%s:%d" % (name, i), c) for i, c in enumerate(chunks)]
             out.append(("%s#" % (name,), b"%d" % (len(chunks),)))
+        if listed:
+            out += self._job_replies(pause)
         changed = []
         for key, data in out:
             old = self.sent.get(key)
@@ -4434,6 +4528,25 @@ class FrontProcess:
                 self.sent[key] = data
                 changed.append((key, data))
         return changed
+
+    def _job_replies(self, pause):
+        # Each listed job's own reply (the bytes its list entry was made
+        # of) as "job:<uuid>", and "jobs": uuid -> [name, preview file],
+        # from the lists just made
+        entries = dict(self.api.history_replies.entries)
+        entries.update(self.api.replies.entries)
+        name, preview = JOB_FIELDS.index("name"), JOB_FIELDS.index("preview")
+        index, out = {}, []
+        for i, (job_uuid, (key, data)) in enumerate(entries.items()):
+            if i and not i % ReplyCache.PAUSE_EVERY:
+                pause()
+            index[job_uuid] = [key[name], key[preview]]
+            out.append(("job:" + job_uuid, data))
+        for key in [k for k in self.sent if k.startswith("job:")
+                    and k[4:] not in index]:
+            del self.sent[key]      # (the child forgets it too)
+        out.append(("jobs", json.dumps(index).encode()))
+        return out
 
     # Control reader thread
     def _read_control(self):
@@ -4448,6 +4561,8 @@ class FrontProcess:
             elif key == "call":
                 threading.Thread(target=self._answer, args=(payload,),
                                  daemon=True).start()
+            elif key == "unreserve":
+                self._unreserve(int(payload))
         with self.cond:
             lost = not self.closing
             self.closing = True
@@ -4459,23 +4574,77 @@ class FrontProcess:
                 rc = "still running"
             logging.error("cura_connection: the front process ended (%s); "
                           "answering in Klippy's process", rc)
+            self._clean_up()
             self.on_lost()
+
+    def _clean_up(self):
+        # A lost child's pair ends, its reservations go and its partial
+        # uploads are removed (it has been waited for: its pid is free)
+        for sock in (self.ctl, self.hand):
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        self.threads[2].join(2.)
+        for sock in (self.ctl, self.hand):
+            sock.close()
+        with self.cond:
+            tokens = list(self.reserved)
+        for token in tokens:
+            self._unreserve(token)
+        gcodes = self.api.intake.gcodes
+        for dirname in (gcodes, os.path.join(gcodes, ".thumbs")):
+            remove_stale_temp_files(dirname, self.proc.pid)
+
+    def _reserve(self, length):
+        upload = self.api.intake.begin(length, lambda: len(
+            self.api.store.queue), self.api.conn.max_queue)
+        with self.cond:
+            if not self.closing:
+                token = next(self.tokens)
+                self.reserved[token] = upload
+                return {"token": token}
+        self.api.intake.end(upload)
+        raise CuraError("The front process ended")
+
+    def _grow(self, token, n):
+        # The front's upload unpacks to more than it reserved
+        with self.cond:
+            upload = self.reserved.get(token)
+        if upload is None:
+            raise CuraError("No reservation %d" % (token,))
+        self.api.intake.check_room(upload, n)
+        with self.api.intake.lock:
+            upload.length += n
+        return {}
+
+    def _unreserve(self, token):
+        with self.cond:
+            upload = self.reserved.pop(token, None)
+        if upload is not None:
+            self.api.intake.end(upload)
 
     # A thread per call of the child (an upload to queue)
     def _answer(self, payload):
         call = json.loads(payload.decode())
         try:
-            if call["op"] != "add_upload":
+            if call["op"] == "reserve":
+                reply = {"status": 200, "body": self._reserve(
+                    **call["args"])}
+            elif call["op"] == "grow":
+                reply = {"status": 200, "body": self._grow(**call["args"])}
+            elif call["op"] == "add_upload":
+                reply = {"status": 200, "body": self.api.add_upload(
+                    **call["args"])}
+                self.sync()     # the next poll lists the new job
+            else:
                 raise BadInput("Unknown call %s" % (call["op"],))
-            reply = {"status": 200, "body": self.api.add_upload(
-                **call["args"])}
         except CuraError as e:
             reply = {"status": error_status(e), "message": e.message}
         except Exception:
             logging.exception("cura_connection: front process call")
             reply = {"status": 500, "message": "Internal error; see "
                      "klippy.log"}
-        self.sync()     # the next poll lists the new job
         reply["id"] = call["id"]
         try:
             self.send("answer", json.dumps(reply).encode())
@@ -4501,8 +4670,9 @@ class FrontProcess:
                     peer = sock.getpeername()
                 except OSError:
                     sock.close()
+                    self.released()
                     continue
-                self.server.process_request(sock, peer)
+                self.server.process_request(sock, peer, handed=True)
 
     def close(self):
         """Ends the child (its connections with it) and the threads."""
@@ -4575,51 +4745,111 @@ class FrontLog(logging.Handler):
 
 
 class FrontRequest:
-    """A request head the front can answer: GET of a FRONT_ROUTES path,
-    no body; None from parse() for anything else."""
+    """A request head the front can answer: GET of a route in
+    FRONT_HANDLERS, no body, every line plain; None from parse() for
+    anything else (Klippy's side, http.server, reads that one)."""
     REQUEST_LINE = re.compile(r"GET (/[!-~]*) HTTP/1\.([01])\Z")
-    HEADER = re.compile(r"([!#$%&'*+.^_`|~0-9A-Za-z-]+):[ \t]*(.*?)[ \t]*\Z")
+    # (no CR, no control character: a line the email parser behind
+    # http.server would read as two headers is not plain)
+    HEADER = re.compile(
+        r"([!#$%&'*+.^_`|~0-9A-Za-z-]+):[ \t]*([\t -~]*?)[ \t]*\Z")
     # present at all -> Klippy's side decides
     HANDED_OVER = ("content-length", "transfer-encoding", "expect")
     ONCE = ("host", "x-real-ip", "connection", "authorization")
 
-    def __init__(self, route, http11, headers):
-        self.route = route
+    def __init__(self, path, handler, args, http11, headers):
+        self.path = path
+        self.handler = handler
+        self.args = args
         self.headers = headers
         conn = headers.get("connection", "").lower()
         self.close = conn == "close" or (not http11 and conn != "keep-alive")
 
+    @staticmethod
+    def route(path):
+        """(handler name, url groups) of a GET, as CuraApi.route finds
+        it, or None."""
+        path = path.rstrip("/") or "/"
+        for method, regex, handler in COMPILED_ROUTES:
+            match = regex.match(path)
+            if match and method == "GET":
+                return handler, match.groups()
+        return None
+
     @classmethod
     def parse(cls, head):
         try:
-            lines = head.decode("ascii").split("\n")
+            text = head.decode("ascii")
         except UnicodeDecodeError:
             return None
-        if not (head.endswith(b"\n\n") or head.endswith(b"\r\n\r\n")):
+        lines = [line[:-1] if line.endswith("\r") else line
+                 for line in text.split("\n")]
+        # one head, ended by its first empty line (and by nothing else)
+        if lines[-2:] != ["", ""] or "" in lines[:-2] \
+                or len(lines) > MAX_HEADERS + 3:
             return None
-        m = cls.REQUEST_LINE.match(lines[0].rstrip("\r"))
+        m = cls.REQUEST_LINE.match(lines[0])
         if m is None:
             return None
-        route = FRONT_ROUTES.get(m.group(1).split("?", 1)[0].rstrip("/"))
-        if route is None:
+        path = m.group(1).split("?", 1)[0]
+        route = cls.route(path)
+        if route is None or route[0] not in FRONT_HANDLERS:
             return None
         headers = {}
-        for line in lines[1:]:
-            line = line.rstrip("\r")
-            if not line:
-                break
+        for line in lines[1:-2]:
             h = cls.HEADER.match(line)
             if h is None:
                 return None
             name = h.group(1).lower()
-            if name in headers and name in cls.ONCE:
-                return None
+            if name in headers:
+                if name in cls.ONCE:
+                    return None
+                continue        # the first one counts, as for http.server
             headers[name] = h.group(2)
         if any(h in headers for h in cls.HANDED_OVER):
             if headers.get("content-length") != "0" or len(
                     [h for h in cls.HANDED_OVER if h in headers]) > 1:
                 return None
-        return cls(route, m.group(2) == "1", headers)
+        return cls(path, route[0], route[1], m.group(2) == "1", headers)
+
+
+class FrontIntake(FileIntake):
+    """The child's intake.  Queue room and disk space for an upload are
+    reserved by Klippy's side, in its own intake, so that one reservation
+    covers the uploads of both processes (a reservation counts whole
+    until its upload ends)."""
+    def __init__(self, front, gcodes, max_upload_size):
+        FileIntake.__init__(self, gcodes, max_upload_size)
+        self.front = front
+
+    def begin(self, length, queued=None, max_queue=None):
+        token = self.front.call("reserve", length=length)["token"]
+        upload = Upload(self, length)
+        upload.token = token
+        upload.granted = 0
+        return upload
+
+    def check_room(self, upload, n):
+        # Unpacked bytes beyond the reservation: Klippy's side checks them
+        # against every upload of both processes and adds them to this
+        # one's reservation, a step at a time
+        if upload.granted < n:
+            grant = max(n, UNPACK_GRANT)
+            try:
+                self.front.call("grow", token=upload.token, n=grant)
+            except HTTPError as e:
+                if e.status == 507:
+                    raise NoSpace(e.message)
+                raise
+            upload.granted += grant
+        upload.granted -= n
+
+    def end(self, upload):
+        upload.discard()
+        try:
+            self.front.send("unreserve", b"%d" % (upload.token,))
+        except OSError:
+            pass     # Klippy's side is gone, and its reservations with it
 
 
 class FrontUploads:
@@ -4632,7 +4862,8 @@ class FrontUploads:
         self.allow_control = settings["allow_control"]
         self.require_pairing = False     # (else uploads are handed over)
         self.max_queue = settings["max_queue"]
-        self.intake = FileIntake(settings["gcodes"], settings["max_upload"])
+        self.intake = FrontIntake(front, settings["gcodes"],
+                                  settings["max_upload"])
 
     def route(self, method, path):
         return self.post_print_job, ()
@@ -4671,12 +4902,20 @@ class FrontServer:
     """The child process's server: a thread per connection answers
     FrontRequests from the published replies, receives uploads, and hands
     a connection over to Klippy's side at its first request of any other
-    kind.  It also stands for CuraHTTPServer to FrontUploadHandler."""
+    kind.  It also stands for CuraHTTPServer to FrontUploadHandler.
+
+    One connection budget for the module: MAX_CONNECTIONS counts the
+    child's connections and those it handed over until Klippy's side
+    has closed them ("released").  A connection waiting for (the rest
+    of) a request head is idle: at the limit, the oldest idle one is
+    closed to make room, so connections that send nothing never keep
+    Cura's polls out."""
     version_string = "%s %s" % (CuraRequestHandler.server_version,
                                 CuraRequestHandler.sys_version)
     closing = False
     front = None
     gate = NoGate()
+    handed = frozenset()    # (it hands connections over, takes none)
 
     def __init__(self, listen, ctl, hand):
         self.listen = listen
@@ -4690,6 +4929,7 @@ class FrontServer:
         self.calls = {}            # id -> [Event, answer]
         self.call_ids = iter(range(1, 1 << 62))
         self.connections = 0
+        self.idle = {}             # idle connections, oldest first
         self.count_lock = threading.Lock()
         self.date_cache = (None, "")
         logging.getLogger().addHandler(FrontLog(self))
@@ -4725,6 +4965,12 @@ class FrontServer:
                 if waiting is not None:
                     waiting[1] = answer
                     waiting[0].set()
+                elif "token" in (answer.get("body") or {}):
+                    # a reservation that came after its request gave up
+                    self.send("unreserve", b"%d" % (answer["body"]["token"],))
+            elif key == "released":
+                with self.count_lock:
+                    self.connections -= 1
             else:
                 staged[key] = payload
 
@@ -4738,10 +4984,18 @@ class FrontServer:
 
     def _commit(self, staged, latest):
         replies = {"printers": staged["printers"].split(
-            json.dumps(IP_MARK).encode(), 1)}
+            json.dumps(IP_MARK).encode(), 1),
+            "system": [staged["system"]], "materials": [staged["materials"]]}
         for name in ("print_jobs", "history"):
             n = int(staged["%s#" % (name,)])
             replies[name] = [staged["%s:%d" % (name, i)] for i in range(n)]
+        # uuid -> (name, preview file, the job's reply)
+        index = json.loads(staged["jobs"].decode())
+        for key in [k for k in staged if k.startswith("job:")
+                    and k[4:] not in index]:
+            del staged[key]
+        replies["jobs"] = {uuid: (name, preview, staged.get("job:" + uuid))
+                           for uuid, (name, preview) in index.items()}
         self.queued = int(staged["queued"])
         self.replies = replies      # swapped whole: readers see one state
         if latest:
@@ -4756,8 +5010,8 @@ class FrontServer:
             self.send("call", json.dumps({"id": call_id, "op": op,
                                           "args": args}).encode())
             if not waiting[0].wait(FRONT_CALL_LIMIT):
-                raise HTTPError(503, "Klipper did not queue the upload "
-                                "within %.0f s" % (FRONT_CALL_LIMIT,))
+                raise HTTPError(503, "Klippy's side did not answer (%s) "
+                                "within %.0f s" % (op, FRONT_CALL_LIMIT))
         finally:
             del self.calls[call_id]
         answer = waiting[1]
@@ -4770,6 +5024,9 @@ class FrontServer:
         return is_trusted(ip, self.trusted_clients)
 
     def track(self, sock, add):
+        pass
+
+    def count(self, name):
         pass
 
     # Connections
@@ -4785,6 +5042,15 @@ class FrontServer:
                 continue
             with self.count_lock:
                 busy = self.connections >= MAX_CONNECTIONS
+                if busy and self.idle:
+                    # (under the lock: its thread has not closed it yet)
+                    oldest = next(iter(self.idle))
+                    del self.idle[oldest]
+                    try:
+                        oldest.shutdown(socket.SHUT_RDWR)
+                    except OSError:
+                        pass
+                    busy = False
                 if not busy:
                     self.connections += 1
             if busy:
@@ -4795,19 +5061,23 @@ class FrontServer:
                              daemon=True).start()
 
     def connection(self, sock, addr):
+        handed = False
         try:
-            self._serve_connection(sock, addr)
+            handed = self._serve_connection(sock, addr)
         except OSError:
             pass
         except Exception:
             logging.exception("connection from %s", addr[0])
         finally:
             with self.count_lock:
-                self.connections -= 1
+                self.idle.pop(sock, None)
+                if not handed:      # (else: until Klippy's side releases)
+                    self.connections -= 1
             if sock.fileno() != -1:
-                sock.close()
+                linger_close(sock)
 
     def _serve_connection(self, sock, addr):
+        # True once the connection is handed over
         settings = self.settings
         timeout = settings["request_timeout"]
         if not is_trusted(client_ip(addr[0]), settings["trusted"]):
@@ -4816,21 +5086,24 @@ class FrontServer:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         while True:
             try:
-                head = self._peek_head(sock)
+                head = self._peek_head(sock, timeout)
             except OSError:     # timed out or reset: as Klippy's side does
-                return
+                return False
             if not head:
-                return
+                return False
             if settings["uploads"] and UPLOAD_LINE.match(
                     head.decode("latin-1")):
                 FrontUploadHandler(sock, addr, self)
-                return
+                return False
             req = FrontRequest.parse(head)
-            if req is None or not self.replies or (
+            reply = None
+            if req is not None and self.replies and not (
                     settings["require_pairing"]
                     and "authorization" in req.headers):
+                reply = self._answer(req, sock)
+            if reply is None:
                 self._hand_over(sock)
-                return
+                return True
             sock.recv(len(head), socket.MSG_WAITALL)
             ip = client_ip(addr[0], req.headers.get("x-real-ip"))
             if not is_trusted(ip, settings["trusted"]):
@@ -4838,44 +5111,105 @@ class FrontServer:
                 self._reply(sock, err.status, [json.dumps(
                     {"message": err.message, "status": err.status}).encode()],
                     close=True)
-                return
-            parts = self.replies[req.route]
-            if req.route == "printers":
-                parts = [parts[0], json.dumps(reachable_ip(
-                    req.headers.get("host"), sock)).encode(), parts[1]]
-            self._reply(sock, 200, parts, req.close)
+                return False
+            status, ctype, parts = reply
+            self._reply(sock, status, parts, req.close, ctype)
             if req.close:
-                return
+                return False
 
-    def _peek_head(self, sock):
+    def _answer(self, req, sock):
+        # (status, content type, [bytes]) from the published replies, or
+        # None: Klippy's side answers it
+        replies, name = self.replies, req.handler
+        if name in ("get_root", "get_page"):
+            if "text/html" in req.headers.get("accept", ""):
+                try:
+                    with open(WEB_PAGE, "rb") as f:
+                        page = f.read()
+                except OSError as e:
+                    return self._error(500, "Web page missing: %s" % (e,))
+                return 200, "text/html; charset=utf-8", [page]
+            if name == "get_root":
+                return None         # the camera, or Klippy's side's 404
+            # scripts asking the browser paths get the API's JSON
+            name = "get_printers" if req.path.rstrip("/").endswith(
+                "/printers") else "get_print_jobs"
+        if name == "get_printers":
+            parts = replies["printers"]
+            return 200, "application/json", [parts[0], json.dumps(
+                reachable_ip(req.headers.get("host"), sock)).encode(),
+                parts[1]]
+        if name in ("get_print_job", "get_preview_image"):
+            job_uuid = req.args[0]
+            job = replies["jobs"].get(job_uuid)
+            if job is None:
+                return self._error(404, "No print job %s" % (job_uuid,))
+            if name == "get_print_job":
+                if job[2] is None:
+                    return None
+                return 200, "application/json", [job[2]]
+            data = job[1] and self.api.intake.read_preview(job[1])
+            if not data:
+                return self._error(404, "Print job %s has no preview image"
+                                   % (job[0],))
+            return 200, image_type(data), [data]
+        key = {"get_print_jobs": "print_jobs", "get_history": "history",
+               "get_system": "system", "get_materials": "materials"}[name]
+        if replies[key] == [b""]:
+            return None
+        return 200, "application/json", replies[key]
+
+    @staticmethod
+    def _error(status, message):
+        return status, "application/json", [json.dumps(
+            {"message": message, "status": status}).encode()]
+
+    def _peek_head(self, sock, timeout):
         # The head without taking it from the socket: b"" when the client
-        # closed; an incomplete head after HEAD_WAIT goes on as it is
-        data = sock.recv(MAX_HEAD, socket.MSG_PEEK)
-        deadline = time.monotonic() + HEAD_WAIT
-        while data:
-            for end in (b"\r\n\r\n", b"\n\n"):
-                i = data.find(end)
-                if i >= 0:
-                    return data[:i + len(end)]
-            if len(data) >= MAX_HEAD or time.monotonic() > deadline:
-                return data     # incomplete: parse() refuses it
-            time.sleep(0.005)
+        # closed, or sent nothing new for timeout (then it is closed
+        # without a reply, as http.server does).  Meanwhile the
+        # connection is idle (serve() may close it to make room).
+        with self.count_lock:
+            self.idle[sock] = None
+        try:
             data = sock.recv(MAX_HEAD, socket.MSG_PEEK)
-        return data
+            last, seen, pause = time.monotonic(), len(data), 0.001
+            while data:
+                end = HEAD_END.search(data)
+                if end is not None:
+                    return data[:end.end()]
+                if len(data) >= MAX_HEAD:
+                    return data     # too long for the front: handed over
+                now = time.monotonic()
+                if len(data) > seen:
+                    last, seen, pause = now, len(data), 0.001
+                elif now - last > timeout:
+                    return b""
+                time.sleep(pause)
+                pause = min(2 * pause, 0.05)
+                with self.count_lock:
+                    if sock not in self.idle:
+                        return b""      # closed to make room
+                data = sock.recv(MAX_HEAD, socket.MSG_PEEK)
+            return data
+        finally:
+            with self.count_lock:
+                self.idle.pop(sock, None)
 
     def _hand_over(self, sock):
         # Nothing of the request was taken: Klippy's side reads it whole
         socket.send_fds(self.hand, [b"c"], [sock.fileno()])
         sock.close()
 
-    def _reply(self, sock, status, parts, close):
+    def _reply(self, sock, status, parts, close,
+               ctype="application/json"):
         length = sum(map(len, parts))
         head = (b"HTTP/1.1 %d %s\r\nServer: %s\r\nDate: %s\r\n"
-                b"Content-Type: application/json\r\nContent-Length: %d\r\n"
+                b"Content-Type: %s\r\nContent-Length: %d\r\n"
                 b"Cache-Control: no-store\r\n%s\r\n" % (
                     status, http.HTTPStatus(status).phrase.encode(),
                     self.version_string.encode(), http_date(self).encode(),
-                    length,
+                    ctype.encode(), length,
                     b"Connection: close\r\n" if close else b""))
         if length < 65536:
             sock.sendall(b"".join([head] + parts))
@@ -5668,6 +6002,10 @@ class CuraConnection:
         status["materials"] = self.loaded.status_cache
         status["port"] = self.bound_port
         status["address"] = self.address
+        # requests answered in Klippy's process, by handler (the front's
+        # own are not counted: they never reach this process)
+        server = getattr(self, "server", None)
+        status["answered_here"] = dict(server.answered) if server else {}
         return status
 
 

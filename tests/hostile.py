@@ -63,6 +63,41 @@ def read_reply(s):
     return RawReply(status, headers, body, buf)
 
 
+def read_replies(s, count):
+    """Up to count replies from s, in order, until the server closes:
+    ([RawReply], how it ended: "eof", "reset", "timeout" or "open")."""
+    buf, out = b"", []
+    while len(out) < count:
+        end = buf.find(b"\r\n\r\n")
+        if end >= 0:
+            m = re.search(rb"(?im)^content-length:\s*(\d+)", buf[:end])
+            size = end + 4 + int(m.group(1)) if m else None
+            if size is not None and len(buf) >= size:
+                out.append(_raw_reply(buf[:size]))
+                buf = buf[size:]
+                continue
+        try:
+            chunk = s.recv(65536)
+        except ConnectionResetError:
+            return out, "reset"
+        except socket.timeout:
+            return out, "timeout"
+        if not chunk:
+            return out, "eof"
+        buf += chunk
+    return out, "open"
+
+
+def _raw_reply(buf):
+    end = buf.find(b"\r\n\r\n")
+    lines = buf[:end].decode("latin-1").split("\r\n")
+    headers = {}
+    for line in lines[1:]:
+        k, _, v = line.partition(":")
+        headers[k.strip().lower()] = v.strip()
+    return RawReply(int(lines[0].split()[1]), headers, buf[end + 4:], buf)
+
+
 def send(port, data, timeout=10., shut=False, pause=0.):
     """Send raw bytes, return the reply (None: closed without one)."""
     s = connect(port, timeout)
@@ -161,6 +196,43 @@ def server_pid(k):
     found = children(k.pid)
     assert len(found) <= 1, found
     return found[0] if found else k.pid
+
+
+def port_holders(port, pids):
+    """For each established connection to port (its server end, from
+    /proc/net/tcp*): which of pids holds it (None: none of them)."""
+    inodes = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            for line in f.readlines()[1:]:
+                fields = line.split()
+                if int(fields[1].rsplit(":", 1)[1], 16) == port \
+                        and fields[3] == "01":
+                    inodes.append(fields[9])
+    owners = {}
+    for pid in pids:
+        fd_dir = "/proc/%d/fd" % (pid,)
+        for fd in os.listdir(fd_dir):
+            try:
+                link = os.readlink(os.path.join(fd_dir, fd))
+            except OSError:
+                continue
+            if link.startswith("socket:["):
+                owners[link[8:-1]] = pid
+    return [owners.get(inode) for inode in inodes]
+
+
+def cura_connections(k, front):
+    """Which process holds each of the connections to k's Cura port (see
+    port_holders), once Klippy's process holds none of them: a connection
+    it answered ends when the client has read the reply and closed its
+    end.  (After a while, whoever holds them.)"""
+    port, pids = k.cura_port(), [front, k.pid]
+    try:
+        wait_for(lambda: k.pid not in port_holders(port, pids), 10.)
+    except AssertionError:
+        pass
+    return port_holders(port, pids)
 
 
 def thread_count(pid):

@@ -6,6 +6,7 @@ import time
 import cura_client
 import httpc
 import gcode_samples
+from hostile import children, cura_connections, wait_for
 
 
 def address(k):
@@ -384,3 +385,76 @@ def test_holding_can_be_turned_off(cura, klippy_factory, tmp_path):
     wait_started(k, "petg.gcode")
     assert all(j["configuration_changes_required"] == [] for j in
                httpc.get_json(k.base_url(), "/cluster-api/v1/print_jobs"))
+
+
+# What a Cura without pairing reads; the front answers every one of them
+READS = {"get_system", "get_printers", "get_print_jobs", "get_history",
+         "get_print_job", "get_preview_image", "get_materials"}
+
+
+def test_a_cura_session_stays_in_the_front(cura, klippy, tmp_path):
+    # Cura 4.13's own client code (its Qt connection pool reuses any
+    # keep-alive connection for any request): system, materials, two UFP
+    # uploads with thumbnails, monitor cycles with previews, a pause and a
+    # resume.  No read is answered in Klippy's process, and between the
+    # requests handed to it Klippy's process holds none of the
+    # connections; Cura sees no failed request.
+    k = klippy
+    addr = address(k)
+    front = wait_for(lambda: children(k.pid), 10., "the front process")[0]
+    samples = []
+
+    def sample():
+        samples.append(cura_connections(k, front))
+        assert k.pid not in samples[-1], samples
+
+    mark = cura_client._cura.logs.mark()
+    api = cura_client.ClusterApi(addr)
+    view = cura_client.MonitorView()
+    assert api.system().name
+    api.materials()
+    sample()
+    for name, seconds in (("first", 60), ("second", 600)):
+        path = tmp_path / (name + ".ufp")
+        cura_client.make_ufp(str(path), gcode_samples.cura_gcode(
+            print_time=seconds, count=3000, sleep_every=10, sleep_s=0.1),
+            thumbnail_png=gcode_samples.png(32, 24))
+        assert cura_client.upload(addr, str(path), owner="alice")[0] == 200
+    previews = {}
+
+    def cycle():
+        state = view.poll(api)
+        for job in api.print_jobs():
+            if job.uuid not in previews:
+                image = api.preview_image(job.uuid)
+                previews[job.uuid] = image.width() if image else None
+        sample()
+        return state
+
+    def until(pred, what):
+        deadline = time.monotonic() + 30.
+        while True:
+            state = cycle()
+            if pred(state):
+                return state
+            assert time.monotonic() < deadline, (what, state)
+            time.sleep(0.5)
+
+    state = until(lambda s: active(s) and active(s)["state"] == "printing",
+                  "printing")
+    uuid = [j.uuid for j in api.print_jobs() if j.name == "first"][0]
+    assert api.pause(uuid) == 200
+    sample()
+    until(lambda s: active(s)["state"] == "paused", "paused")
+    assert api.resume(uuid) == 200
+    sample()
+    state = until(lambda s: active(s)["state"] == "printing", "printing")
+    assert [q["name"] for q in state["queue"]] == ["second"]
+    assert sorted(previews.values()) == [32, 32]
+    here = k.query("cura_connection")["cura_connection"]["answered_here"]
+    assert not READS & set(here), here
+    assert here == {"put_action": 2}, here
+    # (Cura keeps its connections open between requests: samples find
+    # them, every one in the front)
+    assert len(samples) > 5 and any(samples), samples
+    assert cura_client._cura.logs.since(mark) == []

@@ -4,6 +4,7 @@ the module in the real Klippy.  Runs where CURA5_DIR names Cura 5 source
 trees (README, Run the tests); skipped with that reason elsewhere."""
 import cura_client
 import gcode_samples
+from hostile import children, cura_connections, wait_for
 
 # A few of the library's materials: the full library (230 files) is
 # synced by the Cura 4.13 leg; here the flow matters
@@ -335,3 +336,60 @@ def test_cura5_shows_the_job_name_it_sent(cura, cura5, klippy, tmp_path):
     state = cura5.wait(lambda s: len(s["jobs"]) == 3, what="three jobs")
     assert sorted(j["name"] for j in state["jobs"]) == sorted(sent)
     assert errors(state) == []
+
+
+# What a Cura without pairing reads; the front answers every one of them
+READS = {"get_system", "get_printers", "get_print_jobs", "get_history",
+         "get_print_job", "get_preview_image", "get_materials"}
+
+
+def test_cura5_session_stays_in_the_front(cura, cura5, klippy, tmp_path):
+    # Cura 5's own device (its two Qt connection pools reuse any keep-alive
+    # connection for any request, every request signed): connect (pairing
+    # request, material sync), two UFP uploads with thumbnails, its own
+    # monitor polls with previews, a pause and a resume.  No read is
+    # answered in Klippy's process, between the requests handed to it
+    # Klippy's process holds none of the connections, and no request fails.
+    k = klippy
+    front = wait_for(lambda: children(k.pid), 10., "the front process")[0]
+    samples = []
+
+    def sample(state=None):
+        samples.append(cura_connections(k, front))
+        assert k.pid not in samples[-1], samples
+        return state
+
+    connected(cura5, klippy)
+    sample()
+    for name in ("one", "two"):
+        path = tmp_path / (name + ".ufp")
+        cura_client.make_ufp(str(path), gcode_samples.cura_gcode(
+            print_time=900, count=3000, sleep_every=10, sleep_s=0.1),
+            thumbnail_png=gcode_samples.png(32, 24))
+        assert cura5.upload(path)["reply"]["status"] == 200
+        sample()
+    state = cura5.wait(lambda s: sample(s) and active(s) and active(s)[
+        "state"] == "printing" and queue_names(s) == ["two"],
+        what="one printing, two queued")
+    uuids = {j["name"]: j["key"] for j in state["jobs"]}
+    assert cura5.action("pause", uuids["one"])["status"] == 200
+    sample()
+    cura5.wait(lambda s: sample(s) and active(s)["state"] == "paused",
+               what="paused")
+    assert cura5.action("resume", uuids["one"])["status"] == 200
+    sample()
+    state = cura5.wait(lambda s: sample(s) and active(s)["state"]
+                       == "printing", what="resumed")
+    cura5.run(3.)       # more monitor polls
+    sample()
+    replies = cura5.replies()
+    previews = [r for r in replies if r["path"].endswith("/preview_image")]
+    assert previews and all(r["status"] == 200 for r in previews), previews
+    failed = [r for r in replies if r["error"] or r["status"] is None
+              or r["status"] >= 400]
+    assert failed == [], failed
+    assert errors(cura5.state()) == []
+    here = k.query("cura_connection")["cura_connection"]["answered_here"]
+    assert not READS & set(here), here
+    assert here["put_action"] == 2, here
+    assert len(samples) > 5 and any(samples), samples

@@ -202,15 +202,29 @@ def parts_in(folder):
     return [n for n in os.listdir(folder) if n.endswith(".part")]
 
 
-def test_uploads_in_flight_reserve_space(klippy_factory, monkeypatch):
-    # Each upload alone fits (28 MiB + 16 MiB margin <= 48 MiB free); two
-    # at once would fill the disk: the second is refused before writing.
+# An upload to this path is handed to Klippy's side by the front (its
+# request line is not the front's upload route) and received there
+TO_KLIPPY = JOBS + "//"
+
+
+@pytest.mark.parametrize("first_path, second_path", [
+    (JOBS + "/", JOBS + "/"), (JOBS + "/", TO_KLIPPY),
+    (TO_KLIPPY, JOBS + "/")])
+def test_uploads_in_flight_reserve_space(klippy_factory, monkeypatch,
+                                         first_path, second_path):
+    # Each alone fits (28 MiB + 16 MiB margin <= 48 MiB free); two at once
+    # would fill the disk: the second is refused before writing, whichever
+    # process receives each (one reservation for the module).
     k = tmpfs_gcodes(klippy_factory, monkeypatch, 64)
     base, port, disk = k.base_url(), k.cura_port(), k.disk
     fill(disk, leave=48 << 20)
     line = b"G1 X1 Y1\n"
-    first = upload_bytes("first.gcode", line * ((28 << 20) // len(line)))
-    second = upload_bytes("second.gcode", line * ((28 << 20) // len(line)))
+    body, headers = httpc.multipart({"owner": "x"}, {"file": (
+        "first.gcode", line * ((28 << 20) // len(line)))})
+    first = request_bytes("POST", first_path, headers, body)
+    body, headers = httpc.multipart({"owner": "x"}, {"file": (
+        "second.gcode", line * ((28 << 20) // len(line)))})
+    second = request_bytes("POST", second_path, headers, body)
     s = connect(port)
     s.sendall(first[:3 << 19])
     wait_for(lambda: parts_in(disk), 10, "first upload in flight")
@@ -226,6 +240,15 @@ def test_uploads_in_flight_reserve_space(klippy_factory, monkeypatch):
     assert leftovers(disk, k.pid) == []
     assert os.path.getsize(os.path.join(disk, "first.gcode")) > 27 << 20
     assert "Disk full" not in k.log_text()
+    # the reservations are released: 1 MiB fits in the 20 MiB left
+    body, headers = httpc.multipart({"owner": "x"}, {"file": (
+        "small.gcode", line * ((1 << 20) // len(line)))})
+    r = send(port, request_bytes("POST", second_path, headers, body))
+    assert r.status == 200, r
+    # (the uploads to TO_KLIPPY were received in Klippy's process)
+    here = k.query("cura_connection")["cura_connection"]["answered_here"]
+    assert here.get("post_print_job", 0) == [
+        first_path, second_path, second_path].count(TO_KLIPPY)
 
 
 def test_gcodes_folder_gone(klippy_factory):

@@ -1,7 +1,8 @@
-"""The front process: a child of Klippy answers the polls from published
-replies and hands every other connection to Klippy's side, unread.  These
-tests follow the connections to the process that holds them (through
-/proc), and check that the child never outlives its Klippy."""
+"""The front process: a child of Klippy answers the reads from published
+replies and hands every other request to Klippy's side, unread, with its
+connection, which Klippy's side closes with its reply.  These tests follow
+the connections to the process that holds them (through /proc), and check
+that the child never outlives its Klippy and leaves nothing behind."""
 import os
 import signal
 import socket
@@ -11,7 +12,7 @@ import pytest
 
 import gcode_samples
 import httpc
-from hostile import alive, children, free_port
+from hostile import alive, children, free_port, socket_count
 from httpc import JOBS, jobs, printer, upload, wait_for
 
 
@@ -60,21 +61,43 @@ def port_free(port):
     return True
 
 
-def test_polls_stay_in_the_child_other_requests_move_to_klippy(klippy):
+def answered_here(k):
+    """Requests answered in Klippy's process so far, by handler."""
+    return k.query("cura_connection")["cura_connection"]["answered_here"]
+
+
+def test_reads_stay_in_the_child_other_requests_visit_klippy(klippy):
     base = klippy.base_url()
     front = front_pid(klippy)
+    thumb = gcode_samples.png()
+    r = upload(base, "part.gcode", gcode_samples.embedded_thumbnail(
+        thumb).encode() + gcode_samples.cura_gcode())
+    assert r.status == 200, r
+    uuid = r.json()["uuid"]
     conn = httpc.connect(base)
     for path in ("/cluster-api/v1/printers", JOBS, JOBS + "/history",
-                 "/cluster-api/v1/printers/", JOBS + "?x=1"):
+                 "/cluster-api/v1/printers/", JOBS + "?x=1",
+                 "/api/v1/system", "/cluster-api/v1/materials",
+                 JOBS + "/" + uuid, JOBS + "/%s/preview_image" % (uuid,)):
         r = httpc.request(conn, "GET", path)
-        assert r.status == 200 and isinstance(r.json(), list), (path, r)
+        assert r.status == 200, (path, r)
         assert holder(conn, [front, klippy.pid]) == front, path
-    # anything else goes to Klippy's side with its connection, unread
-    r = httpc.request(conn, "GET", "/api/v1/system")
-    assert r.status == 200 and r.json()["name"]
-    assert holder(conn, [front, klippy.pid]) == klippy.pid
-    # and is answered there from then on, the same way
-    assert httpc.request(conn, "GET", JOBS).json() == jobs(base)
+    assert r.body == thumb and r.headers["Content-Type"] == "image/png"
+    r = httpc.request(conn, "GET", JOBS + "/" + uuid)
+    assert (r.json()["uuid"], r.json()["name"]) == (uuid, "part")
+    r = httpc.request(conn, "GET", JOBS + "/0123-abc")
+    assert r.status == 404 and r.json()["status"] == 404, r
+    r = httpc.request(conn, "GET", "/print_jobs",
+                      headers={"Accept": "text/html"})
+    assert r.status == 200 and b"<html" in r.body.lower(), r
+    assert holder(conn, [front, klippy.pid]) == front
+    assert "get_print_job" not in answered_here(klippy)
+    assert "get_system" not in answered_here(klippy)
+    # anything else goes to Klippy's side with its connection, unread,
+    # and is closed with its reply
+    r = httpc.request(conn, "GET", "/api/v1/auth/verify")
+    assert r.status == 200 and r.headers["Connection"] == "close", r
+    assert answered_here(klippy)["get_auth_verify"] == 1
     conn.close()
 
 
@@ -182,6 +205,29 @@ def test_a_dead_child_leaves_klippy_serving(klippy):
                 raise
             time.sleep(0.1)
     assert klippy.query("webhooks")["webhooks"]["state"] == "ready"
+
+
+def test_a_killed_front_leaves_nothing_behind(klippy):
+    # its partial upload goes, and so do its two socket pairs' ends in
+    # Klippy (Klippy listens again instead: one socket)
+    base = klippy.base_url()
+    front = front_pid(klippy)
+    printer(base)
+    sockets = socket_count(klippy.pid)
+    conn, rest = slow_upload(base, gcode_samples.cura_gcode() * 2000)
+    wait_for(lambda: [n for n in os.listdir(klippy.gcodes_dir)
+                      if n.endswith(".part")], 5, "the partial upload")
+    os.kill(front, signal.SIGKILL)
+    wait_for(lambda: "answering in Klippy's process" in klippy.log_text(),
+             10., "the log line")
+    conn.close()
+    wait_for(lambda: not [n for n in os.listdir(klippy.gcodes_dir)
+                          if n.startswith(".cura-")], 5,
+             "the partial upload to be removed")
+    wait_for(lambda: socket_count(klippy.pid) == sockets - 1, 5,
+             "the front's sockets to close")
+    assert printer(base)["status"] == "idle"
+    assert jobs(base) == []
 
 
 def test_in_process_serving_still_works(klippy_factory):

@@ -12,8 +12,8 @@ import pytest
 import httpc
 from httpc import JOBS, jobs
 from hostile import (check_gcodes_dir, connect, is_json_error, read_reply,
-                     request_bytes, send, server_pid, thread_count, tree,
-                     wait_for)
+                     read_replies, request_bytes, send, server_pid,
+                     thread_count, tree, wait_for)
 
 BOUNDARY = "boundary_.oOo._MjE+Mzk/NDU="
 GCODE = b";TIME:60\nG1 X1\nG1 X2\n"
@@ -474,6 +474,9 @@ def settled_threads(pid):
 
 
 def test_connection_flood(klippy_factory):
+    # 100 connections that send nothing (MAX_CONNECTIONS): Cura's polls
+    # are still answered (the oldest idle connection makes room), and the
+    # threads stay bounded
     k = klippy_factory(module_options={"request_timeout": 30})
     base, port = k.base_url(), k.cura_port()
     httpc.get_json(base, JOBS)
@@ -482,20 +485,44 @@ def test_connection_flood(klippy_factory):
     idle = []
     for i in range(100):
         idle.append(connect(port))
-    # the server counts them before their threads run
     wait_for(lambda: thread_count(server) >= threads + 100, 10,
+             "100 handler threads")
+    for i in range(5):
+        assert httpc.get_json(base, "/cluster-api/v1/printers")[0][
+            "status"] == "idle"
+        assert httpc.get_json(base, JOBS) == []
+    assert thread_count(server) < threads + 102
+    # the oldest ones were closed to make room (EOF, no reply), the
+    # newest still wait
+    for s in idle[:10]:
+        assert read_reply(s) is None
+    idle[-1].setblocking(False)
+    with pytest.raises(BlockingIOError):
+        idle[-1].recv(1)
+    for s in idle:
+        s.close()
+    wait_for(lambda: thread_count(server) <= threads, 10, "threads to end")
+    assert k.info()["state"] == "ready"
+
+
+def test_connection_flood_in_process(klippy_factory):
+    # without the front, the 101st connection gets a complete 503
+    k = klippy_factory(module_options={"request_timeout": 30,
+                                       "front_process": "False"})
+    base, port = k.base_url(), k.cura_port()
+    httpc.get_json(base, JOBS)
+    threads = settled_threads(k.pid)
+    idle = [connect(port) for i in range(100)]
+    wait_for(lambda: thread_count(k.pid) >= threads + 100, 10,
              "100 handler threads")
     extra = connect(port)
     r = read_reply(extra)
     extra.close()
     assert is_json_error(r, 503), r
-    assert thread_count(server) < threads + 102
     for s in idle:
         s.close()
-    wait_for(lambda: thread_count(server) <= threads, 10, "threads to end")
-    assert httpc.get_json(base, "/cluster-api/v1/printers")[0]["status"] \
-        == "idle"
-    assert k.info()["state"] == "ready"
+    wait_for(lambda: thread_count(k.pid) <= threads, 10, "threads to end")
+    assert httpc.get_json(base, JOBS) == []
 
 
 @pytest.mark.parametrize("header", ["Content-Length", "Host"])
@@ -511,3 +538,88 @@ def test_duplicate_headers(klippy, header):
     assert r is None or is_json_error(r, 400, 404, 408), r
     assert klippy.info()["state"] == "ready"
     assert httpc.get_json(klippy.base_url(), JOBS) == []
+
+
+def queued_job(base):
+    # the first upload starts printing and holds the plate; the second
+    # stays queued
+    for name in ("long", "queued"):
+        body, h = httpc.multipart({}, {"file": (name + ".gcode",
+                                                GCODE * 3)})
+        r = httpc.request(base, "POST", JOBS + "/", body=body, headers=h)
+        assert r.status == 200, r
+    return r.json()["uuid"]
+
+
+@pytest.mark.parametrize("data, answers, ending", [
+    # a bare-LF head, then a CRLF one in the same write: both, in order
+    # (and the connection stays open: no more replies come)
+    (b"GET /cluster-api/v1/printers HTTP/1.1\nHost: x\n\n"
+     b"GET /api/v1/system HTTP/1.1\r\nHost: x\r\n\r\n", [list, dict],
+     "timeout"),
+    (b"GET /api/v1/system HTTP/1.1\r\nHost: x\r\n\r\n"
+     b"GET /cluster-api/v1/printers HTTP/1.1\nHost: x\n\n"
+     b"GET /cluster-api/v1/print_jobs/history HTTP/1.1\n\n",
+     [dict, list, list], "timeout"),
+    # a bare CR is not a line end: the head goes to http.server, which
+    # answers it, and the connection ends with that reply
+    (b"GET /api/v1/system HTTP/1.1\r\nHost: x\rX: y\r\n\r\n"
+     b"GET /cluster-api/v1/printers HTTP/1.1\r\n\r\n", [dict], "eof"),
+    # a request the front hands over is answered and closed: the one
+    # behind it is refused (never run), the close is clean
+    (b"GET /api/v1/auth/verify HTTP/1.1\n\n"
+     b"GET /cluster-api/v1/printers HTTP/1.1\r\n\r\n", [dict], "eof"),
+])
+def test_pipelined_heads_are_answered_once_each_in_order(
+        klippy, data, answers, ending):
+    s = connect(klippy.cura_port(), timeout=3)
+    s.sendall(data)
+    replies, how = read_replies(s, len(answers) + 1)
+    s.close()
+    assert [r.status for r in replies] == [200] * len(answers), replies
+    assert [type(r.json()) for r in replies] == answers, replies
+    assert how == ending, (how, replies)
+
+
+@pytest.mark.parametrize("smuggler", [
+    b"GET /cluster-api/v1/printers HTTP/1.1\n\nPOST /cluster-api/v1/"
+    b"materials HTTP/1.1\r\nContent-Type: text/plain\r\n"
+    b"Content-Length: %d\r\n\r\n",
+    b"GET /cluster-api/v1/printers HTTP/1.1\n\nPOST /cluster-api/v1/"
+    b"print_jobs/ HTTP/1.1\r\nContent-Type: multipart/form-data; "
+    b"boundary=b\r\nContent-Length: %d\r\n\r\n",
+    b"GET /cluster-api/v1/printers HTTP/1.1\r\nContent-Length: %d\r\n\r\n",
+])
+def test_a_body_never_runs_as_a_request(klippy_factory, smuggler):
+    k = klippy_factory(module_options=OPTIONS)
+    base = k.base_url()
+    uuid_ = queued_job(base)
+    inner = request_bytes("DELETE", JOBS + "/" + uuid_)
+    s = connect(k.cura_port(), timeout=3)
+    s.sendall(smuggler % (len(inner),) + inner)
+    replies, how = read_replies(s, 3)
+    s.close()
+    assert replies and replies[0].status == 200, replies
+    assert how in ("eof", "timeout"), (how, replies)
+    for r in replies[1:]:
+        assert is_json_error(r, 400, 413, 415), r
+    # (a DELETE reply would say "deleted")
+    assert not [r for r in replies if b"deleted" in r.body]
+    assert uuid_ in [j["uuid"] for j in jobs(base)]
+
+
+@pytest.mark.parametrize("data", [
+    b"GET /cluster-api/v1/print_jobs HTTP/1.1\r\nConnection: close\r\n\r\n",
+    b"GET /cluster-api/v1/printers HTTP/1.0\r\n\r\n",
+    b"GET /api/v1/auth/verify HTTP/1.1\r\nConnection: close\r\n\r\n",
+])
+def test_a_close_with_bytes_behind_it_is_clean(klippy, data):
+    # the client reads the whole reply and then the end, not a reset
+    behind = b"GET /api/v1/system HTTP/1.1\r\n\r\n" * 200
+    s = connect(klippy.cura_port(), timeout=5)
+    s.sendall(data + behind)
+    replies, how = read_replies(s, 2)
+    s.close()
+    assert [r.status for r in replies] == [200], replies
+    assert replies[0].headers["connection"] == "close"
+    assert how == "eof", how

@@ -782,17 +782,29 @@ def test_material_profile_names_like_cura():
 # The front process: which request heads it answers itself
 
 @pytest.mark.parametrize("head,route", [
-    (b"GET /cluster-api/v1/printers HTTP/1.1\r\nHost: x\r\n\r\n", "printers"),
-    (b"GET /cluster-api/v1/print_jobs/ HTTP/1.1\r\n\r\n", "print_jobs"),
-    (b"GET /cluster-api/v1/print_jobs?a=1 HTTP/1.0\n\n", "print_jobs"),
+    (b"GET /cluster-api/v1/printers HTTP/1.1\r\nHost: x\r\n\r\n",
+     "get_printers"),
+    (b"GET /cluster-api/v1/print_jobs/ HTTP/1.1\r\n\r\n", "get_print_jobs"),
+    (b"GET /cluster-api/v1/print_jobs?a=1 HTTP/1.0\n\n", "get_print_jobs"),
     (b"GET /cluster-api/v1/print_jobs/history HTTP/1.1\r\n"
-     b"Content-Length: 0\r\n\r\n", "history"),
+     b"Content-Length: 0\r\n\r\n", "get_history"),
+    (b"GET /api/v1/system HTTP/1.1\r\n\r\n", "get_system"),
+    (b"GET /cluster-api/v1/materials HTTP/1.1\r\n\r\n", "get_materials"),
+    (b"GET /cluster-api/v1/print_jobs/0a-1 HTTP/1.1\r\n\r\n",
+     "get_print_job"),
+    (b"GET /cluster-api/v1/print_jobs/0a-1/preview_image HTTP/1.1\r\n\r\n",
+     "get_preview_image"),
+    (b"GET /print_jobs HTTP/1.1\r\nAccept: text/html\r\n\r\n", "get_page"),
+    # (the camera's route: the front hands it over when it sees the query)
+    (b"GET /?action=stream HTTP/1.1\r\n\r\n", "get_root"),
     # everything else is Klippy's side's to answer
+    (b"GET /api/v1/auth/verify HTTP/1.1\r\n\r\n", None),
+    (b"GET /api/v1/auth/check/abc HTTP/1.1\r\n\r\n", None),
+    (b"GET /printers/cura_definition.zip HTTP/1.1\r\n\r\n", None),
     (b"HEAD /cluster-api/v1/printers HTTP/1.1\r\n\r\n", None),
     (b"GET /cluster-api/v1/printers HTTP/1.1\r\nHost: x\r\n", None),
     (b"GET /cluster-api/v1/printers HTTP/2.0\r\n\r\n", None),
     (b"GET /cluster-api/v1/printers\r\n\r\n", None),
-    (b"GET /api/v1/system HTTP/1.1\r\n\r\n", None),
     (b"GET //cluster-api/v1/printers HTTP/1.1\r\n\r\n", None),
     (b"GET /cluster-api/v1/printers HTTP/1.1\r\nContent-Length: 5\r\n\r\n",
      None),
@@ -805,10 +817,32 @@ def test_material_profile_names_like_cura():
     (b"GET /cluster-api/v1/printers HTTP/1.1\r\n folded\r\n\r\n", None),
     (b"GET /cluster-api/v1/printers HTTP/1.1\r\nBad Header: x\r\n\r\n", None),
     (b"GET /cluster-api/v1/printers HTTP/1.1\r\nX: \xff\r\n\r\n", None),
+    # a bare CR, which the email parser behind http.server ends a line at
+    (b"GET /cluster-api/v1/printers HTTP/1.1\r\nX: a\rContent-Length: 5"
+     b"\r\n\r\n", None),
+    (b"GET /cluster-api/v1/printers HTTP/1.1\r\r\n\r\n", None),
+    # not one head (the front takes only up to the first empty line)
+    (b"GET /cluster-api/v1/printers HTTP/1.1\n\nGET / HTTP/1.1\r\n\r\n",
+     None),
+    # more header lines than http.server takes
+    (b"GET /cluster-api/v1/printers HTTP/1.1\r\n" + b"X: y\r\n" * 101
+     + b"\r\n", None),
 ])
-def test_front_answers_only_plain_polls(head, route):
+def test_front_answers_only_plain_reads(head, route):
     req = cc.FrontRequest.parse(head)
-    assert (req and req.route) == route
+    assert (req and req.handler) == route
+
+
+@pytest.mark.parametrize("head,rest", [
+    (b"GET / HTTP/1.1\n\n", b"GET /x HTTP/1.1\r\n\r\n"),
+    (b"GET / HTTP/1.1\r\nA: b\r\n\r\n", b"GET /x HTTP/1.1\n\n"),
+    (b"GET / HTTP/1.1\r\nA: b\n\r\n", b"GET"),
+    (None, b"GET / HTTP/1.1\r\nA: b\r\n"),
+])
+def test_front_ends_a_head_where_http_server_does(head, rest):
+    data = (head or b"") + rest
+    found = cc.HEAD_END.search(data)
+    assert (found and data[:found.end()]) == head
 
 
 @pytest.mark.parametrize("head,close", [
