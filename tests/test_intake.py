@@ -15,7 +15,8 @@ import cura_client
 import gcode_samples
 import httpc
 from httpc import upload, wait_for
-from test_faults import leftovers, tmpfs_gcodes
+from hostile import connect, read_reply, request_bytes
+from test_faults import TO_KLIPPY, fill, leftovers, parts_in, tmpfs_gcodes
 
 SPACE_MARGIN = 16 << 20     # the module's
 
@@ -164,6 +165,38 @@ def test_unpacking_stops_at_the_space_margin(klippy_factory, monkeypatch,
     r = upload(base, "fits.gcode.gz", gz_unpacking_to(40 << 20))
     assert r.status == 200, r
     assert k.info()["state"] == "ready"
+
+
+def test_unpacking_in_the_front_counts_klippys_uploads(klippy_factory,
+                                                     monkeypatch):
+    # 48 MiB free, a 28 MiB upload in flight in Klippy's process: a
+    # .gcode.gz to the front that unpacks to 24 MiB would fit alone
+    # (24 + 16 MiB margin), but not beside it; the first one completes.
+    k = tmpfs_gcodes(klippy_factory, monkeypatch, 64)
+    port, disk = k.cura_port(), k.disk
+    fill(disk, leave=48 << 20)
+    line = b"G1 X1 Y1\n"
+    body, headers = httpc.multipart({"owner": "x"}, {"file": (
+        "first.gcode", line * ((28 << 20) // len(line)))})
+    first = request_bytes("POST", TO_KLIPPY, headers, body)
+    s = connect(port)
+    s.sendall(first[:3 << 19])
+    wait_for(lambda: parts_in(disk), 10, "first upload in flight")
+    sampler = FreeSpace(disk)
+    sampler.start()
+    try:
+        r = upload(k.base_url(), "zipped.gcode.gz", gz_unpacking_to(24 << 20))
+        assert r.status == 507, r
+        assert "Disk full" in r.json()["message"], r
+        s.sendall(first[3 << 19:])
+        r = read_reply(s)
+        s.close()
+    finally:
+        least = sampler.stop()
+    assert r.status == 200, r
+    assert least >= SPACE_MARGIN, least
+    assert [j["name"] for j in httpc.all_jobs(k.base_url())] == ["first"]
+    assert leftovers(disk, k.pid) == []
 
 
 # file name sent -> name shown
