@@ -430,8 +430,9 @@ def _is_number(v):
 SAVED_JOB_FIELDS = {
     "uuid": lambda v: isinstance(v, str) and JOB_UUID_RE.match(v),
     "name": lambda v: isinstance(v, str) and len(v) <= 300,
-    "filename": lambda v: isinstance(v, str) and v != "" and
-    safe_base_name(v, "") == v and v.lower().endswith(GCODE_EXTENSIONS),
+    # (a Cura upload's is a safe base name: saved_job checks that)
+    "filename": lambda v: safe_relative_path(v) and
+    v.lower().endswith(GCODE_EXTENSIONS),
     "owner": lambda v: isinstance(v, str) and len(v) <= 300,
     "created_at": lambda v: isinstance(v, str) and len(v) <= 64,
     "status": lambda v: isinstance(v, str) and (
@@ -439,8 +440,8 @@ SAVED_JOB_FIELDS = {
     "source": lambda v: v in ("cura", "klipper"),
     "time_estimate": _is_number, "time_elapsed": _is_number,
     "time_total": _is_number,
-    "preview": lambda v: v is None or (isinstance(v, str) and
-                                       safe_base_name(v, "") == v),
+    # (in the .thumbs folder beside the job's file: saved_job checks)
+    "preview": lambda v: v is None or safe_relative_path(v),
     "started": lambda v: isinstance(v, bool),
     "force": lambda v: isinstance(v, bool),
     "message": lambda v: isinstance(v, str),
@@ -468,6 +469,14 @@ def saved_job(data, statuses):
             fields[key] = data[key]
     if _is_number(fields.get("finished_at")):
         fields["finished_at"] = iso_time(fields["finished_at"])
+    filename = fields["filename"]
+    if (fields["status"] == "queued" or fields.get("source", "cura")
+            == "cura") and safe_base_name(filename, "", 255) != filename:
+        # what the queue starts is a file this module received and named
+        raise ValueError("bad filename %r" % (filename,))
+    if fields.get("preview") is not None \
+            and not preview_beside(fields["preview"], filename):
+        raise ValueError("bad preview %r" % (fields["preview"],))
     if fields["status"] not in statuses:
         raise ValueError("status %s is not possible here"
                          % (fields["status"],))
@@ -1172,16 +1181,36 @@ class StateWriter:
 # File intake: uploads, G-code metadata, materials
 ######################################################################
 
-def safe_base_name(filename, default="print"):
+def safe_base_name(filename, default="print", max_bytes=200):
     # Only the base name, letters/digits and a few safe marks, no leading
     # dot: the result can't escape the folder, hide, or break a G-code line.
+    # (max_bytes leaves room for "-<n>.gcode" in a file name's 255)
     name = filename.replace("\\", "/").rsplit("/", 1)[-1]
     name = unicodedata.normalize("NFC", name)
     name = "".join(c if c.isalnum() or c in "._-()+" else "_" for c in name)
     name = name.lstrip(".")
-    while len(name.encode("utf-8")) > 200:
+    while len(name.encode("utf-8")) > max_bytes:
         name = name[:-1]
     return name or default
+
+
+def safe_relative_path(path):
+    # A file inside the gcodes folder as Klipper names it (its prints
+    # started elsewhere may be in sub-folders, named with any printable
+    # text): relative, one line, no empty, "." or ".." part -- it cannot
+    # escape the folder.
+    return isinstance(path, str) and 0 < len(path) <= 4096 \
+        and path.isprintable() and all(
+            part not in ("", ".", "..") for part in path.split("/"))
+
+
+def preview_beside(preview, filename):
+    # Where FileIntake keeps a job's preview (_store_thumbnail, or a
+    # slicer's or Moonraker's for read_metadata): a .png or .jpg in the
+    # .thumbs folder beside the G-code file
+    folder, _, name = preview.rpartition("/")
+    return safe_relative_path(preview) and name.endswith(PREVIEW_SUFFIXES) \
+        and folder == os.path.join(os.path.dirname(filename), ".thumbs")
 
 
 def process_running(pid):
@@ -1232,6 +1261,8 @@ THUMB_END_RE = re.compile(rb"^;[ \t]*thumbnail(?:_(?:PNG|JPG|QOI))? end",
 # The preview Cura shows: the largest thumbnail up to this many pixels a
 # side (more only costs transfer), else the smallest bigger one.
 PREVIEW_MAX_SIDE = 1024
+# The previews kept in .thumbs/ (Moonraker's names for them too)
+PREVIEW_SUFFIXES = (".png", ".jpg")
 DURATION_RE = re.compile(rb"(\d{1,9})\s*([dhms])")
 SECONDS_RE = re.compile(rb"^\d{1,12}(?:\.\d+)?\Z")
 MAX_DURATION = 10 * 365 * 86400     # more is no estimate
@@ -1256,6 +1287,7 @@ MAX_EXTRUDERS = 16
 # A job's materials entry: extruder (int), guid, and where known
 JOB_MATERIAL_KEYS = ("guid", "print_core_id", "brand", "material", "color",
                      "color_code", "name")
+MAX_MATERIAL_TEXT = 100     # characters of each
 
 
 def parse_job_materials(head):
@@ -1292,7 +1324,8 @@ def valid_job_materials(value):
                 or not 0 <= n < MAX_EXTRUDERS or n in seen:
             return False
         seen.add(n)
-        if not all(isinstance(entry[k], str) and len(entry[k]) <= 100
+        if not all(isinstance(entry[k], str)
+                   and len(entry[k]) <= MAX_MATERIAL_TEXT
                    for k in entry if k != "extruder"):
             return False
     return True
@@ -1850,7 +1883,7 @@ class FileIntake:
         thumbs = os.path.join(self.gcodes, dirname, ".thumbs")
         try:
             found = [n for n in os.listdir(thumbs)
-                     if n.startswith(stem) and n.endswith((".png", ".jpg"))
+                     if n.startswith(stem) and n.endswith(PREVIEW_SUFFIXES)
                      and re.match(r"^(-\d+x\d+)?$", n[len(stem):-4])]
         except OSError:
             found = []
@@ -2013,6 +2046,14 @@ class MaterialStore:
             old = self.index.get(info["guid"])
             if old is not None and old["version"] >= info["version"]:
                 return False
+            taken = {m["file"] for m in self.index.values()
+                     if m["guid"] != info["guid"]}
+            if name in taken:
+                # another profile's file: writing it would lose that one
+                stem = safe_base_name(info["guid"]) + "-"
+                name = next(n for n in (
+                    "%s%d%s" % (stem, i, MATERIAL_SUFFIX)
+                    for i in range(len(taken) + 1)) if n not in taken)
             write_file_atomic(os.path.join(self.path, name), data)
             if old is not None and old["file"] != name:
                 try:
@@ -2039,7 +2080,8 @@ class MaterialStore:
             except OSError:     # no materials folder: no names, no loss
                 info = None
             if info:
-                entry.update((k, info[k]) for k in (
+                # (as long as a saved job keeps them: valid_job_materials)
+                entry.update((k, info[k][:MAX_MATERIAL_TEXT]) for k in (
                     "brand", "material", "color", "color_code", "name")
                     if info.get(k))
             out.append(entry)

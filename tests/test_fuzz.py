@@ -396,7 +396,14 @@ def test_fuzz_saved_files(tmp_path):
         seen["kept"] += len(cur + q + hist)
         seen["dropped"] += store.kept_aside
         for job in cur + q + hist:
-            assert cc.safe_base_name(job.filename, "") == job.filename
+            # inside the gcodes folder; what the queue starts, a file the
+            # module named; a preview beside its file
+            assert cc.safe_relative_path(job.filename)
+            if job in q or job.source == "cura":
+                assert cc.safe_base_name(job.filename, "", 255) \
+                    == job.filename
+            assert job.preview is None \
+                or cc.preview_beside(job.preview, job.filename)
             json.dumps(job.to_dict())
         assert all(j.status == "queued" for j in q)
         try:
