@@ -1980,7 +1980,9 @@ class MaterialStore:
     def list(self):
         with self.lock:
             self._load()
-            return [dict(m) for m in self.index.values()]
+            # by GUID: the same list before and after a restart
+            return [dict(m) for m in sorted(self.index.values(),
+                                            key=lambda m: m["guid"])]
 
     @staticmethod
     def file_name(filename):

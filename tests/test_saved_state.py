@@ -302,8 +302,7 @@ class SavedState(RuleBasedStateMachine):
             "loaded": self.loaded.state(),
             "loaded_status": self.loaded.status_cache,
             "auth": self.auth.state(),
-            "materials": sorted(self.materials.list(),
-                                key=lambda m: m["guid"])}
+            "materials": self.materials.list()}
 
     @invariant()
     def previews_are_the_uploads(self):
