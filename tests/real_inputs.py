@@ -72,68 +72,97 @@ def _ufp(gcode, thumbnail, guids):
         os.unlink(path)
 
 
+def _png(w, h, n):
+    # each form its own image: a preview served for the wrong job shows
+    return gs.qt_image(w, h, (40 * n % 256, 90 + 13 * n, 200 - 17 * n),
+                       "PNG")
+
+
 @functools.lru_cache(maxsize=None)
-def _samples(moves):
-    body = gs.moves(moves, 0)
-    # each sample its own images: a preview served for the wrong job shows
-    def png(w, h, n):
-        return gs.qt_image(w, h, (40 * n % 256, 90 + 13 * n, 200 - 17 * n),
-                           "PNG")
-    snapshots = [png(300, 300, n) for n in range(3)]
-    small = png(16, 16, 3)
-    wide = png(313, 173, 4)
-    orca = png(300, 300, 5)
-    c5 = png(300, 300, 6)
-    jpg = gs.qt_image(220, 124, (200, 120, 60), "JPG")
-    two = [gs.GENERIC_PETG, gs.ULTIMAKER_PLA_BLACK]
-    prusa = gs.prusaslicer_gcode([(small, 16, 16), (wide, 313, 173)], body)
-    zipped = png(313, 173, 7)
-    out = [
-        Sample("ufp_pla", "pla_cube.ufp", _ufp(
-            gs.griffin_header(1800, gs.ULTIMAKER_PLA_BLACK) + body,
-            snapshots[0], [gs.ULTIMAKER_PLA_BLACK]), snapshots[0], 1800,
-            [gs.ULTIMAKER_PLA_BLACK]),
-        Sample("ufp_petg", "petg_cube.ufp", _ufp(
-            gs.griffin_header(1200, gs.GENERIC_PETG) + body, snapshots[1],
-            [gs.GENERIC_PETG]), snapshots[1], 1200, [gs.GENERIC_PETG]),
-        Sample("ufp_two", "two_cores.ufp", _ufp(
-            gs.griffin_header(2400, two) + body, snapshots[2], two),
-            snapshots[2], 2400, two),
-        Sample("cura5_thumbnail", "cura5_thumb.gcode", (
+def _images():
+    return {"snapshot": [_png(300, 300, n) for n in range(3)],
+            "small": _png(16, 16, 3), "wide": _png(313, 173, 4),
+            "orca": _png(300, 300, 5), "cura5": _png(300, 300, 6),
+            "zipped": _png(313, 173, 7),
+            "jpg_small": gs.qt_image(16, 16, (0, 0, 0), "JPG"),
+            "jpg": gs.qt_image(220, 124, (200, 120, 60), "JPG")}
+
+
+# key -> (upload file name, material GUIDs per extruder of a Griffin
+# header, or None: the form names no material)
+FORMS = {
+    "ufp_pla": ("pla_cube.ufp", [gs.ULTIMAKER_PLA_BLACK]),
+    "ufp_petg": ("petg_cube.ufp", [gs.GENERIC_PETG]),
+    "ufp_two": ("two_cores.ufp", [gs.GENERIC_PETG, gs.ULTIMAKER_PLA_BLACK]),
+    "cura5_thumbnail": ("cura5_thumb.gcode", None),
+    "prusaslicer": ("prusa_part.gcode", None),
+    "orcaslicer": ("orca_part.gcode", None),
+    "jpg_only": ("jpg_only.gcode", None),
+    "gcode_gz": ("zipped.gcode.gz", None),
+    "griffin_one": ("griffin_one.gcode", [gs.GENERIC_PLA]),
+    "griffin_two": ("griffin_two.gcode", [gs.GENERIC_PETG,
+                                          gs.ULTIMAKER_PLA_BLACK]),
+    "marlin": ("marlin_part.gcode", None),
+}
+KEYS = tuple(FORMS)
+# the forms whose header names the material it was sliced for
+GRIFFIN = tuple(k for k, (_, guids) in FORMS.items() if guids)
+
+
+def make(key, body, material=None):
+    """A Sample of form key around body (G-code moves, text); material:
+    the GUID of extruder 0 for a Griffin form (else the form's own)."""
+    im = _images()
+    filename, guids = FORMS[key]
+    if guids and material:
+        guids = [material] + guids[1:]
+    guids = guids or []
+    if key.startswith("ufp_"):
+        n = list(FORMS).index(key)
+        est = 1200 + 600 * n
+        snapshot = im["snapshot"][n]
+        return Sample(key, filename, _ufp(gs.griffin_header(
+            est, guids if len(guids) > 1 else guids[0]) + body, snapshot,
+            guids), snapshot, est, guids)
+    if key.startswith("griffin_"):
+        est = 900 + 60 * len(guids)
+        return Sample(key, filename, (gs.griffin_header(
+            est, guids if len(guids) > 1 else guids[0]) + body).encode(),
+            None, est, guids)
+    if key == "cura5_thumbnail":
+        return Sample(key, filename, (
             gs.cura_marlin_header(2345)
-            + gs.embedded_thumbnail(small, 16, 16, sep=" ")
-            + gs.embedded_thumbnail(c5, 300, 300, sep=" ") + body).encode(),
-            c5, 2345),
-        Sample("prusaslicer", "prusa_part.gcode", prusa.encode(), wide,
-               3723),
-        Sample("orcaslicer", "orca_part.gcode", gs.orcaslicer_gcode(
-            [(small, 96, 96), (orca, 300, 300)], body).encode(), orca, 1681),
-        Sample("jpg_only", "jpg_only.gcode", gs.prusaslicer_gcode(
-            [(gs.qt_image(16, 16, (0, 0, 0), "JPG"), 16, 16),
-             (jpg, 220, 124)], body, kind="_JPG").encode(), jpg, 3723),
-        Sample("gcode_gz", "zipped.gcode.gz", gzip.compress(
-            gs.prusaslicer_gcode([(small, 16, 16), (zipped, 313, 173)],
-                                 body).encode()), zipped, 3723),
-        Sample("griffin_one", "griffin_one.gcode", (
-            gs.griffin_header(900, gs.GENERIC_PLA) + body).encode(), None,
-            900, [gs.GENERIC_PLA]),
-        Sample("griffin_two", "griffin_two.gcode", (
-            gs.griffin_header(960, two) + body).encode(), None, 960, two),
-        Sample("marlin", "marlin_part.gcode", (
-            gs.cura_marlin_header(2345) + body).encode(), None, 2345),
-    ]
-    return {s.key: s for s in out}
+            + gs.embedded_thumbnail(im["small"], 16, 16, sep=" ")
+            + gs.embedded_thumbnail(im["cura5"], 300, 300, sep=" ")
+            + body).encode(), im["cura5"], 2345)
+    if key == "prusaslicer":
+        return Sample(key, filename, gs.prusaslicer_gcode(
+            [(im["small"], 16, 16), (im["wide"], 313, 173)], body).encode(),
+            im["wide"], 3723)
+    if key == "orcaslicer":
+        return Sample(key, filename, gs.orcaslicer_gcode(
+            [(im["small"], 96, 96), (im["orca"], 300, 300)], body).encode(),
+            im["orca"], 1681)
+    if key == "jpg_only":
+        return Sample(key, filename, gs.prusaslicer_gcode(
+            [(im["jpg_small"], 16, 16), (im["jpg"], 220, 124)], body,
+            kind="_JPG").encode(), im["jpg"], 3723)
+    if key == "gcode_gz":
+        return Sample(key, filename, gzip.compress(gs.prusaslicer_gcode(
+            [(im["small"], 16, 16), (im["zipped"], 313, 173)],
+            body).encode()), im["zipped"], 3723)
+    assert key == "marlin", key
+    return Sample(key, filename, (gs.cura_marlin_header(2345)
+                                  + body).encode(), None, 2345)
 
 
-KEYS = ("ufp_pla", "ufp_petg", "ufp_two", "cura5_thumbnail", "prusaslicer",
-        "orcaslicer", "jpg_only", "gcode_gz", "griffin_one", "griffin_two",
-        "marlin")
-
-
+@functools.lru_cache(maxsize=None)
 def samples(moves=20):
-    """{key: Sample} of every form above; moves: G1 lines of each (no
-    TEST_SLEEP: they print at once in the file-output Klippy)."""
-    return _samples(moves)
+    """{key: Sample} of every form, each with its own material; moves: G1
+    lines of each (no TEST_SLEEP: they print at once in the file-output
+    Klippy)."""
+    body = gs.moves(moves, 0)
+    return {key: make(key, body) for key in KEYS}
 
 
 def sample(key, moves=20):
