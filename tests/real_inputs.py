@@ -13,11 +13,16 @@ Samples are built once per process (the UFPs take libcharon a moment).
 """
 import functools
 import gzip
+import io
 import os
+import re
+import sys
 import tempfile
+import types
 
 import cura_client
 import gcode_samples as gs
+import httpc
 
 MATERIALS_DIR = (cura_client.DEFAULT_CURA_ROOT
                  / "usr/share/cura/resources/materials")
@@ -167,3 +172,89 @@ def samples(moves=20):
 
 def sample(key, moves=20):
     return samples(moves)[key]
+
+
+# The module's own code paths, without Klippy
+
+def module():
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..",
+                                    "klippy_extras"))
+    import cura_connection
+    return cura_connection
+
+
+class UploadRequest:
+    """What the module's receive_upload reads of an HTTP request, over the
+    body Cura's client sends (httpc.multipart: Qt's layout)."""
+    def __init__(self, filename, data, owner):
+        body, headers = httpc.multipart({"owner": owner},
+                                        {"file": (filename, data)})
+        self.body = io.BytesIO(body)
+        self.length = len(body)
+        self.boundary = re.search(r'boundary="([^"]+)"',
+                                  headers["Content-Type"]).group(1).encode()
+
+    def content_length(self, required=False):
+        return self.length
+
+    def multipart_boundary(self):
+        return self.boundary
+
+    def send_continue(self):
+        pass
+
+    def readinto_body(self, buf):
+        return self.body.readinto(buf)
+
+
+def upload(api, sample, filename=None, owner="alice"):
+    """sample received as POST /print_jobs receives it (receive_upload,
+    FileIntake) and queued by api (a CuraApi): the reply dict."""
+    cc = module()
+    return cc.receive_upload(
+        UploadRequest(filename or sample.filename, sample.data, owner),
+        api.intake, lambda: len(api.store.queue), api.conn.max_queue,
+        lambda name, who, meta: api.add_upload(name, who, meta, "127.0.0.1"))
+
+
+def cura_api(gcodes, data_dir, max_queue=1000, **parts):
+    """A CuraApi over the module's own FileIntake, MaterialStore and
+    JobStore in gcodes and data_dir, as load_config() places them; parts
+    (store, intake, materials, bridge, lifecycle) replace those."""
+    cc = module()
+    conn = types.SimpleNamespace(bridge=None, lifecycle=None,
+                                 max_queue=max_queue)
+    conn.__dict__.update(parts)
+    if "store" not in parts:
+        conn.store = cc.JobStore(os.path.join(data_dir, "queue.json"), 1000,
+                                 False)
+    if "intake" not in parts:
+        conn.intake = cc.FileIntake(gcodes, 1 << 30)
+    if "materials" not in parts:
+        conn.materials = cc.MaterialStore(os.path.join(data_dir,
+                                                       "materials"))
+    return cc.CuraApi(conn)
+
+
+def received_jobs(gcodes, data_dir, keys=KEYS):
+    """Each form of keys uploaded and queued through the module's own code
+    (upload above) into gcodes: the JobStore saved at data_dir/queue.json,
+    its jobs as the module makes them (previews, materials...)."""
+    os.makedirs(gcodes, exist_ok=True)
+    os.makedirs(data_dir, exist_ok=True)
+    api = cura_api(gcodes, data_dir)
+    for key in keys:
+        upload(api, samples()[key])
+    return api.store
+
+
+def saved_jobs():
+    """Every form's job as the module saves it (Job.to_dict() of
+    received_jobs), its files made in a folder removed again."""
+    import shutil
+    tmp = tempfile.mkdtemp(prefix="real-inputs-")
+    try:
+        store = received_jobs(tmp, os.path.join(tmp, ".cura_connection"))
+        return [j.to_dict() for j in store.queue]
+    finally:
+        shutil.rmtree(tmp)

@@ -13,14 +13,12 @@ the file, and every field must be what it was: nothing dropped, no .bad
 file.  The one legitimate change: a job that was printing comes back
 failed (the new printer object cannot still be printing it).
 """
-import io
 import json
 import os
 import re
 import shutil
 import sys
 import tempfile
-import types
 import uuid
 
 import pytest
@@ -30,7 +28,6 @@ from hypothesis.stateful import (RuleBasedStateMachine, invariant,
                                  precondition, rule)
 
 import gcode_samples
-import httpc
 import real_inputs
 from test_units import FakeKlipper
 
@@ -53,30 +50,6 @@ EXTERNAL_FILES = {"klipper_part.gcode": [32, 300],
                   "my prints/Part 1.gcode": [300],
                   "a/b/c/benchy (2).GCODE": [],
                   "üñí/x.g": [32, 400]}
-
-
-class FakeRequest:
-    """What receive_upload reads of an HTTP request, over a body Cura's
-    client would send (httpc.multipart: Qt's layout)."""
-    def __init__(self, filename, data, owner):
-        body, headers = httpc.multipart({"owner": owner},
-                                        {"file": (filename, data)})
-        self.body = io.BytesIO(body)
-        self.length = len(body)
-        self.boundary = re.search(r'boundary="([^"]+)"',
-                                  headers["Content-Type"]).group(1).encode()
-
-    def content_length(self, required=False):
-        return self.length
-
-    def multipart_boundary(self):
-        return self.boundary
-
-    def send_continue(self):
-        pass
-
-    def readinto_body(self, buf):
-        return self.body.readinto(buf)
 
 
 class SavedState(RuleBasedStateMachine):
@@ -112,9 +85,10 @@ class SavedState(RuleBasedStateMachine):
             self.klipper, self.store, want_metadata,
             lambda job: [] if job.force else self.loaded.changes(
                 job.materials))
-        self.api = cc.CuraApi(types.SimpleNamespace(
-            bridge=self.klipper, store=self.store, lifecycle=self.life,
-            intake=self.intake, materials=self.materials, max_queue=100))
+        self.api = real_inputs.cura_api(
+            self.gcodes, self.data, store=self.store, intake=self.intake,
+            materials=self.materials, bridge=self.klipper,
+            lifecycle=self.life)
         for state in (self.store, self.loaded, self.auth):
             assert not state.dirty or state is self.store, state.path
             assert not os.path.exists(state.path + ".bad"), state.path
@@ -129,11 +103,7 @@ class SavedState(RuleBasedStateMachine):
         filename = sample.filename
         if stem is not None:
             filename = stem + cc.split_upload_name(filename)[1]
-        req = FakeRequest(filename, sample.data, owner)
-        reply = cc.receive_upload(
-            req, self.intake, lambda: len(self.store.queue), 100,
-            lambda name, who, meta: self.api.add_upload(
-                name, who, meta, "127.0.0.1"))
+        reply = real_inputs.upload(self.api, sample, filename, owner)
         job = self.store.get(reply["uuid"])
         # the real input is read as the printer must read it
         assert job.time_estimate == sample.time_estimate, sample
