@@ -62,15 +62,34 @@ class Sample:
         return "Sample(%s)" % (self.key,)
 
 
-def _ufp(gcode, thumbnail, guids):
-    # Cura's UFPWriter through libcharon, into memory
+def _slice_metadata(guids):
+    # what Cura 5 adds as Cura/slicemetadata.json (a few of its settings)
+    meta = {"material": {"length": [1.23] * len(guids),
+                         "weight": [3.68] * len(guids),
+                         "cost": [0.09] * len(guids)},
+            "global": {"changes": {"layer_height": "0.15"},
+                       "all_settings": {"layer_height": "0.15",
+                                        "adhesion_type": "brim"}},
+            "quality": {"profile": "Normal", "intent": "Default",
+                        "custom_profile": ""}}
+    for n in range(len(guids)):
+        meta["extruder_%d" % (n,)] = {
+            "changes": {}, "all_settings": {"infill_sparse_density": "20"}}
+    return meta
+
+
+def _ufp(gcode, thumbnail, guids, cura5=False):
+    # Cura's UFPWriter through libcharon, into memory (Cura 5's adds its
+    # slice metadata)
     fd, path = tempfile.mkstemp(suffix=".ufp")
     os.close(fd)
     try:
         cura_client.make_ufp(path, gcode, thumbnail_png=thumbnail,
                              materials=[MATERIALS_DIR / PROFILE_FILES[g]
                                         for g in guids if g],
-                             object_names=["cube.stl"])
+                             object_names=["cube.stl"],
+                             slice_metadata=_slice_metadata(guids)
+                             if cura5 else None)
         with open(path, "rb") as f:
             return f.read()
     finally:
@@ -94,7 +113,8 @@ def _images():
 
 
 # key -> (upload file name, material GUIDs per extruder of a Griffin
-# header, or None: the form names no material)
+# header, or None: the form names no material).  ufp_pla is Cura 4.13's
+# UFP, the other two Cura 5's (with its slice metadata).
 FORMS = {
     "ufp_pla": ("pla_cube.ufp", [gs.ULTIMAKER_PLA_BLACK]),
     "ufp_petg": ("petg_cube.ufp", [gs.GENERIC_PETG]),
@@ -128,7 +148,7 @@ def make(key, body, material=None):
         snapshot = im["snapshot"][n]
         return Sample(key, filename, _ufp(gs.griffin_header(
             est, guids if len(guids) > 1 else guids[0]) + body, snapshot,
-            guids), snapshot, est, guids)
+            guids, cura5=key != "ufp_pla"), snapshot, est, guids)
     if key.startswith("griffin_"):
         est = 900 + 60 * len(guids)
         return Sample(key, filename, (gs.griffin_header(
