@@ -78,9 +78,11 @@ def _slice_metadata(guids):
     return meta
 
 
-def _ufp(gcode, thumbnail, guids, cura5=False):
-    # Cura's UFPWriter through libcharon, into memory (Cura 5's adds its
-    # slice metadata)
+def ufp_bytes(gcode, thumbnail, guids, cura5=False):
+    """A UFP as Cura's UFPWriter writes it (libcharon), in memory: the
+    G-code, Cura's snapshot (thumbnail, PNG bytes or None), the profiles
+    of the material GUIDs (PROFILE_FILES) and, from Cura 5, its slice
+    metadata."""
     fd, path = tempfile.mkstemp(suffix=".ufp")
     os.close(fd)
     try:
@@ -100,6 +102,11 @@ def _png(w, h, n):
     # each form its own image: a preview served for the wrong job shows
     return gs.qt_image(w, h, (40 * n % 256, 90 + 13 * n, 200 - 17 * n),
                        "PNG")
+
+
+def snapshot():
+    """Cura's snapshot of the build plate: a 300x300 PNG by Qt."""
+    return _images()["snapshot"][0]
 
 
 @functools.lru_cache(maxsize=None)
@@ -146,7 +153,7 @@ def make(key, body, material=None):
         n = list(FORMS).index(key)
         est = 1200 + 600 * n
         snapshot = im["snapshot"][n]
-        return Sample(key, filename, _ufp(gs.griffin_header(
+        return Sample(key, filename, ufp_bytes(gs.griffin_header(
             est, guids if len(guids) > 1 else guids[0]) + body, snapshot,
             guids, cura5=key != "ufp_pla"), snapshot, est, guids)
     if key.startswith("griffin_"):
