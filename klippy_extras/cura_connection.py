@@ -436,8 +436,9 @@ def _is_number(v):
 SAVED_JOB_FIELDS = {
     "uuid": lambda v: isinstance(v, str) and JOB_UUID_RE.match(v),
     "name": lambda v: isinstance(v, str) and len(v) <= 300,
-    "filename": lambda v: isinstance(v, str) and v != "" and
-    safe_base_name(v, "") == v and v.lower().endswith(GCODE_EXTENSIONS),
+    # (a Cura upload's is a safe base name: saved_job checks that)
+    "filename": lambda v: safe_relative_path(v) and
+    v.lower().endswith(GCODE_EXTENSIONS),
     "owner": lambda v: isinstance(v, str) and len(v) <= 300,
     "created_at": lambda v: isinstance(v, str) and len(v) <= 64,
     "status": lambda v: isinstance(v, str) and (
@@ -445,8 +446,8 @@ SAVED_JOB_FIELDS = {
     "source": lambda v: v in ("cura", "klipper"),
     "time_estimate": _is_number, "time_elapsed": _is_number,
     "time_total": _is_number,
-    "preview": lambda v: v is None or (isinstance(v, str) and
-                                       safe_base_name(v, "") == v),
+    # (in the .thumbs folder beside the job's file: saved_job checks)
+    "preview": lambda v: v is None or safe_relative_path(v),
     "started": lambda v: isinstance(v, bool),
     "force": lambda v: isinstance(v, bool),
     "message": lambda v: isinstance(v, str),
@@ -474,6 +475,14 @@ def saved_job(data, statuses):
             fields[key] = data[key]
     if _is_number(fields.get("finished_at")):
         fields["finished_at"] = iso_time(fields["finished_at"])
+    filename = fields["filename"]
+    if (fields["status"] == "queued" or fields.get("source", "cura")
+            == "cura") and safe_base_name(filename, "", 255) != filename:
+        # what the queue starts is a file this module received and named
+        raise ValueError("bad filename %r" % (filename,))
+    if fields.get("preview") is not None \
+            and not preview_beside(fields["preview"], filename):
+        raise ValueError("bad preview %r" % (fields["preview"],))
     if fields["status"] not in statuses:
         raise ValueError("status %s is not possible here"
                          % (fields["status"],))
@@ -1178,14 +1187,15 @@ class StateWriter:
 # File intake: uploads, G-code metadata, materials
 ######################################################################
 
-def safe_base_name(filename, default="print", limit=200):
+def safe_base_name(filename, default="print", max_bytes=200):
     # Only the base name, letters/digits and a few safe marks, no leading
     # dot: the result can't escape the folder, hide, or break a G-code line.
+    # (max_bytes leaves room for "-<n>.gcode" in a file name's 255)
     name = filename.replace("\\", "/").rsplit("/", 1)[-1]
     name = unicodedata.normalize("NFC", name)
     name = "".join(c if c.isalnum() or c in "._-()+" else "_" for c in name)
     name = name.lstrip(".")
-    while len(name.encode("utf-8")) > limit:
+    while len(name.encode("utf-8")) > max_bytes:
         name = name[:-1]
     return name or default
 
@@ -1218,6 +1228,25 @@ def job_name(filename):
     without the print file extension, as the user wrote it."""
     base = filename.replace("\\", "/").rsplit("/", 1)[-1]
     return label_text(split_upload_name(base)[0], MAX_JOB_NAME)
+
+
+def safe_relative_path(path):
+    # A file inside the gcodes folder as Klipper names it (its prints
+    # started elsewhere may be in sub-folders, named with any printable
+    # text): relative, one line, no empty, "." or ".." part -- it cannot
+    # escape the folder.
+    return isinstance(path, str) and 0 < len(path) <= 4096 \
+        and path.isprintable() and all(
+            part not in ("", ".", "..") for part in path.split("/"))
+
+
+def preview_beside(preview, filename):
+    # Where FileIntake keeps a job's preview (_store_thumbnail, or a
+    # slicer's or Moonraker's for read_metadata): a .png or .jpg in the
+    # .thumbs folder beside the G-code file
+    folder, _, name = preview.rpartition("/")
+    return safe_relative_path(preview) and name.endswith(PREVIEW_SUFFIXES) \
+        and folder == os.path.join(os.path.dirname(filename), ".thumbs")
 
 
 def process_running(pid):
@@ -1269,6 +1298,8 @@ THUMB_END_RE = re.compile(rb"^;[ \t]*thumbnail(?:_(?:PNG|JPG|QOI))? end",
 # The preview Cura shows: the largest thumbnail up to this many pixels a
 # side (more only costs transfer), else the smallest bigger one.
 PREVIEW_MAX_SIDE = 1024
+# The previews kept in .thumbs/ (Moonraker's names for them too)
+PREVIEW_SUFFIXES = (".png", ".jpg")
 DURATION_RE = re.compile(rb"(\d{1,9})\s*([dhms])")
 SECONDS_RE = re.compile(rb"^\d{1,12}(?:\.\d+)?\Z")
 MAX_DURATION = 10 * 365 * 86400     # more is no estimate
@@ -1293,6 +1324,7 @@ MAX_EXTRUDERS = 16
 # A job's materials entry: extruder (int), guid, and where known
 JOB_MATERIAL_KEYS = ("guid", "print_core_id", "brand", "material", "color",
                      "color_code", "name")
+MAX_MATERIAL_TEXT = 100     # characters of each
 
 
 def parse_job_materials(head):
@@ -1329,7 +1361,8 @@ def valid_job_materials(value):
                 or not 0 <= n < MAX_EXTRUDERS or n in seen:
             return False
         seen.add(n)
-        if not all(isinstance(entry[k], str) and len(entry[k]) <= 100
+        if not all(isinstance(entry[k], str)
+                   and len(entry[k]) <= MAX_MATERIAL_TEXT
                    for k in entry if k != "extruder"):
             return False
     return True
@@ -1825,7 +1858,7 @@ class FileIntake:
         meta["name"] = job_name(upload.filename)
         # room for _place's "-<n>.gcode": the file name stays safe whole
         base = safe_base_name(split_upload_name(upload.filename)[0],
-                              limit=200 - len("-9999.gcode"))
+                              max_bytes=200 - len("-9999.gcode"))
         final = self._place(gcode_tmp, base)
         upload.tmp_path = None
         name = os.path.basename(final)
@@ -1992,7 +2025,7 @@ class FileIntake:
         thumbs = os.path.join(self.gcodes, dirname, ".thumbs")
         try:
             found = [n for n in os.listdir(thumbs)
-                     if n.startswith(stem) and n.endswith((".png", ".jpg"))
+                     if n.startswith(stem) and n.endswith(PREVIEW_SUFFIXES)
                      and re.match(r"^(-\d+x\d+)?$", n[len(stem):-4])]
         except OSError:
             found = []
@@ -2089,7 +2122,9 @@ class MaterialStore:
     def list(self):
         with self.lock:
             self._load()
-            return [dict(m) for m in self.index.values()]
+            # by GUID: the same list before and after a restart
+            return [dict(m) for m in sorted(self.index.values(),
+                                            key=lambda m: m["guid"])]
 
     @staticmethod
     def file_name(filename):
@@ -2155,6 +2190,14 @@ class MaterialStore:
             old = self.index.get(info["guid"])
             if old is not None and old["version"] >= info["version"]:
                 return False
+            taken = {m["file"] for m in self.index.values()
+                     if m["guid"] != info["guid"]}
+            if name in taken:
+                # another profile's file: writing it would lose that one
+                stem = safe_base_name(info["guid"]) + "-"
+                name = next(n for n in (
+                    "%s%d%s" % (stem, i, MATERIAL_SUFFIX)
+                    for i in range(len(taken) + 1)) if n not in taken)
             write_file_atomic(os.path.join(self.path, name), data)
             if old is not None and old["file"] != name:
                 try:
@@ -2181,7 +2224,8 @@ class MaterialStore:
             except OSError:     # no materials folder: no names, no loss
                 info = None
             if info:
-                entry.update((k, info[k]) for k in (
+                # (as long as a saved job keeps them: valid_job_materials)
+                entry.update((k, info[k][:MAX_MATERIAL_TEXT]) for k in (
                     "brand", "material", "color", "color_code", "name")
                     if info.get(k))
             out.append(entry)

@@ -822,13 +822,16 @@ def upload(address, path, file_name=None, owner="alice", unique_name=None, timeo
 # UFP
 
 
-def make_ufp(path, gcode, thumbnail_png=None, materials=(), object_names=()):
+def make_ufp(path, gcode, thumbnail_png=None, materials=(), object_names=(),
+             slice_metadata=None):
     """Write a UFP with libcharon the way Cura's UFPWriter.write() does.
 
     gcode: bytes or str. thumbnail_png: PNG bytes (Cura adds one only when the
     backend made a snapshot). materials: paths of .xml.fdm_material files (Cura
     writes its re-serialized container, named after its base_file; here the
     file itself). object_names: names for the "metadata/objects" list.
+    slice_metadata: a dict Cura 5 writes as Cura/slicemetadata.json (its
+    settings and material use; Cura 4.13 writes none).
     """
     load()
     from Charon.OpenMode import OpenMode
@@ -845,6 +848,11 @@ def make_ufp(path, gcode, thumbnail_png=None, materials=(), object_names=()):
     archive.getStream("/3D/model.gcode").write(gcode)
     archive.addRelation(virtual_path="/3D/model.gcode",
                         relation_type="http://schemas.ultimaker.org/package/2018/relationships/gcode")
+    if slice_metadata is not None:
+        import json
+        archive.addContentType(extension="json", mime_type="application/json")
+        archive.getStream("Cura/slicemetadata.json").write(json.dumps(
+            slice_metadata, separators=(", ", ": "), indent=4).encode("utf-8"))
     if thumbnail_png:
         archive.addContentType(extension="png", mime_type="image/png")
         archive.getStream("/Metadata/thumbnail.png").write(thumbnail_png)

@@ -281,32 +281,29 @@ path: %s
         with open(self.cfg_path, "w") as f:
             f.write(self.config_text())
 
-    def write_queue(self, jobs, filename="seed.gcode", data_dir=None):
+    def write_queue(self, jobs, data_dir=None):
         """Before start: a queue.json as an old version (before max_queue)
         or a raised limit leaves it -- a finished job on the plate, so
-        nothing starts by itself, and `jobs` queued jobs of one small file
-        -- in data_dir (default: the module's).  Returns the queued jobs'
-        uuids."""
+        nothing starts by itself, and `jobs` queued jobs, in data_dir
+        (default: the module's).  The jobs are
+        the module's own: every form of real_inputs received and queued
+        through its intake (files, previews, materials in place), then
+        repeated under new uuids and names to make up the count.
+        Returns the queued jobs' uuids."""
+        import real_inputs
         data_dir = data_dir or self.data_dir
-        os.makedirs(data_dir, exist_ok=True)
-        with open(os.path.join(self.gcodes_dir, filename), "w") as f:
-            f.write(";FLAVOR:Marlin\n;TIME:600\nG1 X1\n")
-
-        def job(i, status):
-            return {"uuid": "00000000-0000-4000-8000-%012d" % (i,),
-                    "name": "job %d" % (i,), "filename": filename,
-                    "owner": "test", "created_at": "2026-11-25T10:00:00Z",
-                    "status": status, "source": "cura",
-                    "time_estimate": 600, "time_elapsed": 0,
-                    "time_total": 600, "preview": None,
-                    "started": status != "queued", "force": False,
-                    "message": "", "finished_at": None}
-        queue = [job(i + 1, "queued") for i in range(jobs)]
+        store = real_inputs.received_jobs(self.gcodes_dir, data_dir)
+        done = store.queue[0]
+        store.begin_start(done)
+        store.end(done, "wait_cleanup")
+        made = [j.to_dict() for j in store.queue]
+        state = store.state()
+        state["queue"] = [dict(made[i % len(made)], name="job %d" % (i + 1,),
+                               uuid="00000000-0000-4000-8000-%012d" % (i + 1,))
+                          for i in range(jobs)]
         with open(os.path.join(data_dir, "queue.json"), "w") as f:
-            json.dump({"version": 1, "plate_clear": False,
-                       "current": job(0, "wait_cleanup"), "queue": queue,
-                       "history": []}, f)
-        return [j["uuid"] for j in queue]
+            json.dump(state, f)
+        return [j["uuid"] for j in state["queue"]]
 
     def write_gcode(self, name, moves=200, sleep_every=20, sleep_s=0.1,
                     header=""):

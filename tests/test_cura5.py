@@ -5,6 +5,7 @@ trees (README, Run the tests); skipped with that reason elsewhere."""
 import cura_client
 import gcode_samples
 from hostile import children, cura_connections, wait_for
+import real_inputs
 
 # A few of the library's materials: the full library (230 files) is
 # synced by the Cura 4.13 leg; here the flow matters
@@ -31,9 +32,14 @@ def errors(state):
                                "Found" not in line]
 
 
-def ufp(tmp_path, name, **kwargs):
+def ufp(tmp_path, name, material=gcode_samples.ULTIMAKER_PLA_BLACK,
+        **kwargs):
+    # as Cura 5 sends it (real_inputs): its snapshot, the material's
+    # profile and its slice metadata with the G-code
     path = tmp_path / (name + ".ufp")
-    cura_client.make_ufp(str(path), gcode_samples.cura_gcode(**kwargs))
+    path.write_bytes(real_inputs.ufp_bytes(gcode_samples.cura_gcode(
+        material=material, **kwargs), real_inputs.snapshot(), [material],
+        cura5=True))
     return path
 
 

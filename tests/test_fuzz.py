@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 import gcode_samples
 import httpc
 import klippy_harness
+import real_inputs
 from hostile import check_gcodes_dir, send, tree
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..",
@@ -355,17 +356,27 @@ def mutated(good, **overrides):
                     if k not in rd[1]})
 
 
+# and every form of real_inputs as the module saves it (previews in
+# .thumbs, materials named from the UFP's profiles...)
+GOOD_JOBS = [GOOD_JOB] + real_inputs.saved_jobs()
+
+
+def good_job(**overrides):
+    return st.sampled_from(GOOD_JOBS).flatmap(
+        lambda good: mutated(good, **overrides))
+
+
 def jobs_list(status):
     return st.lists(st.builds(
         lambda d, n: dict(d, uuid="%s%d" % (d.get("uuid"), n))
         if isinstance(d.get("uuid"), str) else d,
-        mutated(GOOD_JOB, status=status), st.integers(0, 3)) | json_values,
+        good_job(status=status), st.integers(0, 3)) | json_values,
         max_size=4)
 
 
 queue_files = st.fixed_dictionaries({}, optional={
     "version": json_values, "plate_clear": st.booleans() | json_values,
-    "current": mutated(GOOD_JOB, status="printing", uuid="c0") | json_values,
+    "current": good_job(status="printing", uuid="c0") | json_values,
     "queue": jobs_list("queued") | json_values,
     "history": jobs_list("finished") | json_values}) | json_values
 auth_files = st.fixed_dictionaries({}, optional={
@@ -411,7 +422,14 @@ def test_fuzz_saved_files(tmp_path):
         seen["kept"] += len(cur + q + hist)
         seen["dropped"] += store.kept_aside
         for job in cur + q + hist:
-            assert cc.safe_base_name(job.filename, "") == job.filename
+            # inside the gcodes folder; what the queue starts, a file the
+            # module named; a preview beside its file
+            assert cc.safe_relative_path(job.filename)
+            if job in q or job.source == "cura":
+                assert cc.safe_base_name(job.filename, "", 255) \
+                    == job.filename
+            assert job.preview is None \
+                or cc.preview_beside(job.preview, job.filename)
             json.dumps(job.to_dict())
         assert all(j.status == "queued" for j in q)
         try:

@@ -10,10 +10,14 @@ import pytest
 import cura_client
 import gcode_samples
 import httpc
+import real_inputs
 from httpc import JOBS, jobs, upload
 
-LONG = gcode_samples.moves(3000, 10, 0.1).encode()        # ~30 s
-SHORT = gcode_samples.moves(20, 10, 0.1).encode()         # ~0.2 s
+# real slicers' files (real_inputs), thumbnails and all
+LONG = real_inputs.make("orcaslicer", gcode_samples.moves(
+    3000, 10, 0.1)).data                                   # ~30 s
+SHORT = real_inputs.make("prusaslicer", gcode_samples.moves(
+    20, 10, 0.1)).data                                     # ~0.2 s
 
 
 def by_name(js):

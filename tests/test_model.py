@@ -13,6 +13,11 @@ Cura 4.13's own client, and checks after every step:
     at most one job points at the printer;
   - Klippy is ready;
   - the saved queue equals the one served, once settled;
+  - after any restart (RESTART, FIRMWARE_RESTART, kill -9) the queue and
+    every job (its fields as served, its preview bytes) are what was
+    served before it, except the job on the printer, which has ended;
+  - uploads are real clients' files (real_inputs): UFPs with thumbnails
+    and profiles, slicers' G-code with thumbnails, .gcode.gz...;
   - no job and no queued file is lost (except entries of a state file the
     test damaged on purpose, which are kept aside as .bad).
 
@@ -36,7 +41,8 @@ import cura_client
 import gcode_samples
 import httpc
 import klippy_harness
-from httpc import all_jobs
+import real_inputs
+from httpc import JOBS, all_jobs
 
 SECONDS = float(os.environ.get("CURA_MODEL_SECONDS", "0"))
 TRACE = bool(os.environ.get("CURA_MODEL_TRACE"))   # each step on stderr
@@ -44,6 +50,8 @@ MODEL_EXAMPLES = 8
 MODEL_STEPS = 8
 STATUS_PERIOD = 0.5       # the module's SNAPSHOT_INTERVAL
 ENDED = ("wait_cleanup", "aborted_wait_cleanup", "failed_wait_cleanup")
+ACTIVE = ("pre_print", "printing", "pausing", "paused", "resuming",
+          "aborting")
 HISTORY = ("finished", "aborted", "failed")
 PRINTING = {"printing": ("printing",), "pausing": ("pausing",),
             "paused": ("paused",)}
@@ -106,6 +114,7 @@ def make_machine(k, workdir):
             k.gcode("SET_CURA_MATERIAL GUID=" + MATERIALS["black"])
             self.loaded = "black"
             self.material_of = {}     # uuid -> the material it was sliced for
+            self.previews = {}        # uuid -> the preview bytes it shows
             self.forced = set()
             self.n = 0
             self.last_jobs = []       # as served at the last check
@@ -123,19 +132,25 @@ def make_machine(k, workdir):
 
         # Rules
         @rule(kind=st.sampled_from(sorted(BODIES)),
+              form=st.sampled_from(real_inputs.KEYS),
               material=st.sampled_from(sorted(MATERIALS)))
-        def upload(self, kind, material):
+        def upload(self, kind, form, material):
+            # a real client's file (real_inputs): a form whose header
+            # names a material is sliced for material, the others for none
             self.n += 1
-            name = "%s_%d" % (kind, self.n)
-            path = os.path.join(workdir, name + ".ufp")
-            cura_client.make_ufp(path, gcode_samples.griffin_header(
-                60, MATERIALS[material]) + BODIES[kind])
+            sample = real_inputs.make(form, BODIES[kind], MATERIALS[material])
+            path = os.path.join(workdir, "%s_%d_%s" % (
+                kind, self.n, sample.filename))
+            with open(path, "wb") as f:
+                f.write(sample.data)
             status, body = cura_client.upload(self.addr, path)
             assert status == 200, body
             reply = json.loads(body)
             self.known[reply["uuid"]] = reply["filename"]
-            self.material_of[reply["uuid"]] = material
-            note("upload %s" % (kind,))
+            self.material_of[reply["uuid"]] = material \
+                if form in real_inputs.GRIFFIN else None
+            self.previews[reply["uuid"]] = sample.preview
+            note("upload %s %s" % (kind, form))
 
         # hypothesis turns whole rules off per example (swarm testing):
         # one rule per action on the printer's job, one on any job
@@ -263,19 +278,80 @@ def make_machine(k, workdir):
             self.hold_until = time.monotonic() + seconds + 0.5
             note("macro holds the G-code queue")
 
-        @rule()
-        def restart(self):
+        def served(self):
+            """Every job as Cura is served it (its JSON, its preview
+            bytes) and the queue's order."""
+            jobs = {}
+            for j in self.jobs():
+                r = httpc.request(self.base, "GET", "%s/%s/preview_image"
+                                  % (JOBS, j["uuid"]))
+                got = httpc.request(self.base, "GET",
+                                    "%s/%s" % (JOBS, j["uuid"]))
+                if got.status == 200:   # (else deleted meanwhile)
+                    jobs[j["uuid"]] = (got.json(), r.body
+                                       if r.status == 200 else None)
+            order = [j["uuid"] for j in self.jobs()
+                     if j["status"] == "queued"]
+            for uuid, (job, preview) in jobs.items():
+                if uuid in self.previews:
+                    assert preview == self.previews[uuid], job
+            return jobs, order
+
+        def unchanged_since(self, before, what):
+            """After a restart: the queue and every job as served before
+            it, except the job on the printer, which the new printer
+            object cannot still be printing: it has ended (failed, with
+            the restart as its reason, unless it ended just before).  The
+            queue head may have started just before the restart: then it
+            is that job."""
+            jobs_before, order_before = before
+
+            def differences():
+                jobs_after, order_after = self.served()
+                out = []
+                for uuid, (job, preview) in jobs_before.items():
+                    got = jobs_after.get(uuid)
+                    if got is None:
+                        out.append(("lost", job))
+                    elif job["status"] in ACTIVE or (
+                            order_before and uuid == order_before[0]
+                            and got[0]["status"] != "queued"):
+                        if got[0]["status"] not in ENDED:
+                            out.append(("not ended", job, got[0]))
+                    elif got != (job, preview):
+                        out.append(("changed", job, got))
+                still = [u for u in order_before
+                         if u in jobs_after and jobs_after[u][0]["status"]
+                         == "queued"]
+                if order_after != still:
+                    out.append(("order", order_before, order_after))
+                return out
+            deadline = time.monotonic() + 5.   # a status period or two
+            while True:
+                diff = differences()
+                if not diff or time.monotonic() > deadline:
+                    break
+                time.sleep(0.3)
+            assert not diff, (what, diff)
+            note("%s: every job as before" % (what,))
+
+        @rule(firmware=st.booleans())
+        def restart(self, firmware):
             time.sleep(max(0., self.hold_until - time.monotonic()))
-            k.restart()
-            note("RESTART")
+            before = self.served()
+            k.restart(firmware=firmware)
+            note("FIRMWARE_RESTART" if firmware else "RESTART")
             self.api = cura_client.ClusterApi(
                 "127.0.0.1:%d" % (k.cura_port(),))
             self.addr = "127.0.0.1:%d" % (k.cura_port(),)
             self.base = "http://" + self.addr
+            self.unchanged_since(before, "FIRMWARE_RESTART" if firmware
+                                 else "RESTART")
 
         @rule(damage=st.sampled_from(["none", "truncate", "entry"]))
         def kill9_and_start(self, damage):
             time.sleep(1.2)      # the writer saved the last change
+            before = self.served()
             k.kill9()
             path = os.path.join(data, "queue.json")
             if damage != "none" and os.path.exists(path):
@@ -300,6 +376,8 @@ def make_machine(k, workdir):
                 served = {j["uuid"] for j in self.jobs()}
                 self.known = {u: f for u, f in self.known.items()
                               if u in served}
+            if damage == "none":
+                self.unchanged_since(before, "kill -9")
 
         # Invariants
         @invariant()
@@ -329,8 +407,8 @@ def make_machine(k, workdir):
                         or "assigned_to" in j]) <= 1, js
             held = active is not None and active["state"] == "queued"
             if held:
-                assert self.loaded in MATERIALS and self.loaded \
-                    != self.material_of[active["key"]] and \
+                assert self.loaded in MATERIALS and self.material_of[
+                    active["key"]] not in (None, self.loaded) and \
                     active["key"] not in self.forced, active
                 assert active["configuration_changes"] and all(
                     c["can_override"] for c in

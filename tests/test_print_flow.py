@@ -7,6 +7,7 @@ import time
 import httpc
 from httpc import JOBS, all_jobs, jobs, upload
 import gcode_samples
+import real_inputs
 
 
 
@@ -137,11 +138,18 @@ def test_queue_survives_restart_and_kill(klippy_factory):
     base = k.base_url()
     long_print = gcode_samples.moves(3000, 10, 0.1).encode()
     assert upload(base, "long.gcode", long_print).status == 200
-    assert upload(base, "next.gcode", b"G1 X1\n", owner="bob").status == 200
+    # Cura's UFP (thumbnail, material profile): queued behind it
+    ufp = real_inputs.sample("ufp_pla")
+    assert upload(base, "next.ufp", ufp.data, owner="bob").status == 200
     wait_jobs(base, lambda js: by_name(js)["long"]["status"] == "printing",
               what="long printing")
+    queued = by_name(all_jobs(base))["next"]
     k.restart()
     js = by_name(all_jobs(k.base_url()))
+    assert js["next"] == queued
+    r = httpc.request(k.base_url(), "GET",
+                      JOBS + "/%s/preview_image" % (queued["uuid"],))
+    assert r.status == 200 and r.body == ufp.preview
     # the interrupted print is reported, never silently restarted
     assert js["long"]["status"] == "failed_wait_cleanup"
     assert "restart" in js["long"]["message"]
