@@ -2800,6 +2800,15 @@ WEB_PAGE = os.path.join(os.path.dirname(os.path.realpath(__file__)),
                         "cura_connection_web.html")
 
 
+def web_page():
+    """The web page's bytes, with Cura's data folders filled in (either
+    process serves it); OSError when the file is missing."""
+    with open(WEB_PAGE, "rb") as f:
+        page = f.read()
+    return page.replace(b"<!--cura-data-folders-->",
+                        cura_data_folders_html().encode())
+
+
 ######################################################################
 # Access control: trusted networks, browsers, paired Cura clients
 ######################################################################
@@ -3630,12 +3639,9 @@ class CuraApi:
                 return self.get_printers(req)
             return self.get_print_jobs(req)
         try:
-            with open(WEB_PAGE, "rb") as f:
-                page = f.read()
+            page = web_page()
         except OSError as e:
             raise HTTPError(500, "Web page missing: %s" % (e,))
-        page = page.replace(b"<!--cura-data-folders-->",
-                            cura_data_folders_html().encode())
         return 200, Payload(page, "text/html; charset=utf-8")
 
     def get_root(self, req):
@@ -5168,8 +5174,7 @@ class FrontServer:
         if name in ("get_root", "get_page"):
             if "text/html" in req.headers.get("accept", ""):
                 try:
-                    with open(WEB_PAGE, "rb") as f:
-                        page = f.read()
+                    page = web_page()
                 except OSError as e:
                     return self._error(500, "Web page missing: %s" % (e,))
                 return 200, "text/html; charset=utf-8", [page]
