@@ -600,6 +600,96 @@ def test_store_move_delete_force(store):
         store.move("nope", 0)
 
 
+def lock_is_free(lock):
+    # from another thread: an RLock is always free to its holder
+    free = []
+    def probe():
+        if lock.acquire(blocking=False):
+            lock.release()
+            free.append(True)
+    t = threading.Thread(target=probe)
+    t.start()
+    t.join()
+    return bool(free)
+
+
+def test_store_never_encodes_under_its_lock(tmp_path, monkeypatch):
+    """A save (the writer thread) encodes with the store's lock free: a
+    change the reactor makes meanwhile goes through, and the file then
+    written still reads back as the store is."""
+    path = str(tmp_path / "queue.json")
+    s = cc.JobStore(path, 5, False)
+    jobs = [cc.Job(name="j%d" % i, filename="j%d.gcode" % i)
+            for i in range(30)]
+    for j in jobs:
+        s.add(j)
+    s.begin_start(jobs[0])
+    s.end(jobs[0], "wait_cleanup")
+    s.plate_cleared()
+    real_dumps = json.dumps
+    seen, changes = [], []
+    def dumps(obj, *args, **kwargs):
+        seen.append(lock_is_free(s.lock))
+        if len(seen) == 5:
+            # the reactor starts the next job while the save encodes
+            t = threading.Thread(target=lambda: changes.append(
+                s.begin_start(jobs[1])))
+            t.start()
+            t.join(10.)
+            assert changes, "the store's lock was held while encoding"
+        return real_dumps(obj, *args, **kwargs)
+    monkeypatch.setattr(cc.json, "dumps", dumps)
+    s.save()
+    monkeypatch.setattr(cc.json, "dumps", real_dumps)
+    assert seen and all(seen) and changes
+    with open(path) as f:
+        assert json.load(f) == s.state()
+    again = cc.JobStore(path, 5, False)
+    # (a job that was printing ends at a restart)
+    assert again.current.name == "j1" and [
+        (j.to_dict()) for j in again.queue + again.history] == [
+            j.to_dict() for j in s.queue + s.history]
+    # the next save encodes only what changed since
+    seen.clear()
+    s.set_force(jobs[5].uuid, True)
+    monkeypatch.setattr(cc.json, "dumps", dumps)
+    s.save()
+    monkeypatch.setattr(cc.json, "dumps", real_dumps)
+    assert len(seen) == 1
+    with open(path) as f:
+        assert json.load(f) == s.state()
+
+
+def test_status_and_lookups_stay_small(tmp_path):
+    """get_status() lists the first queued jobs and counts them all; jobs
+    are found by uuid wherever they are, until they leave the store."""
+    s = cc.JobStore(str(tmp_path / "q.json"), 2, False)
+    jobs = [cc.Job(name="j%d" % i, filename="j%d.gcode" % i)
+            for i in range(s.STATUS_JOBS + 5)]
+    for j in jobs:
+        s.add(j)
+    st = s.status_cache
+    assert [q["name"] for q in st["queue"]] == \
+        ["j%d" % i for i in range(s.STATUS_JOBS)]
+    assert st["queue_length"] == len(jobs)
+    with pytest.raises(cc.Conflict):
+        s.add(cc.Job(name="x", filename="x.gcode"), len(jobs))
+    for j in jobs[:4]:
+        s.begin_start(j)
+        s.end(j, "wait_cleanup")
+        assert s.find(j.uuid) is j
+        s.plate_cleared()
+    # a history of 2: the oldest ended jobs are gone
+    assert [s.find(j.uuid) for j in jobs[:4]] == [None, None] + jobs[2:4]
+    assert s.take_back(jobs[6]) and not s.take_back(jobs[6])
+    assert s.find(jobs[6].uuid) is None
+    with pytest.raises(cc.Conflict):
+        s.move(jobs[3].uuid, 0)     # in the history, not queued
+    s.delete(jobs[3].uuid)
+    assert s.find(jobs[3].uuid) is None
+    assert s.status_cache["queue_length"] == len(jobs) - 5
+
+
 def test_auto_start_next(tmp_path, klipper):
     store = cc.JobStore(str(tmp_path / "q.json"), 5, True)
     life = cc.JobLifecycle(klipper, store, lambda job: None)
