@@ -135,6 +135,7 @@ class _Conn:
             if not data:
                 raise ConnectionError("closed")
             buf += data
+        self.body = buf[end + 4:need]
         self.buf = buf[need:]
         if close:
             self.close()
