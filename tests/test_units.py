@@ -690,6 +690,68 @@ def test_status_and_lookups_stay_small(tmp_path):
     assert s.status_cache["queue_length"] == len(jobs) - 5
 
 
+class ReactorThreadKlipper(FakeKlipper):
+    """FakeKlipper whose bridge.call() runs the call in a thread of its
+    own (the reactor), as KlippyBridge.call does."""
+    def call(self, fn, *args):
+        out = {}
+        def run():
+            try:
+                out["result"] = fn(cc.NoCall, *args)
+            except Exception as e:
+                out["error"] = e
+        t = threading.Thread(target=run, name="reactor")
+        t.start()
+        t.join()
+        if "error" in out:
+            raise out["error"]
+        return out["result"]
+
+
+def test_uploads_join_the_queue_in_the_reactor(tmp_path, monkeypatch):
+    """add_upload (an HTTP or control thread) changes the store only
+    through the lifecycle, in the reactor: the job, the queue limit, and
+    taking the job back when it cannot be saved."""
+    from types import SimpleNamespace
+    klipper = ReactorThreadKlipper()
+    store = cc.JobStore(str(tmp_path / "queue.json"), 5, False)
+    store.plate_clear = False       # nothing starts
+    changed_in = []
+    for name in ("add", "take_back"):
+        def wrapped(*args, real=getattr(store, name), name=name):
+            changed_in.append((name, threading.current_thread().name))
+            return real(*args)
+        monkeypatch.setattr(store, name, wrapped)
+    removed = []
+    conn = SimpleNamespace(
+        bridge=klipper, store=store, max_queue=2,
+        lifecycle=cc.JobLifecycle(klipper, store, lambda job: None),
+        intake=SimpleNamespace(remove=lambda f, p: removed.append(f)),
+        materials=SimpleNamespace(name_job_materials=lambda w, p: []))
+    api = cc.CuraApi(conn)
+    meta = {"time_estimate": 60, "preview": None, "materials": [],
+            "material_profiles": {}}
+    reply = api.add_upload("a.gcode", "alice", meta, "127.0.0.1")
+    assert reply["status"] == "queued" and changed_in == [
+        ("add", "reactor")]
+    with open(store.path) as f:
+        assert [j["filename"] for j in json.load(f)["queue"]] == ["a.gcode"]
+    api.add_upload("b.gcode", "alice", meta, "127.0.0.1")
+    with pytest.raises(cc.Conflict):
+        api.add_upload("c.gcode", "alice", meta, "127.0.0.1")
+    assert removed == ["c.gcode"] and len(store.queue) == 2
+    store.delete(store.queue[1].uuid)
+    def no_room():
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(store, "save", no_room)
+    changed_in.clear()
+    with pytest.raises(cc.NoSpace):
+        api.add_upload("d.gcode", "alice", meta, "127.0.0.1")
+    assert changed_in == [("add", "reactor"), ("take_back", "reactor")]
+    assert removed == ["c.gcode", "d.gcode"]
+    assert [j.filename for j in store.queue] == ["a.gcode"]
+
+
 def test_auto_start_next(tmp_path, klipper):
     store = cc.JobStore(str(tmp_path / "q.json"), 5, True)
     life = cc.JobLifecycle(klipper, store, lambda job: None)
