@@ -31,14 +31,12 @@ is sent again once on a new one (as Qt does).
 
 Run as a script, this file is the session process (loopback only).
 """
-import base64
 import hashlib
 import json
 import os
 import queue
 import random
 import re
-import socket
 import subprocess
 import sys
 import threading
@@ -409,11 +407,8 @@ class Sessions:
 
     def result(self):
         counts, ms, errors, secs = {}, {}, 0, 0.
-        for proc in self.procs:
-            out, _ = proc.communicate(timeout=self.seconds + 300.)
-            if proc.returncode:
-                raise RuntimeError("session process failed")
-            res = json.loads(out)
+        for res in clients.child_results(self.procs, self.seconds + 300.,
+                                         "session"):
             for what, by in res["counts"].items():
                 mine = counts.setdefault(what, {})
                 for status, n in by.items():

@@ -578,9 +578,9 @@ class JobStore(SavedState):
     """The queue, the job on the printer (current) and the history.
 
     Only JobLifecycle changes it, in the reactor, under self.lock (held
-    for a few lines, never across a reactor pause, never for work that
-    grows with the queue); other threads read with all_jobs(), find() and
-    get()."""
+    for a few lines, never across a reactor pause; of the work that grows
+    with the queue, only a copy or a scan of its references, at C speed);
+    other threads read with all_jobs(), find() and get()."""
     # Jobs listed in get_status() (the reactor's copy stays this small)
     STATUS_JOBS = 10
     def __init__(self, path, history_size, auto_start_next):
