@@ -237,6 +237,7 @@ class Serving:
                 answered = json.load(f)
             return {"requests_per_s": res["requests_per_s"],
                     "requests": res["requests"], "errors": res["errors"],
+                    "connections": res["connections"],
                     "until": run.until, "counts": res["counts"],
                     "latency_ms": res["latency_ms"],
                     "klippy_answered": answered,
@@ -419,10 +420,12 @@ class Serving:
 
 def share(r):
     """The note of a session load: who answered."""
-    return "%d requests, %d answered in Klippy's process (%s), %d errors" % (
-        r["requests"], sum(r["klippy_answered"].values()),
-        _f(r["klippy_share"] and r["klippy_share"] * 100, 1, "%"),
-        r["errors"])
+    return ("%d requests on %d connections, %d answered in Klippy's "
+            "process (%s), %d errors" % (
+                r["requests"], r["connections"],
+                sum(r["klippy_answered"].values()),
+                _f(r["klippy_share"] and r["klippy_share"] * 100, 1, "%"),
+                r["errors"]))
 
 
 def lat_summary(samples):

@@ -158,6 +158,7 @@ class Stats:
         self.counts = {}        # label -> {status: n}
         self.ms = {}            # "poll" / "other" -> [ms]
         self.errors = 0
+        self.connections = 0    # opened
 
     def add(self, what, status, ms):
         kind = "poll" if what in ("GET %s/printers" % (API,),
@@ -188,10 +189,11 @@ class Pool:
         done = threading.Event()
         done.reply = None
         with self.lock:
-            if not self.idle and self.workers < POOL_SIZE:
+            self.queue.put((method, path, body, list(headers), done))
+            # more waiting than idle connections: one more, up to the limit
+            if self.queue.qsize() > self.idle and self.workers < POOL_SIZE:
                 self.workers += 1
                 threading.Thread(target=self._worker, daemon=True).start()
-        self.queue.put((method, path, body, list(headers), done))
         return done
 
     def call(self, method, path, body=b"", headers=()):
@@ -232,6 +234,9 @@ class Pool:
                 reply = None
                 for attempt in (0, 1):
                     fresh = conn.sock is None
+                    if fresh:
+                        with self.stats.lock:
+                            self.stats.connections += 1
                     try:
                         status = conn.get(raw)
                         reply = (status, conn.body)
@@ -383,7 +388,8 @@ def session_main(argv):
     for s in sessions:
         s.join(seconds + 120.)
     json.dump({"counts": stats.counts, "ms": stats.ms,
-               "errors": stats.errors, "seconds": time.monotonic() - t0},
+               "errors": stats.errors, "connections": stats.connections,
+               "seconds": time.monotonic() - t0},
               sys.stdout)
 
 
@@ -406,7 +412,7 @@ class Sessions:
                 + [str(start)], stdout=subprocess.PIPE))
 
     def result(self):
-        counts, ms, errors, secs = {}, {}, 0, 0.
+        counts, ms, errors, secs, opened = {}, {}, 0, 0., 0
         for res in clients.child_results(self.procs, self.seconds + 300.,
                                          "session"):
             for what, by in res["counts"].items():
@@ -416,10 +422,12 @@ class Sessions:
             for kind, values in res["ms"].items():
                 ms.setdefault(kind, []).extend(values)
             errors += res["errors"]
+            opened += res["connections"]
             secs = max(secs, res["seconds"])
         total = sum(n for by in counts.values() for status, n in by.items()
                     if status != "None")
         return {"counts": counts, "requests": total, "errors": errors,
+                "connections": opened,
                 "requests_per_s": total / secs if secs else 0.,
                 "latency_ms": {k: clients.summary(v) for k, v in ms.items()}}
 
