@@ -416,6 +416,9 @@ class Job:
         # action (pausing, resuming, aborting) Klipper is carrying out.
         self.starting = None
         self.action = None
+        # An upload's job until its queue is saved: it does not start
+        # before (a job that cannot be saved is taken back)
+        self.arriving = False
 
     def __setattr__(self, name, value):
         if name in JOB_FIELD_SET:
@@ -998,7 +1001,7 @@ class JobLifecycle:
         if head is not None and self.changes(head):
             store.hold(head)    # until the material is loaded or forced
         elif store.plate_clear and head is not None \
-                and not store.has_active():
+                and not head.arriving and not store.has_active():
             store.hold(None)
             self._start(head)
         else:
@@ -1175,6 +1178,14 @@ class JobLifecycle:
             return
         self.store.plate_cleared()
         self.follow(self.bridge.now())
+
+    def add(self, call, job, limit):
+        """An upload's job joins the queue (Conflict when it holds limit
+        jobs); the status timer starts it once it is no longer arriving."""
+        if not call.commit():
+            return
+        job.arriving = True
+        self.store.add(job, limit)
 
     def change(self, call, fn, *args):
         """A queue change (move, delete, force) made in the reactor."""
@@ -3366,8 +3377,7 @@ class CuraApi:
         try:
             # (the front process counts the queue it was last shown: the
             # limit is checked again where the job is added)
-            self.bridge.call(self.lifecycle.change, self.store.add, job,
-                             self.conn.max_queue)
+            self.bridge.call(self.lifecycle.add, job, self.conn.max_queue)
         except CuraError:
             self.intake.remove(filename, meta["preview"])
             raise
@@ -3375,13 +3385,15 @@ class CuraApi:
             self.store.save()
         except OSError as e:
             # An unsaved job would vanish at the next restart: the upload
-            # fails whole instead (unless the writer saved it and the
-            # lifecycle started it meanwhile), leaving no job and no file.
+            # fails whole instead (unless it was deleted meanwhile),
+            # leaving no job and no file.
             unsaved = self.bridge.call(self.lifecycle.change,
                                        self.store.take_back, job)
             if unsaved:
                 self.intake.remove(filename, meta["preview"])
                 raise storage_error(e, self.store.path)
+        finally:
+            job.arriving = False    # (saved, or taken back)
         logging.info("cura_connection: received %s from %s (%s)",
                      filename, job.owner, address)
         return {"uuid": job.uuid, "name": job.name, "filename": filename,

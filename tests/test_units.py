@@ -741,15 +741,28 @@ def test_uploads_join_the_queue_in_the_reactor(tmp_path, monkeypatch):
         api.add_upload("c.gcode", "alice", meta, "127.0.0.1")
     assert removed == ["c.gcode"] and len(store.queue) == 2
     store.delete(store.queue[1].uuid)
+    store.delete(store.queue[0].uuid)
+    store.plate_clear = True
+
     def no_room():
+        # the status timer runs while the HTTP thread saves: the job
+        # waits for its save, it does not start
+        conn.lifecycle.follow(klipper.now())
+        klipper.run_callbacks()
+        assert store.current is None and not klipper.scripts
         raise OSError(28, "No space left on device")
     monkeypatch.setattr(store, "save", no_room)
     changed_in.clear()
     with pytest.raises(cc.NoSpace):
         api.add_upload("d.gcode", "alice", meta, "127.0.0.1")
     assert changed_in == [("add", "reactor"), ("take_back", "reactor")]
-    assert removed == ["c.gcode", "d.gcode"]
-    assert [j.filename for j in store.queue] == ["a.gcode"]
+    assert removed == ["c.gcode", "d.gcode"] and store.queue == []
+    # saved: it starts at the next tick
+    monkeypatch.setattr(store, "save", lambda: None)
+    api.add_upload("e.gcode", "alice", meta, "127.0.0.1")
+    klipper.follow(conn.lifecycle)
+    assert store.current.filename == "e.gcode"
+    assert klipper.scripts == ["SDCARD_PRINT_FILE FILENAME=e.gcode"]
 
 
 def test_auto_start_next(tmp_path, klipper):
