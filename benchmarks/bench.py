@@ -1003,9 +1003,17 @@ def main():
     ap.add_argument("--front-cpu", type=int, default=1, choices=(0, 1),
                     help="Pi-class leg: the CPU of the front process "
                     "(1: another core, as on a Pi 4; 0: Klippy's core)")
-    ap.add_argument("--jobs10k", type=float,
-                    help="seconds of the 10,000-job load (serving; default "
-                    "10, --quick 6)")
+    ap.add_argument("--sessions", type=int, default=20,
+                    help="Cura sessions of each session load (serving; 0: "
+                    "none)")
+    ap.add_argument("--session-seconds", type=float,
+                    help="seconds of each Cura session load (serving; "
+                    "default 60, --quick 20)")
+    ap.add_argument("--queue-sessions", type=int, default=5,
+                    help="Cura sessions beside 1,000 queued jobs (serving)")
+    ap.add_argument("--queue-seconds", type=float,
+                    help="seconds of the 1,000-job load (serving; default "
+                    "30, --quick 15; 0: none)")
     ap.add_argument("--profile", action="store_true",
                     help="only profile one upload of each kind (py-spy)")
     ap.add_argument("--keep", action="store_true",
@@ -1015,7 +1023,8 @@ def main():
     args.module_options = {}
     # (--quick: shorter loads, unless given)
     for name, full, quick in (("flood", 5., 3.), ("upload_runs", 3, 2),
-                              ("jobs10k", 10., 6.)):
+                              ("session_seconds", 60., 20.),
+                              ("queue_seconds", 30., 15.)):
         if getattr(args, name) is None:
             setattr(args, name, quick if args.quick else full)
     global QUIET_TIMEOUT

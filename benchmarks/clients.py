@@ -135,6 +135,7 @@ class _Conn:
             if not data:
                 raise ConnectionError("closed")
             buf += data
+        self.body = buf[end + 4:need]
         self.buf = buf[need:]
         if close:
             self.close()
@@ -210,6 +211,15 @@ def poller_main(argv):
                "seconds": elapsed}, sys.stdout)
 
 
+def child_results(procs, timeout, what):
+    """The JSON each child process wrote to its stdout, in order."""
+    for proc in procs:
+        out, _ = proc.communicate(timeout=timeout)
+        if proc.returncode:
+            raise RuntimeError("%s process failed" % (what,))
+        yield json.loads(out)
+
+
 class Pollers:
     """N pollers as threads spread over child processes of at most
     per_proc threads each (so the client's own GIL adds little latency),
@@ -230,11 +240,7 @@ class Pollers:
 
     def result(self):
         merged = {"latency_ms": {}, "errors": 0, "seconds": 0.}
-        for proc in self.procs:
-            out, _ = proc.communicate(timeout=self.duration + 60.)
-            if proc.returncode:
-                raise RuntimeError("poller process failed")
-            res = json.loads(out)
+        for res in child_results(self.procs, self.duration + 60., "poller"):
             for p, v in res["latency_ms"].items():
                 merged["latency_ms"].setdefault(p, []).extend(v)
             merged["errors"] += res["errors"]

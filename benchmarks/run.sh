@@ -2,12 +2,14 @@
 # One command for the cura_connection benchmark suite:
 #   ./benchmarks/run.sh [--quick] [--runs N] [--no-moonraker] [--no-serving]
 #                       [--quiet-wait S] [--profile] [--keep]
-#                       [--flood S] [--upload-runs N] [--jobs10k S]
+#                       [--flood S] [--upload-runs N] [--sessions N]
+#                       [--session-seconds S] [--queue-sessions N]
+#                       [--queue-seconds S]
 #                       [--front-cpu 0|1]
 # Installs what it needs (idempotent), runs bench.py, prints the tables and
 # writes benchmarks/results/ (results.json, table.md, lateness.png,
 # serving.png).  --quick: only the serving goal table (serving.py), about
-# 4 minutes.  The full run takes about 12 minutes on 2 cores; the first run
+# 8 minutes.  The full run takes about 25 minutes on 2 cores; the first run
 # also generates ~1.3 GB of input files under .cache/bench/files.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)

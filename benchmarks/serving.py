@@ -15,10 +15,27 @@ The load is aimed at ours, then at in-process, each time with bare
 measured at the same moment.  The pollers run at nice 19 (LOAD_NICE).
 
 Both report the lateness of the 10 ms probe timer of cura_test_tools.
-Loads: 20 and 50 keep-alive pollers flat out (/printers + /print_jobs), a
-200 MiB G-code upload, and a queue of 10,000 jobs (written to queue.json
-before Klippy starts, as an old queue or a raised max_queue would leave it)
-polled by one client at Cura's rate (both GETs every 2 s).
+Loads:
+
+* Cura sessions (benchmarks/sessions.py): --sessions replays of what a
+  Cura does with its printer (Cura 4.13 and Cura 5 alternating: connect,
+  pairing request for Cura 5, material list and material posts, two UFP
+  uploads with thumbnails, the monitor cycle with preview images, a pause
+  and a resume now and then), over Qt-like pools of keep-alive
+  connections, once at Cura's rate (a cycle every 2 s) and once flat out
+  (cycles back to back), with a print running on ours and on bare;
+* 20 and 50 keep-alive pollers flat out (/printers + /print_jobs only: the
+  earlier figures);
+* a 200 MiB G-code upload;
+* a queue of 1,000 jobs (max_queue's limit, written to queue.json before
+  Klippy starts) with --queue-sessions Cura sessions at Cura's rate and a
+  print running.
+
+For every load on a Klippy with the module, the requests answered in
+Klippy's process are counted there (cura_test_tools' TEST_REQUESTS_*: the
+request handler of Klippy's process counts what it dispatches) and set
+against the requests the clients got answers to: the share answered in
+Klippy's process (1.0 for in-process, by construction).
 
 Two legs:
 
@@ -41,6 +58,7 @@ import time
 import clients
 import hostile
 import klippy_harness
+import sessions
 
 MIB = 1 << 20
 CURA_PATHS = ["/cluster-api/v1/printers", "/cluster-api/v1/print_jobs"]
@@ -61,14 +79,21 @@ VARIANTS = [("ours", {}), ("inproc", {"front_process": "False"})]
 
 # name, what, goal on x86, unit
 GOALS = [
+    ("cura_p99", "Cura sessions at Cura's rate: lateness p99", 2., "ms"),
+    ("cura_max", "Cura sessions at Cura's rate: lateness max", 5., "ms"),
+    ("curaflat_p99", "Cura sessions flat out: lateness p99", 2., "ms"),
+    ("curaflat_max", "Cura sessions flat out: lateness max", 5., "ms"),
     ("flood20_p99", "20 pollers flat out: lateness p99", 2., "ms"),
     ("flood20_max", "20 pollers flat out: lateness max", 5., "ms"),
     ("flood50_max", "50 pollers flat out: lateness max", 5., "ms"),
-    ("jobs10k_max", "10,000 jobs + a Cura-rate poller: lateness max", 5.,
+    ("queue1k_max", "1,000 queued jobs + Cura sessions: lateness max", 5.,
      "ms"),
     ("upload_p99", "200 MiB G-code upload: lateness p99", 2., "ms"),
 ]
 PI_RATIO = 1.5
+# The print the session loads run beside (1 s a move: an hour at most)
+PRINT_MOVES = 3600
+QUEUE_JOBS = 1000       # max_queue's limit
 RPS_GOAL = 5000.
 UPLOAD_RATIO_GOAL = 1.1
 
@@ -198,6 +223,52 @@ class Serving:
                  foreign_cpu=cpu.foreign, s_ours=s_ours, s_bare=s_bare)
         return r
 
+    def sessions(self, k, n, duration, flat):
+        """n Cura sessions aimed at k; the requests k's process answered
+        are counted there."""
+        def load():
+            k.gcode("TEST_REQUESTS_RESET")
+            run = sessions.Sessions(k.cura_port(), n, duration, flat,
+                                    self.ufps, nice=LOAD_NICE)
+            res = run.result()
+            path = os.path.join(k.workdir, "requests.json")
+            k.gcode("TEST_REQUESTS_DUMP FILE=" + path)
+            with open(path) as f:
+                answered = json.load(f)
+            return {"requests_per_s": res["requests_per_s"],
+                    "requests": res["requests"], "errors": res["errors"],
+                    "connections": res["connections"],
+                    "until": run.until, "counts": res["counts"],
+                    "latency_ms": res["latency_ms"],
+                    "klippy_answered": answered,
+                    "klippy_share": sessions.klippy_share(answered, res)}
+        return load
+
+    def printing(self, ks):
+        """Start the same long print on each Klippy of ks."""
+        for k in ks:
+            name = k.write_gcode("bench-long.gcode", moves=PRINT_MOVES,
+                                 sleep_every=1, sleep_s=1.)
+            k.gcode("SDCARD_PRINT_FILE FILENAME=" + name)
+
+    def stop_printing(self, ks):
+        for k in ks:
+            k.gcode("CANCEL_PRINT")
+            k.gcode("SDCARD_RESET_FILE")
+
+    def forget_jobs(self, k):
+        """Resume a print the sessions left paused; delete the jobs they
+        queued (the next load starts with an equal queue)."""
+        base = "http://127.0.0.1:%d" % (k.cura_port(),)
+        import httpc
+        for job in httpc.get_json(base, "/cluster-api/v1/print_jobs"):
+            if job["status"] == "paused":
+                httpc.request(base, "PUT", UPLOAD_PATH + job["uuid"] +
+                              "/action", json_body={"action": "print"})
+            elif job["status"] == "queued" and job["owner"].startswith(
+                    "bench"):
+                httpc_delete(k.cura_port(), job["uuid"])
+
     def pollers(self, port, n, duration, interval):
         def load():
             pollers = clients.Pollers(port, n, duration, interval,
@@ -263,7 +334,17 @@ class Serving:
             for variant, options in VARIANTS:
                 k = start(variant, options=options)
                 port = k.cura_port()
-                for n in (20, 50):
+                out[variant] = {}
+                if a.sessions:
+                    self.printing([k, self.bare])
+                    for key, flat in (("cura", False), ("curaflat", True)):
+                        r = self.measure(k, self.bare, self.sessions(
+                            k, a.sessions, a.session_seconds, flat))
+                        self.note(leg, key, variant, r, share(r))
+                        out[variant][key] = r
+                        self.forget_jobs(k)
+                    self.stop_printing([k, self.bare])
+                for n in (20, 50) if a.flood else ():
                     key = "flood%d" % (n,)
                     r = self.measure(k, self.bare,
                                      self.pollers(port, n, a.flood, 0))
@@ -278,12 +359,17 @@ class Serving:
                     runs.append(r)
                 out[variant]["upload"] = runs
                 k.stop()
-                # the 10,000-job queue: a fresh Klippy that loads it
-                k = start(variant + "10k", jobs=10000, options=options)
-                r = self.measure(k, self.bare, self.pollers(
-                    k.cura_port(), 1, a.jobs10k, 2.0))
-                self.note(leg, "jobs10k", variant, r)
-                out[variant]["jobs10k"] = r
+                if not a.queue_seconds:
+                    continue
+                # 1,000 queued jobs: a fresh Klippy that loads them
+                opts = dict(options, max_queue=QUEUE_JOBS)
+                k = start(variant + "1k", jobs=QUEUE_JOBS, options=opts)
+                self.printing([k, self.bare])
+                r = self.measure(k, self.bare, self.sessions(
+                    k, a.queue_sessions, a.queue_seconds, False))
+                self.note(leg, "queue1k", variant, r, share(r))
+                out[variant]["queue1k"] = r
+                self.stop_printing([self.bare])
                 k.stop()
         finally:
             for k in started:
@@ -304,6 +390,9 @@ class Serving:
     def run(self):
         log = self.h.log
         self.results["front_cpu"] = self.args.front_cpu
+        self.results["sessions"] = self.args.sessions
+        self.results["queue_sessions"] = self.args.queue_sessions
+        self.ufps = sessions.make_ufps(self.b.workdir)
         frac, here = pi_fraction()
         self.results["pi_fraction"] = frac
         self.results["nbody_5m_here"] = here
@@ -327,6 +416,16 @@ class Serving:
                 for i, who in enumerate(("ours", "bare"))}
         return out
 
+
+
+def share(r):
+    """The note of a session load: who answered."""
+    return ("%d requests on %d connections, %d answered in Klippy's "
+            "process (%s), %d errors" % (
+                r["requests"], r["connections"],
+                sum(r["klippy_answered"].values()),
+                _f(r["klippy_share"] and r["klippy_share"] * 100, 1, "%"),
+                r["errors"]))
 
 
 def lat_summary(samples):
@@ -427,7 +526,58 @@ def report(res):
                             _f(ti / basei, 2, "x") if ti else "-",
                             UPLOAD_RATIO_GOAL, _ok(t / base,
                                                    UPLOAD_RATIO_GOAL)))
+    L += sessions_report(res)
     return "\n".join(L) + "\n"
+
+
+SESSION_LOADS = [("cura", "%d Cura sessions at Cura's rate"),
+                 ("curaflat", "%d Cura sessions flat out"),
+                 ("queue1k", "1,000 queued jobs + %d Cura sessions")]
+
+
+def sessions_report(res):
+    """Per leg and session load: requests answered, the share answered in
+    Klippy's process, and the lateness against bare in the same seconds
+    (goal: within PI_RATIO x bare, p99 and max, both legs)."""
+    fig = res["figures"]
+    L = ["", "### Cura sessions: who answers, and what the reactor notices",
+         "",
+         "Replayed Cura 4.13 and Cura 5 sessions (benchmarks/sessions.py), "
+         "a print running on ours and on bare.  'in Klippy's process': "
+         "requests its request handler dispatched (counted there) / "
+         "requests the sessions got answers to.", "",
+         "| load | leg | req/s ours | req/s in-process | in Klippy's "
+         "process: ours | in-process | errors ours | lateness p99 ours / "
+         "bare | max ours / bare | ours/bare p99, max (goal <= %gx) | |"
+         % (PI_RATIO,),
+         "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for load, what in SESSION_LOADS:
+        n = res.get("queue_sessions" if load == "queue1k" else "sessions")
+        for leg in ("x86", "pi"):
+            got = {v: res.get(leg, {}).get(v, {}).get(load) or {}
+                   for v in ("ours", "inproc")}
+            f = fig.get(leg, {}).get(load, {}).get("ours")
+            if not got["ours"] or not f:
+                continue
+            o, b = f["ours"], f["bare"]
+            ratios = [o[q] / b[q] if o[q] is not None and b[q] else None
+                      for q in ("p99", "max")]
+            ok = [_ok(r, PI_RATIO) for r in ratios]
+            L.append("| %s | %s | %s | %s | %s | %s | %s | %s / %s | %s / %s "
+                     "| %s, %s | %s |" % (
+                         what % (n or 0,), leg,
+                         _f(got["ours"].get("requests_per_s"), 0),
+                         _f(got["inproc"].get("requests_per_s"), 0),
+                         _f(got["ours"].get("klippy_share") and
+                            got["ours"]["klippy_share"] * 100, 1, "%"),
+                         _f(got["inproc"].get("klippy_share") and
+                            got["inproc"]["klippy_share"] * 100, 1, "%"),
+                         got["ours"].get("errors", "-"),
+                         _f(o["p99"], 2), _f(b["p99"], 2), _f(o["max"], 2),
+                         _f(b["max"], 2), _f(ratios[0], 2, "x"),
+                         _f(ratios[1], 2, "x"),
+                         "PASS" if ok == ["PASS", "PASS"] else "FAIL"))
+    return L
 
 
 def plot(samples, path):
@@ -435,12 +585,14 @@ def plot(samples, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    loads = [("flood20", "20 pollers flat out"),
+    loads = [("cura", "Cura sessions, Cura's rate"),
+             ("curaflat", "Cura sessions flat out"),
+             ("flood20", "20 pollers flat out"),
              ("flood50", "50 pollers flat out"),
              ("upload", "200 MiB G-code upload (runs end to end)"),
-             ("jobs10k", "10,000 jobs, Cura-rate poller")]
+             ("queue1k", "1,000 jobs, Cura sessions")]
     legs = [("x86", "x86"), ("pi", "Pi-class (1 core, quota)")]
-    fig, axes = plt.subplots(len(legs), len(loads), figsize=(17, 7.5),
+    fig, axes = plt.subplots(len(legs), len(loads), figsize=(25, 7.5),
                              sharey=True, squeeze=False)
     top = 6.
     for row, (leg, leg_label) in enumerate(legs):

@@ -385,6 +385,7 @@ JOB_FIELDS = ("uuid", "name", "filename", "owner", "created_at", "status",
               "source", "time_estimate", "time_elapsed", "time_total",
               "preview", "started", "force", "message", "finished_at",
               "materials")
+JOB_FIELD_SET = frozenset(JOB_FIELDS)
 JOB_UUID_RE = re.compile(r"^[0-9a-fA-F-]{1,64}$")
 # Jobs' times as Cura's models expect them (ISO 8601, UTC)
 TIME_FORMAT = "%Y-%m-%dT%H:%M:%S.000000Z"
@@ -396,6 +397,9 @@ def iso_time(epoch=None):
 
 class Job:
     def __init__(self, **fields):
+        # Its saved JSON bytes (JobStore.encode), None after any change of
+        # a saved field: a save encodes only the jobs that changed
+        self.saved_json = None
         self.uuid = str(uuid.uuid4())
         self.name = self.filename = ""
         self.owner = "Cura"
@@ -418,6 +422,14 @@ class Job:
         # action (pausing, resuming, aborting) Klipper is carrying out.
         self.starting = None
         self.action = None
+        # An upload's job until its queue is saved: it does not start
+        # before (a job that cannot be saved is taken back)
+        self.arriving = False
+
+    def __setattr__(self, name, value):
+        if name in JOB_FIELD_SET:
+            object.__setattr__(self, "saved_json", None)
+        object.__setattr__(self, name, value)
 
     def to_dict(self):
         return {k: getattr(self, k) for k in JOB_FIELDS}
@@ -565,22 +577,30 @@ class SavedState:
     def save(self):
         """Not the reactor: write the file if it changed (or now)."""
         with self.save_lock:
-            with self.lock:
-                data = json.dumps(self.state(), indent=1).encode()
-                self.dirty = False
+            chunks = self.encode()
             try:
-                write_file_atomic(self.path, data, self.file_mode)
+                write_file_atomic(self.path, chunks, self.file_mode)
             except BaseException:
                 self.dirty = True   # the writer tries again (disk full...)
                 raise
+
+    def encode(self):
+        """The file's content (a list of bytes), as it is now; marks the
+        state saved.  A small state is encoded whole under the lock."""
+        with self.lock:
+            self.dirty = False
+            return [json.dumps(self.state()).encode()]
 
 
 class JobStore(SavedState):
     """The queue, the job on the printer (current) and the history.
 
     Only JobLifecycle changes it, in the reactor, under self.lock (held
-    for a few lines, never across a reactor pause); other threads read
-    with all_jobs(), find() and get()."""
+    for a few lines, never across a reactor pause; of the work that grows
+    with the queue, only a copy or a scan of its references, at C speed);
+    other threads read with all_jobs(), find() and get()."""
+    # Jobs listed in get_status() (the reactor's copy stays this small)
+    STATUS_JOBS = 10
     def __init__(self, path, history_size, auto_start_next):
         SavedState.__init__(self, path, threading.RLock())
         self.history_size = history_size
@@ -593,6 +613,7 @@ class JobStore(SavedState):
         # by JobLifecycle.follow); then it is the printer's job
         self.held = None
         self.status_cache = {}
+        self.by_uuid = {}       # every job in current, queue and history
         self._load()
 
     def _load(self):
@@ -624,6 +645,7 @@ class JobStore(SavedState):
         self.queue = jobs("queue", ("queued",))
         self.history = jobs("history", list(ENDED.values()))
         del self.history[self.history_size:]
+        self.by_uuid = {j.uuid: j for j in cur + self.queue + self.history}
         self.plate_clear = data.get("plate_clear", True)
         if not isinstance(self.plate_clear, bool):
             self.drop("plate_clear", "not true or false")
@@ -641,12 +663,53 @@ class JobStore(SavedState):
                 "queue": [j.to_dict() for j in self.queue],
                 "history": [j.to_dict() for j in self.history]}
 
+    def encode(self):
+        """Not the reactor: queue.json as chunks of bytes.  The lock is
+        held only to copy references and a changed job's fields (a job at a
+        time), never while encoding.  A change meanwhile means the lists
+        may not match their jobs' fields: then again, from the new
+        state."""
+        pause = ServeGate().breathe     # the reactor gets the GIL often
+        def encoded(job):
+            data = job.saved_json
+            if not isinstance(data, bytes):
+                with self.lock:
+                    fields = job.to_dict()
+                    mark = job.saved_json = object()
+                data = json.dumps(fields).encode()
+                with self.lock:
+                    if job.saved_json is mark:   # (else it changed since)
+                        job.saved_json = data
+            pause()
+            return data
+        while True:
+            with self.lock:
+                version = self.version
+                self.dirty = False
+                plate_clear = self.plate_clear
+                cur = self.current
+                lists = (list(self.queue), list(self.history))
+            chunks = [b'{"version": 1, "plate_clear": %s, "current": ' % (
+                b"true" if plate_clear else b"false"),
+                      b"null" if cur is None else encoded(cur)]
+            for key, jobs in zip((b"queue", b"history"), lists):
+                chunks.append(b', "%s": [' % (key,))
+                chunks += [b", " + encoded(j) if i else encoded(j)
+                           for i, j in enumerate(jobs)]
+                chunks.append(b"]")
+            chunks.append(b"}")
+            with self.lock:
+                if self.version == version:
+                    return chunks
+
     def _update_status_cache(self):
-        # get_status() runs in the reactor: hand it a ready-made dict
+        # get_status() runs in the reactor: hand it a ready-made dict, of
+        # a size that does not grow with the queue
         cur = self.current
         self.status_cache = {
             "current_job": cur and cur.summary(),
-            "queue": [j.summary() for j in self.queue],
+            "queue": [j.summary() for j in self.queue[:self.STATUS_JOBS]],
+            "queue_length": len(self.queue),
             "plate_clear": self.plate_clear,
             "held_job": self.held and self.held.summary()}
 
@@ -674,12 +737,7 @@ class JobStore(SavedState):
             return cur, list(self.queue)
 
     def find(self, job_uuid):
-        with self.lock:
-            for job in ([self.current] if self.current else []) + \
-                    self.queue + self.history:
-                if job.uuid == job_uuid:
-                    return job
-        return None
+        return self.by_uuid.get(job_uuid)
 
     def get(self, job_uuid):
         """The job, or NotFound."""
@@ -692,12 +750,28 @@ class JobStore(SavedState):
         cur = self.current
         return cur is not None and cur.status in ACTIVE
 
-    # Changes (JobLifecycle, in the reactor; add also from HTTP threads)
-    def add(self, job):
-        """Append a new job to the queue."""
+    # Changes (JobLifecycle, in the reactor)
+    def add(self, job, limit=None):
+        """Append a new job to the queue; Conflict when it holds limit
+        jobs."""
         with self.lock:
+            if limit is not None and len(self.queue) >= limit:
+                raise Conflict("The print queue is full (max_queue: %d)"
+                               % (limit,))
             self.queue.append(job)
+            self.by_uuid[job.uuid] = job
             self._changed()
+
+    def take_back(self, job):
+        """Remove a job that is still queued (an upload whose job could
+        not be saved); False when it has left the queue."""
+        with self.lock:
+            if job not in self.queue:
+                return False
+            self.queue.remove(job)
+            del self.by_uuid[job.uuid]
+            self._changed()
+            return True
 
     def move(self, job_uuid, position):
         with self.lock:
@@ -712,8 +786,10 @@ class JobStore(SavedState):
             job = self.get(job_uuid)
             if job in self.queue:
                 self.queue.remove(job)
+                del self.by_uuid[job.uuid]
             elif job in self.history:
                 self.history.remove(job)
+                del self.by_uuid[job.uuid]
             elif job.status in ENDED:
                 self._retire(job)
             else:
@@ -739,11 +815,10 @@ class JobStore(SavedState):
             self._changed()
 
     def _queued(self, job_uuid):
-        for job in self.queue:
-            if job.uuid == job_uuid:
-                return job
-        self.get(job_uuid)
-        raise Conflict("Print job %s is not queued" % (job_uuid,))
+        job = self.get(job_uuid)
+        if job not in self.queue:
+            raise Conflict("Print job %s is not queued" % (job_uuid,))
+        return job
 
     def plate_cleared(self):
         with self.lock:
@@ -776,6 +851,8 @@ class JobStore(SavedState):
             self.current = None
         job.status = ENDED.get(job.status, job.status)
         self.history.insert(0, job)
+        for old in self.history[self.history_size:]:
+            del self.by_uuid[old.uuid]
         del self.history[self.history_size:]
 
     def begin_start(self, job):
@@ -812,6 +889,7 @@ class JobStore(SavedState):
             if self.current is not None:
                 self._retire(self.current)
             self.current = job
+            self.by_uuid[job.uuid] = job
             job.status = "printing"
             job.started = True
             self.plate_clear = False
@@ -848,7 +926,8 @@ def write_file_atomic(path, data, mode=0o644):
     os.fchmod(fd, mode)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            # data: bytes, or a list of them
+            f.writelines([data] if isinstance(data, bytes) else data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -937,7 +1016,7 @@ class JobLifecycle:
         if head is not None and self.changes(head):
             store.hold(head)    # until the material is loaded or forced
         elif store.plate_clear and head is not None \
-                and not store.has_active():
+                and not head.arriving and not store.has_active():
             store.hold(None)
             self._start(head)
         else:
@@ -1114,6 +1193,14 @@ class JobLifecycle:
             return
         self.store.plate_cleared()
         self.follow(self.bridge.now())
+
+    def add(self, call, job, limit):
+        """An upload's job joins the queue (Conflict when it holds limit
+        jobs); the status timer starts it once it is no longer arriving."""
+        if not call.commit():
+            return
+        job.arriving = True
+        self.store.add(job, limit)
 
     def change(self, call, fn, *args):
         """A queue change (move, delete, force) made in the reactor."""
@@ -3518,28 +3605,26 @@ class CuraApi:
                   time_total=meta["time_estimate"], preview=meta["preview"],
                   materials=self.materials.name_job_materials(
                       meta["materials"], meta["material_profiles"]))
-        with self.store.lock:
-            # (the front process counts the queue it was last shown)
-            full = len(self.store.queue) >= self.conn.max_queue
-            if not full:
-                self.store.add(job)
-        if full:
+        try:
+            # (the front process counts the queue it was last shown: the
+            # limit is checked again where the job is added)
+            self.bridge.call(self.lifecycle.add, job, self.conn.max_queue)
+        except CuraError:
             self.intake.remove(filename, meta["preview"])
-            raise Conflict("The print queue is full (max_queue: %d)"
-                           % (self.conn.max_queue,))
+            raise
         try:
             self.store.save()
         except OSError as e:
             # An unsaved job would vanish at the next restart: the upload
-            # fails whole instead (unless the writer saved it and the
-            # lifecycle started it meanwhile), leaving no job and no file.
-            with self.store.lock:
-                unsaved = job in self.store.queue
-                if unsaved:
-                    self.store.delete(job.uuid)
+            # fails whole instead (unless it was deleted meanwhile),
+            # leaving no job and no file.
+            unsaved = self.bridge.call(self.lifecycle.change,
+                                       self.store.take_back, job)
             if unsaved:
                 self.intake.remove(filename, meta["preview"])
                 raise storage_error(e, self.store.path)
+        finally:
+            job.arriving = False    # (saved, or taken back)
         logging.info("cura_connection: received %s from %s (%s)",
                      filename, job.owner, address)
         return {"uuid": job.uuid, "name": job.name, "filename": filename,
@@ -5944,8 +6029,12 @@ class CuraConnection:
         cur, queue, _ = self.store.all_jobs()
         lines = ["Printer: %s (%s)" % (
             cur[0].name, cur[0].status) if cur else "Printer: no job"]
+        # (a reactor command: the first jobs only, however long the queue)
+        shown = self.store.STATUS_JOBS
         lines += ["%d. %s (%s, from %s)" % (i + 1, j.name, j.status, j.owner)
-                  for i, j in enumerate(queue)]
+                  for i, j in enumerate(queue[:shown])]
+        if len(queue) > shown:
+            lines.append("... and %d more" % (len(queue) - shown,))
         waits = queue and self.configuration_changes(queue[0])
         for index, wanted, loaded in waits or ():
             lines.append("%s waits for %s in extruder %d (SET_CURA_MATERIAL"

@@ -244,17 +244,35 @@ def upload(api, sample, filename=None, owner="alice"):
         lambda name, who, meta: api.add_upload(name, who, meta, "127.0.0.1"))
 
 
+class QueueOnly:
+    """Bridge and lifecycle for a CuraApi without Klipper: what an upload
+    asks of them (the job joins the queue, or is taken back) runs at once,
+    with the module's own JobLifecycle.add."""
+    def __init__(self, store):
+        self.store = store
+
+    def call(self, fn, *args):
+        return fn(module().NoCall, *args)
+
+    def add(self, call, job, limit):
+        return module().JobLifecycle.add(self, call, job, limit)
+
+    def change(self, call, fn, *args):
+        return fn(*args)
+
+
 def cura_api(gcodes, data_dir, max_queue=1000, **parts):
     """A CuraApi over the module's own FileIntake, MaterialStore and
     JobStore in gcodes and data_dir, as load_config() places them; parts
     (store, intake, materials, bridge, lifecycle) replace those."""
     cc = module()
-    conn = types.SimpleNamespace(bridge=None, lifecycle=None,
-                                 max_queue=max_queue)
+    conn = types.SimpleNamespace(max_queue=max_queue)
     conn.__dict__.update(parts)
     if "store" not in parts:
         conn.store = cc.JobStore(os.path.join(data_dir, "queue.json"), 1000,
                                  False)
+    if "bridge" not in parts:
+        conn.bridge = conn.lifecycle = QueueOnly(conn.store)
     if "intake" not in parts:
         conn.intake = cc.FileIntake(gcodes, 1 << 30)
     if "materials" not in parts:

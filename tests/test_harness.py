@@ -107,3 +107,39 @@ def test_module_loads_and_serves(klippy):
     klippy.restart()
     with opener.open(klippy.base_url() + "/api/v1/system", timeout=10) as r:
         assert r.status == 200
+
+
+@module_missing
+def test_request_count_is_what_klippys_process_answers(klippy, tmp_path):
+    """TEST_REQUESTS_* (the serving benchmark's share of requests answered
+    in Klippy's process) count what Klippy's request handler dispatches:
+    an action (always handed to Klippy's process) is counted, with its id
+    as {id}; a plain poll the front answers is not; with front_process:
+    False every request is."""
+    import httpc
+    dump = str(tmp_path / "requests.json")
+
+    def counted(k, *requests):
+        k.gcode("TEST_REQUESTS_RESET")
+        for method, path in requests:
+            # a new connection each: none was handed over before
+            httpc.request(k.base_url(), method, path,
+                          json_body={"action": "pause"}
+                          if method == "PUT" else None)
+        k.gcode("TEST_REQUESTS_DUMP FILE=" + dump)
+        with open(dump) as f:
+            return json.load(f)
+    action = ("PUT", httpc.JOBS + "/0123456789abcdef0123/action")
+    poll = ("GET", "/cluster-api/v1/printers")
+    assert counted(klippy, action, poll, action) == {
+        "PUT /cluster-api/v1/print_jobs/{id}/action": 2}
+    inproc = klippy_harness.Klippy(klippy.flavor, str(tmp_path / "inproc"),
+                                   module_options={"front_process": False})
+    try:
+        inproc.start()
+        inproc.wait_ready()
+        assert counted(inproc, poll, action) == {
+            "GET /cluster-api/v1/printers": 1,
+            "PUT /cluster-api/v1/print_jobs/{id}/action": 1}
+    finally:
+        inproc.stop()

@@ -310,6 +310,10 @@ class FakeKlipper:
         self.run_script_from_command(script)
         return True
 
+    def call(self, fn, *args):
+        # (the test's thread stands for the reactor)
+        return fn(cc.NoCall, *args)
+
     # reactor, printer
     def monotonic(self):
         self.t += 0.05
@@ -603,6 +607,171 @@ def test_store_move_delete_force(store):
     assert jobs[1].force
     with pytest.raises(cc.NotFound):
         store.move("nope", 0)
+
+
+def lock_is_free(lock):
+    # from another thread: an RLock is always free to its holder
+    free = []
+    def probe():
+        if lock.acquire(blocking=False):
+            lock.release()
+            free.append(True)
+    t = threading.Thread(target=probe)
+    t.start()
+    t.join()
+    return bool(free)
+
+
+def test_store_never_encodes_under_its_lock(tmp_path, monkeypatch):
+    """A save (the writer thread) encodes with the store's lock free: a
+    change the reactor makes meanwhile goes through, and the file then
+    written still reads back as the store is."""
+    path = str(tmp_path / "queue.json")
+    s = cc.JobStore(path, 5, False)
+    jobs = [cc.Job(name="j%d" % i, filename="j%d.gcode" % i)
+            for i in range(30)]
+    for j in jobs:
+        s.add(j)
+    s.begin_start(jobs[0])
+    s.end(jobs[0], "wait_cleanup")
+    s.plate_cleared()
+    real_dumps = json.dumps
+    seen, changes = [], []
+    def dumps(obj, *args, **kwargs):
+        seen.append(lock_is_free(s.lock))
+        if len(seen) == 5:
+            # the reactor starts the next job while the save encodes
+            t = threading.Thread(target=lambda: changes.append(
+                s.begin_start(jobs[1])))
+            t.start()
+            t.join(10.)
+            assert changes, "the store's lock was held while encoding"
+        return real_dumps(obj, *args, **kwargs)
+    monkeypatch.setattr(cc.json, "dumps", dumps)
+    s.save()
+    monkeypatch.setattr(cc.json, "dumps", real_dumps)
+    assert seen and all(seen) and changes
+    with open(path) as f:
+        assert json.load(f) == s.state()
+    again = cc.JobStore(path, 5, False)
+    # (a job that was printing ends at a restart)
+    assert again.current.name == "j1" and [
+        (j.to_dict()) for j in again.queue + again.history] == [
+            j.to_dict() for j in s.queue + s.history]
+    # the next save encodes only what changed since
+    seen.clear()
+    s.set_force(jobs[5].uuid, True)
+    monkeypatch.setattr(cc.json, "dumps", dumps)
+    s.save()
+    monkeypatch.setattr(cc.json, "dumps", real_dumps)
+    assert len(seen) == 1
+    with open(path) as f:
+        assert json.load(f) == s.state()
+
+
+def test_status_and_lookups_stay_small(tmp_path):
+    """get_status() lists the first queued jobs and counts them all; jobs
+    are found by uuid wherever they are, until they leave the store."""
+    s = cc.JobStore(str(tmp_path / "q.json"), 2, False)
+    jobs = [cc.Job(name="j%d" % i, filename="j%d.gcode" % i)
+            for i in range(s.STATUS_JOBS + 5)]
+    for j in jobs:
+        s.add(j)
+    st = s.status_cache
+    assert [q["name"] for q in st["queue"]] == \
+        ["j%d" % i for i in range(s.STATUS_JOBS)]
+    assert st["queue_length"] == len(jobs)
+    with pytest.raises(cc.Conflict):
+        s.add(cc.Job(name="x", filename="x.gcode"), len(jobs))
+    for j in jobs[:4]:
+        s.begin_start(j)
+        s.end(j, "wait_cleanup")
+        assert s.find(j.uuid) is j
+        s.plate_cleared()
+    # a history of 2: the oldest ended jobs are gone
+    assert [s.find(j.uuid) for j in jobs[:4]] == [None, None] + jobs[2:4]
+    assert s.take_back(jobs[6]) and not s.take_back(jobs[6])
+    assert s.find(jobs[6].uuid) is None
+    with pytest.raises(cc.Conflict):
+        s.move(jobs[3].uuid, 0)     # in the history, not queued
+    s.delete(jobs[3].uuid)
+    assert s.find(jobs[3].uuid) is None
+    assert s.status_cache["queue_length"] == len(jobs) - 5
+
+
+class ReactorThreadKlipper(FakeKlipper):
+    """FakeKlipper whose bridge.call() runs the call in a thread of its
+    own (the reactor), as KlippyBridge.call does."""
+    def call(self, fn, *args):
+        out = {}
+        def run():
+            try:
+                out["result"] = fn(cc.NoCall, *args)
+            except Exception as e:
+                out["error"] = e
+        t = threading.Thread(target=run, name="reactor")
+        t.start()
+        t.join()
+        if "error" in out:
+            raise out["error"]
+        return out["result"]
+
+
+def test_uploads_join_the_queue_in_the_reactor(tmp_path, monkeypatch):
+    """add_upload (an HTTP or control thread) changes the store only
+    through the lifecycle, in the reactor: the job, the queue limit, and
+    taking the job back when it cannot be saved."""
+    from types import SimpleNamespace
+    klipper = ReactorThreadKlipper()
+    store = cc.JobStore(str(tmp_path / "queue.json"), 5, False)
+    store.plate_clear = False       # nothing starts
+    changed_in = []
+    for name in ("add", "take_back"):
+        def wrapped(*args, real=getattr(store, name), name=name):
+            changed_in.append((name, threading.current_thread().name))
+            return real(*args)
+        monkeypatch.setattr(store, name, wrapped)
+    removed = []
+    conn = SimpleNamespace(
+        bridge=klipper, store=store, max_queue=2,
+        lifecycle=cc.JobLifecycle(klipper, store, lambda job: None),
+        intake=SimpleNamespace(remove=lambda f, p: removed.append(f)),
+        materials=SimpleNamespace(name_job_materials=lambda w, p: []))
+    api = cc.CuraApi(conn)
+    meta = {"time_estimate": 60, "preview": None, "materials": [],
+            "material_profiles": {}}
+    reply = api.add_upload("a.gcode", "alice", meta, "127.0.0.1")
+    assert reply["status"] == "queued" and changed_in == [
+        ("add", "reactor")]
+    with open(store.path) as f:
+        assert [j["filename"] for j in json.load(f)["queue"]] == ["a.gcode"]
+    api.add_upload("b.gcode", "alice", meta, "127.0.0.1")
+    with pytest.raises(cc.Conflict):
+        api.add_upload("c.gcode", "alice", meta, "127.0.0.1")
+    assert removed == ["c.gcode"] and len(store.queue) == 2
+    store.delete(store.queue[1].uuid)
+    store.delete(store.queue[0].uuid)
+    store.plate_clear = True
+
+    def no_room():
+        # the status timer runs while the HTTP thread saves: the job
+        # waits for its save, it does not start
+        conn.lifecycle.follow(klipper.now())
+        klipper.run_callbacks()
+        assert store.current is None and not klipper.scripts
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(store, "save", no_room)
+    changed_in.clear()
+    with pytest.raises(cc.NoSpace):
+        api.add_upload("d.gcode", "alice", meta, "127.0.0.1")
+    assert changed_in == [("add", "reactor"), ("take_back", "reactor")]
+    assert removed == ["c.gcode", "d.gcode"] and store.queue == []
+    # saved: it starts at the next tick
+    monkeypatch.setattr(store, "save", lambda: None)
+    api.add_upload("e.gcode", "alice", meta, "127.0.0.1")
+    klipper.follow(conn.lifecycle)
+    assert store.current.filename == "e.gcode"
+    assert klipper.scripts == ["SDCARD_PRINT_FILE FILENAME=e.gcode"]
 
 
 def test_auto_start_next(tmp_path, klipper):

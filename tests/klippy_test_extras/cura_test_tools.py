@@ -15,15 +15,44 @@
 #   TEST_LATENESS_RESET     clears the lateness probe statistics
 #   TEST_LATENESS_DUMP FILE=<path>   writes the samples as JSON lines
 #   TEST_EXIT               ends Klippy cleanly (klippy:disconnect runs)
+#   TEST_REQUESTS_RESET     clears the count of HTTP requests answered in
+#                           Klippy's process (not in cura_connection's front)
+#   TEST_REQUESTS_DUMP FILE=<path>   writes that count as JSON,
+#                           {"<METHOD> <path, ids as {id}>": n}
 #
 # Only the standard library and the printer object API are used, so that the
 # same file loads in every packaged Klippy flavor.
 import collections
 import json
 import logging
+import re
+import sys
+import threading
 import time
 
 PROBE_PERIOD = 0.010
+# Request counts of this process (all Klippys of a test run share none:
+# each is its own process); the patched handler adds to it
+REQUESTS = collections.Counter()
+REQUESTS_LOCK = threading.Lock()
+ID_RE = re.compile(r"/[0-9a-fA-F-]{16,}(?=/|$)")
+
+
+def count_requests(handler_class):
+    """Count every request handler_class dispatches (once per process: a
+    RESTART loads the same classes again)."""
+    if getattr(handler_class, "_test_counted", False):
+        return
+    dispatch = handler_class.dispatch
+
+    def counted(self, method):
+        label = "%s %s" % (method, ID_RE.sub("/{id}",
+                                             self.path.split("?", 1)[0]))
+        with REQUESTS_LOCK:
+            REQUESTS[label] += 1
+        return dispatch(self, method)
+    handler_class.dispatch = counted
+    handler_class._test_counted = True
 
 
 class CuraTestTools:
@@ -55,6 +84,12 @@ class CuraTestTools:
                                desc="Test only: write lateness samples")
         gcode.register_command("TEST_EXIT", self.cmd_TEST_EXIT, True,
                                desc="Test only: exit Klippy")
+        gcode.register_command("TEST_REQUESTS_RESET",
+                               self.cmd_TEST_REQUESTS_RESET,
+                               desc="Test only: reset the request count")
+        gcode.register_command("TEST_REQUESTS_DUMP",
+                               self.cmd_TEST_REQUESTS_DUMP,
+                               desc="Test only: write the request count")
 
     def _handle_connect(self):
         # G0/G1 are registered by gcode_move after all config sections are
@@ -118,6 +153,27 @@ class CuraTestTools:
                 f.write(json.dumps({"t": t, "late_ms": late_ms}) + "\n")
         gcmd.respond_info("wrote %d lateness samples to %s"
                           % (len(self.samples), path))
+
+    def _count_module_requests(self):
+        cura = self.printer.lookup_object("cura_connection", None)
+        module = cura and sys.modules.get(type(cura).__module__)
+        handler = getattr(module, "CuraRequestHandler", None)
+        if handler is not None:
+            count_requests(handler)
+
+    def cmd_TEST_REQUESTS_RESET(self, gcmd):
+        self._count_module_requests()
+        with REQUESTS_LOCK:
+            REQUESTS.clear()
+
+    def cmd_TEST_REQUESTS_DUMP(self, gcmd):
+        path = gcmd.get("FILE")
+        with REQUESTS_LOCK:
+            counts = dict(REQUESTS)
+        with open(path, "w") as f:
+            json.dump(counts, f)
+        gcmd.respond_info("%d requests answered in Klippy's process"
+                          % (sum(counts.values()),))
 
     def cmd_TEST_EXIT(self, gcmd):
         logging.info("cura_test_tools: TEST_EXIT requested")
