@@ -1046,7 +1046,7 @@ class JobLifecycle:
                   else self.bridge.gcode.get_mutex()):
                 if not call.commit():
                     return None     # withdrawn: the caller has answered
-                snap = None if waiting else self.bridge.now()
+                snap = None if waiting else self._at_rest()
                 if snap is not None:
                     self.follow(snap)
                 self._check(job, action, snap)
@@ -1077,8 +1077,25 @@ class JobLifecycle:
             # its print ended before it paused: the pause is no one's
             with self.bridge.gcode.get_mutex():
                 self._clear_stale_pause()
-        raise Conflict("Klipper did not %s print job %s: it is %s" % (
-            ACTION_VERBS[action], job.name, job.status))
+        raise Conflict("Klipper did not %s print job %s: %s" % (
+            ACTION_VERBS[action], job.name,
+            "its print ended first (it is %s)" % (job.status,)
+            if job.status in ENDED else "it is %s" % (job.status,)))
+
+    def _at_rest(self):
+        # Inside the G-code mutex the file runs no command, but a Klipper
+        # that reads it in a worker thread may be about to find its end
+        # (a PAUSE or CANCEL_PRINT then meets a print that completes
+        # under it): wait for that, then Klipper's state stands.
+        deadline = self.reactor.monotonic() + ACTION_SETTLE
+        snap = self.bridge.now()
+        while snap["virtual_sdcard"].get("is_active") \
+                and (snap["virtual_sdcard"].get("file_position") or 0) \
+                >= (snap["virtual_sdcard"].get("file_size") or 0) \
+                and self.reactor.monotonic() < deadline:
+            self.reactor.pause(self.reactor.monotonic() + 0.01)
+            snap = self.bridge.now()
+        return snap
 
     def _check(self, job, action, snap):
         """Conflict (saying why) unless action applies to job now."""

@@ -282,6 +282,7 @@ class FakeKlipper:
         self.kstate, self.state, self.filename = "ready", "standby", ""
         self.duration, self.active, self.is_paused = 0., False, False
         self.paused_for, self.progress = 0., 0.5
+        self.on_pause = []      # what happens while the reactor pauses
         self.scripts, self.callbacks, self.seq, self.t = [], [], 0, 0.
 
     # bridge
@@ -297,6 +298,9 @@ class FakeKlipper:
                                 "print_duration": self.duration,
                                 "message": ""},
                 "virtual_sdcard": {"progress": self.progress,
+                                   "file_position": int(
+                                       self.progress * 1000),
+                                   "file_size": 1000,
                                    "is_active": self.active},
                 "pause_resume": {"is_paused": self.is_paused}}
 
@@ -312,7 +316,8 @@ class FakeKlipper:
         return self.t
 
     def pause(self, waketime):
-        pass
+        if self.on_pause:
+            self.on_pause.pop(0)()
 
     def register_callback(self, fn):
         self.callbacks.append(fn)
@@ -547,6 +552,19 @@ def test_actions_decide_on_klippers_state_at_that_moment(store, klipper,
     refused(life, b, "abort", "Klipper is shutdown")
     assert b.status == "failed_wait_cleanup" and b.action is None
     assert klipper.scripts == ["PAUSE", "RESUME"]
+
+
+@pytest.mark.parametrize("action", ["pause", "abort"])
+def test_actions_wait_for_a_file_read_to_its_end(store, klipper, life,
+                                                 action):
+    # Klipper (upstream) reads the file in a worker thread: with the
+    # G-code mutex held, the file may still be about to find its end.
+    # PAUSE or CANCEL_PRINT then would meet a print completing under it.
+    a = printing_job(store, klipper, life)
+    klipper.progress = 1.
+    klipper.on_pause = [lambda: klipper.finish("complete")]
+    refused(life, a, action, "ended", "wait_cleanup")
+    assert klipper.scripts == [] and a.status == "wait_cleanup"
 
 
 def test_abort_of_a_print_the_console_replaced(store, klipper, life):
