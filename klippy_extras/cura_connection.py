@@ -1105,8 +1105,8 @@ class JobLifecycle:
         elif job is not self.store.current:
             why = "it is not on the printer (it is %s)" % (job.status,)
         elif job.action is not None:
-            why = "Klipper is still carrying out %s (it is %s)" % (
-                job.action, job.status)
+            why = "Klipper is still carrying out a %s (it is %s)" % (
+                ACTION_VERBS[job.action], job.status)
         elif job.status in ENDED:
             why = "its print has ended (it is %s)" % (job.status,)
         elif job.status not in ACTIONS[action][0]:
@@ -1170,7 +1170,7 @@ class JobLifecycle:
         is on its way or printing (as Klipper says now)."""
         if not call.commit():
             return
-        self.follow(self.bridge.now())
+        self._catch_up()
         self.store.plate_cleared()
         self.follow(self.bridge.now())
 
@@ -1179,10 +1179,18 @@ class JobLifecycle:
         the jobs as Klipper's state now makes them."""
         if not call.commit():
             return None
-        self.follow(self.bridge.now())
+        self._catch_up()
         result = fn(*args)
         self.follow(self.bridge.now())
         return result
+
+    def _catch_up(self):
+        # The job on the printer may have ended since the last status
+        # tick: a queue change or plate clear decides on what Klipper
+        # says now
+        cur = self.store.current
+        if cur is not None and cur.status in ACTIVE:
+            self.follow(self.bridge.now())
 
 
 class StateWriter:

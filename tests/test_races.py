@@ -8,7 +8,8 @@ only once that command is over."""
 import time
 
 import httpc
-from httpc import JOBS, jobs, upload
+from httpc import jobs, upload
+from test_lifecycle import action, hold_gcode_queue, job, wait_job
 
 LAST = "TEST_SLEEP S=1.5\n"
 
@@ -17,20 +18,6 @@ def ending(lines=8):
     """A short print: a few commands that pause and resume can act on, and
     a last command that holds the G-code queue while an action waits."""
     return ("TEST_SLEEP S=0.2\n" * lines + LAST).encode()
-
-
-def job(base, name):
-    return {j["name"]: j for j in jobs(base)}.get(name)
-
-
-def wait_job(base, name, pred, what=None):
-    return httpc.wait_for(lambda: (lambda j: j if j and pred(j) else None)(
-        job(base, name)), 20., what or name)
-
-
-def action(base, uuid, what):
-    return httpc.request(base, "PUT", "%s/%s/action" % (JOBS, uuid),
-                         json_body={"action": what})
 
 
 def klipper(k):
@@ -115,12 +102,6 @@ def test_abort_as_the_print_ends_is_refused(klippy):
         ("done_0", "finished")]
 
 
-def hold_gcode_queue(k, seconds=1.5):
-    # a console macro: later commands wait for the G-code queue
-    k.api.send("gcode/script", {"script": "TEST_SLEEP S=%g" % (seconds,)})
-    time.sleep(0.3)
-
-
 def long_print(base, name="long"):
     assert upload(base, name + ".gcode",
                   ("TEST_SLEEP S=0.2\n" * 300).encode()).status == 200
@@ -132,12 +113,12 @@ def test_console_command_first_then_cura(klippy):
     # Cura's action, decided after it, is refused and does nothing more.
     base = klippy.base_url()
     j = long_print(base)
-    hold_gcode_queue(klippy)
+    hold_gcode_queue(klippy, 1.5)
     klippy.api.send("gcode/script", {"script": "PAUSE"})
     time.sleep(0.2)
     r = action(base, j["uuid"], "pause")
     assert r.status == 409 and "it is paused" in r.json()["message"], r
-    hold_gcode_queue(klippy)
+    hold_gcode_queue(klippy, 1.5)
     klippy.api.send("gcode/script", {"script": "RESUME"})
     time.sleep(0.2)
     r = action(base, j["uuid"], "print")
@@ -158,7 +139,7 @@ def test_abort_after_the_console_started_another_file(klippy):
     r = action(base, j["uuid"], "pause")
     assert r.status == 200, r
     other = klippy.write_gcode("other.gcode", moves=600)
-    hold_gcode_queue(klippy)
+    hold_gcode_queue(klippy, 1.5)
     klippy.api.send("gcode/script",
                     {"script": "SDCARD_PRINT_FILE FILENAME=" + other})
     time.sleep(0.2)
