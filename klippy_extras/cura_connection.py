@@ -3764,16 +3764,13 @@ class CuraRequestHandler(http.server.BaseHTTPRequestHandler):
             handler, args = self.server.api.route(method, path)
             if handler.__name__ not in GATED_HANDLERS:
                 self.leave_gate()
-            try:
-                status, body = handler(self, *args)
-            finally:
-                if method != "GET" and self.server.front is not None:
-                    # the polls the front answers show this change (or
-                    # what a refusal found Klipper had done) from now
-                    self.server.front.sync()
+            status, body = handler(self, *args)
+            self.show_change(method)
             if status is not None:   # None: the handler replied (streams)
                 self.send_json(status, body)
         except CuraError as e:
+            # (a refused action may have found the print ended)
+            self.show_change(method)
             status = error_status(e)
             if status >= 500:
                 logging.info("cura_connection: %s %s: %s", method,
@@ -3804,6 +3801,12 @@ class CuraRequestHandler(http.server.BaseHTTPRequestHandler):
             logging.exception("cura_connection: %s %s", method, self.path)
             self.send_json(500, {"message": "Internal error; see klippy.log",
                                  "status": 500}, close=True)
+
+    def show_change(self, method):
+        # the polls the front answers show what this request changed
+        # from now
+        if method != "GET" and self.server.front is not None:
+            self.server.front.sync()
 
     def send_error(self, code, message=None, explain=None):
         # http.server's own errors (bad request line, huge headers...)

@@ -5,8 +5,10 @@ action leaves pause_resume paused.  The races are made deterministic with
 TEST_SLEEP (tests/klippy_test_extras): an action sent while the file's
 last command (or a console macro) holds the G-code queue is carried out
 only once that command is over."""
+import threading
 import time
 
+import gcode_samples
 import httpc
 from httpc import jobs, upload
 from test_lifecycle import action, hold_gcode_queue, job, wait_job
@@ -103,8 +105,8 @@ def test_abort_as_the_print_ends_is_refused(klippy):
 
 
 def long_print(base, name="long"):
-    assert upload(base, name + ".gcode",
-                  ("TEST_SLEEP S=0.2\n" * 300).encode()).status == 200
+    assert upload(base, name + ".gcode", gcode_samples.moves(
+        3000, 10, 0.1).encode()).status == 200
     return wait_job(base, name, lambda j: j["status"] == "printing")
 
 
@@ -172,3 +174,26 @@ def test_console_pause_as_the_print_ends_does_not_stick(klippy):
     klippy.gcode("CURA_BUILD_PLATE_CLEARED")
     pause_and_resume_work(base, klippy, "b")
     assert "clearing a pause of no print" in klippy.log_text()
+
+
+def test_abort_behind_an_emergency_stop(klippy):
+    # M112 (Mainsail's emergency stop) while Cura's abort waits for the
+    # G-code queue: refused with the reason, no CANCEL_PRINT on a
+    # shut-down Klipper, and the job shows the progress it reached
+    base = klippy.base_url()
+    j = long_print(base)
+    time.sleep(1.)
+    hold_gcode_queue(klippy, 1.5)
+    replies = []
+    t = threading.Thread(target=lambda: replies.append(
+        action(base, j["uuid"], "abort")))
+    t.start()
+    time.sleep(0.3)
+    klippy.api.send("emergency_stop", {})
+    t.join(30.)
+    r = replies[0]
+    assert r.status == 409 and "Klipper is shutdown" in r.json()["message"]
+    ended = job(base, "long")
+    assert ended["status"] == "failed_wait_cleanup"
+    assert 0 < ended["time_elapsed"] < ended["time_total"]
+    assert "CANCEL_PRINT" not in klippy.log_text()
