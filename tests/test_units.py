@@ -567,6 +567,15 @@ def test_actions_wait_for_a_file_read_to_its_end(store, klipper, life,
     assert klipper.scripts == [] and a.status == "wait_cleanup"
 
 
+def test_resume_after_a_console_cancel(store, klipper, life):
+    a = printing_job(store, klipper, life)
+    assert life.act(cc.NoCall, a.uuid, "pause") == (200, "paused")
+    klipper.run_script_from_command("CANCEL_PRINT")     # not followed yet
+    del klipper.scripts[:]
+    refused(life, a, "print", "ended", "aborted_wait_cleanup")
+    assert klipper.scripts == [] and klipper.state == "cancelled"
+
+
 def test_abort_of_a_print_the_console_replaced(store, klipper, life):
     a = printing_job(store, klipper, life)
     assert life.act(cc.NoCall, a.uuid, "pause") == (200, "paused")
