@@ -257,9 +257,9 @@ def make_machine(k, workdir):
         def console_print(self):
             self.n += 1
             name = k.write_gcode("console_%d.gcode" % (self.n,), moves=600)
-            if "" in self.pause_sent:
-                # Klipper's PAUSE of the idle printer carries over to a
-                # print started from the console (its own state)
+            if k.query("pause_resume")["pause_resume"]["is_paused"]:
+                # Klipper's pause_resume stays paused over a print
+                # started from the console (its own state)
                 self.pause_sent.add(name)
             try:
                 k.gcode("SDCARD_PRINT_FILE FILENAME=" + name)
