@@ -12,6 +12,7 @@
 # (the "front") takes Cura's reads and uploads off Klippy's process.
 import codecs
 import collections
+import contextlib
 import email.utils
 import errno
 import fcntl
@@ -341,18 +342,13 @@ class KlippyBridge:
             raise call.error
         return call.result
 
-    def run_script(self, call, script):
-        """Reactor: run G-code under the G-code mutex, unless the call was
-        withdrawn while waiting for it.  Returns False if withdrawn;
-        raises CommandError with Klipper's message."""
-        with self.gcode.get_mutex():
-            if not call.commit():
-                return False
-            try:
-                self.gcode.run_script_from_command(script)
-            except Exception as e:
-                raise CommandError(str(e) or e.__class__.__name__)
-        return True
+    def command(self, script):
+        """Reactor, inside the G-code mutex: run script; CommandError
+        with Klipper's message."""
+        try:
+            self.gcode.run_script_from_command(script)
+        except Exception as e:
+            raise CommandError(str(e) or e.__class__.__name__)
 
 
 class NoCall:
@@ -419,9 +415,11 @@ class Job:
                 setattr(self, k, v)
         # Not persisted: "waiting" while the start waits for the G-code
         # queue, "running" while Klipper runs SDCARD_PRINT_FILE; the
-        # action (pausing, resuming, aborting) Klipper is carrying out.
+        # action (pausing, resuming, aborting) Klipper is carrying out;
+        # the file's progress Klipper showed last (0..1).
         self.starting = None
         self.action = None
+        self.progress = None
         # An upload's job until its queue is saved: it does not start
         # before (a job that cannot be saved is taken back)
         self.arriving = False
@@ -906,8 +904,22 @@ class JobStore(SavedState):
         # Changes every second: saved with the next other change
         with self.lock:
             job.time_elapsed = int(elapsed)
+            job.progress = progress
             job.time_total = estimate_time_total(job.time_estimate,
                                                  job.time_elapsed, progress)
+
+    def set_reached(self, job, elapsed=None, progress=None):
+        """A print that ended before its end: Cura draws time_elapsed /
+        time_total, so that shows the progress it reached (progress None:
+        the one Klipper showed last; a cancel resets the file)."""
+        with self.lock:
+            if elapsed:
+                job.time_elapsed = int(elapsed)
+            if progress is None:
+                progress = job.progress
+            if progress and 0. < progress < 1. and job.time_elapsed:
+                job.time_total = int(job.time_elapsed / progress)
+            job.time_total = max(job.time_total, job.time_elapsed + 1)
 
     def set_metadata(self, job, meta):
         with self.lock:
@@ -962,6 +974,7 @@ def klipper_print_state(snap):
 ACTIONS = {"pause": (("printing",), "pausing"),
            "print": (("paused",), "resuming"),
            "abort": (ACTIVE, "aborting")}
+ACTION_VERBS = {"pause": "pause", "print": "resume", "abort": "abort"}
 # How long an action waits for Klipper to show its effect (a pause waits
 # for the command the file is running)
 ACTION_SETTLE = 3.
@@ -994,6 +1007,9 @@ class JobLifecycle:
         kstate = snap["klippy_state"]
         if kstate in ("shutdown", "error"):
             if cur is not None and cur.status in ACTIVE:
+                store.set_reached(cur, snap["print_stats"].get(
+                    "print_duration"), snap["virtual_sdcard"].get(
+                        "progress"))
                 store.end(cur, "failed_wait_cleanup", snap["state_message"])
             return
         if kstate != "ready" or not self.bridge.ready():
@@ -1011,7 +1027,7 @@ class JobLifecycle:
                             snap["virtual_sdcard"].get("progress"))
             return
         if cur is not None and cur.status in ACTIVE:
-            self._ended(cur, state, ps)
+            self._ended(cur, state, snap)
         head = store.queue[0] if store.queue else None
         if head is not None and self.changes(head):
             store.hold(head)    # until the material is loaded or forced
@@ -1022,13 +1038,20 @@ class JobLifecycle:
         else:
             store.hold(None)
 
-    def _ended(self, job, state, ps):
+    def _ended(self, job, state, snap):
         # time_elapsed is Klipper's print_duration.  print_stats forgets
         # it on a reset (standby) and counts a last pause into it when a
         # paused print is cancelled: keep the value seen before then.
-        if state in ("complete", "error") or (
-                state == "cancelled" and job.status != "paused"):
+        ps = snap["print_stats"]
+        if state == "complete":
             self.store.set_times(job, ps.get("print_duration") or 0, 1.)
+        elif state == "error":
+            # the file stays where it failed
+            self.store.set_reached(job, ps.get("print_duration"),
+                                   snap["virtual_sdcard"].get("progress"))
+        else:
+            self.store.set_reached(job, ps.get("print_duration") if (
+                state == "cancelled" and job.status != "paused") else None)
         self.store.end(job, END_OF_PRINT.get(state, "aborted_wait_cleanup"),
                        ps.get("message") or "")
 
@@ -1073,10 +1096,11 @@ class JobLifecycle:
             else:
                 job.starting = "running"
                 try:
-                    self.bridge.gcode.run_script_from_command(
+                    self._clear_stale_pause()
+                    self.bridge.command(
                         "SDCARD_PRINT_FILE FILENAME=%s" % (job.filename,))
-                except Exception as e:
-                    error = str(e) or e.__class__.__name__
+                except CommandError as e:
+                    error = str(e)
         snap = self.bridge.now()
         busy = klipper_print_state(snap) in ("printing", "pausing", "paused")
         if error is None and busy:
@@ -1105,80 +1129,129 @@ class JobLifecycle:
         202 while a pause waits for the file's current command; raises
         Conflict (nothing done) or NotFound."""
         job = self.store.get(job_uuid)
-        need, transient = ACTIONS[action]
-        if job is not self.store.current or job.status not in need \
-                or job.action is not None:
-            raise Conflict("Cannot %s print job %s while it is %s"
-                           % (action, job.name, job.status))
-        if action == "abort" and job.starting == "waiting":
-            # Klipper has not got the file: it never will
-            if not call.commit():
-                return None
-            self.store.end(job, "aborted_wait_cleanup",
-                           "Aborted before it started")
-            return 200, job.status
-        while job.starting:     # SDCARD_PRINT_FILE is running right now
-            self.reactor.pause(self.reactor.monotonic() + 0.05)
-        status = job.status
-        self.store.set_status(job, transient, action)
+        # Decided on Klipper's state at the moment it is carried out:
+        # inside the G-code mutex neither the file nor the console can
+        # move the print on.  A start still waiting for the G-code queue
+        # is not Klipper's yet: an abort of it needs no queue.
+        waiting = job.starting == "waiting"
+        status = None
         try:
-            done = self._carry_out(call, job, action)
+            with (contextlib.nullcontext() if waiting
+                  else self.bridge.gcode.get_mutex()):
+                if not call.commit():
+                    return None     # withdrawn: the caller has answered
+                snap = None if waiting else self._at_rest()
+                if snap is not None:
+                    self.follow(snap)
+                self._check(job, action, snap)
+                if job.starting == "waiting":
+                    # (abort) Klipper has not got the file: it never will
+                    self.store.end(job, "aborted_wait_cleanup",
+                                   "Aborted before it started")
+                    return 200, job.status
+                status = job.status
+                self.store.set_status(job, ACTIONS[action][1], action)
+                self._carry_out(job, action, snap)
+            if action == "pause":
+                # the file finishes the command it is running
+                self._settle(lambda s: klipper_print_state(s) == "pausing")
         finally:
-            if job.action == action:    # not ended meanwhile (shutdown)
+            if status is not None and job.action == action:
+                # (not ended meanwhile)
                 self.store.set_status(job, status, None)
-        if not done:
-            return None         # withdrawn: the caller has answered
         self.follow(self.bridge.now())
-        ok = {"pause": ("paused",), "print": ("printing",)}.get(
-            action, list(ENDED))
+        ok = {"pause": ("paused",), "print": ("printing",) + tuple(ENDED)
+              }.get(action, tuple(ENDED))
         if job.status in ok or (action == "abort"
                                 and job is not self.store.current):
             return 200, job.status
         if action == "pause" and job.status == "pausing":
             return 202, job.status
-        raise Conflict("Klipper did not %s %s: it is %s" % (
-            action, job.name, job.status))
+        if action == "pause":
+            # its print ended before it paused: the pause is no one's
+            with self.bridge.gcode.get_mutex():
+                self._clear_stale_pause()
+        raise Conflict("Klipper did not %s print job %s: %s" % (
+            ACTION_VERBS[action], job.name,
+            "its print ended first (it is %s)" % (job.status,)
+            if job.status in ENDED else "it is %s" % (job.status,)))
 
-    def _carry_out(self, call, job, action):
-        # Klipper's commands for each case, chosen from its state inside
-        # the G-code mutex
+    def _at_rest(self):
+        # Inside the G-code mutex the file runs no command, but a Klipper
+        # that reads it in a worker thread may be about to find its end
+        # (a PAUSE or CANCEL_PRINT then meets a print that completes
+        # under it): wait for that, then Klipper's state stands.
+        deadline = self.reactor.monotonic() + ACTION_SETTLE
+        snap = self.bridge.now()
+        while snap["virtual_sdcard"].get("is_active") \
+                and (snap["virtual_sdcard"].get("file_position") or 0) \
+                >= (snap["virtual_sdcard"].get("file_size") or 0) \
+                and self.reactor.monotonic() < deadline:
+            self.reactor.pause(self.reactor.monotonic() + 0.01)
+            snap = self.bridge.now()
+        return snap
+
+    def _check(self, job, action, snap):
+        """Conflict (saying why) unless action applies to job now."""
+        if snap is not None and snap["klippy_state"] != "ready":
+            why = "Klipper is %s (%s)" % (snap["klippy_state"],
+                                          snap["state_message"])
+        elif job is not self.store.current:
+            why = "it is not on the printer (it is %s)" % (job.status,)
+        elif job.action is not None:
+            why = "Klipper is still carrying out a %s (it is %s)" % (
+                ACTION_VERBS[job.action], job.status)
+        elif job.status in ENDED:
+            why = "its print has ended (it is %s)" % (job.status,)
+        elif job.status not in ACTIONS[action][0]:
+            why = "it is %s" % (job.status,)
+        else:
+            return
+        raise Conflict("Cannot %s print job %s: %s; nothing was done" % (
+            ACTION_VERBS[action], job.name, why))
+
+    def _carry_out(self, job, action, snap):
+        # Inside the G-code mutex, with Klipper's print (snap) in the
+        # state the action needs: its commands for that state
         pr = self.printer.lookup_object("pause_resume", None)
         bridge = self.bridge
-        if action in ("pause", "print"):
+        if action == "pause":
+            script = "PAUSE" if pr is not None else "M25"
+        elif action == "print":
             # RESUME only undoes Klipper's PAUSE; M24 resumes a file that
             # paused itself (M25) or was paused any other way
-            paused = bridge.now()["pause_resume"]["is_paused"]
-            if action == "pause":
-                script = "PAUSE" if pr is not None and not paused else "M25"
-            else:
-                script = "RESUME" if pr is not None and paused else "M24"
-            try:
-                if not bridge.run_script(call, script):
-                    return False
-            except CommandError as e:
-                raise Conflict("%s failed: %s" % (script, e))
-            if action == "pause":
-                self._settle(lambda s: klipper_print_state(s) == "pausing")
+            script = "RESUME" if pr is not None \
+                and snap["pause_resume"]["is_paused"] else "M24"
         else:
-            snap = bridge.now()
             if klipper_print_state(snap) in ("printing", "pausing"):
                 self.store.set_times(job, snap["print_stats"].get(
                     "print_duration") or 0, snap["virtual_sdcard"].get(
                         "progress"))
             try:
                 # the user's CANCEL_PRINT macro (heaters off...) first
-                if not bridge.run_script(call, "CANCEL_PRINT"):
-                    return False
+                bridge.command("CANCEL_PRINT")
             except CommandError as e:
                 logging.info("cura_connection: CANCEL_PRINT: %s", e)
-            if klipper_print_state(bridge.now()) in (
+            if klipper_print_state(bridge.now()) not in (
                     "printing", "pausing", "paused"):
-                # CANCEL_PRINT leaves a file that paused itself loaded
-                try:
-                    bridge.run_script(call, "SDCARD_RESET_FILE")
-                except CommandError as e:
-                    raise Conflict("SDCARD_RESET_FILE failed: %s" % (e,))
-        return True
+                return
+            # CANCEL_PRINT leaves a file that paused itself loaded
+            script = "SDCARD_RESET_FILE"
+        try:
+            bridge.command(script)
+        except CommandError as e:
+            raise Conflict("%s failed: %s" % (script, e))
+
+    def _clear_stale_pause(self):
+        # Inside the G-code mutex.  A PAUSE that found no print to pause
+        # (typed as a print ended; a print that failed before it paused)
+        # leaves pause_resume paused: the next print would show pausing
+        # and refuse PAUSE.  It belongs to no print: clear it.
+        snap = self.bridge.now()
+        if snap["pause_resume"]["is_paused"] and klipper_print_state(
+                snap) not in ("printing", "pausing", "paused"):
+            logging.info("cura_connection: clearing a pause of no print")
+            self.bridge.command("CLEAR_PAUSE")
 
     def _settle(self, busy):
         deadline = self.reactor.monotonic() + ACTION_SETTLE
@@ -1188,9 +1261,10 @@ class JobLifecycle:
 
     def plate_cleared(self, call=NoCall):
         """Retire the ended job, let the queue go on; Conflict while a job
-        is on its way or printing."""
+        is on its way or printing (as Klipper says now)."""
         if not call.commit():
             return
+        self._catch_up()
         self.store.plate_cleared()
         self.follow(self.bridge.now())
 
@@ -1203,12 +1277,22 @@ class JobLifecycle:
         self.store.add(job, limit)
 
     def change(self, call, fn, *args):
-        """A queue change (move, delete, force) made in the reactor."""
+        """A queue change (move, delete, force) made in the reactor, on
+        the jobs as Klipper's state now makes them."""
         if not call.commit():
             return None
+        self._catch_up()
         result = fn(*args)
         self.follow(self.bridge.now())
         return result
+
+    def _catch_up(self):
+        # The job on the printer may have ended since the last status
+        # tick: a queue change or plate clear decides on what Klipper
+        # says now
+        cur = self.store.current
+        if cur is not None and cur.status in ACTIVE:
+            self.follow(self.bridge.now())
 
 
 class StateWriter:
@@ -4005,12 +4089,12 @@ class CuraRequestHandler(http.server.BaseHTTPRequestHandler):
             if handler.__name__ not in GATED_HANDLERS:
                 self.leave_gate()
             status, body = handler(self, *args)
-            if method != "GET" and self.server.front is not None:
-                # the polls the front answers show this change from now
-                self.server.front.sync()
+            self.show_change(method)
             if status is not None:   # None: the handler replied (streams)
                 self.send_json(status, body)
         except CuraError as e:
+            # (a refused action may have found the print ended)
+            self.show_change(method)
             status = error_status(e)
             if status >= 500:
                 logging.info("cura_connection: %s %s: %s", method,
@@ -4041,6 +4125,12 @@ class CuraRequestHandler(http.server.BaseHTTPRequestHandler):
             logging.exception("cura_connection: %s %s", method, self.path)
             self.send_json(500, {"message": "Internal error; see klippy.log",
                                  "status": 500}, close=True)
+
+    def show_change(self, method):
+        # the polls the front answers show what this request changed
+        # from now
+        if method != "GET" and self.server.front is not None:
+            self.server.front.sync()
 
     def send_error(self, code, message=None, explain=None):
         # http.server's own errors (bad request line, huge headers...)

@@ -458,3 +458,48 @@ def test_a_cura_session_stays_in_the_front(cura, klippy, tmp_path):
     # them, every one in the front)
     assert len(samples) > 5 and any(samples), samples
     assert cura_client._cura.logs.since(mark) == []
+
+
+def sd_progress(k):
+    return k.query("virtual_sdcard")["virtual_sdcard"]["progress"]
+
+
+def ended_progress(api, view, k, reached, state):
+    """Cura's card and the history show the progress the print reached
+    (Cura draws time_elapsed / time_total), not a full bar."""
+    card = active(wait_view(api, view, lambda s: active(s)["state"] in (
+        state, state + "_wait_cleanup"), what=state))
+    assert reached - 0.01 <= card["progress"] <= reached + 0.03, \
+        (reached, card)
+    k.gcode("CURA_BUILD_PLATE_CLEARED")
+    h = httpc.get_json("http://" + address(k), httpc.HISTORY)[0]
+    assert h["status"] == state
+    assert (h["time_elapsed"], h["time_total"]) == (card["time_elapsed"],
+                                                     card["time_total"])
+
+
+def test_aborted_and_failed_prints_show_their_progress(cura, klippy,
+                                                        tmp_path):
+    # an abort at 5 % once showed "Aborted 99 %"
+    addr = address(klippy)
+    api = cura_client.ClusterApi(addr)
+    view = cura_client.MonitorView()
+    path = tmp_path / "long.ufp"
+    cura_client.make_ufp(str(path), gcode_samples.cura_gcode(
+        print_time=100, count=10000, sleep_every=10, sleep_s=0.1))
+    assert cura_client.upload(addr, str(path))[0] == 200
+    httpc.wait_for(lambda: sd_progress(klippy) >= 0.05, 30., "5 %")
+    reached = sd_progress(klippy)
+    uuid = {j.name: j.uuid for j in api.print_jobs()}["long"]
+    assert api.abort(uuid) == 200
+    ended_progress(api, view, klippy, reached, "aborted")
+    # a print that fails at about 5 %
+    path = tmp_path / "bad.ufp"
+    cura_client.make_ufp(str(path), gcode_samples.griffin_header(100) +
+                         gcode_samples.moves(500, 10, 0.1) + "M104 S5000\n"
+                         + gcode_samples.moves(9500, 0))
+    assert cura_client.upload(addr, str(path))[0] == 200
+    klippy.wait_print_state("error")
+    reached = sd_progress(klippy)
+    assert 0.03 < reached < 0.08
+    ended_progress(api, view, klippy, reached, "failed")

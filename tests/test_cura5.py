@@ -2,6 +2,8 @@
 its ClusterApiClient and SendMaterialJob, tests/cura5_driver.py) against
 the module in the real Klippy.  Runs where CURA5_DIR names Cura 5 source
 trees (README, Run the tests); skipped with that reason elsewhere."""
+import time
+
 import cura_client
 import gcode_samples
 from hostile import children, cura_connections, wait_for
@@ -399,3 +401,26 @@ def test_cura5_session_stays_in_the_front(cura, cura5, klippy, tmp_path):
     assert not READS & set(here), here
     assert here["put_action"] == 2, here
     assert len(samples) > 5 and any(samples), samples
+
+
+def test_cura5_aborted_print_shows_its_progress(cura, cura5, klippy,
+                                                tmp_path):
+    # an abort at 5 % once showed "Aborted 99 %"
+    connected(cura5, klippy)
+    sent = cura5.upload(ufp(tmp_path, "long", print_time=100, count=10000,
+                            sleep_every=10, sleep_s=0.1))
+    assert sent["reply"]["status"] == 200, sent
+    state = cura5.wait(lambda s: active(s) and active(s)["state"]
+                       == "printing", what="long printing")
+    sd = lambda: klippy.query("virtual_sdcard")["virtual_sdcard"]
+    deadline = time.monotonic() + 30.
+    while sd()["progress"] < 0.05 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    reached = sd()["progress"]
+    assert reached >= 0.05
+    assert cura5.action("abort", active(state)["key"])["status"] == 200
+    card = active(cura5.wait(lambda s: active(s)["state"] in (
+        "aborted", "aborted_wait_cleanup"), what="aborted"))
+    # Cura 5 draws time_elapsed / time_total too
+    assert reached - 0.01 <= card["progress"] <= reached + 0.03, \
+        (reached, card)

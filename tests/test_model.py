@@ -118,6 +118,7 @@ def make_machine(k, workdir):
             self.forced = set()
             self.n = 0
             self.last_jobs = []       # as served at the last check
+            self.pause_sent = set()   # files a pause was sent for
 
         def jobs(self):
             return all_jobs(self.base)
@@ -125,6 +126,11 @@ def make_machine(k, workdir):
         def pick(self, i, pred=lambda j: True):
             js = [j for j in self.jobs() if pred(j)]
             return js[i % len(js)] if js else None
+
+        def printing(self):
+            """The file Klipper prints, "" for none."""
+            state, filename = klipper_print(k)
+            return filename if state in PRINTING else ""
 
         def current(self):
             js = self.jobs()
@@ -181,6 +187,8 @@ def make_machine(k, workdir):
                 note("%s: no job" % (what,))
                 return
             before = job["status"]
+            if what == "pause":
+                self.pause_sent.add(self.printing())
             send = {"pause": self.api.pause, "print": self.api.resume,
                     "abort": self.api.abort}[what]
             status = send(job["uuid"])
@@ -264,12 +272,27 @@ def make_machine(k, workdir):
         def console_print(self):
             self.n += 1
             name = k.write_gcode("console_%d.gcode" % (self.n,), moves=600)
+            if k.query("pause_resume")["pause_resume"]["is_paused"]:
+                # Klipper's pause_resume stays paused over a print
+                # started from the console (its own state)
+                self.pause_sent.add(name)
             try:
                 k.gcode("SDCARD_PRINT_FILE FILENAME=" + name)
                 note("console print started")
             except Exception as e:
                 note("console print refused")
                 assert "SD busy" in str(e), e
+
+        @rule(what=st.sampled_from(["PAUSE", "RESUME", "CANCEL_PRINT"]),
+              wait=st.sampled_from([0., 0.5, 1.]))
+        def console_command(self, what, wait):
+            # typed in the console or run by a macro at any moment: also
+            # as a print ends, or on the idle printer
+            time.sleep(wait)
+            if what == "PAUSE":
+                self.pause_sent.add(self.printing())
+            k.gcode(what)
+            note("console %s" % (what,))
 
         @rule(seconds=st.sampled_from([1, 3]))
         def macro_holds_queue(self, seconds):
@@ -416,6 +439,10 @@ def make_machine(k, workdir):
                 note("held job on Cura's card")
             assert not [j for j in view["jobs"] if j["state"] in HISTORY], \
                 view["jobs"]
+            if state == "pausing":
+                # a pause that outlives the file's command was sent for
+                # this print, not left over from an earlier one
+                assert filename in self.pause_sent, (before, self.pause_sent)
             if state in PRINTING:
                 assert active is not None, (before, view)
                 assert active["state"] in PRINTING[state], (before, active)

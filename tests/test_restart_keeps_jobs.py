@@ -1,4 +1,4 @@
-"""Nothing a user sends is lost over a restart (issue 18): every kind of
+"""Nothing a user sends is lost over a restart: every kind of
 print file real clients send (real_inputs), queued behind a long print,
 comes back after RESTART, FIRMWARE_RESTART and kill -9 + start exactly as
 Cura was shown it before -- every field of its job, its preview bytes,

@@ -286,6 +286,8 @@ class FakeKlipper:
         self.reactor = self.printer = self.gcode = self
         self.kstate, self.state, self.filename = "ready", "standby", ""
         self.duration, self.active, self.is_paused = 0., False, False
+        self.paused_for, self.progress = 0., 0.5
+        self.on_pause = []      # what happens while the reactor pauses
         self.scripts, self.callbacks, self.seq, self.t = [], [], 0, 0.
 
     # bridge
@@ -300,15 +302,18 @@ class FakeKlipper:
                                 "filename": self.filename,
                                 "print_duration": self.duration,
                                 "message": ""},
-                "virtual_sdcard": {"progress": 0.5,
+                "virtual_sdcard": {"progress": self.progress,
+                                   "file_position": int(
+                                       self.progress * 1000),
+                                   "file_size": 1000,
                                    "is_active": self.active},
                 "pause_resume": {"is_paused": self.is_paused}}
 
-    def run_script(self, call, script):
-        if not call.commit():
-            return False
-        self.run_script_from_command(script)
-        return True
+    def command(self, script):
+        try:
+            self.run_script_from_command(script)
+        except Exception as e:
+            raise cc.CommandError(str(e))
 
     def call(self, fn, *args):
         # (the test's thread stands for the reactor)
@@ -320,7 +325,8 @@ class FakeKlipper:
         return self.t
 
     def pause(self, waketime):
-        pass
+        if self.on_pause:
+            self.on_pause.pop(0)()
 
     def register_callback(self, fn):
         self.callbacks.append(fn)
@@ -345,20 +351,31 @@ class FakeKlipper:
             self.filename = script.split("=", 1)[1]
             self.state, self.active, self.duration = "printing", True, 0.
         elif cmd == "PAUSE" and not self.is_paused:
-            self.is_paused, self.active, self.state = True, False, "paused"
-        elif cmd == "M25":
+            # Klipper's PAUSE pauses also an idle printer
+            self.is_paused = True
+            if self.active:
+                self.active, self.state = False, "paused"
+        elif cmd == "M25" and self.active:
             self.active, self.state = False, "paused"
         elif cmd == "RESUME" and self.is_paused:
-            self.is_paused, self.active, self.state = False, True, "printing"
+            self.is_paused = False
+            if self.state == "paused":
+                self.active, self.state = True, "printing"
         elif cmd == "M24":
             self.active, self.state = True, "printing"
+        elif cmd == "CLEAR_PAUSE":
+            self.is_paused = False
         elif cmd == "CANCEL_PRINT":
+            if self.state == "paused":
+                # print_stats counts the last pause in once cancelled
+                self.duration += self.paused_for
             if self.active or self.is_paused:   # pause_resume's sd_paused
                 self.active, self.state = False, "cancelled"
+                self.progress = 0.      # the file is closed
             self.is_paused = False
         elif cmd == "SDCARD_RESET_FILE":
             self.active, self.state, self.filename = False, "standby", ""
-            self.duration = 0.
+            self.duration = self.progress = 0.
 
     # test helpers
     def follow(self, life):
@@ -475,7 +492,7 @@ def test_lifecycle_resume_and_abort_whatever_paused(store, klipper, life,
     assert life.act(cc.NoCall, a.uuid, "pause") == (200, "paused")
     assert klipper.scripts[-1] == "PAUSE"
     klipper.run_script_from_command(pause)
-    klipper.duration = 18.   # print_stats counts the pause once cancelled
+    klipper.paused_for = 12.
     assert life.act(cc.NoCall, a.uuid, "abort") == \
         (200, "aborted_wait_cleanup")
     assert not klipper.active and klipper.state in ("cancelled", "standby")
@@ -497,6 +514,173 @@ def test_lifecycle_refuses_what_does_not_apply(store, klipper, life):
     assert a.status == "printing" and klipper.active
     with pytest.raises(cc.Conflict):
         life.plate_cleared()
+
+
+def printing_job(store, klipper, life, name="a"):
+    job = cc.Job(name=name, filename=name + ".gcode")
+    store.add(job)
+    klipper.follow(life)
+    assert job.status == "printing"
+    del klipper.scripts[:]
+    return job
+
+
+def refused(life, job, action, *words):
+    """act() answers 409 with a reason naming words."""
+    with pytest.raises(cc.Conflict) as e:
+        life.act(cc.NoCall, job.uuid, action)
+    for word in words:
+        assert word in e.value.message, e.value.message
+    assert "nothing was done" in e.value.message
+    assert job.action is None
+    return e.value.message
+
+
+def test_actions_decide_on_klippers_state_at_that_moment(store, klipper,
+                                                         life):
+    # Each race: the job list (followed up to 0.5 s ago) says
+    # one thing, Klipper has moved on when the action is carried out.
+    # The action is refused, says why and sends Klipper nothing.
+    a = printing_job(store, klipper, life)
+    klipper.finish("complete", 30.)     # the print ends; not followed yet
+    refused(life, a, "pause", "ended", "wait_cleanup")
+    assert klipper.scripts == [] and not klipper.is_paused
+    assert (a.status, a.time_total, a.time_elapsed) == \
+        ("wait_cleanup", 30, 30)
+    refused(life, a, "abort", "ended")
+    refused(life, a, "print", "ended")
+    assert klipper.scripts == [] and a.status == "wait_cleanup"
+    life.plate_cleared()
+    b = printing_job(store, klipper, life, "b")
+    klipper.run_script_from_command("PAUSE")        # from the console
+    refused(life, b, "pause", "it is paused")
+    klipper.run_script_from_command("RESUME")       # from the console
+    refused(life, b, "print", "it is printing")
+    assert klipper.scripts == ["PAUSE", "RESUME"]   # only the console's
+    klipper.kstate = "shutdown"                     # M112
+    refused(life, b, "abort", "Klipper is shutdown")
+    assert b.status == "failed_wait_cleanup" and b.action is None
+    assert klipper.scripts == ["PAUSE", "RESUME"]
+
+
+@pytest.mark.parametrize("action", ["pause", "abort"])
+def test_actions_wait_for_a_file_read_to_its_end(store, klipper, life,
+                                                 action):
+    # Klipper (upstream) reads the file in a worker thread: with the
+    # G-code mutex held, the file may still be about to find its end.
+    # PAUSE or CANCEL_PRINT then would meet a print completing under it.
+    a = printing_job(store, klipper, life)
+    klipper.progress = 1.
+    klipper.on_pause = [lambda: klipper.finish("complete")]
+    refused(life, a, action, "ended", "wait_cleanup")
+    assert klipper.scripts == [] and a.status == "wait_cleanup"
+
+
+def test_resume_after_a_console_cancel(store, klipper, life):
+    a = printing_job(store, klipper, life)
+    assert life.act(cc.NoCall, a.uuid, "pause") == (200, "paused")
+    klipper.run_script_from_command("CANCEL_PRINT")     # not followed yet
+    del klipper.scripts[:]
+    refused(life, a, "print", "ended", "aborted_wait_cleanup")
+    assert klipper.scripts == [] and klipper.state == "cancelled"
+
+
+def test_abort_of_a_print_the_console_replaced(store, klipper, life):
+    a = printing_job(store, klipper, life)
+    assert life.act(cc.NoCall, a.uuid, "pause") == (200, "paused")
+    # the console starts another file over the paused one
+    klipper.run_script_from_command("SDCARD_PRINT_FILE FILENAME=c.gcode")
+    del klipper.scripts[:]
+    refused(life, a, "abort", "not on the printer")
+    assert klipper.scripts == [] and klipper.filename == "c.gcode"
+    assert klipper.active and store.history == [a]
+    assert a.status == "aborted" and "c.gcode" in a.message
+    assert store.current.filename == "c.gcode"
+
+
+def test_queue_changes_and_plate_clear_see_the_print_end(store, klipper,
+                                                         life):
+    a = printing_job(store, klipper, life)
+    b = cc.Job(name="b", filename="b.gcode")
+    store.add(b)
+    klipper.finish("complete", 10.)     # not followed yet
+    life.plate_cleared()                # the job has ended: not refused
+    klipper.run_callbacks()
+    assert a.status == "finished" and store.current is b
+    klipper.finish("complete", 10.)
+    life.change(cc.NoCall, store.delete, b.uuid)     # ended: deletable
+    assert store.current is None and store.history[0] is b
+    assert b.status == "finished"
+
+
+def test_a_pause_of_no_print_is_cleared_before_the_next_start(store,
+                                                              klipper, life):
+    # PAUSE typed in the console as the print ended pauses the idle
+    # printer (Klipper's own PAUSE): the next print must not inherit it
+    a = printing_job(store, klipper, life)
+    b = cc.Job(name="b", filename="b.gcode")
+    store.add(b)
+    klipper.finish("complete")
+    klipper.run_script_from_command("PAUSE")
+    klipper.follow(life)
+    assert klipper.is_paused and a.status == "wait_cleanup"
+    life.plate_cleared()
+    klipper.run_callbacks()
+    assert klipper.scripts[-2:] == ["CLEAR_PAUSE",
+                                    "SDCARD_PRINT_FILE FILENAME=b.gcode"]
+    assert b.status == "printing" and not klipper.is_paused
+    assert life.act(cc.NoCall, b.uuid, "pause") == (200, "paused")
+    assert life.act(cc.NoCall, b.uuid, "print") == (200, "printing")
+
+
+def test_a_pause_whose_print_fails_first_leaves_no_pause(store, klipper,
+                                                         life):
+    a = printing_job(store, klipper, life)
+    run = klipper.run_script_from_command
+    def pause_then_fail(script):
+        # PAUSE waits for the file's current command, which fails
+        run(script)
+        if script == "PAUSE":
+            klipper.is_paused, klipper.active = True, True
+            klipper.run_script_from_command = run
+            klipper.finish("error")
+    klipper.run_script_from_command = pause_then_fail
+    refused_msg = None
+    with pytest.raises(cc.Conflict) as e:
+        life.act(cc.NoCall, a.uuid, "pause")
+    refused_msg = e.value.message
+    assert "failed_wait_cleanup" in refused_msg
+    assert not klipper.is_paused and klipper.scripts[-1] == "CLEAR_PAUSE"
+    assert a.status == "failed_wait_cleanup" and a.action is None
+
+
+@pytest.mark.parametrize("how", ["abort", "console cancel", "error",
+                                 "paused abort", "shutdown"])
+def test_an_ended_print_shows_the_progress_it_reached(store, klipper, life,
+                                                      how):
+    # Cura draws time_elapsed / time_total: 5 % reached shows 5 %
+    a = printing_job(store, klipper, life)
+    a.time_estimate = 3600
+    klipper.duration, klipper.progress = 100., 0.05
+    klipper.follow(life)
+    if how == "abort":
+        assert life.act(cc.NoCall, a.uuid, "abort")[0] == 200
+    elif how == "console cancel":
+        klipper.run_script_from_command("CANCEL_PRINT")
+    elif how == "error":
+        klipper.finish("error")
+    elif how == "paused abort":
+        assert life.act(cc.NoCall, a.uuid, "pause") == (200, "paused")
+        klipper.paused_for = 500.
+        assert life.act(cc.NoCall, a.uuid, "abort")[0] == 200
+    else:
+        klipper.kstate = "shutdown"
+    klipper.follow(life)
+    assert a.status in ("aborted_wait_cleanup", "failed_wait_cleanup")
+    assert (a.time_elapsed, a.time_total) == (100, 2000)
+    life.plate_cleared()
+    assert a.status in ("aborted", "failed") and store.history[0] is a
+    assert (a.time_elapsed, a.time_total) == (100, 2000)
 
 
 def test_lifecycle_end_states(store, klipper, life):
