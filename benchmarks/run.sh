@@ -26,22 +26,20 @@ if ! command -v unzip >/dev/null; then
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends unzip
 fi
 
-make_venv() {   # dir, requirements file, python, venv options
-    local v="$1" req="$2" py="$3" stamp
-    shift 3
-    stamp="$v/.done-$( { echo "$py $*"; cat "$req"; } | sha1sum | cut -c1-12)"
+make_venv() {   # dir, requirements file
+    local v="$1" req="$2" stamp
+    stamp="$v/.done-$(sha1sum "$req" | cut -c1-12)"
     if [ ! -f "$stamp" ]; then
         rm -rf "$v"
-        "$py" -m venv "$@" "$v"
+        python3 -m venv "$v"
         "$v/bin/pip" install -q --disable-pip-version-check -r "$req"
         touch "$stamp"
     fi
 }
-# The runner writes the tests' real inputs (libcharon UFPs, Qt-encoded
-# thumbnails): like the test venv, it is Debian's Python with Debian's
-# libcharon and PyQt5
-make_venv "$VENVS/bench" "$ROOT/benchmarks/requirements.txt" \
-    /usr/bin/python3 --system-site-packages
-make_venv "$VENVS/moonraker" "$ROOT/benchmarks/moonraker-requirements.txt" python3
+make_venv "$VENVS/bench" "$ROOT/benchmarks/requirements.txt"
+make_venv "$VENVS/moonraker" "$ROOT/benchmarks/moonraker-requirements.txt"
+# libcharon is not on PyPI: the UFP generator uses Debian's, like the tests
+site=$("$VENVS/bench/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+ln -sfn /usr/lib/python3/dist-packages/Charon "$site/Charon"
 
 exec "$VENVS/bench/bin/python" "$ROOT/benchmarks/bench.py" "$@"
