@@ -20,7 +20,12 @@ import threading
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
+TESTS = os.path.join(os.path.dirname(HERE), "tests")
+sys.path.insert(0, TESTS)
+# The tests' interpreter: Debian's Python, which has the libraries the
+# real writers need (libcharon, PyQt5) and the runner's venv lacks
+TEST_PYTHON = os.path.join(os.path.dirname(HERE), ".venv", "test", "bin",
+                           "python")
 import httpc  # noqa: E402
 
 MARK = b"\x00\x01FILE-DATA\x01\x00"

@@ -198,7 +198,10 @@ class Serving:
         k = klippy_harness.Klippy("klipper", wd, with_module=with_module,
                                   module_options=opts)
         if with_module:
-            k.write_queue(jobs)
+            # the jobs the module makes of real clients' files
+            subprocess.check_call([clients.TEST_PYTHON, os.path.join(
+                clients.TESTS, "real_inputs.py"), "queue", k.gcodes_dir,
+                k.data_dir, str(jobs)], stdout=subprocess.DEVNULL)
         k.start()
         k.wait_ready()
         return k

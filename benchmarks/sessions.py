@@ -108,10 +108,8 @@ def make_ufps(directory):
     profile; returns their paths."""
     paths = [os.path.join(directory, "session_part_%d.ufp" % (i,))
              for i in range(2)]
-    # the test venv: it sees Debian's PyQt5, which Cura's code imports
-    python = os.path.join(os.path.dirname(HERE), ".venv", "test", "bin",
-                          "python")
-    subprocess.check_call([python, os.path.abspath(__file__), "ufp"] + paths)
+    subprocess.check_call([clients.TEST_PYTHON, os.path.abspath(__file__),
+                           "ufp"] + paths)
     return paths
 
 

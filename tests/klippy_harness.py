@@ -283,27 +283,11 @@ path: %s
 
     def write_queue(self, jobs, data_dir=None):
         """Before start: a queue.json as an old version (before max_queue)
-        or a raised limit leaves it -- a finished job on the plate, so
-        nothing starts by itself, and `jobs` queued jobs, in data_dir
-        (default: the module's).  The jobs are
-        the module's own: every form of real_inputs received and queued
-        through its intake (files, previews, materials in place), then
-        repeated under new uuids and names to make up the count.
-        Returns the queued jobs' uuids."""
+        or a raised limit leaves it, in data_dir (default: the module's):
+        real_inputs.write_queue.  Returns the queued jobs' uuids."""
         import real_inputs
-        data_dir = data_dir or self.data_dir
-        store = real_inputs.received_jobs(self.gcodes_dir, data_dir)
-        done = store.queue[0]
-        store.begin_start(done)
-        store.end(done, "wait_cleanup")
-        made = [j.to_dict() for j in store.queue]
-        state = store.state()
-        state["queue"] = [dict(made[i % len(made)], name="job %d" % (i + 1,),
-                               uuid="00000000-0000-4000-8000-%012d" % (i + 1,))
-                          for i in range(jobs)]
-        with open(os.path.join(data_dir, "queue.json"), "w") as f:
-            json.dump(state, f)
-        return [j["uuid"] for j in state["queue"]]
+        return real_inputs.write_queue(self.gcodes_dir,
+                                       data_dir or self.data_dir, jobs)
 
     def write_gcode(self, name, moves=200, sleep_every=20, sleep_s=0.1,
                     header=""):

@@ -14,6 +14,7 @@ Samples are built once per process (the UFPs take libcharon a moment).
 import functools
 import gzip
 import io
+import json
 import os
 import re
 import sys
@@ -303,3 +304,35 @@ def saved_jobs():
         return [j.to_dict() for j in store.queue]
     finally:
         shutil.rmtree(tmp)
+
+
+def write_queue(gcodes, data_dir, jobs):
+    """data_dir/queue.json as an old version (before max_queue) or a
+    raised limit leaves it -- a finished job on the plate, so nothing
+    starts by itself, and `jobs` queued jobs.  The jobs are the module's
+    own: every form received and queued through its intake into gcodes
+    (files, previews, materials in place), then repeated under new uuids
+    and names to make up the count.  Returns the queued jobs' uuids."""
+    store = received_jobs(gcodes, data_dir)
+    done = store.queue[0]
+    store.begin_start(done)
+    store.end(done, "wait_cleanup")
+    made = [j.to_dict() for j in store.queue]
+    state = store.state()
+    state["queue"] = [dict(made[i % len(made)], name="job %d" % (i + 1,),
+                           uuid="00000000-0000-4000-8000-%012d" % (i + 1,))
+                      for i in range(jobs)]
+    with open(os.path.join(data_dir, "queue.json"), "w") as f:
+        json.dump(state, f)
+    return [j["uuid"] for j in state["queue"]]
+
+
+if __name__ == "__main__":
+    # For programs on another Python (the benchmarks' runner), which
+    # lacks the libraries the real writers need:
+    #   real_inputs.py queue GCODES DATA_DIR JOBS  -> the uuids, as JSON
+    if sys.argv[1:2] == ["queue"] and len(sys.argv) == 5:
+        print(json.dumps(write_queue(sys.argv[2], sys.argv[3],
+                                     int(sys.argv[4]))))
+    else:
+        sys.exit("usage: real_inputs.py queue GCODES DATA_DIR JOBS")
