@@ -623,3 +623,29 @@ def test_a_close_with_bytes_behind_it_is_clean(klippy, data):
     assert [r.status for r in replies] == [200], replies
     assert replies[0].headers["connection"] == "close"
     assert how == "eof", how
+
+
+@pytest.mark.xfail(strict=True, reason="the front takes the first of two "
+                   "Content-Lengths (0) and runs the body as a request; "
+                   "http.server refuses the head")
+@pytest.mark.parametrize("lengths", [
+    b"Content-Length: 0\r\nContent-Length: %d\r\n",
+    b"Content-Length: 0\r\ncontent-length: %d\r\n",
+], ids=["same case", "other case"])
+def test_two_lengths_on_a_read_never_smuggle(klippy_factory, lengths):
+    # A read the front answers, with two Content-Lengths: 0 and the
+    # length of a body that is a DELETE.  Refused (400, as http.server
+    # does: the lengths differ), and the body never runs.
+    k = klippy_factory(module_options=OPTIONS)
+    base = k.base_url()
+    uuid_ = queued_job(base)
+    inner = request_bytes("DELETE", JOBS + "/" + uuid_)
+    s = connect(k.cura_port(), timeout=3)
+    s.sendall(b"GET /cluster-api/v1/printers HTTP/1.1\r\nHost: x\r\n"
+              + lengths % (len(inner),) + b"\r\n" + inner)
+    replies, how = read_replies(s, 3)
+    s.close()
+    assert not [r for r in replies if b"deleted" in r.body], replies
+    assert len(replies) == 1 and is_json_error(replies[0], 400), replies
+    assert how == "eof", (how, replies)
+    assert uuid_ in [j["uuid"] for j in jobs(base)]
