@@ -4890,7 +4890,8 @@ class FrontRequest:
         r"([!#$%&'*+.^_`|~0-9A-Za-z-]+):[ \t]*([\t -~]*?)[ \t]*\Z")
     # present at all -> Klippy's side decides
     HANDED_OVER = ("content-length", "transfer-encoding", "expect")
-    ONCE = ("host", "x-real-ip", "connection", "authorization")
+    # (a repeated framing header: http.server refuses differing lengths)
+    ONCE = ("host", "x-real-ip", "connection", "authorization") + HANDED_OVER
 
     def __init__(self, path, handler, args, http11, headers):
         self.path = path

@@ -625,9 +625,6 @@ def test_a_close_with_bytes_behind_it_is_clean(klippy, data):
     assert how == "eof", how
 
 
-@pytest.mark.xfail(strict=True, reason="the front takes the first of two "
-                   "Content-Lengths (0) and runs the body as a request; "
-                   "http.server refuses the head")
 @pytest.mark.parametrize("lengths", [
     b"Content-Length: 0\r\nContent-Length: %d\r\n",
     b"Content-Length: 0\r\ncontent-length: %d\r\n",
