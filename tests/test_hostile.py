@@ -4,6 +4,7 @@ nothing is written outside the gcodes folder, no partial file stays, and
 Klippy stays ready."""
 import gzip
 import os
+import socket
 import time
 import uuid
 
@@ -646,3 +647,27 @@ def test_two_lengths_on_a_read_never_smuggle(klippy_factory, lengths):
     assert len(replies) == 1 and is_json_error(replies[0], 400), replies
     assert how == "eof", (how, replies)
     assert uuid_ in [j["uuid"] for j in jobs(base)]
+
+
+@pytest.mark.xfail(strict=True, reason="the front waits for an empty line "
+                   "that never comes and closes without a reply; "
+                   "http.server ends the head at the client's close")
+@pytest.mark.parametrize("head", [
+    b"GET /cluster-api/v1/printers HTTP/1.0\r\n",
+    b"GET /cluster-api/v1/printers HTTP/1.1\r\nHost: x\r\n",
+    b"GET /cluster-api/v1/printers HTTP/1.0",
+], ids=["request line", "headers", "no line end"])
+def test_a_head_ended_by_the_clients_close_is_answered(klippy_factory,
+                                                       head):
+    # A client that sends its head without the empty line and then
+    # closes its side (printf ... | nc): http.server takes the end of
+    # the data as the end of the head and answers it, so the module does
+    # whichever process reads it.
+    k = klippy_factory(module_options=OPTIONS)
+    s = connect(k.cura_port(), timeout=5)
+    s.sendall(head)
+    s.shutdown(socket.SHUT_WR)
+    replies, how = read_replies(s, 2)
+    s.close()
+    assert [r.status for r in replies] == [200], (replies, how)
+    assert isinstance(replies[0].json(), list), replies
