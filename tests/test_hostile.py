@@ -649,9 +649,6 @@ def test_two_lengths_on_a_read_never_smuggle(klippy_factory, lengths):
     assert uuid_ in [j["uuid"] for j in jobs(base)]
 
 
-@pytest.mark.xfail(strict=True, reason="the front waits for an empty line "
-                   "that never comes and closes without a reply; "
-                   "http.server ends the head at the client's close")
 @pytest.mark.parametrize("head", [
     b"GET /cluster-api/v1/printers HTTP/1.0\r\n",
     b"GET /cluster-api/v1/printers HTTP/1.1\r\nHost: x\r\n",
