@@ -12,8 +12,8 @@ import pytest
 
 import httpc
 from httpc import JOBS, jobs
-from hostile import (check_gcodes_dir, connect, is_json_error, read_reply,
-                     read_replies, request_bytes, send, server_pid,
+from hostile import (check_gcodes_dir, connect, is_json_error, port_holders,
+                     read_reply, read_replies, request_bytes, send, server_pid,
                      thread_count, tree, wait_for)
 
 BOUNDARY = "boundary_.oOo._MjE+Mzk/NDU="
@@ -668,3 +668,44 @@ def test_a_head_ended_by_the_clients_close_is_answered(klippy_factory,
     s.close()
     assert [r.status for r in replies] == [200], (replies, how)
     assert isinstance(replies[0].json(), list), replies
+
+
+@pytest.mark.xfail(strict=True, reason="a head too long for the front, or "
+                   "a request it hands over, leaves the front's idle set: "
+                   "100 that stall hold every slot and polls get 503")
+@pytest.mark.parametrize("stall", [
+    # a head longer than the front reads, never finished
+    b"GET /cluster-api/v1/printers HTTP/1.1\r\nX-A: " + b"a" * 17000,
+    # a handed-over request whose body never comes
+    b"PUT " + JOBS.encode() + b"/01234567-89ab-cdef-0123-456789abcdef/"
+    b"action HTTP/1.1\r\nContent-Type: application/json\r\n"
+    b"Content-Length: 30\r\n\r\n{",
+], ids=["long head", "handed-over body"])
+def test_polls_answered_while_100_slow_requests_wait(klippy_factory,
+                                                     stall):
+    # Slow clients are idle connections too, whichever process reads
+    # them: 100 of them (MAX_CONNECTIONS) never keep Cura's polls out.
+    k = klippy_factory(module_options={"request_timeout": 30})
+    base, port = k.base_url(), k.cura_port()
+    httpc.get_json(base, JOBS)
+    slow = []
+    try:
+        for i in range(100):
+            s = connect(port)
+            s.sendall(stall)
+            slow.append(s)
+        # (settle: today the front hands each over to Klippy's process)
+        pids = [server_pid(k), k.pid]
+        try:
+            wait_for(lambda: port_holders(port, pids).count(k.pid) >= 100,
+                     5.)
+        except AssertionError:
+            pass
+        for i in range(3):
+            r = httpc.request(base, "GET", "/cluster-api/v1/printers")
+            assert r.status == 200, r
+            assert r.json()[0]["status"] == "idle"
+    finally:
+        for s in slow:
+            s.close()
+    assert k.info()["state"] == "ready"
