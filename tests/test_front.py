@@ -117,6 +117,25 @@ def test_handed_over_requests_get_klippys_answer(klippy, method, path,
         assert r.json()["status"] == status
 
 
+
+@pytest.mark.xfail(strict=True, reason="the front answers the web page to "
+                   "a browser's camera URL; Klippy's side answers the "
+                   "camera (here: 404, none configured)")
+@pytest.mark.parametrize("path", ["/?action=stream", "/?action=snapshot",
+                                  "/printers/camera?action=stream"])
+def test_a_browser_opening_the_camera_gets_the_camera(klippy_factory, path):
+    # A browser opened on Cura's camera address asks text/html first: it
+    # gets what Klippy's side answers (the camera; without camera_url a
+    # 404 that says so), never the page in its place
+    for front in ("False", "True"):
+        k = klippy_factory(module_options={"front_process": front})
+        r = httpc.request(k.base_url(), "GET", path, headers={
+            "Accept": "text/html,application/xhtml+xml,*/*;q=0.8"})
+        assert r.status == 404, (front, r)
+        assert b"camera_url" in r.body, (front, r)
+        k.stop()
+
+
 def test_each_client_sees_the_address_it_reached(klippy):
     base = klippy.base_url()
     front_pid(klippy)
