@@ -136,6 +136,27 @@ def test_a_browser_opening_the_camera_gets_the_camera(klippy_factory, path):
         k.stop()
 
 
+@pytest.mark.xfail(strict=True, reason="the front hands them to Klippy's "
+                   "process, which answers them")
+@pytest.mark.parametrize("path, status", [
+    ("/favicon.ico", 404),      # every browser asks it with the page
+    ("/printers/cura_definition.zip", 200),     # the page's download
+], ids=["favicon", "definition"])
+def test_the_web_pages_other_reads_stay_in_the_child(klippy, path, status):
+    base = klippy.base_url()
+    front = front_pid(klippy)
+    conn = httpc.connect(base)
+    r = httpc.request(conn, "GET", "/printers",
+                      headers={"Accept": "text/html"})
+    assert r.status == 200 and b"<html" in r.body.lower(), r
+    r = httpc.request(conn, "GET", path, headers={"Accept": "*/*"})
+    assert r.status == status, r
+    assert "close" not in r.headers.get("Connection", "").lower(), r
+    assert holder(conn, [front, klippy.pid]) == front
+    conn.close()
+    assert "get_definition_zip" not in answered_here(klippy)
+
+
 def test_each_client_sees_the_address_it_reached(klippy):
     base = klippy.base_url()
     front_pid(klippy)
