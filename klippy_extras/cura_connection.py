@@ -4980,7 +4980,8 @@ class FrontRequest:
         r"([!#$%&'*+.^_`|~0-9A-Za-z-]+):[ \t]*([\t -~]*?)[ \t]*\Z")
     # present at all -> Klippy's side decides
     HANDED_OVER = ("content-length", "transfer-encoding", "expect")
-    ONCE = ("host", "x-real-ip", "connection", "authorization")
+    # (a repeated framing header: http.server refuses differing lengths)
+    ONCE = ("host", "x-real-ip", "connection", "authorization") + HANDED_OVER
 
     def __init__(self, path, handler, args, http11, headers):
         self.path = path
@@ -5390,11 +5391,15 @@ class FrontServer:
 
     def _peek_head(self, sock, timeout):
         # The head without taking it from the socket: b"" when the client
-        # closed, or sent nothing new for timeout (then it is closed
-        # without a reply, as http.server does).  Meanwhile the
-        # connection is idle (serve() may close it to make room).
+        # closed before sending anything, or sent nothing new for timeout
+        # (then it is closed without a reply, as http.server does).
+        # Meanwhile the connection is idle (serve() may close it to make
+        # room).
         with self.count_lock:
             self.idle[sock] = None
+        # (a peek never sees the client's close: POLLRDHUP does)
+        closed = select.poll()
+        closed.register(sock, select.POLLRDHUP)
         try:
             data = sock.recv(MAX_HEAD, socket.MSG_PEEK)
             last, seen, pause = time.monotonic(), len(data), 0.001
@@ -5409,6 +5414,10 @@ class FrontServer:
                     last, seen, pause = now, len(data), 0.001
                 elif now - last > timeout:
                     return b""
+                elif closed.poll(0):
+                    # the client's close ends the head (as http.server
+                    # reads it): handed over
+                    return data
                 time.sleep(pause)
                 pause = min(2 * pause, 0.05)
                 with self.count_lock:

@@ -117,6 +117,46 @@ def test_handed_over_requests_get_klippys_answer(klippy, method, path,
         assert r.json()["status"] == status
 
 
+
+@pytest.mark.xfail(strict=True, reason="the front answers the web page to "
+                   "a browser's camera URL; Klippy's side answers the "
+                   "camera (here: 404, none configured)")
+@pytest.mark.parametrize("path", ["/?action=stream", "/?action=snapshot",
+                                  "/printers/camera?action=stream"])
+def test_a_browser_opening_the_camera_gets_the_camera(klippy_factory, path):
+    # A browser opened on Cura's camera address asks text/html first: it
+    # gets what Klippy's side answers (the camera; without camera_url a
+    # 404 that says so), never the page in its place
+    for front in ("False", "True"):
+        k = klippy_factory(module_options={"front_process": front})
+        r = httpc.request(k.base_url(), "GET", path, headers={
+            "Accept": "text/html,application/xhtml+xml,*/*;q=0.8"})
+        assert r.status == 404, (front, r)
+        assert b"camera_url" in r.body, (front, r)
+        k.stop()
+
+
+@pytest.mark.xfail(strict=True, reason="the front hands them to Klippy's "
+                   "process, which answers them")
+@pytest.mark.parametrize("path, status", [
+    ("/favicon.ico", 404),      # every browser asks it with the page
+    ("/printers/cura_definition.zip", 200),     # the page's download
+], ids=["favicon", "definition"])
+def test_the_web_pages_other_reads_stay_in_the_child(klippy, path, status):
+    base = klippy.base_url()
+    front = front_pid(klippy)
+    conn = httpc.connect(base)
+    r = httpc.request(conn, "GET", "/printers",
+                      headers={"Accept": "text/html"})
+    assert r.status == 200 and b"<html" in r.body.lower(), r
+    r = httpc.request(conn, "GET", path, headers={"Accept": "*/*"})
+    assert r.status == status, r
+    assert "close" not in r.headers.get("Connection", "").lower(), r
+    assert holder(conn, [front, klippy.pid]) == front
+    conn.close()
+    assert "get_definition_zip" not in answered_here(klippy)
+
+
 def test_each_client_sees_the_address_it_reached(klippy):
     base = klippy.base_url()
     front_pid(klippy)
