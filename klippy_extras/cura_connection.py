@@ -10,6 +10,7 @@
 # (SDCARD_PRINT_FILE, PAUSE, RESUME, CANCEL_PRINT) back through the
 # reactor.  HTTP threads never touch printer objects.  A child process
 # (the "front") takes Cura's reads and uploads off Klippy's process.
+import base64
 import codecs
 import collections
 import contextlib
@@ -3343,6 +3344,32 @@ ROUTES = [
 COMPILED_ROUTES = [(m, re.compile(p + "$"), h) for m, p, h in ROUTES]
 
 
+def find_route(method, path):
+    """(handler name, url groups) of a request (path without its query);
+    HTTPError 405 for a path of another method, 404 for no such path
+    (both processes route with this)."""
+    path = path.rstrip("/") or "/"
+    allowed = []
+    for m, regex, handler in COMPILED_ROUTES:
+        match = regex.match(path)
+        if match:
+            if m == method:
+                return handler, match.groups()
+            allowed.append(m)
+    if allowed:
+        raise HTTPError(405, "%s is not allowed on %s (use %s)"
+                        % (method, path, ", ".join(allowed)))
+    raise HTTPError(404, "No such endpoint: %s" % (path,))
+
+
+def camera_action(path):
+    """What a path of the camera routes asks: "stream", "snapshot" or
+    "" (the page, or the 404 that names the camera address)."""
+    query = urllib.parse.parse_qs(urllib.parse.urlsplit(path).query)
+    action = query.get("action", [""])[0]
+    return action if action in ("stream", "snapshot") else ""
+
+
 # What a job's reply is made of (its saved fields): a change to any of
 # them is a new reply
 JOB_REPLY_KEY = operator.attrgetter(*JOB_FIELDS)
@@ -3429,18 +3456,8 @@ class CuraApi:
         self.auth_request_lock = threading.Lock()
 
     def route(self, method, path):
-        path = path.rstrip("/") or "/"
-        allowed = []
-        for m, regex, handler in COMPILED_ROUTES:
-            match = regex.match(path)
-            if match:
-                if m == method:
-                    return getattr(self, handler), match.groups()
-                allowed.append(m)
-        if allowed:
-            raise HTTPError(405, "%s is not allowed on %s (use %s)"
-                            % (method, path, ", ".join(allowed)))
-        raise HTTPError(404, "No such endpoint: %s" % (path,))
+        handler, args = find_route(method, path)
+        return getattr(self, handler), args
 
     # JSON models
     def printer_configuration(self, snap):
@@ -3814,9 +3831,8 @@ class CuraApi:
         return 200, Payload(page, "text/html; charset=utf-8")
 
     def get_root(self, req):
-        query = urllib.parse.parse_qs(urllib.parse.urlsplit(req.path).query)
-        action = query.get("action", [""])[0]
-        if action in ("stream", "snapshot"):
+        action = camera_action(req.path)
+        if action:
             if self.conn.camera is None:
                 raise HTTPError(404, "No camera: set camera_url in "
                                 "[cura_connection]")
@@ -4520,7 +4536,7 @@ class CuraHTTPServer6(CuraHTTPServer):
 FRONT_HANDLERS = frozenset((
     "get_system", "get_printers", "get_print_jobs", "get_history",
     "get_print_job", "get_preview_image", "get_materials", "get_page",
-    "get_root"))
+    "get_root", "get_definition_zip", "get_definition_file", "not_found"))
 UPLOAD_LINE = re.compile(r"POST /cluster-api/v1/print_jobs/?(\?[!-~]*)? "
                          r"HTTP/1\.[01]\r?\n")
 # How long the front waits for Klippy's side to queue an upload (s)
@@ -4994,13 +5010,12 @@ class FrontRequest:
     @staticmethod
     def route(path):
         """(handler name, url groups) of a GET, as CuraApi.route finds
-        it, or None."""
-        path = path.rstrip("/") or "/"
-        for method, regex, handler in COMPILED_ROUTES:
-            match = regex.match(path)
-            if match and method == "GET":
-                return handler, match.groups()
-        return None
+        it; ("not_found", (message,)) for no such path (the front answers
+        Klippy's side's 404), None for a path of another method."""
+        try:
+            return find_route("GET", path)
+        except HTTPError as e:
+            return ("not_found", (e.message,)) if e.status == 404 else None
 
     @classmethod
     def parse(cls, head):
@@ -5021,6 +5036,8 @@ class FrontRequest:
         route = cls.route(path)
         if route is None or route[0] not in FRONT_HANDLERS:
             return None
+        if route[0] == "get_root" and camera_action(m.group(1)):
+            return None     # the camera is Klippy's side's
         headers = {}
         for line in lines[1:-2]:
             h = cls.HEADER.match(line)
@@ -5338,8 +5355,8 @@ class FrontServer:
                     {"message": err.message, "status": err.status}).encode()],
                     close=True)
                 return False
-            status, ctype, parts = reply
-            self._reply(sock, status, parts, req.close, ctype)
+            status, ctype, parts = reply[:3]
+            self._reply(sock, status, parts, req.close, ctype, reply[3:4])
             if req.close:
                 return False
 
@@ -5347,6 +5364,10 @@ class FrontServer:
         # (status, content type, [bytes]) from the published replies, or
         # None: Klippy's side answers it
         replies, name = self.replies, req.handler
+        if name == "not_found":
+            return self._error(404, req.args[0])
+        if name in ("get_definition_zip", "get_definition_file"):
+            return self._definition(name, req.args)
         if name in ("get_root", "get_page"):
             if "text/html" in req.headers.get("accept", ""):
                 try:
@@ -5388,6 +5409,21 @@ class FrontServer:
     def _error(status, message):
         return status, "application/json", [json.dumps(
             {"message": message, "status": status}).encode()]
+
+    def _definition(self, name, args):
+        # the machine definition, from the settings (made at config load)
+        definition = self.settings["definition"]
+        if name == "get_definition_zip":
+            return 200, "application/zip", [base64.b64decode(
+                definition["zip"])], [("Content-Disposition",
+                                       'attachment; filename="%s.zip"'
+                                       % (definition["id"],))]
+        data = definition["files"].get(args[0])
+        if data is None:
+            return self._error(404, "No definition file %s" % (args[0],))
+        return 200, "application/json", [base64.b64decode(data)], [
+            ("Content-Disposition", 'attachment; filename="%s"'
+             % (args[0],))]
 
     def _peek_head(self, sock, timeout):
         # The head without taking it from the socket: b"" when the client
@@ -5435,14 +5471,16 @@ class FrontServer:
         sock.close()
 
     def _reply(self, sock, status, parts, close,
-               ctype="application/json"):
+               ctype="application/json", headers=()):
+        # (headers: [] or [[(name, value)...]], as _answer's replies end)
         length = sum(map(len, parts))
+        extra = "".join("%s: %s\r\n" % h for hs in headers for h in hs)
         head = (b"HTTP/1.1 %d %s\r\nServer: %s\r\nDate: %s\r\n"
                 b"Content-Type: %s\r\nContent-Length: %d\r\n"
-                b"Cache-Control: no-store\r\n%s\r\n" % (
+                b"Cache-Control: no-store\r\n%s%s\r\n" % (
                     status, http.HTTPStatus(status).phrase.encode(),
                     self.version_string.encode(), http_date(self).encode(),
-                    ctype.encode(), length,
+                    ctype.encode(), length, extra.encode(),
                     b"Connection: close\r\n" if close else b""))
         if length < 65536:
             sock.sendall(b"".join([head] + parts))
@@ -5985,6 +6023,13 @@ class CuraConnection:
             material_defaults.append((name, entry or None))
         return material_defaults
 
+    def _definition_settings(self):
+        # the machine definition's downloads, for the front to answer
+        d = self.definition
+        return {"id": d.id, "zip": base64.b64encode(d.zip()).decode(),
+                "files": {name: base64.b64encode(data).decode()
+                          for name, data in d.files.items()}}
+
     def _start_server(self, config, trusted, request_timeout):
         # Bind now: a busy port is a config error, not a crash later.
         server_class = CuraHTTPServer6 if ":" in self.address \
@@ -6009,7 +6054,9 @@ class CuraConnection:
                     "allow_control": self.allow_control,
                     "gcodes": self.intake.gcodes,
                     "max_upload": self.intake.max_upload_size,
-                    "max_queue": self.max_queue}, self._front_lost)
+                    "max_queue": self.max_queue,
+                    "definition": self._definition_settings()},
+                    self._front_lost)
             except OSError as e:
                 logging.error("cura_connection: cannot start the front "
                               "process (%s): answering in Klippy's process",

@@ -116,11 +116,6 @@ def test_handed_over_requests_get_klippys_answer(klippy, method, path,
     if method != "HEAD":
         assert r.json()["status"] == status
 
-
-
-@pytest.mark.xfail(strict=True, reason="the front answers the web page to "
-                   "a browser's camera URL; Klippy's side answers the "
-                   "camera (here: 404, none configured)")
 @pytest.mark.parametrize("path", ["/?action=stream", "/?action=snapshot",
                                   "/printers/camera?action=stream"])
 def test_a_browser_opening_the_camera_gets_the_camera(klippy_factory, path):
@@ -136,8 +131,6 @@ def test_a_browser_opening_the_camera_gets_the_camera(klippy_factory, path):
         k.stop()
 
 
-@pytest.mark.xfail(strict=True, reason="the front hands them to Klippy's "
-                   "process, which answers them")
 @pytest.mark.parametrize("path, status", [
     ("/favicon.ico", 404),      # every browser asks it with the page
     ("/printers/cura_definition.zip", 200),     # the page's download

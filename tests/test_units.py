@@ -1149,16 +1149,18 @@ def test_material_profile_names_like_cura():
      "get_preview_image"),
     (b"GET /print_jobs HTTP/1.1\r\nAccept: text/html\r\n\r\n", "get_page"),
     # (the camera's route: the front hands it over when it sees the query)
-    (b"GET /?action=stream HTTP/1.1\r\n\r\n", "get_root"),
+    (b"GET /?action=stream HTTP/1.1\r\n\r\n", None),
     # everything else is Klippy's side's to answer
     (b"GET /api/v1/auth/verify HTTP/1.1\r\n\r\n", None),
     (b"GET /api/v1/auth/check/abc HTTP/1.1\r\n\r\n", None),
-    (b"GET /printers/cura_definition.zip HTTP/1.1\r\n\r\n", None),
+    (b"GET /printers/cura_definition.zip HTTP/1.1\r\n\r\n",
+     "get_definition_zip"),
+    (b"GET /favicon.ico HTTP/1.1\r\n\r\n", "not_found"),
     (b"HEAD /cluster-api/v1/printers HTTP/1.1\r\n\r\n", None),
     (b"GET /cluster-api/v1/printers HTTP/1.1\r\nHost: x\r\n", None),
     (b"GET /cluster-api/v1/printers HTTP/2.0\r\n\r\n", None),
     (b"GET /cluster-api/v1/printers\r\n\r\n", None),
-    (b"GET //cluster-api/v1/printers HTTP/1.1\r\n\r\n", None),
+    (b"GET //cluster-api/v1/printers HTTP/1.1\r\n\r\n", "not_found"),
     (b"GET /cluster-api/v1/printers HTTP/1.1\r\nContent-Length: 5\r\n\r\n",
      None),
     (b"GET /cluster-api/v1/printers HTTP/1.1\r\nContent-Length: 0\r\n"
