@@ -1947,6 +1947,11 @@ class FileIntake:
             self.in_flight.add(upload)
             return upload
 
+    def received(self, upload, n):
+        # n more bytes of the body read (what is still to be written of
+        # it stays reserved for it)
+        upload.received += n
+
     def check_room(self, upload, n):
         """NoSpace unless n more bytes of upload's G-code, beyond what its
         reservation covers (it unpacks to more), leave SPACE_MARGIN free
@@ -1990,7 +1995,7 @@ class FileIntake:
                     raise BadInput("Upload ended after %d of %d bytes"
                                    % (length - remaining, length))
                 remaining -= n
-                upload.received += n
+                self.received(upload, n)
                 parser.write(buf if n == UPLOAD_CHUNK else bytes(view[:n]))
             parser.finalize()
             if upload.tmp_path is None or upload.file is not None:
@@ -4804,6 +4809,8 @@ class FrontProcess:
                                  daemon=True).start()
             elif key == "unreserve":
                 self._unreserve(int(payload))
+            elif key == "received":
+                self._received(*map(int, payload.split()))
         with self.cond:
             lost = not self.closing
             self.closing = True
@@ -4858,6 +4865,14 @@ class FrontProcess:
         with self.api.intake.lock:
             upload.length += n
         return {}
+
+    def _received(self, token, n):
+        # how much of the front's upload it has read (and so written)
+        with self.cond:
+            upload = self.reserved.get(token)
+        if upload is not None:
+            with self.api.intake.lock:
+                upload.received = n
 
     def _unreserve(self, token):
         with self.cond:
@@ -5059,8 +5074,9 @@ class FrontRequest:
 class FrontIntake(FileIntake):
     """The child's intake.  Queue room and disk space for an upload are
     reserved by Klippy's side, in its own intake, so that one reservation
-    covers the uploads of both processes (a reservation counts whole
-    until its upload ends)."""
+    covers the uploads of both processes: Klippy's side learns each chunk
+    read (received) and grants room for what unpacking adds beyond it
+    (check_room; a grant counts until the upload ends)."""
     def __init__(self, front, gcodes, max_upload_size):
         FileIntake.__init__(self, gcodes, max_upload_size)
         self.front = front
@@ -5071,6 +5087,16 @@ class FrontIntake(FileIntake):
         upload.token = token
         upload.granted = 0
         return upload
+
+    def received(self, upload, n):
+        # Klippy's side holds the reservation: it learns each chunk read,
+        # so that only what is still to be written stays reserved
+        upload.received += n
+        try:
+            self.front.send("received", b"%d %d" % (upload.token,
+                                                     upload.received))
+        except OSError:
+            pass    # Klippy's side is gone (the front ends)
 
     def check_room(self, upload, n):
         # Unpacked bytes beyond the reservation: Klippy's side checks them

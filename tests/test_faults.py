@@ -252,9 +252,6 @@ def test_uploads_in_flight_reserve_space(klippy_factory, monkeypatch,
 
 
 
-@pytest.mark.xfail(strict=True, reason="Klippy's side counts a front "
-                   "upload's reservation whole until it ends (what the "
-                   "front has written is counted twice): 507 with room")
 @pytest.mark.parametrize("first_path, second_path", [
     (JOBS + "/", JOBS + "/"), (JOBS + "/", TO_KLIPPY)])
 def test_a_written_upload_holds_only_what_it_still_needs(
