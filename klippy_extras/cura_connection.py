@@ -76,6 +76,10 @@ REQUEST_TIMEOUT = 60.
 # Beyond this many open connections new ones get 503: a flood of idle
 # connections must not grow threads without bound.
 MAX_CONNECTIONS = 100
+# Of those, at most this many at once may be requests the front hands to
+# Klippy's side (slow ones hold theirs there): the rest stays free for the
+# reads the front answers
+MAX_HANDED_OVER = MAX_CONNECTIONS - 20
 # Loopback, private IPv4, link-local, IPv6 ULA and link-local
 DEFAULT_TRUSTED_CLIENTS = ("127.0.0.0/8, ::1/128, 10.0.0.0/8, 172.16.0.0/12,"
                            " 192.168.0.0/16, 169.254.0.0/16, fc00::/7,"
@@ -5198,6 +5202,7 @@ class FrontServer:
         self.calls = {}            # id -> [Event, answer]
         self.call_ids = iter(range(1, 1 << 62))
         self.connections = 0
+        self.handed_over = 0       # of them, held by Klippy's side
         self.idle = {}             # idle connections, oldest first
         self.count_lock = threading.Lock()
         self.date_cache = (None, "")
@@ -5240,6 +5245,7 @@ class FrontServer:
             elif key == "released":
                 with self.count_lock:
                     self.connections -= 1
+                    self.handed_over -= 1
             else:
                 staged[key] = payload
 
@@ -5371,6 +5377,12 @@ class FrontServer:
                     and "authorization" in req.headers):
                 reply = self._answer(req, sock)
             if reply is None:
+                with self.count_lock:
+                    room = self.handed_over < MAX_HANDED_OVER
+                    self.handed_over += room
+                if not room:
+                    refuse_connection(sock)
+                    return False
                 self._hand_over(sock)
                 return True
             sock.recv(len(head), socket.MSG_WAITALL)
