@@ -1319,11 +1319,12 @@ def job_name(filename):
 
 def safe_relative_path(path):
     # A file inside the gcodes folder as Klipper names it (its prints
-    # started elsewhere may be in sub-folders, named with any printable
-    # text): relative, one line, no empty, "." or ".." part -- it cannot
+    # started elsewhere may be in sub-folders, named with any text a
+    # G-code line carries: no-break spaces, emoji joiners, tabs...):
+    # relative, one line, no NUL, no empty, "." or ".." part -- it cannot
     # escape the folder.
     return isinstance(path, str) and 0 < len(path) <= 4096 \
-        and path.isprintable() and all(
+        and not set(path) & set("\0\n\r") and all(
             part not in ("", ".", "..") for part in path.split("/"))
 
 

@@ -8,8 +8,6 @@ from a sub-folder come back too.  Nothing is dropped or kept aside."""
 import json
 import os
 
-import pytest
-
 import gcode_samples as gs
 import httpc
 import real_inputs
@@ -149,9 +147,6 @@ def test_restart_keeps_every_kind_of_job(klippy_factory):
     check("kill -9")
 
 
-@pytest.mark.xfail(strict=True, reason="a saved Klipper print whose file "
-                   "name has a character str.isprintable() refuses is "
-                   "dropped at the next start")
 def test_restart_keeps_klipper_prints_of_any_file_name(klippy_factory):
     # Klipper prints any file its folder lists: names copied from the web
     # or a phone carry no-break spaces, emoji joined by ZWJ, even tabs
