@@ -88,6 +88,31 @@ def test_binary_gcode_is_refused_in_every_form(klippy_factory, options,
         == text
 
 
+
+@pytest.mark.xfail(strict=True, reason="only the first 64 KiB are checked: "
+                   "the file is queued and Klipper pauses at the byte")
+@pytest.mark.parametrize("options", PROCESSES, ids=PROCESS_IDS)
+def test_text_that_is_not_utf8_past_the_head_is_refused(klippy_factory,
+                                                        options):
+    # A file saved in a Windows code page (a hand-edited end G-code, a
+    # slicer's settings block at the end): Klipper reads it as UTF-8 and
+    # stops at the first byte it cannot decode, mid-print
+    k = klippy_factory(module_options=dict(options))
+    base = k.base_url()
+    before, jobs = listing(k, k.gcodes_dir), job_ids(base)
+    body = gcode_samples.moves(3000, 0).encode()
+    assert len(body) > 64 << 10
+    body += ";end: bed 60\xb0C\nG1 X1\n".encode("latin-1")
+    for name, data in (("late.gcode", body),
+                       ("late.gcode.gz", gzip.compress(body))):
+        r = upload(base, name, data)
+        assert r.status == 415, (name, r)
+        assert "is not text G-code" in r.json()["message"], r
+    assert listing(k, k.gcodes_dir) == before
+    assert leftovers(k.gcodes_dir) == []
+    assert job_ids(base) == jobs
+
+
 class FreeSpace(threading.Thread):
     """Records the least free space of path's file system until stop()."""
     def __init__(self, path):
