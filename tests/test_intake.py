@@ -276,6 +276,22 @@ def test_jobs_show_the_name_the_user_gave(klippy_factory, options):
     wait_for(lambda: names() == uuids, 20, "names after the restart")
 
 
+
+@pytest.mark.xfail(strict=True, reason="a print Klipper started is shown by "
+                   "its raw file name: tabs, escapes and direction "
+                   "overrides reach Cura")
+def test_klipper_prints_show_a_clean_name(klippy):
+    # Started from Mainsail or a macro: shown as the user's uploads are
+    base = klippy.base_url()
+    sent = "red\x1b[31m\tbox\u202e.gcode"
+    with open(os.path.join(klippy.gcodes_dir, sent), "w") as f:
+        f.write(gcode_samples.moves(100, 10, 0.2))     # ~2 s
+    klippy.gcode('SDCARD_PRINT_FILE FILENAME="%s"' % (sent,))
+    job = wait_for(lambda: [j for j in httpc.all_jobs(base)
+                            if j["source"] == "klipper"], what="the print")[0]
+    assert job["name"] == "red[31m box"
+
+
 def test_cura_shows_the_job_name_it_sent(cura, klippy, tmp_path):
     # Cura names the file after the job name, keeping letters of any
     # script, digits, spaces and -._() (cura-protocol.md 4.1)
