@@ -1037,12 +1037,8 @@ class JobLifecycle:
         if cur is not None and cur.status in ACTIVE:
             self.store.end(cur, "aborted_wait_cleanup",
                            "Klipper started %s" % (filename,))
-        name = os.path.basename(filename)
-        for ext in GCODE_EXTENSIONS:
-            if name.lower().endswith(ext):
-                name = name[:-len(ext)]
-        job = Job(name=name, filename=filename, owner="Klipper",
-                  source="klipper")
+        job = Job(name=job_name(filename), filename=filename,
+                  owner="Klipper", source="klipper")
         self.store.add_external(job)
         self.want_metadata(job)
         return job

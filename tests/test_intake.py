@@ -88,7 +88,6 @@ def test_binary_gcode_is_refused_in_every_form(klippy_factory, options,
         == text
 
 
-
 @pytest.mark.xfail(strict=True, reason="only the first 64 KiB are checked: "
                    "the file is queued and Klipper pauses at the byte")
 @pytest.mark.parametrize("options", PROCESSES, ids=PROCESS_IDS)
@@ -276,10 +275,6 @@ def test_jobs_show_the_name_the_user_gave(klippy_factory, options):
     wait_for(lambda: names() == uuids, 20, "names after the restart")
 
 
-
-@pytest.mark.xfail(strict=True, reason="a print Klipper started is shown by "
-                   "its raw file name: tabs, escapes and direction "
-                   "overrides reach Cura")
 def test_klipper_prints_show_a_clean_name(klippy):
     # Started from Mainsail or a macro: shown as the user's uploads are
     base = klippy.base_url()
