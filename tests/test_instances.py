@@ -327,6 +327,19 @@ def test_instances_upgraded_each_from_its_own_folder_differ(klippy_factory,
     assert identity(k1)[1] != identity(k2)[1]
 
 
+@pytest.mark.xfail(strict=True, reason="only KIAUH's printer_<x>_data "
+                   "folders give a name suffix: both show the host name")
+def test_instances_in_other_data_folders_show_their_own_names(
+        klippy_factory, tmp_path):
+    # Moonraker's data folder may have any name (moonraker -d ~/voron_data)
+    home = tmp_path / "home"
+    k1 = klippy_factory(workdir=home, instance="voron_data")
+    k2 = klippy_factory(workdir=home, instance="ender_data",
+                        gcodes_link=k1.gcodes_dir)
+    assert identity(k1)[1] != identity(k2)[1]
+    assert identity(k1)[0] != identity(k2)[0]
+
+
 # The logic on its own
 
 @pytest.mark.parametrize("config_file, state, suffix", [
