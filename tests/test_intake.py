@@ -191,6 +191,52 @@ def test_unpacking_stops_at_the_space_margin(klippy_factory, monkeypatch,
     assert k.info()["state"] == "ready"
 
 
+def stored_png(side):
+    """A real side x side RGB PNG kept in stored (level 0) deflate blocks:
+    side * side * 3 bytes as a file, a few KiB zipped (Cura's UFPWriter
+    deflates it)."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(
+            ">I", zlib.crc32(kind + data))
+    rows = (b"\0" + bytes(side * 3)) * side
+    return (b"\x89PNG\r\n\x1a\n"
+            + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0,
+                                         0))
+            + chunk(b"IDAT", zlib.compress(rows, 0)) + chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize("options", [
+    pytest.param({}, id="front"),
+    pytest.param({"front_process": False}, id="klippy",
+                 marks=pytest.mark.xfail(strict=True, reason="the UFP's "
+                                         "thumbnail is written after the "
+                                         "space checks: free space falls "
+                                         "below the margin"))])
+def test_unpacked_preview_keeps_the_space_margin(klippy_factory, monkeypatch,
+                                                 options, tmp_path):
+    # 20 MiB free: a small UFP gets in (its size plus the 16 MiB margin),
+    # but its thumbnail unpacks to 15 MiB (MAX_PREVIEW_SIZE is 16 MiB)
+    k = tmpfs_gcodes(klippy_factory, monkeypatch, 64,
+                     module_options=dict(options))
+    fill(k.disk, leave=20 << 20)
+    thumbnail = stored_png(2240)
+    assert 14 << 20 < len(thumbnail) < 16 << 20
+    ufp = cura_client.make_ufp(str(tmp_path / "big_preview.ufp"),
+                               gcode_samples.cura_gcode(count=10),
+                               thumbnail_png=thumbnail)
+    data = ufp.read_bytes()
+    assert len(data) < 1 << 20
+    sampler = FreeSpace(k.disk)
+    sampler.start()
+    try:
+        r = upload(k.base_url(), "big_preview.ufp", data)
+    finally:
+        least = sampler.stop()
+    assert r.status in (200, 507), r
+    assert least >= SPACE_MARGIN, least
+    assert leftovers(k.disk, k.pid) == []
+
+
 def test_unpacking_in_the_front_counts_klippys_uploads(klippy_factory,
                                                      monkeypatch):
     # 48 MiB free, a 28 MiB upload in flight in Klippy's process: a
