@@ -1949,8 +1949,11 @@ class FileIntake:
         meta["preview"] = None
         if thumbnail:
             try:
+                # (a file the reservation does not cover: the margin
+                # stays free, or there is no preview)
+                self.check_room(upload, len(thumbnail))
                 meta["preview"] = self._store_thumbnail(name, thumbnail)
-            except OSError as e:
+            except (OSError, NoSpace) as e:
                 # a thumbnail is an extra: without it, no preview
                 logging.warning("cura_connection: no preview for %s: %s",
                                 name, e)

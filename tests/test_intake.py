@@ -205,13 +205,7 @@ def stored_png(side):
             + chunk(b"IDAT", zlib.compress(rows, 0)) + chunk(b"IEND", b""))
 
 
-@pytest.mark.parametrize("options", [
-    pytest.param({}, id="front"),
-    pytest.param({"front_process": False}, id="klippy",
-                 marks=pytest.mark.xfail(strict=True, reason="the UFP's "
-                                         "thumbnail is written after the "
-                                         "space checks: free space falls "
-                                         "below the margin"))])
+@pytest.mark.parametrize("options", PROCESSES, ids=PROCESS_IDS)
 def test_unpacked_preview_keeps_the_space_margin(klippy_factory, monkeypatch,
                                                  options, tmp_path):
     # 20 MiB free: a small UFP gets in (its size plus the 16 MiB margin),
