@@ -231,6 +231,21 @@ def test_unpacked_preview_keeps_the_space_margin(klippy_factory, monkeypatch,
     assert leftovers(k.disk, k.pid) == []
 
 
+@pytest.mark.parametrize("options", [
+    pytest.param({}, id="front", marks=pytest.mark.xfail(
+        strict=True, reason="the front's 507 names the upload 'None'")),
+    pytest.param({"front_process": False}, id="klippy")])
+def test_unpacking_507_names_the_upload(klippy_factory, monkeypatch,
+                                        options):
+    k = tmpfs_gcodes(klippy_factory, monkeypatch, 64,
+                     module_options=dict(options))
+    fill(k.disk, leave=24 << 20)
+    r = upload(k.base_url(), "Würfel.gcode.gz", gz_unpacking_to(16 << 20))
+    assert r.status == 507, r
+    message = r.json()["message"]
+    assert "Würfel.gcode.gz unpacks to more" in message, message
+
+
 def test_unpacking_in_the_front_counts_klippys_uploads(klippy_factory,
                                                      monkeypatch):
     # 48 MiB free, a 28 MiB upload in flight in Klippy's process: a
