@@ -4742,12 +4742,13 @@ class FrontProcess:
         self.api.intake.end(upload)
         raise CuraError("The front process ended")
 
-    def _grow(self, token, n):
+    def _grow(self, token, n, filename=None):
         # The front's upload unpacks to more than it reserved
         with self.cond:
             upload = self.reserved.get(token)
         if upload is None:
             raise CuraError("No reservation %d" % (token,))
+        upload.filename = filename      # (named in a 507)
         self.api.intake.check_room(upload, n)
         with self.api.intake.lock:
             upload.length += n
@@ -4971,7 +4972,8 @@ class FrontIntake(FileIntake):
         if upload.granted < n:
             grant = max(n, UNPACK_GRANT)
             try:
-                self.front.call("grow", token=upload.token, n=grant)
+                self.front.call("grow", token=upload.token, n=grant,
+                                filename=upload.filename)
             except HTTPError as e:
                 if e.status == 507:
                     raise NoSpace(e.message)

@@ -231,10 +231,7 @@ def test_unpacked_preview_keeps_the_space_margin(klippy_factory, monkeypatch,
     assert leftovers(k.disk, k.pid) == []
 
 
-@pytest.mark.parametrize("options", [
-    pytest.param({}, id="front", marks=pytest.mark.xfail(
-        strict=True, reason="the front's 507 names the upload 'None'")),
-    pytest.param({"front_process": False}, id="klippy")])
+@pytest.mark.parametrize("options", PROCESSES, ids=PROCESS_IDS)
 def test_unpacking_507_names_the_upload(klippy_factory, monkeypatch,
                                         options):
     k = tmpfs_gcodes(klippy_factory, monkeypatch, 64,
