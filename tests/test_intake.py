@@ -243,6 +243,25 @@ def test_unpacking_507_names_the_upload(klippy_factory, monkeypatch,
     assert "Würfel.gcode.gz unpacks to more" in message, message
 
 
+@pytest.mark.parametrize("options", [
+    pytest.param({}, id="front", marks=pytest.mark.xfail(
+        strict=True, reason="the front asks for 8 MiB more at a time: a "
+        "small UFP is refused with 507 where Klippy's process takes it")),
+    pytest.param({"front_process": False}, id="klippy")])
+def test_a_small_upload_that_fits_is_taken(klippy_factory, monkeypatch,
+                                           options, tmp_path):
+    # 20 MiB free: room for a Cura UFP of a few KiB and the 16 MiB margin
+    k = tmpfs_gcodes(klippy_factory, monkeypatch, 64,
+                     module_options=dict(options))
+    fill(k.disk, leave=20 << 20)
+    ufp = cura_client.make_ufp(str(tmp_path / "small.ufp"),
+                               gcode_samples.cura_gcode(count=10),
+                               thumbnail_png=gcode_samples.png())
+    assert len(ufp.read_bytes()) < 64 << 10
+    r = upload(k.base_url(), "small.ufp", ufp.read_bytes())
+    assert r.status == 200, r
+
+
 def test_unpacking_in_the_front_counts_klippys_uploads(klippy_factory,
                                                      monkeypatch):
     # 48 MiB free, a 28 MiB upload in flight in Klippy's process: a
