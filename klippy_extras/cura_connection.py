@@ -4970,14 +4970,17 @@ class FrontIntake(FileIntake):
         # against every upload of both processes and adds them to this
         # one's reservation, a step at a time
         if upload.granted < n:
-            grant = max(n, UNPACK_GRANT)
-            try:
-                self.front.call("grow", token=upload.token, n=grant,
-                                filename=upload.filename)
-            except HTTPError as e:
-                if e.status == 507:
-                    raise NoSpace(e.message)
-                raise
+            # (near the margin: only the n bytes, as Klippy's side would)
+            for grant in (max(n, UNPACK_GRANT), n):
+                try:
+                    self.front.call("grow", token=upload.token, n=grant,
+                                    filename=upload.filename)
+                    break
+                except HTTPError as e:
+                    if e.status != 507:
+                        raise
+                    if grant == n:
+                        raise NoSpace(e.message)
             upload.granted += grant
         upload.granted -= n
 

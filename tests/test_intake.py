@@ -243,11 +243,7 @@ def test_unpacking_507_names_the_upload(klippy_factory, monkeypatch,
     assert "Würfel.gcode.gz unpacks to more" in message, message
 
 
-@pytest.mark.parametrize("options", [
-    pytest.param({}, id="front", marks=pytest.mark.xfail(
-        strict=True, reason="the front asks for 8 MiB more at a time: a "
-        "small UFP is refused with 507 where Klippy's process takes it")),
-    pytest.param({"front_process": False}, id="klippy")])
+@pytest.mark.parametrize("options", PROCESSES, ids=PROCESS_IDS)
 def test_a_small_upload_that_fits_is_taken(klippy_factory, monkeypatch,
                                            options, tmp_path):
     # 20 MiB free: room for a Cura UFP of a few KiB and the 16 MiB margin
