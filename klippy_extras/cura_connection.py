@@ -1065,12 +1065,8 @@ class JobLifecycle:
         if cur is not None and cur.status in ACTIVE:
             self.store.end(cur, "aborted_wait_cleanup",
                            "Klipper started %s" % (filename,))
-        name = os.path.basename(filename)
-        for ext in GCODE_EXTENSIONS:
-            if name.lower().endswith(ext):
-                name = name[:-len(ext)]
-        job = Job(name=name, filename=filename, owner="Klipper",
-                  source="klipper")
+        job = Job(name=job_name(filename), filename=filename,
+                  owner="Klipper", source="klipper")
         self.store.add_external(job)
         self.want_metadata(job)
         return job
@@ -1408,11 +1404,12 @@ def job_name(filename):
 
 def safe_relative_path(path):
     # A file inside the gcodes folder as Klipper names it (its prints
-    # started elsewhere may be in sub-folders, named with any printable
-    # text): relative, one line, no empty, "." or ".." part -- it cannot
+    # started elsewhere may be in sub-folders, named with any text a
+    # G-code line carries: no-break spaces, emoji joiners, tabs...):
+    # relative, one line, no NUL, no empty, "." or ".." part -- it cannot
     # escape the folder.
     return isinstance(path, str) and 0 < len(path) <= 4096 \
-        and path.isprintable() and all(
+        and not set(path) & set("\0\n\r") and all(
             part not in ("", ".", "..") for part in path.split("/"))
 
 
@@ -2046,8 +2043,11 @@ class FileIntake:
         meta["preview"] = None
         if thumbnail:
             try:
+                # (a file the reservation does not cover: the margin
+                # stays free, or there is no preview)
+                self.check_room(upload, len(thumbnail))
                 meta["preview"] = self._store_thumbnail(name, thumbnail)
-            except OSError as e:
+            except (OSError, NoSpace) as e:
                 # a thumbnail is an extra: without it, no preview
                 logging.warning("cura_connection: no preview for %s: %s",
                                 name, e)
@@ -4859,12 +4859,13 @@ class FrontProcess:
         self.api.intake.end(upload)
         raise CuraError("The front process ended")
 
-    def _grow(self, token, n):
+    def _grow(self, token, n, filename=None):
         # The front's upload unpacks to more than it reserved
         with self.cond:
             upload = self.reserved.get(token)
         if upload is None:
             raise CuraError("No reservation %d" % (token,))
+        upload.filename = filename      # (named in a 507)
         self.api.intake.check_room(upload, n)
         with self.api.intake.lock:
             upload.length += n
@@ -5107,13 +5108,17 @@ class FrontIntake(FileIntake):
         # against every upload of both processes and adds them to this
         # one's reservation, a step at a time
         if upload.granted < n:
-            grant = max(n, UNPACK_GRANT)
-            try:
-                self.front.call("grow", token=upload.token, n=grant)
-            except HTTPError as e:
-                if e.status == 507:
-                    raise NoSpace(e.message)
-                raise
+            # (near the margin: only the n bytes, as Klippy's side would)
+            for grant in (max(n, UNPACK_GRANT), n):
+                try:
+                    self.front.call("grow", token=upload.token, n=grant,
+                                    filename=upload.filename)
+                    break
+                except HTTPError as e:
+                    if e.status != 507:
+                        raise
+                    if grant == n:
+                        raise NoSpace(e.message)
             upload.granted += grant
         upload.granted -= n
 

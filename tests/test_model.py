@@ -96,9 +96,11 @@ def make_machine(k, workdir):
         def __init__(self):
             RuleBasedStateMachine.__init__(self)
             STEPS["examples"] += 1
-            # a clean printer for each example
+            # a clean printer for each example (its state folder is not
+            # in the G-code folder: both go)
             k.kill9()
             shutil.rmtree(k.gcodes_dir)
+            shutil.rmtree(data, ignore_errors=True)
             os.makedirs(k.gcodes_dir)
             k.start()
             k.wait_ready()

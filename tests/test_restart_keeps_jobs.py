@@ -145,3 +145,26 @@ def test_restart_keeps_every_kind_of_job(klippy_factory):
     k.start()
     k.wait_ready()
     check("kill -9")
+
+
+def test_restart_keeps_klipper_prints_of_any_file_name(klippy_factory):
+    # Klipper prints any file its folder lists: names copied from the web
+    # or a phone carry no-break spaces, emoji joined by ZWJ, even tabs
+    k = klippy_factory()
+    base = k.base_url()
+    uuids = []
+    for name in ("Part\u00a01.gcode", "\U0001F469\u200d\U0001F4BB case.gcode",
+                 "a\tb.gcode", "line\u2028sep.gcode"):
+        with open(os.path.join(k.gcodes_dir, name), "w") as f:
+            f.write(gs.moves(100, 10, 0.2))     # ~2 s: the module sees it
+        k.gcode('SDCARD_PRINT_FILE FILENAME="%s"' % (name,))
+        uuids.append(httpc.wait_for(lambda: [
+            j for j in all_jobs(base) if j["source"] == "klipper"
+            and j["status"] == "wait_cleanup" and j["uuid"] not in uuids],
+            what="the print of %r done" % (name,))[0]["uuid"])
+        k.gcode("CURA_BUILD_PLATE_CLEARED")
+    before = served(base, uuids)
+    k.restart()
+    assert served(k.base_url(), uuids) == before
+    assert "dropping" not in k.log_text()
+    assert not [f for f in os.listdir(k.data_dir) if f.endswith(".bad")]
