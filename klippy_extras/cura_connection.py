@@ -1677,7 +1677,8 @@ class WritebackFile:
 # this.  Klipper reads text only: it would pause at the first line, and
 # Cura would show "Paused" with no reason.
 BGCODE_MAGIC = b"GCDE"
-# How much of a G-code file must be text (all of a smaller file)
+# How much of a G-code file is checked for binary content (all of a
+# smaller file); every byte must be UTF-8
 TEXT_CHECK_BYTES = 64 * 1024
 # C0 control bytes no text G-code has (tabs, line ends, form feeds and
 # DOS's end-of-file mark pass)
@@ -1689,7 +1690,7 @@ TEXT_ONLY = ("Klipper prints text G-code only: export the file as text"
 class GcodeOutput:
     """The G-code of an upload on its way to the disk (below the unpacking
     of a .gcode.gz or .ufp): refuses what does not start as text G-code
-    (Unsupported), and has FileIntake.check_room() keep SPACE_MARGIN free
+    or is not UTF-8 throughout (Unsupported), and has FileIntake.check_room() keep SPACE_MARGIN free
     for every byte beyond covered(), the bytes the upload's reservation
     covers so far."""
     def __init__(self, f, upload, covered):
@@ -1704,6 +1705,9 @@ class GcodeOutput:
         n = len(data)
         if self.written < TEXT_CHECK_BYTES:
             self._check(bytes(data[:TEXT_CHECK_BYTES - self.written]))
+        # Klipper decodes every line: a byte that is not UTF-8 anywhere
+        # would pause the print there
+        self._decode(data)
         if self.written + n > self.covered():
             self.upload.intake.check_room(self.upload, n)
         self.f.write(data)
@@ -1712,9 +1716,19 @@ class GcodeOutput:
 
     def close(self):
         if self.written < TEXT_CHECK_BYTES:
-            self._check(b"", True)
+            self._check(b"")
+        self._decode(b"", True)
 
-    def _check(self, data, final=False):
+    def _decode(self, data, final=False):
+        try:
+            self.decoder.decode(data, final)
+        except UnicodeDecodeError as e:
+            raise Unsupported("%s is not text G-code (not UTF-8 text near "
+                              "byte %d); %s" % (self.upload.filename,
+                                                self.written + e.start,
+                                                TEXT_ONLY))
+
+    def _check(self, data):
         name = self.upload.filename
         self.head = (self.head + data)[:len(BGCODE_MAGIC)]
         if self.head == BGCODE_MAGIC:
@@ -1727,12 +1741,6 @@ class GcodeOutput:
                               " %d); %s" % (name, data[m.start()],
                                             self.written + m.start(),
                                             TEXT_ONLY))
-        try:
-            self.decoder.decode(data, final)
-        except UnicodeDecodeError:
-            raise Unsupported("%s is not text G-code (not UTF-8 text in its"
-                              " first %d KiB); %s" % (
-                                  name, TEXT_CHECK_BYTES >> 10, TEXT_ONLY))
 
 
 class GzipWriter:
@@ -5602,8 +5610,9 @@ STATE_MOVED = "moved.json"          # in the old place: where its state went
 STATE_MOVING = ".cura-moving"       # the copy of the old state, while moving
 PRINTER_UUID_FILE = "printer_uuid"
 # KIAUH names the data folder of instance <x> printer_<x>_data (before
-# data folders: the config folder ~/klipper_config/printer_<x>)
-KIAUH_DATA_RE = re.compile(r"printer_(.+)_data\Z")
+# data folders: the config folder ~/klipper_config/printer_<x>); others
+# name theirs <x>_data (Moonraker's -d takes any folder)
+KIAUH_DATA_RE = re.compile(r"(?:printer_)?(.+)_data\Z")
 KIAUH_OLD_CONFIG_RE = re.compile(r"printer_(.+)\Z")
 
 
@@ -5613,7 +5622,8 @@ def instance_defaults(config_file):
     (~/printer_data/config/printer.cfg -> ~/printer_data/cura_connection),
     else beside the config file (~/printer.cfg -> ~/.cura_connection).
     The suffix tells instances apart: "2" for KIAUH's printer_2_data (or
-    klipper_config/printer_2), "" for a single printer_data; a config file
+    klipper_config/printer_2), "voron" for voron_data, "" for a single
+    printer_data; a config file
     not named printer.cfg adds its own name to both."""
     folder, filename = os.path.split(os.path.abspath(config_file))
     stem = os.path.splitext(filename)[0]
@@ -5622,7 +5632,7 @@ def instance_defaults(config_file):
         data = os.path.dirname(folder)
         m = KIAUH_DATA_RE.match(os.path.basename(data))
         state = os.path.join(data, "-".join(["cura_connection"] + own))
-        suffix = [m.group(1)] if m else []
+        suffix = [m.group(1)] if m and m.group(1) != "printer" else []
     else:
         m = KIAUH_OLD_CONFIG_RE.match(os.path.basename(folder))
         state = os.path.join(folder, "-".join([OLD_STATE_DIR] + own))
@@ -6016,10 +6026,11 @@ class CuraConnection:
                         data_path, self.state_lock.holder()))
             _state_locks.append(self.state_lock)
             # what versions before per-instance state showed: the uuid5
-            # of the name, which defaulted to the host name
-            old_name = config.get("name", socket.gethostname()).strip()
+            # of the name, which defaulted to the host name -- kept by a
+            # single printer (its default name is still the host name);
+            # instances, named apart now, no longer share one
             legacy_uuid = str(uuid.uuid5(uuid.NAMESPACE_DNS,
-                                         "cura-connection." + old_name))
+                                         "cura-connection." + self.name))
             if data_path == default != old:
                 other = gcodes_owner(gcodes, owner)
                 if other is None:

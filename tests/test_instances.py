@@ -234,8 +234,10 @@ def test_old_shared_state_moves_to_one_instance(klippy_factory, tmp_path):
         assert f.read() == auth
     assert stat.S_IMODE(os.stat(os.path.join(k1.data_dir, "auth.json"))
                         .st_mode) == 0o600
+    # (the uuid the older version would have shown under the instance's
+    # own name: instances no longer share the host name's)
     legacy = str(uuid.uuid5(uuid.NAMESPACE_DNS,
-                            "cura-connection." + socket.gethostname()))
+                            "cura-connection." + HOST + "-1"))
     for restart in (False, True):
         if restart:
             k1.restart()
@@ -300,9 +302,6 @@ def test_first_of_equals_takes_the_old_state(klippy_factory, tmp_path):
     assert identity(k1)[1] != identity(k2)[1]
 
 
-@pytest.mark.xfail(strict=True, reason="both keep the uuid an older "
-                   "version derived from the host name: Cura sees one "
-                   "printer")
 def test_instances_upgraded_each_from_its_own_folder_differ(klippy_factory,
                                                             tmp_path):
     # KIAUH instances whose G-code folders are NOT linked: an older
@@ -327,8 +326,6 @@ def test_instances_upgraded_each_from_its_own_folder_differ(klippy_factory,
     assert identity(k1)[1] != identity(k2)[1]
 
 
-@pytest.mark.xfail(strict=True, reason="only KIAUH's printer_<x>_data "
-                   "folders give a name suffix: both show the host name")
 def test_instances_in_other_data_folders_show_their_own_names(
         klippy_factory, tmp_path):
     # Moonraker's data folder may have any name (moonraker -d ~/voron_data)

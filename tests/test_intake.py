@@ -88,8 +88,6 @@ def test_binary_gcode_is_refused_in_every_form(klippy_factory, options,
         == text
 
 
-@pytest.mark.xfail(strict=True, reason="only the first 64 KiB are checked: "
-                   "the file is queued and Klipper pauses at the byte")
 @pytest.mark.parametrize("options", PROCESSES, ids=PROCESS_IDS)
 def test_text_that_is_not_utf8_past_the_head_is_refused(klippy_factory,
                                                         options):
