@@ -202,6 +202,14 @@ def parts_in(folder):
     return [n for n in os.listdir(folder) if n.endswith(".part")]
 
 
+def gcode_upload(path, filename, mib):
+    """The bytes of a POST to path uploading filename: mib MiB of G-code."""
+    line = b"G1 X1 Y1\n"
+    body, headers = httpc.multipart({"owner": "x"}, {"file": (
+        filename, line * ((mib << 20) // len(line)))})
+    return request_bytes("POST", path, headers, body)
+
+
 # An upload to this path is handed to Klippy's side by the front (its
 # request line is not the front's upload route) and received there
 TO_KLIPPY = JOBS + "//"
@@ -218,13 +226,8 @@ def test_uploads_in_flight_reserve_space(klippy_factory, monkeypatch,
     k = tmpfs_gcodes(klippy_factory, monkeypatch, 64)
     base, port, disk = k.base_url(), k.cura_port(), k.disk
     fill(disk, leave=48 << 20)
-    line = b"G1 X1 Y1\n"
-    body, headers = httpc.multipart({"owner": "x"}, {"file": (
-        "first.gcode", line * ((28 << 20) // len(line)))})
-    first = request_bytes("POST", first_path, headers, body)
-    body, headers = httpc.multipart({"owner": "x"}, {"file": (
-        "second.gcode", line * ((28 << 20) // len(line)))})
-    second = request_bytes("POST", second_path, headers, body)
+    first = gcode_upload(first_path, "first.gcode", 28)
+    second = gcode_upload(second_path, "second.gcode", 28)
     s = connect(port)
     s.sendall(first[:3 << 19])
     wait_for(lambda: parts_in(disk), 10, "first upload in flight")
@@ -241,9 +244,7 @@ def test_uploads_in_flight_reserve_space(klippy_factory, monkeypatch,
     assert os.path.getsize(os.path.join(disk, "first.gcode")) > 27 << 20
     assert "Disk full" not in k.log_text()
     # the reservations are released: 1 MiB fits in the 20 MiB left
-    body, headers = httpc.multipart({"owner": "x"}, {"file": (
-        "small.gcode", line * ((1 << 20) // len(line)))})
-    r = send(port, request_bytes("POST", second_path, headers, body))
+    r = send(port, gcode_upload(second_path, "small.gcode", 1))
     assert r.status == 200, r
     # (the uploads to TO_KLIPPY were received in Klippy's process)
     here = k.query("cura_connection")["cura_connection"]["answered_here"]
@@ -263,13 +264,8 @@ def test_a_written_upload_holds_only_what_it_still_needs(
     k = tmpfs_gcodes(klippy_factory, monkeypatch, 64)
     base, port, disk = k.base_url(), k.cura_port(), k.disk
     fill(disk, leave=48 << 20)
-    line = b"G1 X1 Y1\n"
-    body, headers = httpc.multipart({"owner": "x"}, {"file": (
-        "first.gcode", line * ((24 << 20) // len(line)))})
-    first = request_bytes("POST", first_path, headers, body)
-    body, headers = httpc.multipart({"owner": "x"}, {"file": (
-        "second.gcode", line * ((6 << 20) // len(line)))})
-    second = request_bytes("POST", second_path, headers, body)
+    first = gcode_upload(first_path, "first.gcode", 24)
+    second = gcode_upload(second_path, "second.gcode", 6)
     s = connect(port)
     s.sendall(first[:-1000])
     wait_for(lambda: [n for n in parts_in(disk) if os.path.getsize(

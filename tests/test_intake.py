@@ -15,8 +15,9 @@ import cura_client
 import gcode_samples
 import httpc
 from httpc import upload, wait_for
-from hostile import connect, read_reply, request_bytes
-from test_faults import TO_KLIPPY, fill, leftovers, parts_in, tmpfs_gcodes
+from hostile import connect, read_reply
+from test_faults import (TO_KLIPPY, fill, gcode_upload, leftovers, parts_in,
+                         tmpfs_gcodes)
 
 SPACE_MARGIN = 16 << 20     # the module's
 
@@ -264,10 +265,7 @@ def test_unpacking_in_the_front_counts_klippys_uploads(klippy_factory,
     k = tmpfs_gcodes(klippy_factory, monkeypatch, 64)
     port, disk = k.cura_port(), k.disk
     fill(disk, leave=48 << 20)
-    line = b"G1 X1 Y1\n"
-    body, headers = httpc.multipart({"owner": "x"}, {"file": (
-        "first.gcode", line * ((28 << 20) // len(line)))})
-    first = request_bytes("POST", TO_KLIPPY, headers, body)
+    first = gcode_upload(TO_KLIPPY, "first.gcode", 28)
     s = connect(port)
     s.sendall(first[:3 << 19])
     wait_for(lambda: parts_in(disk), 10, "first upload in flight")
