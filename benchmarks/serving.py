@@ -240,6 +240,7 @@ class Serving:
                 answered = json.load(f)
             return {"requests_per_s": res["requests_per_s"],
                     "requests": res["requests"], "errors": res["errors"],
+                    "refused": res["refused"],
                     "connections": res["connections"],
                     "until": run.until, "counts": res["counts"],
                     "latency_ms": res["latency_ms"],
@@ -550,10 +551,10 @@ def sessions_report(res):
          "requests its request handler dispatched (counted there) / "
          "requests the sessions got answers to.", "",
          "| load | leg | req/s ours | req/s in-process | in Klippy's "
-         "process: ours | in-process | errors ours | lateness p99 ours / "
-         "bare | max ours / bare | ours/bare p99, max (goal <= %gx) | |"
-         % (PI_RATIO,),
-         "|---|---|---|---|---|---|---|---|---|---|---|"]
+         "process: ours | in-process | 503s / errors: ours | in-process "
+         "| lateness p99 ours / bare | max ours / bare | ours/bare p99, max "
+         "(goal <= %gx) | |" % (PI_RATIO,),
+         "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for load, what in SESSION_LOADS:
         n = res.get("queue_sessions" if load == "queue1k" else "sessions")
         for leg in ("x86", "pi"):
@@ -566,8 +567,8 @@ def sessions_report(res):
             ratios = [o[q] / b[q] if o[q] is not None and b[q] else None
                       for q in ("p99", "max")]
             ok = [_ok(r, PI_RATIO) for r in ratios]
-            L.append("| %s | %s | %s | %s | %s | %s | %s | %s / %s | %s / %s "
-                     "| %s, %s | %s |" % (
+            L.append("| %s | %s | %s | %s | %s | %s | %s | %s | %s / %s "
+                     "| %s / %s | %s, %s | %s |" % (
                          what % (n or 0,), leg,
                          _f(got["ours"].get("requests_per_s"), 0),
                          _f(got["inproc"].get("requests_per_s"), 0),
@@ -575,7 +576,9 @@ def sessions_report(res):
                             got["ours"]["klippy_share"] * 100, 1, "%"),
                          _f(got["inproc"].get("klippy_share") and
                             got["inproc"]["klippy_share"] * 100, 1, "%"),
-                         got["ours"].get("errors", "-"),
+                         *("%s / %s" % (got[v].get("refused", "-"),
+                                         got[v].get("errors", "-"))
+                           for v in ("ours", "inproc")),
                          _f(o["p99"], 2), _f(b["p99"], 2), _f(o["max"], 2),
                          _f(b["max"], 2), _f(ratios[0], 2, "x"),
                          _f(ratios[1], 2, "x"),

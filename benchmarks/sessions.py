@@ -426,7 +426,10 @@ class Sessions:
             secs = max(secs, res["seconds"])
         total = sum(n for by in counts.values() for status, n in by.items()
                     if status != "None")
+        # answered, but with a 503 (a refused connection among them)
+        refused = sum(by.get("503", 0) for by in counts.values())
         return {"counts": counts, "requests": total, "errors": errors,
+                "refused": refused,
                 "connections": opened,
                 "requests_per_s": total / secs if secs else 0.,
                 "latency_ms": {k: clients.summary(v) for k, v in ms.items()}}

@@ -16,7 +16,8 @@
 #   TEST_LATENESS_DUMP FILE=<path>   writes the samples as JSON lines
 #   TEST_EXIT               ends Klippy cleanly (klippy:disconnect runs)
 #   TEST_REQUESTS_RESET     clears the count of HTTP requests answered in
-#                           Klippy's process (not in cura_connection's front)
+#                           Klippy's process (not in cura_connection's front),
+#                           connections its server refused with 503 included
 #   TEST_REQUESTS_DUMP FILE=<path>   writes that count as JSON,
 #                           {"<METHOD> <path, ids as {id}>": n}
 #
@@ -36,14 +37,20 @@ PROBE_PERIOD = 0.010
 REQUESTS = collections.Counter()
 REQUESTS_LOCK = threading.Lock()
 ID_RE = re.compile(r"/[0-9a-fA-F-]{16,}(?=/|$)")
+# A connection the server refused at MAX_CONNECTIONS: its client got a 503
+# written in this process, without a dispatch
+REFUSED = "REFUSED (503 Too many connections)"
 
 
-def count_requests(handler_class):
-    """Count every request handler_class dispatches (once per process: a
-    RESTART loads the same classes again)."""
+def count_requests(module):
+    """Count every request the module's CuraRequestHandler dispatches and
+    every connection its server refuses (once per process: a RESTART loads
+    the same module again)."""
+    handler_class = module.CuraRequestHandler
     if getattr(handler_class, "_test_counted", False):
         return
     dispatch = handler_class.dispatch
+    refuse = module.refuse_connection
 
     def counted(self, method):
         label = "%s %s" % (method, ID_RE.sub("/{id}",
@@ -52,6 +59,13 @@ def count_requests(handler_class):
             REQUESTS[label] += 1
         return dispatch(self, method)
     handler_class.dispatch = counted
+
+    def counted_refuse(sock):
+        with REQUESTS_LOCK:
+            REQUESTS[REFUSED] += 1
+        return refuse(sock)
+    # (process_request finds it in the module's globals at each call)
+    module.refuse_connection = counted_refuse
     handler_class._test_counted = True
 
 
@@ -157,9 +171,8 @@ class CuraTestTools:
     def _count_module_requests(self):
         cura = self.printer.lookup_object("cura_connection", None)
         module = cura and sys.modules.get(type(cura).__module__)
-        handler = getattr(module, "CuraRequestHandler", None)
-        if handler is not None:
-            count_requests(handler)
+        if getattr(module, "CuraRequestHandler", None) is not None:
+            count_requests(module)
 
     def cmd_TEST_REQUESTS_RESET(self, gcmd):
         self._count_module_requests()
