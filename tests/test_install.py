@@ -1006,7 +1006,9 @@ assert intake.charon is not None, "libcharon did not import"
 def as_zip(*args):
     raise AssertionError("read as a plain zip, not with libcharon")
 intake._unpack_zip = as_zip
-gcode, thumbnail = intake._unpack_ufp(ufp)
+upload = m.Upload(intake, os.path.getsize(ufp))
+upload.tmp_path, upload.filename = ufp, os.path.basename(ufp)
+gcode, thumbnail = intake._unpack_ufp(upload)
 with open(gcode, "rb") as f:
     print(json.dumps({"gcode": f.read().decode(), "thumbnail": thumbnail.hex(),
                       "charon": os.path.realpath(intake.charon.__file__)}))
