@@ -1690,9 +1690,9 @@ TEXT_ONLY = ("Klipper prints text G-code only: export the file as text"
 class GcodeOutput:
     """The G-code of an upload on its way to the disk (below the unpacking
     of a .gcode.gz or .ufp): refuses what does not start as text G-code
-    or is not UTF-8 throughout (Unsupported), and has FileIntake.check_room() keep SPACE_MARGIN free
-    for every byte beyond covered(), the bytes the upload's reservation
-    covers so far."""
+    or is not UTF-8 throughout (Unsupported), and has
+    FileIntake.check_room() keep SPACE_MARGIN free for every byte beyond
+    covered(), the bytes the upload's reservation covers so far."""
     def __init__(self, f, upload, covered):
         self.f = f
         self.upload = upload
@@ -1715,8 +1715,7 @@ class GcodeOutput:
         return n
 
     def close(self):
-        if self.written < TEXT_CHECK_BYTES:
-            self._check(b"")
+        # (a file that ends inside a UTF-8 sequence is not text)
         self._decode(b"", True)
 
     def _decode(self, data, final=False):
@@ -2252,6 +2251,7 @@ class MaterialStore:
         self.released = []  # (filename, data) the StateWriter stores
         self.dirty = False
         self.on_change = None   # the StateWriter's wake-up
+        self.version = 0    # counts added profiles (the front's list)
 
     @staticmethod
     def parse(data):
@@ -2395,6 +2395,7 @@ class MaterialStore:
                     pass
             info["file"] = name
             self.index[info["guid"]] = info
+            self.version += 1
             self.resolved.clear()
             return True
 
@@ -4650,6 +4651,7 @@ class FrontProcess:
         self.wake_event = threading.Event()
         self.sent = {}                 # key -> the bytes the child has
         self.list_keys = {}            # job list -> (store version, ...)
+        self.materials = (None, b"")   # (materials version, list reply)
         self.send_lock = threading.Lock()
         # The child's uploads in flight, reserved in Klippy's intake (one
         # reservation of queue room and disk space for the whole module)
@@ -4756,14 +4758,10 @@ class FrontProcess:
     def _changed_replies(self, pause):
         # [(key, bytes)] that differ from what the child has
         api, store = self.api, self.api.store
-        try:
-            materials = json.dumps(api.get_materials(None)[1]).encode()
-        except OSError:
-            materials = b""     # unreadable: Klippy's side says why
         out = [("printers", api.printers_reply(MarkRequest)),
                ("queued", b"%d" % (len(store.queue),)),
                ("system", json.dumps(api.get_system(None)[1]).encode()),
-               ("materials", materials)]
+               ("materials", self._materials_reply())]
         listed = False
         cur = store.current
         version = (store.version, cur and JOB_REPLY_KEY(cur),
@@ -4786,6 +4784,17 @@ class FrontProcess:
                 self.sent[key] = data
                 changed.append((key, data))
         return changed
+
+    def _materials_reply(self):
+        # The material list, encoded again only once a profile was added
+        version = self.api.materials.version
+        if self.materials[0] != version:
+            try:
+                self.materials = (version, json.dumps(
+                    self.api.get_materials(None)[1]).encode())
+            except OSError:
+                return b""     # unreadable: Klippy's side says why
+        return self.materials[1]
 
     def _job_replies(self, pause):
         # Each listed job's own reply (the bytes its list entry was made
