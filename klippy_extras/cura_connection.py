@@ -5411,9 +5411,8 @@ class FrontServer:
             ip = client_ip(addr[0], req.headers.get("x-real-ip"))
             if not is_trusted(ip, settings["trusted"]):
                 err = untrusted(ip)
-                self._reply(sock, err.status, [json.dumps(
-                    {"message": err.message, "status": err.status}).encode()],
-                    close=True)
+                status, ctype, parts = self._error(err.status, err.message)
+                self._reply(sock, status, parts, close=True)
                 return False
             status, ctype, parts = reply[:3]
             self._reply(sock, status, parts, req.close, ctype, reply[3:4])
