@@ -4912,9 +4912,13 @@ class FrontProcess:
             elif call["op"] == "grow":
                 reply = {"status": 200, "body": self._grow(**call["args"])}
             elif call["op"] == "add_upload":
-                reply = {"status": 200, "body": self.api.add_upload(
-                    **call["args"])}
-                self.sync()     # the next poll lists the new job
+                # the next poll shows what happened: the new job, or none
+                # when it was taken back
+                try:
+                    reply = {"status": 200, "body": self.api.add_upload(
+                        **call["args"])}
+                finally:
+                    self.sync()
             else:
                 raise BadInput("Unknown call %s" % (call["op"],))
         except CuraError as e:

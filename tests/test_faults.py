@@ -158,6 +158,9 @@ def test_disk_full(small_disk):
     data = upload_bytes("streamed.gcode", b"G1 X2 Y2\n" * (1 << 20))  # 9 MiB
     s = connect(port)
     s.sendall(data[:len(data) // 3])
+    # (once its free space was checked: the partial file is there)
+    httpc.wait_for(lambda: [f for f in leftovers(disk) if f.endswith(".part")],
+                   what="the upload's partial file")
     filler = fill(disk)
     try:
         s.sendall(data[len(data) // 3:])
