@@ -204,11 +204,12 @@ def sample(key, moves=20):
 
 # The module's own code paths, without Klippy
 
-def module():
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..",
-                                    "klippy_extras"))
-    import cura_connection
-    return cura_connection
+def package():
+    """Make the module's package importable (as the tests import it)."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..",
+                        "klippy_extras")
+    if path not in sys.path:
+        sys.path.insert(0, path)
 
 
 class UploadRequest:
@@ -238,8 +239,9 @@ class UploadRequest:
 def upload(api, sample, filename=None, owner="alice"):
     """sample received as POST /print_jobs receives it (receive_upload,
     FileIntake) and queued by api (a CuraApi): the reply dict."""
-    cc = module()
-    return cc.receive_upload(
+    package()
+    from _cura_connection.api import receive_upload
+    return receive_upload(
         UploadRequest(filename or sample.filename, sample.data, owner),
         api.intake, lambda: len(api.store.queue), api.conn.max_queue,
         lambda name, who, meta: api.add_upload(name, who, meta, "127.0.0.1"))
@@ -253,10 +255,14 @@ class QueueOnly:
         self.store = store
 
     def call(self, fn, *args):
-        return fn(module().NoCall, *args)
+        package()
+        from _cura_connection.bridge import NoCall
+        return fn(NoCall, *args)
 
     def add(self, call, job, limit):
-        return module().JobLifecycle.add(self, call, job, limit)
+        package()
+        from _cura_connection.lifecycle import JobLifecycle
+        return JobLifecycle.add(self, call, job, limit)
 
     def change(self, call, fn, *args):
         return fn(*args)
@@ -266,20 +272,23 @@ def cura_api(gcodes, data_dir, max_queue=1000, **parts):
     """A CuraApi over the module's own FileIntake, MaterialStore and
     JobStore in gcodes and data_dir, as load_config() places them; parts
     (store, intake, materials, bridge, lifecycle) replace those."""
-    cc = module()
+    package()
+    from _cura_connection.api import CuraApi
+    from _cura_connection.intake import FileIntake
+    from _cura_connection.jobs import JobStore
+    from _cura_connection.materials import MaterialStore
     conn = types.SimpleNamespace(max_queue=max_queue)
     conn.__dict__.update(parts)
     if "store" not in parts:
-        conn.store = cc.JobStore(os.path.join(data_dir, "queue.json"), 1000,
-                                 False)
+        conn.store = JobStore(os.path.join(data_dir, "queue.json"), 1000,
+                              False)
     if "bridge" not in parts:
         conn.bridge = conn.lifecycle = QueueOnly(conn.store)
     if "intake" not in parts:
-        conn.intake = cc.FileIntake(gcodes, 1 << 30)
+        conn.intake = FileIntake(gcodes, 1 << 30)
     if "materials" not in parts:
-        conn.materials = cc.MaterialStore(os.path.join(data_dir,
-                                                       "materials"))
-    return cc.CuraApi(conn)
+        conn.materials = MaterialStore(os.path.join(data_dir, "materials"))
+    return CuraApi(conn)
 
 
 def received_jobs(gcodes, data_dir, keys=KEYS):

@@ -16,7 +16,7 @@ import httpc
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..",
                                 "klippy_extras"))
-import cura_connection as cc  # noqa: E402
+from _cura_connection.definition import CURA_DATA_FOLDERS, DEFINITION_HOWTO, cura_data_folders_html, cura_data_folders_text  # noqa: E402
 
 CARTESIAN = """
 [printer]
@@ -616,7 +616,7 @@ def documented_folders(home, version):
     return {systems[system]: folder.replace("<version>", version)
             .replace("%APPDATA%", str(home / "AppData")).replace("\\", "/")
             .replace("~", str(home)) + "/definitions"
-            for system, folder in cc.CURA_DATA_FOLDERS}
+            for system, folder in CURA_DATA_FOLDERS}
 
 
 def test_definition_folders_are_where_cura_reads_them(cura, tmp_path):
@@ -636,13 +636,13 @@ def test_definition_folders_are_where_cura_reads_them(cura, tmp_path):
         # not the folder Help > Show Configuration Folder opens on Linux
         assert not found["Linux"].startswith(str(home / ".config"))
     # the zip's README.txt, the web page and README.md name them all
-    readme_txt = cc.DEFINITION_HOWTO % {
+    readme_txt = DEFINITION_HOWTO % {
         "id": "x", "bom": 1, "name": "x", "notes": "",
-        "folders": cc.cura_data_folders_text()}
-    page = cc.cura_data_folders_html()
+        "folders": cura_data_folders_text()}
+    page = cura_data_folders_html()
     readme_md = (pathlib.Path(__file__).parent.parent / "README.md"
                  ).read_text()
-    for system, folder in cc.CURA_DATA_FOLDERS:
+    for system, folder in CURA_DATA_FOLDERS:
         assert "%s: %s\n" % (system, folder) in readme_txt
         assert "| %s | `%s` |" % (system, folder) in readme_md
         assert "<li>%s: <code>%s</code></li>" % (

@@ -24,7 +24,13 @@ from hostile import check_gcodes_dir, send, tree
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..",
                                 "klippy_extras"))
-import cura_connection as cc  # noqa: E402
+from _cura_connection.access import AuthStore  # noqa: E402
+from _cura_connection.errors import BadInput, Conflict, Unsupported  # noqa: E402
+from _cura_connection.gcode_meta import best_thumbnail, gcode_comment_lines, is_preview_image, parse_gcode_metadata  # noqa: E402
+from _cura_connection.intake import FileIntake, parse_small_multipart  # noqa: E402
+from _cura_connection.jobs import JobStore, SAVED_JOB_FIELDS  # noqa: E402
+from _cura_connection.materials import LoadedMaterials  # noqa: E402
+from _cura_connection.names import JOINERS, MAX_JOB_NAME, job_name, preview_beside, safe_base_name, safe_relative_path  # noqa: E402
 
 SECONDS = float(os.environ.get("CURA_FUZZ_SECONDS", "10"))
 GCODE = b";TIME:60\nG1 X1\nG1 X2\n"
@@ -128,7 +134,7 @@ def apply_damage(body, ops):
 def test_fuzz_multipart_intake(tmp_path):
     gcodes = tmp_path / "gcodes"
     gcodes.mkdir()
-    intake = cc.FileIntake(str(gcodes), 4 << 20)
+    intake = FileIntake(str(gcodes), 4 << 20)
     outside = tree(str(tmp_path))
     stored = []
 
@@ -142,7 +148,7 @@ def test_fuzz_multipart_intake(tmp_path):
         try:
             name, meta = intake.receive(upload, io.BytesIO(body).readinto,
                                         boundary.encode("latin-1"))
-        except (cc.BadInput, cc.Unsupported) as e:
+        except (BadInput, Unsupported) as e:
             assert e.message
             assert set(os.listdir(str(gcodes))) == before
             return
@@ -154,7 +160,7 @@ def test_fuzz_multipart_intake(tmp_path):
         if meta["preview"]:
             # only what Cura's QImage decodes: PNG or JPEG
             with open(os.path.join(str(gcodes), meta["preview"]), "rb") as f:
-                assert cc.is_preview_image(f.read())
+                assert is_preview_image(f.read())
         stored.append(name)
         assert check_gcodes_dir(str(gcodes)) == []
 
@@ -169,11 +175,11 @@ def test_fuzz_multipart_intake(tmp_path):
 @settings(max_examples=500, deadline=None)
 @given(text=st.text(max_size=400))
 def test_job_names_are_one_clean_line(text):
-    name = cc.job_name(text + ".gcode")
-    assert cc.SAVED_JOB_FIELDS["name"](name)
-    assert len(name) <= cc.MAX_JOB_NAME and name == name.strip()
+    name = job_name(text + ".gcode")
+    assert SAVED_JOB_FIELDS["name"](name)
+    assert len(name) <= MAX_JOB_NAME and name == name.strip()
     assert all(c == " " or not c.isspace() for c in name)
-    assert all(unicodedata.category(c)[0] != "C" or c in cc.JOINERS
+    assert all(unicodedata.category(c)[0] != "C" or c in JOINERS
                for c in name)
     assert json.loads(json.dumps(name)) == name
     name.encode("utf-8")    # no lone surrogate
@@ -186,8 +192,8 @@ def test_fuzz_small_multipart(tmp_path):
     def one(parts, boundary, closing, ops):
         body = apply_damage(build(parts, boundary, closing), ops)
         try:
-            got = cc.parse_small_multipart(body, boundary.encode("latin-1"))
-        except cc.BadInput as e:
+            got = parse_small_multipart(body, boundary.encode("latin-1"))
+        except BadInput as e:
             assert e.message
             return
         assert isinstance(got, list)
@@ -201,11 +207,11 @@ def test_fuzz_thumbnail_blocks():
     def one(blocks, text, comments_only):
         head = b"".join(blocks) + text
         if comments_only:
-            head = cc.gcode_comment_lines(head)
-        thumb = cc.parse_gcode_metadata(head, b"")["thumbnail"]
-        assert thumb is None or cc.is_preview_image(thumb)
+            head = gcode_comment_lines(head)
+        thumb = parse_gcode_metadata(head, b"")["thumbnail"]
+        assert thumb is None or is_preview_image(thumb)
         # a block that gives a preview on its own still does among others
-        if any(cc.best_thumbnail(b) for b in blocks):
+        if any(best_thumbnail(b) for b in blocks):
             assert thumb is not None
     run_for(min(SECONDS, 3.), one)
 
@@ -419,35 +425,35 @@ def test_fuzz_saved_files(tmp_path):
             (tmp_path / name).write_text(text)
             if os.path.exists(str(tmp_path / (name + ".bad"))):
                 os.unlink(str(tmp_path / (name + ".bad")))
-        store = cc.JobStore(str(tmp_path / "queue.json"), 5, False)
+        store = JobStore(str(tmp_path / "queue.json"), 5, False)
         cur, q, hist = store.all_jobs()
         seen["kept"] += len(cur + q + hist)
         seen["dropped"] += store.kept_aside
         for job in cur + q + hist:
             # inside the gcodes folder; what the queue starts, a file the
             # module named; a preview beside its file
-            assert cc.safe_relative_path(job.filename)
+            assert safe_relative_path(job.filename)
             if job in q or job.source == "cura":
-                assert cc.safe_base_name(job.filename, "", 255) \
+                assert safe_base_name(job.filename, "", 255) \
                     == job.filename
             assert job.preview is None \
-                or cc.preview_beside(job.preview, job.filename)
+                or preview_beside(job.preview, job.filename)
             json.dumps(job.to_dict())
         assert all(j.status == "queued" for j in q)
         try:
             store.plate_cleared()
-        except cc.Conflict:
+        except Conflict:
             pass
         store.save()
-        again = cc.JobStore(str(tmp_path / "queue.json"), 5, False)
+        again = JobStore(str(tmp_path / "queue.json"), 5, False)
         assert again.state() == store.state()
-        auth = cc.AuthStore(str(tmp_path / "auth.json"))
+        auth = AuthStore(str(tmp_path / "auth.json"))
         for key_id in ids + [c["id"] for c in auth.listing()]:
             auth.allow(key_id)
             assert auth.status(key_id) in ("unknown", "authorized")
             auth.remove(key_id)
         auth.save()
-        loaded = cc.LoadedMaterials(str(tmp_path / "loaded.json"),
+        loaded = LoadedMaterials(str(tmp_path / "loaded.json"),
                                     [("extruder", None),
                                      ("extruder1", {"material": "PLA"})])
         assert set(loaded.status_cache) == {"extruder", "extruder1"}

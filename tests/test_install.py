@@ -1000,13 +1000,14 @@ for name in ("PyQt5", "gi", "dbus"):
         pass
 spec = importlib.util.spec_from_file_location("cura_connection", module)
 m = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(m)
-intake = m.FileIntake(gcodes, 1 << 30)
+spec.loader.exec_module(m)     # loads the package beside it
+from _cura_connection.intake import FileIntake, Upload
+intake = FileIntake(gcodes, 1 << 30)
 assert intake.charon is not None, "libcharon did not import"
 def as_zip(*args):
     raise AssertionError("read as a plain zip, not with libcharon")
 intake._unpack_zip = as_zip
-upload = m.Upload(intake, os.path.getsize(ufp))
+upload = Upload(intake, os.path.getsize(ufp))
 upload.tmp_path, upload.filename = ufp, os.path.basename(ufp)
 gcode, thumbnail = intake._unpack_ufp(upload)
 with open(gcode, "rb") as f:

@@ -21,7 +21,7 @@ from test_security import MATERIALS, PairedCura, post_material
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..",
                                 "klippy_extras"))
-import cura_connection as cc  # noqa: E402
+from _cura_connection.instances import StateLock, default_printer_name, gcodes_owner, instance_defaults, load_printer_uuid, move_old_state  # noqa: E402
 
 HOST = socket.gethostname().split(".")[0]
 PAIRING = {"require_pairing": "True"}
@@ -360,13 +360,13 @@ def test_instances_in_other_data_folders_show_their_own_names(
      "/home/pi/klipper_config/printer_2/.cura_connection", "2"),
 ])
 def test_instance_defaults(config_file, state, suffix):
-    assert cc.instance_defaults(config_file) == (state, suffix)
+    assert instance_defaults(config_file) == (state, suffix)
 
 
 def test_instance_defaults_relative_to_the_working_folder(tmp_path,
                                                           monkeypatch):
     monkeypatch.chdir(tmp_path)
-    assert cc.instance_defaults("printer.cfg") == (
+    assert instance_defaults("printer.cfg") == (
         str(tmp_path / ".cura_connection"), "")
 
 
@@ -381,7 +381,7 @@ def test_instance_defaults_relative_to_the_working_folder(tmp_path,
     ("", "2", "klipper-2"),
 ])
 def test_default_printer_name(host, suffix, name):
-    got = cc.default_printer_name(host, suffix)
+    got = default_printer_name(host, suffix)
     assert got == name
     assert 1 <= len(got.encode()) <= 63 and "." not in got
 
@@ -394,22 +394,22 @@ def test_gcodes_owner(tmp_path):
     (one / "gcodes").mkdir()
     (two / "gcodes").symlink_to(one / "gcodes")
     cfg1, cfg2 = (str(d / "config" / "printer.cfg") for d in (one, two))
-    assert cc.gcodes_owner(str(one / "gcodes"), cfg1) is None
-    assert cc.gcodes_owner(str(two / "gcodes"), cfg2) == cfg1
+    assert gcodes_owner(str(one / "gcodes"), cfg1) is None
+    assert gcodes_owner(str(two / "gcodes"), cfg2) == cfg1
     # a link to a folder of no instance, or to a folder in no data folder
     (tmp_path / "usb" / "gcodes").mkdir(parents=True)
     (tmp_path / "usb2").mkdir()
     (one / "gcodes").rmdir()
     (one / "gcodes").symlink_to(tmp_path / "usb" / "gcodes")
-    assert cc.gcodes_owner(str(one / "gcodes"), cfg1) is None
+    assert gcodes_owner(str(one / "gcodes"), cfg1) is None
     (one / "gcodes").unlink()
     (one / "gcodes").symlink_to(tmp_path / "usb2")
-    assert cc.gcodes_owner(str(one / "gcodes"), cfg1) is None
+    assert gcodes_owner(str(one / "gcodes"), cfg1) is None
 
 
 def test_state_lock(tmp_path):
-    a = cc.StateLock(str(tmp_path), "/a/printer.cfg")
-    b = cc.StateLock(str(tmp_path), "/b/printer.cfg")
+    a = StateLock(str(tmp_path), "/a/printer.cfg")
+    b = StateLock(str(tmp_path), "/b/printer.cfg")
     assert a.acquire()
     assert not b.acquire()
     assert b.holder() == "the Klipper instance of /a/printer.cfg (pid %d)" \
@@ -429,14 +429,14 @@ def test_printer_uuid(tmp_path):
     fresh.mkdir()
     used.mkdir()
     (used / "queue.json").write_text("{}")
-    one = cc.load_printer_uuid(str(fresh), legacy)
+    one = load_printer_uuid(str(fresh), legacy)
     assert one != legacy and uuid.UUID(one)
-    assert cc.load_printer_uuid(str(fresh), legacy) == one
-    assert cc.load_printer_uuid(str(used), legacy) == legacy
+    assert load_printer_uuid(str(fresh), legacy) == one
+    assert load_printer_uuid(str(used), legacy) == legacy
     (fresh / "printer_uuid").write_text("not a uuid")
-    two = cc.load_printer_uuid(str(fresh), legacy)
+    two = load_printer_uuid(str(fresh), legacy)
     assert two not in (one, legacy)
-    assert cc.load_printer_uuid(str(fresh), legacy) == two
+    assert load_printer_uuid(str(fresh), legacy) == two
 
 
 class Crash(BaseException):
@@ -480,12 +480,12 @@ def test_move_survives_a_crash_at_any_step(tmp_path, monkeypatch):
                               (shutil, "rmtree"), (os, "fsync")):
                 m.setattr(mod, name, counted(getattr(mod, name)))
             try:
-                took = cc.move_old_state(old, new, "/p/printer.cfg", legacy)
+                took = move_old_state(old, new, "/p/printer.cfg", legacy)
                 crashed = False
             except Crash:
                 crashed = True
         if crashed:
-            took = cc.move_old_state(old, new, "/p/printer.cfg", legacy)
+            took = move_old_state(old, new, "/p/printer.cfg", legacy)
             assert took or os.path.exists(os.path.join(old, "moved.json"))
         for name, data in files.items():
             with open(os.path.join(new, name), "rb") as f:
@@ -504,7 +504,7 @@ def test_move_survives_a_crash_at_any_step(tmp_path, monkeypatch):
         # and never again, for anyone
         other = str(tmp_path / str(n) / "other")
         os.makedirs(other)
-        assert not cc.move_old_state(old, other, "/q/printer.cfg", legacy)
+        assert not move_old_state(old, other, "/q/printer.cfg", legacy)
         assert os.listdir(other) == []
         if not crashed:
             break
@@ -517,12 +517,12 @@ def test_move_leaves_a_used_or_locked_state_alone(tmp_path):
     old, new = str(tmp_path / "old"), str(tmp_path / "new")
     files = old_state(old)
     os.makedirs(new)
-    holder = cc.StateLock(old, "/o/printer.cfg")
+    holder = StateLock(old, "/o/printer.cfg")
     assert holder.acquire()
-    assert not cc.move_old_state(old, new, "/p/printer.cfg", legacy)
+    assert not move_old_state(old, new, "/p/printer.cfg", legacy)
     holder.release()
     (tmp_path / "new" / "printer_uuid").write_text(legacy)
-    assert not cc.move_old_state(old, new, "/p/printer.cfg", legacy)
+    assert not move_old_state(old, new, "/p/printer.cfg", legacy)
     assert sorted(os.listdir(new)) == ["printer_uuid"]
     assert set(files) - {"materials/a.xml.fdm_material"} \
         <= set(os.listdir(old))

@@ -33,11 +33,17 @@ from test_units import FakeKlipper
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..",
                                 "klippy_extras"))
-import cura_connection as cc  # noqa: E402
+from _cura_connection.access import AuthStore  # noqa: E402
+from _cura_connection.errors import Conflict  # noqa: E402
+from _cura_connection.intake import FileIntake  # noqa: E402
+from _cura_connection.jobs import ACTIVE, JobStore  # noqa: E402
+from _cura_connection.lifecycle import JobLifecycle  # noqa: E402
+from _cura_connection.materials import LoadedMaterials, MaterialStore, parse_material_words  # noqa: E402
+from _cura_connection.names import split_upload_name  # noqa: E402
 
 SAMPLES = real_inputs.samples()
 PROFILES = real_inputs.profile_files()
-PROFILE_GUIDS = sorted({cc.MaterialStore.parse(data)["guid"]
+PROFILE_GUIDS = sorted({MaterialStore.parse(data)["guid"]
                         for _, data in PROFILES})
 EXTRUDERS = [("extruder", None), ("extruder1", {"material": "PLA"})]
 HISTORY = 5
@@ -59,7 +65,7 @@ class SavedState(RuleBasedStateMachine):
         self.gcodes = os.path.join(self.root, "gcodes")
         self.data = os.path.join(self.gcodes, ".cura_connection")
         os.makedirs(self.data)
-        self.intake = cc.FileIntake(self.gcodes, 1 << 30)
+        self.intake = FileIntake(self.gcodes, 1 << 30)
         self.previews = {}      # job uuid -> the preview bytes it must show
         self.restarts = 0
         self.load()
@@ -70,18 +76,18 @@ class SavedState(RuleBasedStateMachine):
     def load(self):
         """The stores as load_config() makes them, from the files."""
         path = os.path.join
-        self.store = cc.JobStore(path(self.data, "queue.json"), HISTORY,
+        self.store = JobStore(path(self.data, "queue.json"), HISTORY,
                                  False)
-        self.loaded = cc.LoadedMaterials(
+        self.loaded = LoadedMaterials(
             path(self.data, "loaded_materials.json"), EXTRUDERS)
-        self.auth = cc.AuthStore(path(self.data, "auth.json"))
-        self.materials = cc.MaterialStore(path(self.data, "materials"))
+        self.auth = AuthStore(path(self.data, "auth.json"))
+        self.materials = MaterialStore(path(self.data, "materials"))
         self.klipper = FakeKlipper()
 
         def want_metadata(job):
             self.store.set_metadata(job, self.intake.read_metadata(
                 job.filename))
-        self.life = cc.JobLifecycle(
+        self.life = JobLifecycle(
             self.klipper, self.store, want_metadata,
             lambda job: [] if job.force else self.loaded.changes(
                 job.materials))
@@ -102,7 +108,7 @@ class SavedState(RuleBasedStateMachine):
         sample = SAMPLES[key]
         filename = sample.filename
         if stem is not None:
-            filename = stem + cc.split_upload_name(filename)[1]
+            filename = stem + split_upload_name(filename)[1]
         reply = real_inputs.upload(self.api, sample, filename, owner)
         job = self.store.get(reply["uuid"])
         # the real input is read as the printer must read it
@@ -140,7 +146,7 @@ class SavedState(RuleBasedStateMachine):
                                    ("BRAND", brand), ("COLOR", color))
                  if v is not None}
         try:
-            entry = cc.parse_material_words(words)
+            entry = parse_material_words(words)
         except ValueError:
             return
         self.loaded.set(extruder, entry)
@@ -180,7 +186,7 @@ class SavedState(RuleBasedStateMachine):
     def plate_cleared(self):
         try:
             self.life.plate_cleared()
-        except cc.Conflict:
+        except Conflict:
             pass
         self.klipper.run_callbacks()
 
@@ -246,7 +252,7 @@ class SavedState(RuleBasedStateMachine):
         after = self.saved_states()
         cur_before, cur_after = before["queue"]["current"], \
             after["queue"]["current"]
-        if cur_before is not None and cur_before["status"] in cc.ACTIVE:
+        if cur_before is not None and cur_before["status"] in ACTIVE:
             # (the only field values a restart changes: see the module doc)
             assert cur_after["status"] == "failed_wait_cleanup"
             assert cur_after["message"] == "Interrupted by a Klipper restart"
@@ -257,7 +263,7 @@ class SavedState(RuleBasedStateMachine):
         # and what is saved now is what was loaded
         self.store.save()
         assert self.saved_states() == after
-        again = cc.JobStore(self.store.path, HISTORY, False)
+        again = JobStore(self.store.path, HISTORY, False)
         assert again.state() == self.store.state() and not again.dirty
 
     def saved_states(self):
@@ -338,7 +344,7 @@ def test_saved_paths_are_the_forms_the_module_writes(tmp_path, job, kept):
     key = "queue" if job["status"] == "queued" else "history"
     data = {key: [job]}
     path.write_text(json.dumps(data))
-    s = cc.JobStore(str(path), 5, False)
+    s = JobStore(str(path), 5, False)
     jobs = s.queue + s.history
     assert (len(jobs) == 1) == kept
     assert (tmp_path / "queue.json.bad").exists() != kept

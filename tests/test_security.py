@@ -1,5 +1,6 @@
 """Who may do what: trusted_clients, browsers on other sites, monitor-only
 mode and the pairing of Cura >= 5.11 (Digest, cura-protocol.md 2.3)."""
+import ipaddress
 import hashlib
 import os
 import sys
@@ -15,7 +16,10 @@ import kapi
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..",
                                 "klippy_extras"))
-import cura_connection as cc  # noqa: E402
+from _cura_connection.access import AuthStore, DEFAULT_TRUSTED_CLIENTS, client_ip, host_name, is_local_name, parse_trusted_clients  # noqa: E402
+from _cura_connection.api import CuraApi, ROUTES  # noqa: E402
+from _cura_connection.errors import CuraError, HTTPError, error_status  # noqa: E402
+from _cura_connection.materials import MaterialStore  # noqa: E402
 
 GCODE = b";TIME:60\nG1 X1\nG1 X2\n"
 
@@ -40,44 +44,44 @@ def is_json_error(r, status):
 # Units: option parsing and address mapping
 
 def test_trusted_clients_parsing():
-    nets = cc.parse_trusted_clients(cc.DEFAULT_TRUSTED_CLIENTS)
+    nets = parse_trusted_clients(DEFAULT_TRUSTED_CLIENTS)
     assert len(nets) == 8
-    trusted = [cc.client_ip(a) for a in (
+    trusted = [client_ip(a) for a in (
         "127.0.0.1", "::1", "10.1.2.3", "172.31.0.1", "192.168.178.20",
         "169.254.1.1", "fd00::5", "fe80::1%eth0", "::ffff:192.168.1.5")]
     for ip in trusted:
         assert any(ip in n for n in nets), ip
     for a in ("8.8.8.8", "172.32.0.1", "2001:db8::1", "::ffff:8.8.8.8",
               "100.64.0.1"):
-        ip = cc.client_ip(a)
+        ip = client_ip(a)
         assert not any(ip in n for n in nets), a
     # one address, newline and comma lists
-    assert cc.parse_trusted_clients("192.168.1.5\n 10.0.0.0/8,::1") == [
-        cc.ipaddress.ip_network("192.168.1.5/32"),
-        cc.ipaddress.ip_network("10.0.0.0/8"),
-        cc.ipaddress.ip_network("::1/128")]
+    assert parse_trusted_clients("192.168.1.5\n 10.0.0.0/8,::1") == [
+        ipaddress.ip_network("192.168.1.5/32"),
+        ipaddress.ip_network("10.0.0.0/8"),
+        ipaddress.ip_network("::1/128")]
     for bad in ("banana", "10.0.0.0/33", "300.1.1.1"):
         with pytest.raises(ValueError):
-            cc.parse_trusted_clients(bad)
+            parse_trusted_clients(bad)
 
 
 def test_client_ip_behind_local_proxy():
     # only a loopback peer (nginx from install.sh) may name another client
-    assert str(cc.client_ip("127.0.0.1", "192.168.1.9")) == "192.168.1.9"
-    assert str(cc.client_ip("::ffff:127.0.0.1", "8.8.8.8")) == "8.8.8.8"
-    assert str(cc.client_ip("192.168.1.9", "127.0.0.1")) == "192.168.1.9"
-    assert cc.client_ip("127.0.0.1", "not an ip") is None
-    assert cc.client_ip("garbage") is None
+    assert str(client_ip("127.0.0.1", "192.168.1.9")) == "192.168.1.9"
+    assert str(client_ip("::ffff:127.0.0.1", "8.8.8.8")) == "8.8.8.8"
+    assert str(client_ip("192.168.1.9", "127.0.0.1")) == "192.168.1.9"
+    assert client_ip("127.0.0.1", "not an ip") is None
+    assert client_ip("garbage") is None
 
 
 def test_local_names():
     for host in ("192.168.1.5", "::1", "voron", "voron.local", "voron.lan",
                  "printer.fritz.box", "x.home.arpa"):
-        assert cc.is_local_name(host), host
+        assert is_local_name(host), host
     for host in ("evil.example.com", "", "attacker.net", "a.b.c.d.e"):
-        assert not cc.is_local_name(host), host
-    assert cc.host_name("[::1]:8080") == "::1"
-    assert cc.host_name("Voron.Local:80") == "voron.local"
+        assert not is_local_name(host), host
+    assert host_name("[::1]:8080") == "::1"
+    assert host_name("Voron.Local:80") == "voron.local"
 
 
 def sign(method, uri, key_id, key, nonce="c0ffee", nc=1, cnonce=None,
@@ -95,7 +99,7 @@ def sign(method, uri, key_id, key, nonce="c0ffee", nc=1, cnonce=None,
 
 
 def test_digest_verify_unit(tmp_path):
-    auth = cc.AuthStore(str(tmp_path / "auth.json"))
+    auth = AuthStore(str(tmp_path / "auth.json"))
     key_id, key = auth.request("UltiMaker Cura", "user@pc\x1b[31m", "::1")
     assert auth.listing()[0]["user"] == "user@pc?[31m"
     auth.allow(key_id)
@@ -113,7 +117,7 @@ def test_digest_verify_unit(tmp_path):
             (sign("GET", "/a", key_id, key, nc=10, algorithm="MD5"), 401),
             ("Basic dXNlcjpwYXNz", 403), (None, 403), ("Digest", 403),
             ("Digest ", 401), ("Digest nc=zz, username=\"\"\"", 401)]:
-        with pytest.raises(cc.HTTPError) as e:
+        with pytest.raises(HTTPError) as e:
             auth.verify("GET", "/a", bad)
         assert e.value.status == status, bad
         if status == 401:
@@ -121,24 +125,24 @@ def test_digest_verify_unit(tmp_path):
                 'Digest realm="Jedi-API", nonce="')
     # far behind the highest count: refused, even if never seen
     auth.verify("GET", "/a", sign("GET", "/a", key_id, key, nc=500))
-    with pytest.raises(cc.HTTPError):
+    with pytest.raises(HTTPError):
         auth.verify("GET", "/a", sign("GET", "/a", key_id, key, nc=400))
     # persisted, private
     auth.save()
     assert oct(os.stat(str(tmp_path / "auth.json")).st_mode & 0o777) \
         == "0o600"
-    again = cc.AuthStore(str(tmp_path / "auth.json"))
+    again = AuthStore(str(tmp_path / "auth.json"))
     assert again.status(key_id) == "authorized"
     # a damaged file is kept aside
     (tmp_path / "auth.json").write_text("{broken")
-    assert cc.AuthStore(str(tmp_path / "auth.json")).listing() == []
+    assert AuthStore(str(tmp_path / "auth.json")).listing() == []
     assert (tmp_path / "auth.json.bad").exists()
 
 
 def test_pending_requests_are_bounded(tmp_path):
-    auth = cc.AuthStore(str(tmp_path / "auth.json"))
+    auth = AuthStore(str(tmp_path / "auth.json"))
     ids = [auth.request("Cura", "u%d" % i, "::1")[0] for i in range(40)]
-    assert len(auth.listing()) == cc.AuthStore.MAX_PENDING
+    assert len(auth.listing()) == AuthStore.MAX_PENDING
     assert auth.status(ids[-1]) == "unauthorized"
     assert auth.status(ids[0]) == "unknown"
 
@@ -146,10 +150,10 @@ def test_pending_requests_are_bounded(tmp_path):
 def test_every_change_checks_control():
     # a new route that changes something must call require_control()
     import inspect
-    for method, pattern, handler in cc.ROUTES:
+    for method, pattern, handler in ROUTES:
         if method in ("GET", "HEAD") or handler == "post_auth_request":
             continue
-        src = inspect.getsource(getattr(cc.CuraApi, handler))
+        src = inspect.getsource(getattr(CuraApi, handler))
         assert "req.require_control(" in src, (method, pattern, handler)
 
 
@@ -479,7 +483,7 @@ def test_waiting_cura_gets_its_request_back(tmp_path, monkeypatch):
     # Cura 5 drops its credentials at every 401 and asks again: the same
     # waiting request comes back, also when it was allowed meanwhile
     # (until it signs with it), never another client's
-    auth = cc.AuthStore(str(tmp_path / "auth.json"))
+    auth = AuthStore(str(tmp_path / "auth.json"))
     key_id, key = auth.request("UltiMaker Cura", "u@pc", "10.0.0.2")
     assert auth.find_pending("UltiMaker Cura", "u@pc", "10.0.0.2") \
         == (key_id, key)
@@ -500,13 +504,13 @@ def test_waiting_cura_gets_its_request_back(tmp_path, monkeypatch):
     # nor after the window
     auth.refuse_waiting(key_id)
     now = time.monotonic()
-    monkeypatch.setattr(cc.time, "monotonic",
-                        lambda: now + cc.AuthStore.REASK_WINDOW + 1)
+    monkeypatch.setattr(time, "monotonic",
+                        lambda: now + AuthStore.REASK_WINDOW + 1)
     assert auth.find_pending("UltiMaker Cura", "u@pc", "10.0.0.2") is None
 
 
 def test_kept_materials(tmp_path):
-    store = cc.MaterialStore(str(tmp_path / "materials"))
+    store = MaterialStore(str(tmp_path / "materials"))
     xml = (b'<fdmmaterial xmlns="http://www.ultimaker.com/material">'
            b'<metadata><name><brand>B</brand><material>PLA</material>'
            b'<color>C</color></name><GUID>%s</GUID><version>1</version>'
@@ -521,9 +525,9 @@ def test_kept_materials(tmp_path):
     for bad, status in ((("abc", "x.txt", xml % b"g-5"), 400),
                         (("abc", "x.xml.fdm_material", b"<nope/>"), 400),
                         (("abc", "x.xml.fdm_material", xml % b"g-5"), 507)):
-        with pytest.raises(cc.CuraError) as e:
+        with pytest.raises(CuraError) as e:
             store.hold(*bad)
-        assert cc.error_status(e.value) == status
+        assert error_status(e.value) == status
     assert store.list() == [] and not store.dirty
     store.release("abc", "10.0.0.2")
     assert store.dirty

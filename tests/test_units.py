@@ -12,7 +12,19 @@ import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..",
                                 "klippy_extras"))
-import cura_connection as cc  # noqa: E402
+from _cura_connection.api import CuraApi, ReplyCache  # noqa: E402
+from _cura_connection.bridge import CommandError, NoCall, ReactorCall  # noqa: E402
+from _cura_connection.errors import BadInput, Conflict, NoSpace, NotFound, TooLarge, Unsupported  # noqa: E402
+from _cura_connection.frames import FRAME, FrameReader, HEAD_END, send_frame  # noqa: E402
+from _cura_connection.front import FrontRequest, UPLOAD_LINE  # noqa: E402
+from _cura_connection.gate import ServeGate  # noqa: E402
+from _cura_connection.gcode_meta import gcode_comment_lines, parse_gcode_metadata, read_gcode_metadata, valid_job_materials  # noqa: E402
+from _cura_connection.intake import FileIntake, GcodeOutput, GzipWriter, SPACE_MARGIN, TEXT_CHECK_BYTES  # noqa: E402
+from _cura_connection.jobs import ENDED, Job, JobStore, SAVED_JOB_FIELDS, estimate_time_total  # noqa: E402
+from _cura_connection.lifecycle import JobLifecycle  # noqa: E402
+from _cura_connection.materials import LoadedMaterials, MaterialStore, material_differs  # noqa: E402
+from _cura_connection.names import job_name, label_text, safe_base_name, split_upload_name  # noqa: E402
+from _cura_connection.storage import write_file_atomic  # noqa: E402
 import gcode_samples  # noqa: E402
 
 
@@ -29,12 +41,12 @@ import gcode_samples  # noqa: E402
     ("x" * 400 + ".gcode", "x" * 200),
 ])
 def test_safe_base_name(given, expected):
-    assert cc.safe_base_name(given) == expected
+    assert safe_base_name(given) == expected
 
 
 def test_safe_base_name_never_escapes():
     for name in ["../a", "a/../../b", "/", "\\..\\..\\x", "....//", "\x00"]:
-        out = cc.safe_base_name(name)
+        out = safe_base_name(name)
         assert "/" not in out and "\\" not in out
         assert not out.startswith(".")
         assert out not in ("", ".", "..")
@@ -49,7 +61,7 @@ def test_safe_base_name_never_escapes():
     (".ufp", (".ufp", "")),
 ])
 def test_split_upload_name(given, expected):
-    assert cc.split_upload_name(given) == expected
+    assert split_upload_name(given) == expected
 
 
 def _thumb(png, w, h):
@@ -68,7 +80,7 @@ def test_metadata_cura_marlin_header():
     head = (b";FLAVOR:Marlin\n;TIME:5400\n;Filament used: 1.5m\n"
             + _thumb(PNG_SMALL, 32, 32) + _thumb(PNG_BIG, 300, 300)
             + b"G1 X1\n")
-    meta = cc.parse_gcode_metadata(head, b"")
+    meta = parse_gcode_metadata(head, b"")
     assert meta["time_estimate"] == 5400
     assert meta["filament_mm"] == 1500.
     assert meta["thumbnail"] == PNG_BIG
@@ -76,13 +88,13 @@ def test_metadata_cura_marlin_header():
 
 def test_metadata_griffin_header():
     head = b";START_OF_HEADER\n;FLAVOR:Griffin\n;PRINT.TIME:1234\n"
-    assert cc.parse_gcode_metadata(head, b"")["time_estimate"] == 1234
+    assert parse_gcode_metadata(head, b"")["time_estimate"] == 1234
 
 
 def test_metadata_prusa_tail():
     tail = (b"; filament used [mm] = 2345.6\n"
             b"; estimated printing time (normal mode) = 1d 2h 3m 4s\n")
-    meta = cc.parse_gcode_metadata(b"G1 X1\n", tail)
+    meta = parse_gcode_metadata(b"G1 X1\n", tail)
     assert meta["time_estimate"] == 86400 + 2 * 3600 + 3 * 60 + 4
     assert meta["filament_mm"] == pytest.approx(2345.6)
     assert meta["thumbnail"] is None
@@ -90,7 +102,7 @@ def test_metadata_prusa_tail():
 
 def test_metadata_ignores_broken_thumbnail():
     head = b"; thumbnail begin 10x10 4\n; !!!!\n; thumbnail end\n;TIME:7\n"
-    meta = cc.parse_gcode_metadata(head, b"")
+    meta = parse_gcode_metadata(head, b"")
     assert meta["thumbnail"] is None and meta["time_estimate"] == 7
 
 
@@ -110,7 +122,7 @@ def test_thumbnail_cura5_create_thumbnail_script():
             + gcode_samples.embedded_thumbnail(gcode_samples.png(300, 300),
                                                300, 300, sep=" ")
             + gcode_samples.moves(10)).encode()
-    meta = cc.parse_gcode_metadata(cc.gcode_comment_lines(head), b"")
+    meta = parse_gcode_metadata(gcode_comment_lines(head), b"")
     assert meta["time_estimate"] == 2345
     assert meta["filament_mm"] == pytest.approx(1234.56)
     assert qimage_size(meta["thumbnail"]) == (300, 300)
@@ -120,7 +132,7 @@ def test_thumbnail_without_length():
     block = gcode_samples.embedded_thumbnail(gcode_samples.png(20, 10),
                                              20, 10)
     head = block.replace(block.split("\n")[0], "; thumbnail begin 20x10")
-    thumb = cc.parse_gcode_metadata(head.encode(), b"")["thumbnail"]
+    thumb = parse_gcode_metadata(head.encode(), b"")["thumbnail"]
     assert qimage_size(thumb) == (20, 10)
 
 
@@ -151,7 +163,7 @@ def test_thumbnail_family(blocks, expected):
         gcode_samples.embedded_thumbnail(
             getattr(gcode_samples, kind)(w, h), w, h, kind=label)
         for label, kind, w, h in blocks)
-    thumb = cc.parse_gcode_metadata(head.encode(), b"")["thumbnail"]
+    thumb = parse_gcode_metadata(head.encode(), b"")["thumbnail"]
     if expected is None:
         assert thumb is None
     else:
@@ -170,7 +182,7 @@ def test_thumbnail_family(blocks, expected):
 def test_thumbnail_hostile_blocks(head):
     # a megabyte of them is read in one pass (the old pattern searched
     # for each begin's end anew: 8,000 unended begins took 27 s)
-    assert cc.parse_gcode_metadata(head, b"")["thumbnail"] is None
+    assert parse_gcode_metadata(head, b"")["thumbnail"] is None
 
 
 @pytest.mark.parametrize("head,seconds", [
@@ -183,7 +195,7 @@ def test_thumbnail_hostile_blocks(head):
     (b";TIME:2345.7\n", 2345),
 ], ids=["huge", "inf", "nan", "1e400", "5000 digits", "1_5", "fraction"])
 def test_absurd_time_estimates(head, seconds):
-    assert cc.parse_gcode_metadata(head, b"")["time_estimate"] == seconds
+    assert parse_gcode_metadata(head, b"")["time_estimate"] == seconds
 
 
 def fake_statvfs(monkeypatch, free):
@@ -194,7 +206,7 @@ def fake_statvfs(monkeypatch, free):
         @property
         def f_bavail(self):
             return free[0] // 4096
-    monkeypatch.setattr(cc.os, "statvfs", lambda path: Vfs())
+    monkeypatch.setattr(os, "statvfs", lambda path: Vfs())
 
 
 def test_intake_reserves_space_and_queue_slots(tmp_path, monkeypatch):
@@ -202,16 +214,16 @@ def test_intake_reserves_space_and_queue_slots(tmp_path, monkeypatch):
     free = [96 * MiB]
 
     fake_statvfs(monkeypatch, free)
-    intake = cc.FileIntake(str(tmp_path), 1024 * MiB)
+    intake = FileIntake(str(tmp_path), 1024 * MiB)
     # two 55 MiB uploads into 96 MiB free: each fits alone, not together
     a = intake.begin(55 * MiB)
-    with pytest.raises(cc.NoSpace) as e:
+    with pytest.raises(NoSpace) as e:
         intake.begin(55 * MiB)
     assert "55 MiB of it for uploads in progress" in e.value.message
     # what a has written is no longer free, and no longer pending
     a.received = 40 * MiB
     free[0] -= 40 * MiB
-    with pytest.raises(cc.NoSpace):
+    with pytest.raises(NoSpace):
         intake.begin(30 * MiB)
     intake.end(a)
     free[0] -= 15 * MiB
@@ -219,13 +231,13 @@ def test_intake_reserves_space_and_queue_slots(tmp_path, monkeypatch):
     intake.end(b)
     # queue slots: uploads in flight count as queued jobs
     c = intake.begin(MiB, lambda: 1, 2)
-    with pytest.raises(cc.Conflict) as e:
+    with pytest.raises(Conflict) as e:
         intake.begin(MiB, lambda: 1, 2)
     assert "max_queue: 2" in e.value.message
     intake.end(c)
     intake.end(intake.begin(MiB, lambda: 1, 2))
-    with pytest.raises(cc.TooLarge):
-        cc.FileIntake(str(tmp_path), MiB).begin(MiB + 1)
+    with pytest.raises(TooLarge):
+        FileIntake(str(tmp_path), MiB).begin(MiB + 1)
     assert not intake.in_flight
 
 
@@ -235,17 +247,17 @@ def test_read_gcode_metadata_reads_head_and_tail(tmp_path):
         f.write(b";TIME:99\n")
         f.write(b"G1 X1\n" * 400000)        # 2.4 MB of moves
         f.write(b"; filament used [mm] = 12.5\n")
-    meta = cc.read_gcode_metadata(str(p))
+    meta = read_gcode_metadata(str(p))
     assert meta["time_estimate"] == 99 and meta["filament_mm"] == 12.5
 
 
 def test_estimate_time_total():
-    assert cc.estimate_time_total(1000, 0, 0.) == 1000
+    assert estimate_time_total(1000, 0, 0.) == 1000
     # halfway after 600 s: half estimate, half observation (1200 s)
-    assert cc.estimate_time_total(1000, 600, 0.5) == 1100
-    assert cc.estimate_time_total(0, 300, 0.25) == 1200
+    assert estimate_time_total(1000, 600, 0.5) == 1100
+    assert estimate_time_total(0, 300, 0.25) == 1200
     # never below what has already elapsed
-    assert cc.estimate_time_total(100, 500, 0.) == 501
+    assert estimate_time_total(100, 500, 0.) == 501
 
 
 def test_gzip_writer_handles_concatenated_members(tmp_path):
@@ -253,7 +265,7 @@ def test_gzip_writer_handles_concatenated_members(tmp_path):
     import io
     data = gzip.compress(b"G1 X1\n" * 1000) + gzip.compress(b"G1 X2\n")
     out = io.BytesIO()
-    w = cc.GzipWriter(out)
+    w = GzipWriter(out)
     for i in range(0, len(data), 7):
         w.write(data[i:i + 7])
     w.close()
@@ -262,8 +274,8 @@ def test_gzip_writer_handles_concatenated_members(tmp_path):
 
 def test_write_file_atomic(tmp_path):
     p = str(tmp_path / "q.json")
-    cc.write_file_atomic(p, b"one")
-    cc.write_file_atomic(p, b"two")
+    write_file_atomic(p, b"one")
+    write_file_atomic(p, b"two")
     assert open(p, "rb").read() == b"two"
     assert os.listdir(tmp_path) == ["q.json"]   # no temp file left
 
@@ -313,11 +325,11 @@ class FakeKlipper:
         try:
             self.run_script_from_command(script)
         except Exception as e:
-            raise cc.CommandError(str(e))
+            raise CommandError(str(e))
 
     def call(self, fn, *args):
         # (the test's thread stands for the reactor)
-        return fn(cc.NoCall, *args)
+        return fn(NoCall, *args)
 
     # reactor, printer
     def monotonic(self):
@@ -391,7 +403,7 @@ class FakeKlipper:
 
 @pytest.fixture
 def store(tmp_path):
-    return cc.JobStore(str(tmp_path / "queue.json"), 3, False)
+    return JobStore(str(tmp_path / "queue.json"), 3, False)
 
 
 @pytest.fixture
@@ -401,12 +413,12 @@ def klipper():
 
 @pytest.fixture
 def life(store, klipper):
-    return cc.JobLifecycle(klipper, store, lambda job: None)
+    return JobLifecycle(klipper, store, lambda job: None)
 
 
 def two_jobs(store):
-    a = cc.Job(name="a", filename="a.gcode")
-    b = cc.Job(name="b", filename="b.gcode")
+    a = Job(name="a", filename="a.gcode")
+    b = Job(name="b", filename="b.gcode")
     store.add(a)
     store.add(b)
     return a, b
@@ -444,7 +456,7 @@ def test_lifecycle_abort_during_start_cancels_it(store, klipper, life):
     a, b = two_jobs(store)
     life.follow(klipper.now())
     assert a.status == "pre_print"
-    assert life.act(cc.NoCall, a.uuid, "abort") == \
+    assert life.act(NoCall, a.uuid, "abort") == \
         (200, "aborted_wait_cleanup")
     klipper.run_callbacks()           # the start's turn comes: nothing
     klipper.follow(life)
@@ -468,7 +480,7 @@ def test_lifecycle_refused_start_goes_back_to_the_queue(store, klipper,
 
 
 def test_lifecycle_failed_start(store, klipper, life):
-    a = cc.Job(name="a", filename="a.gcode")
+    a = Job(name="a", filename="a.gcode")
     store.add(a)
     klipper.run_script_from_command = lambda script: (_ for _ in ()).throw(
         Exception("Unable to open file"))
@@ -480,20 +492,20 @@ def test_lifecycle_failed_start(store, klipper, life):
 @pytest.mark.parametrize("pause", ["PAUSE", "M25"])
 def test_lifecycle_resume_and_abort_whatever_paused(store, klipper, life,
                                                     pause):
-    a = cc.Job(name="a", filename="a.gcode")
+    a = Job(name="a", filename="a.gcode")
     store.add(a)
     klipper.follow(life)
     klipper.duration = 6.
     klipper.run_script_from_command(pause)   # the file or a macro
     klipper.follow(life)
     assert a.status == "paused" and a.time_elapsed == 6
-    assert life.act(cc.NoCall, a.uuid, "print") == (200, "printing")
+    assert life.act(NoCall, a.uuid, "print") == (200, "printing")
     assert klipper.scripts[-1] == ("RESUME" if pause == "PAUSE" else "M24")
-    assert life.act(cc.NoCall, a.uuid, "pause") == (200, "paused")
+    assert life.act(NoCall, a.uuid, "pause") == (200, "paused")
     assert klipper.scripts[-1] == "PAUSE"
     klipper.run_script_from_command(pause)
     klipper.paused_for = 12.
-    assert life.act(cc.NoCall, a.uuid, "abort") == \
+    assert life.act(NoCall, a.uuid, "abort") == \
         (200, "aborted_wait_cleanup")
     assert not klipper.active and klipper.state in ("cancelled", "standby")
     assert a.time_elapsed == 6 and a.time_total > 6
@@ -503,21 +515,21 @@ def test_lifecycle_refuses_what_does_not_apply(store, klipper, life):
     a, b = two_jobs(store)
     klipper.follow(life)
     for job, action in [(a, "print"), (b, "pause"), (b, "abort")]:
-        with pytest.raises(cc.Conflict):
-            life.act(cc.NoCall, job.uuid, action)
-    with pytest.raises(cc.NotFound):
-        life.act(cc.NoCall, "0000", "pause")
+        with pytest.raises(Conflict):
+            life.act(NoCall, job.uuid, action)
+    with pytest.raises(NotFound):
+        life.act(NoCall, "0000", "pause")
     # a withdrawn call (its HTTP request timed out) changes nothing
-    call = cc.ReactorCall()
+    call = ReactorCall()
     assert call.withdraw()
     assert life.act(call, a.uuid, "pause") is None
     assert a.status == "printing" and klipper.active
-    with pytest.raises(cc.Conflict):
+    with pytest.raises(Conflict):
         life.plate_cleared()
 
 
 def printing_job(store, klipper, life, name="a"):
-    job = cc.Job(name=name, filename=name + ".gcode")
+    job = Job(name=name, filename=name + ".gcode")
     store.add(job)
     klipper.follow(life)
     assert job.status == "printing"
@@ -527,8 +539,8 @@ def printing_job(store, klipper, life, name="a"):
 
 def refused(life, job, action, *words):
     """act() answers 409 with a reason naming words."""
-    with pytest.raises(cc.Conflict) as e:
-        life.act(cc.NoCall, job.uuid, action)
+    with pytest.raises(Conflict) as e:
+        life.act(NoCall, job.uuid, action)
     for word in words:
         assert word in e.value.message, e.value.message
     assert "nothing was done" in e.value.message
@@ -578,7 +590,7 @@ def test_actions_wait_for_a_file_read_to_its_end(store, klipper, life,
 
 def test_resume_after_a_console_cancel(store, klipper, life):
     a = printing_job(store, klipper, life)
-    assert life.act(cc.NoCall, a.uuid, "pause") == (200, "paused")
+    assert life.act(NoCall, a.uuid, "pause") == (200, "paused")
     klipper.run_script_from_command("CANCEL_PRINT")     # not followed yet
     del klipper.scripts[:]
     refused(life, a, "print", "ended", "aborted_wait_cleanup")
@@ -587,7 +599,7 @@ def test_resume_after_a_console_cancel(store, klipper, life):
 
 def test_abort_of_a_print_the_console_replaced(store, klipper, life):
     a = printing_job(store, klipper, life)
-    assert life.act(cc.NoCall, a.uuid, "pause") == (200, "paused")
+    assert life.act(NoCall, a.uuid, "pause") == (200, "paused")
     # the console starts another file over the paused one
     klipper.run_script_from_command("SDCARD_PRINT_FILE FILENAME=c.gcode")
     del klipper.scripts[:]
@@ -601,14 +613,14 @@ def test_abort_of_a_print_the_console_replaced(store, klipper, life):
 def test_queue_changes_and_plate_clear_see_the_print_end(store, klipper,
                                                          life):
     a = printing_job(store, klipper, life)
-    b = cc.Job(name="b", filename="b.gcode")
+    b = Job(name="b", filename="b.gcode")
     store.add(b)
     klipper.finish("complete", 10.)     # not followed yet
     life.plate_cleared()                # the job has ended: not refused
     klipper.run_callbacks()
     assert a.status == "finished" and store.current is b
     klipper.finish("complete", 10.)
-    life.change(cc.NoCall, store.delete, b.uuid)     # ended: deletable
+    life.change(NoCall, store.delete, b.uuid)     # ended: deletable
     assert store.current is None and store.history[0] is b
     assert b.status == "finished"
 
@@ -618,7 +630,7 @@ def test_a_pause_of_no_print_is_cleared_before_the_next_start(store,
     # PAUSE typed in the console as the print ended pauses the idle
     # printer (Klipper's own PAUSE): the next print must not inherit it
     a = printing_job(store, klipper, life)
-    b = cc.Job(name="b", filename="b.gcode")
+    b = Job(name="b", filename="b.gcode")
     store.add(b)
     klipper.finish("complete")
     klipper.run_script_from_command("PAUSE")
@@ -629,8 +641,8 @@ def test_a_pause_of_no_print_is_cleared_before_the_next_start(store,
     assert klipper.scripts[-2:] == ["CLEAR_PAUSE",
                                     "SDCARD_PRINT_FILE FILENAME=b.gcode"]
     assert b.status == "printing" and not klipper.is_paused
-    assert life.act(cc.NoCall, b.uuid, "pause") == (200, "paused")
-    assert life.act(cc.NoCall, b.uuid, "print") == (200, "printing")
+    assert life.act(NoCall, b.uuid, "pause") == (200, "paused")
+    assert life.act(NoCall, b.uuid, "print") == (200, "printing")
 
 
 def test_a_pause_whose_print_fails_first_leaves_no_pause(store, klipper,
@@ -646,8 +658,8 @@ def test_a_pause_whose_print_fails_first_leaves_no_pause(store, klipper,
             klipper.finish("error")
     klipper.run_script_from_command = pause_then_fail
     refused_msg = None
-    with pytest.raises(cc.Conflict) as e:
-        life.act(cc.NoCall, a.uuid, "pause")
+    with pytest.raises(Conflict) as e:
+        life.act(NoCall, a.uuid, "pause")
     refused_msg = e.value.message
     assert "failed_wait_cleanup" in refused_msg
     assert not klipper.is_paused and klipper.scripts[-1] == "CLEAR_PAUSE"
@@ -664,15 +676,15 @@ def test_an_ended_print_shows_the_progress_it_reached(store, klipper, life,
     klipper.duration, klipper.progress = 100., 0.05
     klipper.follow(life)
     if how == "abort":
-        assert life.act(cc.NoCall, a.uuid, "abort")[0] == 200
+        assert life.act(NoCall, a.uuid, "abort")[0] == 200
     elif how == "console cancel":
         klipper.run_script_from_command("CANCEL_PRINT")
     elif how == "error":
         klipper.finish("error")
     elif how == "paused abort":
-        assert life.act(cc.NoCall, a.uuid, "pause") == (200, "paused")
+        assert life.act(NoCall, a.uuid, "pause") == (200, "paused")
         klipper.paused_for = 500.
-        assert life.act(cc.NoCall, a.uuid, "abort")[0] == 200
+        assert life.act(NoCall, a.uuid, "abort")[0] == 200
     else:
         klipper.kstate = "shutdown"
     klipper.follow(life)
@@ -687,7 +699,7 @@ def test_lifecycle_end_states(store, klipper, life):
     for state, expected in [("cancelled", "aborted_wait_cleanup"),
                             ("error", "failed_wait_cleanup"),
                             ("standby", "aborted_wait_cleanup")]:
-        job = cc.Job(name=state, filename=state + ".gcode")
+        job = Job(name=state, filename=state + ".gcode")
         store.add(job)
         klipper.follow(life)
         assert job.status == "printing"
@@ -695,8 +707,8 @@ def test_lifecycle_end_states(store, klipper, life):
         klipper.follow(life)
         assert job.status == expected
         life.plate_cleared()
-        assert job.status == cc.ENDED[expected]
-    job = cc.Job(name="s", filename="s.gcode")
+        assert job.status == ENDED[expected]
+    job = Job(name="s", filename="s.gcode")
     store.add(job)
     klipper.follow(life)
     klipper.kstate = "shutdown"
@@ -710,7 +722,7 @@ def test_lifecycle_external_print(store, klipper, life):
     seen = []
     life.want_metadata = seen.append
     klipper.run_script_from_command("SDCARD_PRINT_FILE FILENAME=m.gcode")
-    store.add(cc.Job(name="q", filename="q.gcode"))
+    store.add(Job(name="q", filename="q.gcode"))
     klipper.follow(life)
     cur = store.current
     assert (cur.name, cur.owner, cur.status) == ("m", "Klipper", "printing")
@@ -719,13 +731,13 @@ def test_lifecycle_external_print(store, klipper, life):
 
 def test_store_restart_reports_interrupted_job(tmp_path):
     path = str(tmp_path / "queue.json")
-    s = cc.JobStore(path, 5, False)
-    job = cc.Job(name="a", filename="a.gcode")
+    s = JobStore(path, 5, False)
+    job = Job(name="a", filename="a.gcode")
     s.add(job)
-    s.add(cc.Job(name="b", filename="b.gcode"))
+    s.add(Job(name="b", filename="b.gcode"))
     s.begin_start(job)
     s.save()
-    s2 = cc.JobStore(path, 5, False)
+    s2 = JobStore(path, 5, False)
     assert s2.current.status == "failed_wait_cleanup"
     assert "restart" in s2.current.message
     assert [j.name for j in s2.queue] == ["b"] and not s2.plate_clear
@@ -735,7 +747,7 @@ def test_store_restart_reports_interrupted_job(tmp_path):
 def test_store_damaged_file_is_kept_aside(tmp_path, text):
     path = tmp_path / "queue.json"
     path.write_text(text)
-    s = cc.JobStore(str(path), 5, False)
+    s = JobStore(str(path), 5, False)
     assert s.queue == [] and (tmp_path / "queue.json.bad").exists()
 
 
@@ -769,18 +781,18 @@ GOOD = {"uuid": "1234abcd", "name": "a", "filename": "a.gcode",
 def test_store_drops_bad_saved_entries(tmp_path, data, kept):
     path = tmp_path / "queue.json"
     path.write_text(json.dumps(data))
-    s = cc.JobStore(str(path), 5, False)
+    s = JobStore(str(path), 5, False)
     assert [j.name for j in s.queue] == kept
     # the file as it was is kept aside; the next save cleans it
     assert json.loads((tmp_path / "queue.json.bad").read_text()) == data
     assert s.dirty
     s.save()
-    again = cc.JobStore(str(path), 5, False)
+    again = JobStore(str(path), 5, False)
     assert [j.name for j in again.queue] == kept and not again.dirty
 
 
 def test_store_move_delete_force(store):
-    jobs = [cc.Job(name=n, filename=n + ".gcode") for n in "abc"]
+    jobs = [Job(name=n, filename=n + ".gcode") for n in "abc"]
     for j in jobs:
         store.add(j)
     store.move(jobs[2].uuid, 0)
@@ -789,7 +801,7 @@ def test_store_move_delete_force(store):
     assert [j.name for j in store.queue] == ["c", "b"]
     store.set_force(jobs[1].uuid, True)
     assert jobs[1].force
-    with pytest.raises(cc.NotFound):
+    with pytest.raises(NotFound):
         store.move("nope", 0)
 
 
@@ -811,8 +823,8 @@ def test_store_never_encodes_under_its_lock(tmp_path, monkeypatch):
     change the reactor makes meanwhile goes through, and the file then
     written still reads back as the store is."""
     path = str(tmp_path / "queue.json")
-    s = cc.JobStore(path, 5, False)
-    jobs = [cc.Job(name="j%d" % i, filename="j%d.gcode" % i)
+    s = JobStore(path, 5, False)
+    jobs = [Job(name="j%d" % i, filename="j%d.gcode" % i)
             for i in range(30)]
     for j in jobs:
         s.add(j)
@@ -831,13 +843,13 @@ def test_store_never_encodes_under_its_lock(tmp_path, monkeypatch):
             t.join(10.)
             assert changes, "the store's lock was held while encoding"
         return real_dumps(obj, *args, **kwargs)
-    monkeypatch.setattr(cc.json, "dumps", dumps)
+    monkeypatch.setattr(json, "dumps", dumps)
     s.save()
-    monkeypatch.setattr(cc.json, "dumps", real_dumps)
+    monkeypatch.setattr(json, "dumps", real_dumps)
     assert seen and all(seen) and changes
     with open(path) as f:
         assert json.load(f) == s.state()
-    again = cc.JobStore(path, 5, False)
+    again = JobStore(path, 5, False)
     # (a job that was printing ends at a restart)
     assert again.current.name == "j1" and [
         (j.to_dict()) for j in again.queue + again.history] == [
@@ -845,9 +857,9 @@ def test_store_never_encodes_under_its_lock(tmp_path, monkeypatch):
     # the next save encodes only what changed since
     seen.clear()
     s.set_force(jobs[5].uuid, True)
-    monkeypatch.setattr(cc.json, "dumps", dumps)
+    monkeypatch.setattr(json, "dumps", dumps)
     s.save()
-    monkeypatch.setattr(cc.json, "dumps", real_dumps)
+    monkeypatch.setattr(json, "dumps", real_dumps)
     assert len(seen) == 1
     with open(path) as f:
         assert json.load(f) == s.state()
@@ -856,8 +868,8 @@ def test_store_never_encodes_under_its_lock(tmp_path, monkeypatch):
 def test_status_and_lookups_stay_small(tmp_path):
     """get_status() lists the first queued jobs and counts them all; jobs
     are found by uuid wherever they are, until they leave the store."""
-    s = cc.JobStore(str(tmp_path / "q.json"), 2, False)
-    jobs = [cc.Job(name="j%d" % i, filename="j%d.gcode" % i)
+    s = JobStore(str(tmp_path / "q.json"), 2, False)
+    jobs = [Job(name="j%d" % i, filename="j%d.gcode" % i)
             for i in range(s.STATUS_JOBS + 5)]
     for j in jobs:
         s.add(j)
@@ -865,8 +877,8 @@ def test_status_and_lookups_stay_small(tmp_path):
     assert [q["name"] for q in st["queue"]] == \
         ["j%d" % i for i in range(s.STATUS_JOBS)]
     assert st["queue_length"] == len(jobs)
-    with pytest.raises(cc.Conflict):
-        s.add(cc.Job(name="x", filename="x.gcode"), len(jobs))
+    with pytest.raises(Conflict):
+        s.add(Job(name="x", filename="x.gcode"), len(jobs))
     for j in jobs[:4]:
         s.begin_start(j)
         s.end(j, "wait_cleanup")
@@ -876,7 +888,7 @@ def test_status_and_lookups_stay_small(tmp_path):
     assert [s.find(j.uuid) for j in jobs[:4]] == [None, None] + jobs[2:4]
     assert s.take_back(jobs[6]) and not s.take_back(jobs[6])
     assert s.find(jobs[6].uuid) is None
-    with pytest.raises(cc.Conflict):
+    with pytest.raises(Conflict):
         s.move(jobs[3].uuid, 0)     # in the history, not queued
     s.delete(jobs[3].uuid)
     assert s.find(jobs[3].uuid) is None
@@ -890,7 +902,7 @@ class ReactorThreadKlipper(FakeKlipper):
         out = {}
         def run():
             try:
-                out["result"] = fn(cc.NoCall, *args)
+                out["result"] = fn(NoCall, *args)
             except Exception as e:
                 out["error"] = e
         t = threading.Thread(target=run, name="reactor")
@@ -907,7 +919,7 @@ def test_uploads_join_the_queue_in_the_reactor(tmp_path, monkeypatch):
     taking the job back when it cannot be saved."""
     from types import SimpleNamespace
     klipper = ReactorThreadKlipper()
-    store = cc.JobStore(str(tmp_path / "queue.json"), 5, False)
+    store = JobStore(str(tmp_path / "queue.json"), 5, False)
     store.plate_clear = False       # nothing starts
     changed_in = []
     for name in ("add", "take_back"):
@@ -918,10 +930,10 @@ def test_uploads_join_the_queue_in_the_reactor(tmp_path, monkeypatch):
     removed = []
     conn = SimpleNamespace(
         bridge=klipper, store=store, max_queue=2,
-        lifecycle=cc.JobLifecycle(klipper, store, lambda job: None),
+        lifecycle=JobLifecycle(klipper, store, lambda job: None),
         intake=SimpleNamespace(remove=lambda f, p: removed.append(f)),
         materials=SimpleNamespace(name_job_materials=lambda w, p: []))
-    api = cc.CuraApi(conn)
+    api = CuraApi(conn)
     meta = {"time_estimate": 60, "preview": None, "materials": [],
             "material_profiles": {}}
     reply = api.add_upload("a.gcode", "alice", meta, "127.0.0.1")
@@ -930,7 +942,7 @@ def test_uploads_join_the_queue_in_the_reactor(tmp_path, monkeypatch):
     with open(store.path) as f:
         assert [j["filename"] for j in json.load(f)["queue"]] == ["a.gcode"]
     api.add_upload("b.gcode", "alice", meta, "127.0.0.1")
-    with pytest.raises(cc.Conflict):
+    with pytest.raises(Conflict):
         api.add_upload("c.gcode", "alice", meta, "127.0.0.1")
     assert removed == ["c.gcode"] and len(store.queue) == 2
     store.delete(store.queue[1].uuid)
@@ -946,7 +958,7 @@ def test_uploads_join_the_queue_in_the_reactor(tmp_path, monkeypatch):
         raise OSError(28, "No space left on device")
     monkeypatch.setattr(store, "save", no_room)
     changed_in.clear()
-    with pytest.raises(cc.NoSpace):
+    with pytest.raises(NoSpace):
         api.add_upload("d.gcode", "alice", meta, "127.0.0.1")
     assert changed_in == [("add", "reactor"), ("take_back", "reactor")]
     assert removed == ["c.gcode", "d.gcode"] and store.queue == []
@@ -959,8 +971,8 @@ def test_uploads_join_the_queue_in_the_reactor(tmp_path, monkeypatch):
 
 
 def test_auto_start_next(tmp_path, klipper):
-    store = cc.JobStore(str(tmp_path / "q.json"), 5, True)
-    life = cc.JobLifecycle(klipper, store, lambda job: None)
+    store = JobStore(str(tmp_path / "q.json"), 5, True)
+    life = JobLifecycle(klipper, store, lambda job: None)
     a, b = two_jobs(store)
     klipper.follow(life)
     klipper.finish()
@@ -981,7 +993,7 @@ GUID = "3ee70a86-77d8-4b87-8005-e4a1bc57d2ce"
 
 
 def test_material_store(tmp_path):
-    m = cc.MaterialStore(str(tmp_path / "materials"))
+    m = MaterialStore(str(tmp_path / "materials"))
     assert m.list() == []
     assert m.add("acme_pla.xml.fdm_material", (MATERIAL % (GUID, 2)).encode())
     assert not m.add("acme_pla.xml.fdm_material",
@@ -989,7 +1001,7 @@ def test_material_store(tmp_path):
     assert m.add("renamed.xml.fdm_material", (MATERIAL % (GUID, 3)).encode())
     assert os.listdir(tmp_path / "materials") == ["renamed.xml.fdm_material"]
     # a new store reads the folder back
-    got = cc.MaterialStore(str(tmp_path / "materials")).list()
+    got = MaterialStore(str(tmp_path / "materials")).list()
     assert [(g["guid"], g["version"], g["brand"], g["color"]) for g in got] \
         == [(GUID, 3, "Acme", "Red")]
 
@@ -1010,16 +1022,16 @@ def test_material_store(tmp_path):
         "wrong root", "not XML",
         "entity expansion", "external entity"])
 def test_material_rejects(tmp_path, data, why):
-    m = cc.MaterialStore(str(tmp_path))
-    with pytest.raises(cc.BadInput) as e:
+    m = MaterialStore(str(tmp_path))
+    with pytest.raises(BadInput) as e:
         m.add("x.xml.fdm_material", data.encode())
     assert why in e.value.message
     assert m.list() == []
 
 
 def test_material_bad_name(tmp_path):
-    m = cc.MaterialStore(str(tmp_path))
-    with pytest.raises(cc.BadInput):
+    m = MaterialStore(str(tmp_path))
+    with pytest.raises(BadInput):
         m.add("../evil.xml", (MATERIAL % (GUID, 1)).encode())
 
 
@@ -1042,8 +1054,8 @@ class FakeApi:
 
 def test_reply_cache_job_list():
     api = FakeApi()
-    cache = cc.ReplyCache(api)
-    jobs = [cc.Job(name="j%d" % i, filename="j%d.gcode" % i)
+    cache = ReplyCache(api)
+    jobs = [Job(name="j%d" % i, filename="j%d.gcode" % i)
             for i in range(45)]
     head, rest = [jobs[0]], jobs[1:]
     pauses = []
@@ -1053,7 +1065,7 @@ def test_reply_cache_job_list():
         [api.job_json(jobs[0], True)]
         + [api.job_json(j, False) for j in jobs[1:]]).encode()
     assert len(pauses) == 2          # a long list is encoded in steps
-    small = cc.ReplyCache(api)
+    small = ReplyCache(api)
     small.CHUNK = 10
     chunked = small.job_list(head, rest, lambda: None)
     assert len(chunked) == 7 and b"".join(chunked) == b"".join(first)
@@ -1076,7 +1088,7 @@ def test_reply_cache_job_list():
 
 
 def test_serve_gate_one_holder_and_a_stuck_one():
-    gate = cc.ServeGate()
+    gate = ServeGate()
     gate.STUCK = 0.05
     assert gate.enter()
     inside = []
@@ -1095,7 +1107,7 @@ def test_serve_gate_one_holder_and_a_stuck_one():
 
 def test_serve_gate_hands_over():
     # Threads queued at the gate all get through, one at a time
-    gate = cc.ServeGate()
+    gate = ServeGate()
     gate.STUCK = 60.     # a loaded test machine is no stuck holder
     held, peak, done = [0], [0], []
     lock = threading.Lock()
@@ -1129,7 +1141,7 @@ def test_material_profile_names_like_cura():
                                (b"Black", b"", "Black PLA"),
                                (b"Black", b"<label>Pro PLA</label>",
                                 "Pro PLA")):
-        assert cc.MaterialStore.parse(xml % (color, label))["name"] == name
+        assert MaterialStore.parse(xml % (color, label))["name"] == name
 
 
 # The front process: which request heads it answers itself
@@ -1184,7 +1196,7 @@ def test_material_profile_names_like_cura():
      + b"\r\n", None),
 ])
 def test_front_answers_only_plain_reads(head, route):
-    req = cc.FrontRequest.parse(head)
+    req = FrontRequest.parse(head)
     assert (req and req.handler) == route
 
 
@@ -1196,7 +1208,7 @@ def test_front_answers_only_plain_reads(head, route):
 ])
 def test_front_ends_a_head_where_http_server_does(head, rest):
     data = (head or b"") + rest
-    found = cc.HEAD_END.search(data)
+    found = HEAD_END.search(data)
     assert (found and data[:found.end()]) == head
 
 
@@ -1209,7 +1221,7 @@ def test_front_ends_a_head_where_http_server_does(head, rest):
      b"\r\n\r\n", False),
 ])
 def test_front_keeps_connections_as_http_server_does(head, close):
-    assert cc.FrontRequest.parse(head).close is close
+    assert FrontRequest.parse(head).close is close
 
 
 @pytest.mark.parametrize("line,upload", [
@@ -1220,7 +1232,7 @@ def test_front_keeps_connections_as_http_server_does(head, close):
     ("POST /cluster-api/v1/materials HTTP/1.1\r\n", False),
 ])
 def test_front_receives_only_uploads(line, upload):
-    assert bool(cc.UPLOAD_LINE.match(line + "Host: x\r\n\r\n")) is upload
+    assert bool(UPLOAD_LINE.match(line + "Host: x\r\n\r\n")) is upload
 
 
 def test_control_frames_round_trip_and_stop_at_a_cut():
@@ -1228,25 +1240,25 @@ def test_control_frames_round_trip_and_stop_at_a_cut():
     a, b = socket.socketpair()
     sent = [("printers", b"[1]"), ("commit", b"1 0"), ("empty", b""),
             ("big", b"x" * 300000)]
-    writer = threading.Thread(target=lambda: [cc.send_frame(a, k, v)
+    writer = threading.Thread(target=lambda: [send_frame(a, k, v)
                                               for k, v in sent])
     writer.start()
-    reader = cc.FrameReader(b)
+    reader = FrameReader(b)
     frames = reader.frames()
     got = [next(frames) for _ in sent]
     writer.join()
     assert got == sent
     assert not reader.pending()
-    cc.send_frame(a, "more", b"1")
+    send_frame(a, "more", b"1")
     assert reader.pending() and next(frames) == ("more", b"1")
     a.close()
     assert list(frames) == []
     b.close()
     # a frame cut short (the other process died) ends the stream
     c, d = socket.socketpair()
-    c.sendall(cc.FRAME.pack(100, 4) + b"half" + b"z" * 10)
+    c.sendall(FRAME.pack(100, 4) + b"half" + b"z" * 10)
     c.close()
-    assert list(cc.FrameReader(d).frames()) == []
+    assert list(FrameReader(d).frames()) == []
     d.close()
 
 
@@ -1256,7 +1268,7 @@ PETG = {"extruder": 0, "guid": "1cbfaeb3-1906-4b26-b2e7-6f777a8c197a",
 
 
 def test_griffin_header_materials():
-    head = cc.gcode_comment_lines(
+    head = gcode_comment_lines(
         b";FLAVOR:Griffin\n"
         b";EXTRUDER_TRAIN.0.MATERIAL.GUID:3EE70A86-77d8-4b87-8005-e4a1bc57d2ce"
         b"\r\n;EXTRUDER_TRAIN.0.NOZZLE.NAME:AA 0.4\n"
@@ -1264,15 +1276,15 @@ def test_griffin_header_materials():
         b";EXTRUDER_TRAIN.1.MATERIAL.GUID:not a guid\n"
         b";EXTRUDER_TRAIN.2.MATERIAL.GUID:\n"
         b";EXTRUDER_TRAIN.99.MATERIAL.GUID:abc\nG1 X1\n")
-    assert cc.parse_gcode_metadata(head, b"")["materials"] == [
+    assert parse_gcode_metadata(head, b"")["materials"] == [
         {"extruder": 0, "guid": "3ee70a86-77d8-4b87-8005-e4a1bc57d2ce",
          "print_core_id": "AA 0.4"},
         {"extruder": 1, "print_core_id": "BB 0.4"}]
     # Cura's Marlin header names no material
     marlin = b";FLAVOR:Marlin\n;TIME:60\n;Filament used: 1m\nG1 X1\n"
-    assert cc.parse_gcode_metadata(marlin, b"")["materials"] == []
-    assert cc.valid_job_materials(
-        cc.parse_gcode_metadata(head, b"")["materials"])
+    assert parse_gcode_metadata(marlin, b"")["materials"] == []
+    assert valid_job_materials(
+        parse_gcode_metadata(head, b"")["materials"])
 
 
 HOUSE = {"extruder": 0, "guid": "0b1c7e2a-5f7c-4d57-a9b4-2c9d7a4b1e01",
@@ -1296,42 +1308,42 @@ HOUSE = {"extruder": 0, "guid": "0b1c7e2a-5f7c-4d57-a9b4-2c9d7a4b1e01",
     (HOUSE, {"material": "PETG", "color": "red"}, True),
 ])
 def test_material_differs(wanted, loaded, differs):
-    assert cc.material_differs(wanted, loaded) is differs
+    assert material_differs(wanted, loaded) is differs
     # a job that names only a GUID is compared by GUID only
-    assert cc.material_differs({"extruder": 0, "guid": wanted["guid"]},
+    assert material_differs({"extruder": 0, "guid": wanted["guid"]},
                                loaded) is bool(differs and "guid" in loaded)
 
 
 def test_job_materials_named_from_the_ufp_then_the_store(tmp_path):
-    m = cc.MaterialStore(str(tmp_path / "m"))
+    m = MaterialStore(str(tmp_path / "m"))
     m.add("house.xml.fdm_material", (MATERIAL % (GUID, 1)).encode())
     wanted = [{"extruder": 0, "guid": PETG["guid"]},
               {"extruder": 1, "guid": GUID},
               {"extruder": 2, "guid": "unknown"}]
-    named = m.name_job_materials(wanted, {PETG["guid"]: cc.MaterialStore.parse(
+    named = m.name_job_materials(wanted, {PETG["guid"]: MaterialStore.parse(
         (MATERIAL % (PETG["guid"], 2)).encode())})
     assert [e.get("name") for e in named] == ["Red PLA", "Red PLA", None]
     assert named[2] == {"extruder": 2, "guid": "unknown"}
-    assert cc.valid_job_materials(named)
+    assert valid_job_materials(named)
 
 
 def test_lifecycle_holds_a_job_until_forced_or_loaded(tmp_path, klipper):
-    loaded = cc.LoadedMaterials(str(tmp_path / "loaded.json"),
+    loaded = LoadedMaterials(str(tmp_path / "loaded.json"),
                                 [("extruder", {"material": "PLA"})])
     def changes(job):
         return [] if job.force else loaded.changes(job.materials)
     for auto_start_next in (False, True):
-        store = cc.JobStore(str(tmp_path / "q.json"), 5, auto_start_next)
-        life = cc.JobLifecycle(klipper, store, lambda job: None, changes)
-        done = cc.Job(name="done", filename="done.gcode")
+        store = JobStore(str(tmp_path / "q.json"), 5, auto_start_next)
+        life = JobLifecycle(klipper, store, lambda job: None, changes)
+        done = Job(name="done", filename="done.gcode")
         store.add(done)
         klipper.follow(life)
         klipper.finish()
         klipper.follow(life)
         if not auto_start_next:
             life.plate_cleared()
-        a = cc.Job(name="a", filename="a.gcode", materials=[PETG])
-        b = cc.Job(name="b", filename="b.gcode", materials=[PETG])
+        a = Job(name="a", filename="a.gcode", materials=[PETG])
+        b = Job(name="b", filename="b.gcode", materials=[PETG])
         store.add(a)
         store.add(b)
         klipper.follow(life)
@@ -1342,7 +1354,7 @@ def test_lifecycle_holds_a_job_until_forced_or_loaded(tmp_path, klipper):
         assert store.printer_jobs() == ([a], [done, b] if store.current
                                         else [b])
         assert store.status_cache["held_job"]["name"] == "a"
-        life.change(cc.NoCall, store.set_force, a.uuid, True)
+        life.change(NoCall, store.set_force, a.uuid, True)
         klipper.run_callbacks()
         assert a.status == "printing" and store.printer_jobs()[0] == [a]
         klipper.finish()
@@ -1363,9 +1375,9 @@ def test_finished_at_is_iso_and_old_epochs_convert(tmp_path):
     path = tmp_path / "queue.json"
     path.write_text(json.dumps({"history": [dict(
         GOOD, status="finished", finished_at=1764410400.5)]}))
-    s = cc.JobStore(str(path), 5, False)
+    s = JobStore(str(path), 5, False)
     assert s.history[0].finished_at == "2025-11-29T10:00:00.000000Z"
-    job = cc.Job(name="x", filename="x.gcode")
+    job = Job(name="x", filename="x.gcode")
     s.end(job, "wait_cleanup")
     assert re.match(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.000000Z$",
                     job.finished_at)
@@ -1382,14 +1394,14 @@ def test_finished_at_is_iso_and_old_epochs_convert(tmp_path):
     ("é" * 300 + ".gcode", "é" * 200),
 ])
 def test_job_name_is_the_users(given, shown):
-    assert cc.job_name(given) == shown
-    assert cc.SAVED_JOB_FIELDS["name"](shown)
+    assert job_name(given) == shown
+    assert SAVED_JOB_FIELDS["name"](shown)
 
 
 def test_label_text_takes_anything():
-    assert cc.label_text(None, 10) == "" and cc.label_text(5, 10) == ""
-    assert cc.label_text("ab\udcff\u200d", 10) == "ab"
-    assert cc.label_text("x" * 20, 10) == "x" * 10
+    assert label_text(None, 10) == "" and label_text(5, 10) == ""
+    assert label_text("ab\udcff\u200d", 10) == "ab"
+    assert label_text("x" * 20, 10) == "x" * 10
 
 
 class FakeUpload:
@@ -1400,9 +1412,9 @@ class FakeUpload:
 
 def gcode_output(tmp_path, covered=lambda: 1 << 40):
     import io
-    intake = cc.FileIntake(str(tmp_path), 1 << 30)
+    intake = FileIntake(str(tmp_path), 1 << 30)
     out = io.BytesIO()
-    return cc.GcodeOutput(out, FakeUpload(intake), covered), out
+    return GcodeOutput(out, FakeUpload(intake), covered), out
 
 
 @pytest.mark.parametrize("data, why", [
@@ -1415,7 +1427,7 @@ def gcode_output(tmp_path, covered=lambda: 1 << 40):
 ])
 def test_gcode_output_refuses_binary(tmp_path, data, why):
     gcode, out = gcode_output(tmp_path)
-    with pytest.raises(cc.Unsupported) as e:
+    with pytest.raises(Unsupported) as e:
         for i in range(len(data)):      # byte by byte: found all the same
             gcode.write(memoryview(data)[i:i + 1])
         gcode.close()
@@ -1431,7 +1443,7 @@ def test_gcode_output_passes_text(tmp_path):
     assert out.getvalue() == text
     # only the start is looked at
     gcode, out = gcode_output(tmp_path)
-    gcode.write(b"G1\n" * (cc.TEXT_CHECK_BYTES // 3 + 1))
+    gcode.write(b"G1\n" * (TEXT_CHECK_BYTES // 3 + 1))
     gcode.write(b"\x00")
     gcode.close()
 
@@ -1446,19 +1458,19 @@ def test_gcode_output_keeps_the_margin(tmp_path, monkeypatch):
     gcode.upload.intake.in_flight.add(gcode.upload)
     chunk = b"G1 X1\n" * (MiB // 6)
     written = 0
-    with pytest.raises(cc.NoSpace) as e:
+    with pytest.raises(NoSpace) as e:
         while True:
             gcode.write(chunk)
             written += len(chunk)
             free[0] -= len(chunk) if written > covered[0] else 0
     assert "Disk full" in e.value.message
-    assert free[0] >= cc.SPACE_MARGIN
-    assert free[0] - len(chunk) < cc.SPACE_MARGIN
+    assert free[0] >= SPACE_MARGIN
+    assert free[0] - len(chunk) < SPACE_MARGIN
     # another upload's pending bytes are kept free as well
     other = FakeUpload(gcode.upload.intake)
     other.length = 10 * MiB
     gcode.upload.intake.in_flight.add(other)
     free[0] = 40 * MiB
-    with pytest.raises(cc.NoSpace):
+    with pytest.raises(NoSpace):
         gcode.upload.intake.check_room(gcode.upload, 15 * MiB)
     gcode.upload.intake.check_room(gcode.upload, 14 * MiB)

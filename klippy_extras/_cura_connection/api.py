@@ -1,0 +1,633 @@
+import json
+import logging
+import operator
+import os
+import re
+import socket
+import threading
+import urllib.parse
+import uuid
+
+from .definition import web_page
+from .errors import CuraError, HTTPError, storage_error
+from .intake import parse_small_multipart
+from .jobs import ACTIONS, ACTIVE, JOB_FIELDS, Job
+from .limits import MAX_MATERIAL_BODY
+from .names import MAX_JOB_NAME, clean_text, label_text
+
+
+# Cura refuses firmware below 4.0.0 and sends UFP from 4.4 on.
+FIRMWARE_VERSION = "5.2.11"
+
+
+class Payload:
+    """A reply body as bytes (an image, or JSON encoded ahead) or a list of
+    bytes to send one after the other, its type, extra headers."""
+    def __init__(self, data, ctype, headers=()):
+        self.data = data
+        self.ctype = ctype
+        self.headers = list(headers)
+UUID_RE = r"([0-9a-fA-F-]{1,64})"
+MATERIALS_PATH = "/cluster-api/v1/materials"
+ROUTES = [
+    ("GET", r"/api/v1/system", "get_system"),
+    ("POST", r"/api/v1/auth/request", "post_auth_request"),
+    ("GET", r"/api/v1/auth/check/([0-9a-zA-Z]{1,64})", "get_auth_check"),
+    ("GET", r"/api/v1/auth/verify", "get_auth_verify"),
+    ("GET", r"/cluster-api/v1/printers", "get_printers"),
+    ("GET", r"/cluster-api/v1/print_jobs", "get_print_jobs"),
+    ("GET", r"/cluster-api/v1/print_jobs/history", "get_history"),
+    ("POST", r"/cluster-api/v1/print_jobs", "post_print_job"),
+    ("GET", r"/cluster-api/v1/print_jobs/%s" % UUID_RE, "get_print_job"),
+    ("PUT", r"/cluster-api/v1/print_jobs/%s" % UUID_RE, "put_print_job"),
+    ("DELETE", r"/cluster-api/v1/print_jobs/%s" % UUID_RE,
+     "delete_print_job"),
+    ("PUT", r"/cluster-api/v1/print_jobs/%s/action" % UUID_RE, "put_action"),
+    ("POST", r"/cluster-api/v1/print_jobs/%s/action/move" % UUID_RE,
+     "post_move"),
+    ("GET", r"/cluster-api/v1/print_jobs/%s/preview_image" % UUID_RE,
+     "get_preview_image"),
+    ("GET", MATERIALS_PATH, "get_materials"),
+    ("POST", MATERIALS_PATH, "post_material"),
+    # not Cura's: the web page's, the camera and the machine definition
+    ("POST", r"/cluster-api/v1/printers/%s/action/plate_cleared" % UUID_RE,
+     "post_plate_cleared"),
+    ("GET", r"/", "get_root"),            # Cura's camera: /?action=stream
+    ("GET", r"/printers/camera", "get_root"),   # same, under nginx's paths
+    ("GET", r"/print_jobs", "get_page"),  # "Manage in browser" links
+    ("GET", r"/printers", "get_page"),
+    ("GET", r"/printers/cura_definition\.zip", "get_definition_zip"),
+    ("GET", r"/printers/cura_definition/([A-Za-z0-9_.]{1,200})",
+     "get_definition_file"),
+]
+COMPILED_ROUTES = [(m, re.compile(p + "$"), h) for m, p, h in ROUTES]
+
+
+def find_route(method, path):
+    """(handler name, url groups) of a request (path without its query);
+    HTTPError 405 for a path of another method, 404 for no such path
+    (both processes route with this)."""
+    path = path.rstrip("/") or "/"
+    allowed = []
+    for m, regex, handler in COMPILED_ROUTES:
+        match = regex.match(path)
+        if match:
+            if m == method:
+                return handler, match.groups()
+            allowed.append(m)
+    if allowed:
+        raise HTTPError(405, "%s is not allowed on %s (use %s)"
+                        % (method, path, ", ".join(allowed)))
+    raise HTTPError(404, "No such endpoint: %s" % (path,))
+
+
+def camera_action(path):
+    """What a path of the camera routes asks: "stream", "snapshot" or
+    "" (the page, or the 404 that names the camera address)."""
+    query = urllib.parse.parse_qs(urllib.parse.urlsplit(path).query)
+    action = query.get("action", [""])[0]
+    return action if action in ("stream", "snapshot") else ""
+
+
+# What a job's reply is made of (its saved fields): a change to any of
+# them is a new reply
+JOB_REPLY_KEY = operator.attrgetter(*JOB_FIELDS)
+
+
+class ReplyCache:
+    """Replies serialized once and reused while what they show is unchanged.
+
+    A poll of an unchanged printer or job list then costs a key compare,
+    not a JSON encoding; a long queue is encoded job by job (short GIL
+    holds, with pause() between them), and only jobs that changed.  The
+    list goes out in chunks: joining 6 MB at once held the GIL for 10-20 ms
+    on a busy host.  A poll leaves few new objects behind (keys are flat
+    tuples of plain values): Klipper's reactor runs the garbage collector
+    itself, and its pause grows with what other threads left to collect.
+    One cache per job list: it keeps the jobs of the last list only."""
+    PAUSE_EVERY = 20       # jobs encoded or checked between pause() calls
+    CHUNK = 100            # jobs per chunk of the list
+
+    def __init__(self, api):
+        self.api = api
+        self.printer = (None, b"")
+        # uuid -> (what the JSON was made from, JSON bytes); replaced
+        # whole, so a thread never sees one job's key with another's JSON
+        self.entries = {}
+        self.listing = ([], [b"[]"])   # the last list: parts, chunks
+
+    def printers(self, snap, req):
+        """JSON bytes of the /printers list for this snapshot."""
+        api = self.api
+        cur = api.store.current
+        config = json.dumps(api.printer_configuration(snap))
+        key = (snap["seq"], req.reachable_ip(), config, api.store.plate_clear,
+               cur and JOB_REPLY_KEY(cur))
+        if self.printer[0] != key:
+            self.printer = (key, json.dumps(
+                [api.printer_json(snap, req)]).encode())
+        return self.printer[1]
+
+    def job(self, job, linked, config, entries):
+        """JSON bytes of one job (config: CuraApi.jobs_basis()); its
+        entry goes into entries."""
+        key = JOB_REPLY_KEY(job) + (linked, config)
+        entry = self.entries.get(job.uuid)
+        if entry is None or entry[0] != key:
+            # (an unchanged job keeps its old entry: nothing new to collect)
+            entry = (key, json.dumps(self.api.job_json(job, linked)).encode())
+        entries[job.uuid] = entry
+        return entry[1]
+
+    def job_list(self, linked, others, pause):
+        """The JSON list of the jobs linked (on the printer), then the
+        others, as a list of bytes."""
+        config = self.api.jobs_basis()
+        parts, entries = [], {}
+        for i, job in enumerate(linked + others):
+            if i and not i % self.PAUSE_EVERY:
+                pause()
+            parts.append(self.job(job, i < len(linked), config, entries))
+        self.entries = entries    # jobs no longer listed are forgotten
+        last_parts, chunks = self.listing
+        if parts != last_parts:     # the same bytes objects: compared fast
+            chunks = [b", ".join(parts[i:i + self.CHUNK])
+                      for i in range(0, len(parts), self.CHUNK)]
+            chunks = [b"["] + [b", " + c if i else c
+                               for i, c in enumerate(chunks)] + [b"]"]
+            self.listing = (parts, chunks)
+        return chunks
+
+
+class CuraApi:
+    """The cluster API: turns requests into JSON from snapshots and store.
+    Handlers run in HTTP threads: they read snapshots and the store, and
+    change jobs only through bridge.call(lifecycle...), in the reactor."""
+    def __init__(self, conn):
+        self.conn = conn
+        self.bridge = conn.bridge
+        self.store = conn.store
+        self.lifecycle = conn.lifecycle
+        self.intake = conn.intake
+        self.materials = conn.materials
+        self.replies = ReplyCache(self)
+        self.history_replies = ReplyCache(self)    # the page's history
+        self.auth_request_lock = threading.Lock()
+
+    def route(self, method, path):
+        handler, args = find_route(method, path)
+        return getattr(self, handler), args
+
+    # JSON models
+    def printer_configuration(self, snap):
+        return [{"extruder_index": i,
+                 "print_core_id": self.conn.print_core_ids[i],
+                 "material": self.material_json(self.conn.loaded.get(i))}
+                for i in range(self.conn.extruder_count)]
+
+    def material_json(self, entry):
+        # Cura shows name and colour of the GUIDs it has; for others,
+        # "Unknown" in the colour given here (a QML colour: code or name)
+        if not entry:
+            return None
+        if entry.get("material") == "empty":
+            return {"guid": "", "material": "empty", "brand": "",
+                    "color": "", "name": "Empty"}
+        known = self.materials.resolve(entry)
+        if known:
+            return {"guid": known["guid"], "brand": known["brand"],
+                    "material": known["material"],
+                    "color": known["color_code"] or known["color"],
+                    "name": known["name"]}
+        # Cura only redraws a material whose GUID changed: give each
+        # brand/type/colour its own
+        guid = entry.get("guid") or str(uuid.uuid5(
+            uuid.NAMESPACE_URL, "cura-connection:material:%s/%s/%s" % (
+                entry.get("brand", ""), entry.get("material", ""),
+                entry.get("color", ""))))
+        return {"guid": guid, "brand": entry.get("brand", ""),
+                "material": entry.get("material", ""),
+                "color": entry.get("color", ""),
+                "name": " ".join(entry[k] for k in (
+                    "brand", "material", "color") if entry.get(k))
+                or "Unknown"}
+
+    def printer_json(self, snap, req):
+        cur = self.store.current
+        kstate = snap["klippy_state"]
+        if kstate == "startup":
+            status = "booting"
+        elif kstate != "ready":
+            status = "error"
+        elif (cur is not None and cur.status in ACTIVE) or \
+                snap["print_stats"].get("state") in ("printing", "paused"):
+            status = "printing"
+        else:
+            status = "idle"
+        return {
+            "enabled": True, "firmware_version": FIRMWARE_VERSION,
+            "friendly_name": self.conn.name, "unique_name": self.conn.name,
+            "ip_address": req.reachable_ip(),
+            "machine_variant": self.conn.machine_variant,
+            "status": status, "uuid": self.conn.printer_uuid,
+            "configuration": self.printer_configuration(snap),
+            "build_plate": {"type": "glass"}, "reserved_by": None,
+            "maintenance_required": False,
+            "firmware_update_status": "up_to_date",
+            "latest_available_firmware": FIRMWARE_VERSION,
+            # extra fields, ignored by Cura, read by the web page
+            "klipper_state": kstate, "state_message": snap["state_message"],
+            "extruders": snap["extruders"], "heater_bed": snap["heater_bed"],
+            "plate_clear": self.store.plate_clear,
+            "progress": snap["virtual_sdcard"].get("progress"),
+            "camera": self.conn.camera is not None,
+            "machine_definition": self.conn.definition.id,
+        }
+
+    def jobs_basis(self):
+        # JSON of what jobs' replies are made of besides their fields: the
+        # printer's configuration, the loaded entries changes compare
+        return json.dumps([self.printer_configuration(None),
+                           self.conn.loaded.status_cache])
+
+    def job_configuration(self, job):
+        # The printer's configuration, with what the job's file asks of
+        # the extruders it names
+        config = self.printer_configuration(None)
+        for wanted in job.materials:
+            if wanted["extruder"] >= len(config):
+                continue
+            extruder = config[wanted["extruder"]]
+            if wanted.get("print_core_id") and extruder["print_core_id"]:
+                extruder["print_core_id"] = wanted["print_core_id"]
+            if wanted.get("guid") or wanted.get("material"):
+                extruder["material"] = self.wanted_material_json(wanted)
+        return config
+
+    def wanted_material_json(self, wanted):
+        # A job's material as the printer's are shown (by GUID, else the
+        # file's own names and colour code)
+        entry = {k: wanted[k] for k in ("guid", "brand", "material")
+                 if wanted.get(k)}
+        if wanted.get("color_code") or wanted.get("color"):
+            entry["color"] = wanted.get("color_code") or wanted["color"]
+        d = self.material_json(entry)
+        d["name"] = wanted.get("name") or d["name"]
+        return d
+
+    def configuration_changes(self, job):
+        # Cura's "Configuration change" list for a job that waits for one;
+        # material_change only: Cura lets the user override it
+        changes = []
+        for index, wanted, loaded in self.conn.configuration_changes(job):
+            target = self.wanted_material_json(wanted)
+            origin = self.material_json(loaded)
+            changes.append({
+                "type_of_change": "material_change", "index": index,
+                "target_id": target["guid"], "origin_id": origin["guid"],
+                "target_name": target["name"],
+                "origin_name": origin["name"]})
+        return changes
+
+    def job_json(self, job, linked):
+        d = {"uuid": job.uuid, "name": job.name, "owner": job.owner,
+             "created_at": job.created_at, "status": job.status,
+             "started": job.started, "force": job.force,
+             "machine_variant": self.conn.machine_variant,
+             "time_total": int(job.time_total),
+             "time_elapsed": int(job.time_elapsed or 0),
+             "configuration": self.job_configuration(job),
+             "constraints": [],
+             "configuration_changes_required":
+                 self.configuration_changes(job),
+             "impediments_to_printing": [], "build_plate": {"type": "glass"},
+             "compatible_machine_families": [self.conn.machine_variant],
+             "filename": job.filename, "source": job.source,
+             "has_preview": bool(job.preview), "finished_at": job.finished_at}
+        if job.message:
+            d["message"] = job.message
+        # Only the job on the printer may point at it (Cura pitfall 6)
+        if linked:
+            d["printer_uuid"] = d["assigned_to"] = self.conn.printer_uuid
+        elif job.started:
+            d["printed_on_uuid"] = self.conn.printer_uuid
+        return d
+
+    # Handlers: (request, *url groups) -> (status, JSON-able or bytes)
+    def get_system(self, req):
+        return 200, {
+            "guid": self.conn.printer_uuid, "firmware": FIRMWARE_VERSION,
+            "hostname": socket.gethostname(), "name": self.conn.name,
+            "platform": "Klipper %s" % (self.conn.klipper_version,),
+            "variant": self.conn.machine_variant,
+            "hardware": {"typeid": self.conn.machine_bom, "revision": 0},
+        }
+
+    def post_auth_request(self, req):
+        # Cura >= 5.11 asks for credentials and then signs requests with
+        # them (HTTP Digest).  With require_pairing the user allows them
+        # with CURA_ALLOW; otherwise they are handed out and accepted.
+        body = req.read_json(optional=True)
+        if not isinstance(body, dict):
+            body = {}
+        auth = self.conn.auth
+        with self.auth_request_lock:
+            # Cura asks again after each 401 (and several times at once
+            # when it connects): one waiting request per Cura
+            found = auth.find_pending(body.get("application"),
+                                      body.get("user"), str(req.client_ip()))
+            if found:
+                return 200, {"id": found[0], "key": found[1]}
+            key_id, key = auth.request(body.get("application"),
+                                       body.get("user"),
+                                       str(req.client_ip()))
+        try:
+            auth.save()
+        except OSError as e:
+            logging.error("cura_connection: cannot save credentials: %s", e)
+        if self.conn.require_pairing:
+            self.conn.console(
+                "Cura (%s, %s) at %s asks to control this printer: "
+                "CURA_ALLOW ID=%s allows it, CURA_PAIRING lists requests"
+                % (clean_text(body.get("application")) or "?",
+                   clean_text(body.get("user")) or "?", req.client_ip(),
+                   key_id))
+        return 200, {"id": key_id, "key": key}
+
+    def get_auth_check(self, req, key_id):
+        status = self.conn.auth.status(key_id)
+        if status != "unknown" and not self.conn.require_pairing:
+            status = "authorized"
+        return 200, {"message": status}
+
+    def get_auth_verify(self, req):
+        if self.conn.require_pairing:
+            self.conn.auth.verify(req.command, req.path,
+                                  req.headers.get("Authorization"))
+        return 200, {"message": "ok"}
+
+    # The three polled replies (also published to the front process)
+    def printers_reply(self, req):
+        """JSON bytes of /printers as req (its reachable_ip()) sees it."""
+        return self.replies.printers(self.bridge.snapshot, req)
+
+    def print_jobs_reply(self, pause):
+        """The /print_jobs list as chunks of JSON bytes: only the
+        printer's job and the queue, as an Ultimaker lists them (Cura
+        clears its printer card only when the job leaves this list)."""
+        linked, others = self.store.printer_jobs()
+        return self.replies.job_list(linked, others, pause)
+
+    def history_reply(self, pause):
+        cur, queue, history = self.store.all_jobs()
+        return self.history_replies.job_list([], history, pause)
+
+    def get_printers(self, req):
+        return 200, Payload(self.printers_reply(req), "application/json")
+
+    def get_print_jobs(self, req):
+        return 200, Payload(self.print_jobs_reply(req.server.gate.breathe),
+                            "application/json")
+
+    def get_history(self, req):
+        return 200, Payload(self.history_reply(req.server.gate.breathe),
+                            "application/json")
+
+    def get_print_job(self, req, job_uuid):
+        job = self.store.get(job_uuid)
+        return 200, self.job_json(job, job in self.store.printer_jobs()[0])
+
+    def get_preview_image(self, req, job_uuid):
+        job = self.store.get(job_uuid)
+        data = job.preview and self.intake.read_preview(job.preview)
+        if not data:
+            raise HTTPError(404, "Print job %s has no preview image"
+                            % (job.name,))
+        return 200, data
+
+    def post_print_job(self, req):
+        req.require_control()
+        return 200, receive_upload(
+            req, self.intake, lambda: len(self.store.queue),
+            self.conn.max_queue, lambda filename, owner, meta:
+            self.add_upload(filename, owner, meta, req.client_address[0]))
+
+    def add_upload(self, filename, owner, meta, address):
+        """A received print file (its G-code in place) becomes a queued
+        job, saved before the reply: {uuid, name, filename, status}.
+        Conflict when the queue is full, StorageError when the queue
+        cannot be saved; either way the file is removed."""
+        # (meta comes from the front process too: cleaned again)
+        name = label_text(meta.get("name"), MAX_JOB_NAME)
+        job = Job(name=name or os.path.splitext(filename)[0],
+                  filename=filename, owner=owner,
+                  time_estimate=meta["time_estimate"],
+                  time_total=meta["time_estimate"], preview=meta["preview"],
+                  materials=self.materials.name_job_materials(
+                      meta["materials"], meta["material_profiles"]))
+        try:
+            # (the front process counts the queue it was last shown: the
+            # limit is checked again where the job is added)
+            self.bridge.call(self.lifecycle.add, job, self.conn.max_queue)
+        except CuraError:
+            self.intake.remove(filename, meta["preview"])
+            raise
+        try:
+            self.store.save()
+        except OSError as e:
+            # An unsaved job would vanish at the next restart: the upload
+            # fails whole instead (unless it was deleted meanwhile),
+            # leaving no job and no file.
+            unsaved = self.bridge.call(self.lifecycle.change,
+                                       self.store.take_back, job)
+            if unsaved:
+                self.intake.remove(filename, meta["preview"])
+                raise storage_error(e, self.store.path)
+        finally:
+            job.arriving = False    # (saved, or taken back)
+        logging.info("cura_connection: received %s from %s (%s)",
+                     filename, job.owner, address)
+        return {"uuid": job.uuid, "name": job.name, "filename": filename,
+                "status": job.status}
+
+    def put_action(self, req, job_uuid):
+        req.require_control()
+        body = req.read_json()
+        action = body.get("action") if isinstance(body, dict) else None
+        if not isinstance(action, str) or action not in ACTIONS:
+            raise HTTPError(400, "action must be one of %s"
+                            % (", ".join(sorted(ACTIONS)),))
+        self.store.get(job_uuid)
+        # answered once Klipper did it (or refused: 409)
+        status, job_status = self.bridge.call(self.lifecycle.act, job_uuid,
+                                              action)
+        self.store.save()
+        return status, {"status": job_status}
+
+    def post_move(self, req, job_uuid):
+        req.require_control()
+        body = req.read_json()
+        pos = body.get("to_position") if isinstance(body, dict) else None
+        if not isinstance(pos, int) or isinstance(pos, bool) or pos < 0 \
+                or body.get("list", "queued") != "queued":
+            raise HTTPError(400, 'Expected {"to_position": <n>, '
+                            '"list": "queued"}')
+        self.bridge.call(self.lifecycle.change, self.store.move, job_uuid,
+                         pos)
+        self.store.save()
+        return 200, {"message": "moved"}
+
+    def put_print_job(self, req, job_uuid):
+        req.require_control()
+        body = req.read_json()
+        if not isinstance(body, dict) or not isinstance(body.get("force"),
+                                                        bool):
+            raise HTTPError(400, 'Expected {"force": true}')
+        self.bridge.call(self.lifecycle.change, self.store.set_force,
+                         job_uuid, body["force"])
+        self.store.save()
+        return 200, {"message": "ok"}
+
+    def delete_print_job(self, req, job_uuid):
+        req.require_control()
+        self.bridge.call(self.lifecycle.change, self.store.delete, job_uuid)
+        self.store.save()
+        return 200, {"message": "deleted"}
+
+    def get_materials(self, req):
+        return 200, [{"guid": m["guid"], "version": m["version"],
+                      "brand": m["brand"], "material": m["material"],
+                      "color": m["color"]}
+                     for m in self.materials.list()]
+
+    def post_material(self, req):
+        # Cura syncs only when it connects, before anyone could allow it:
+        # a waiting Cura's profiles are kept until CURA_ALLOW stores them.
+        waiting = req.require_control(waiting_ok=True)
+        body = req.read_body(MAX_MATERIAL_BODY)
+        boundary = req.multipart_boundary()
+        parts = parse_small_multipart(body, boundary)
+        files = [p for p in parts if p["filename"] is not None
+                 and p["name"] != "signature_file"]
+        if len(files) != 1:
+            raise HTTPError(400, "Send one material file in part 'file'")
+        if waiting is not None:
+            self.materials.hold(waiting, files[0]["filename"],
+                                files[0]["data"])
+            return 200, {"message": "kept until this Cura is allowed "
+                         "(CURA_PAIRING, CURA_ALLOW)"}
+        added = self.materials.add(files[0]["filename"], files[0]["data"])
+        if not added:
+            return 200, {"message": "not added: the printer has this "
+                         "version or a newer one"}
+        return 200, {"message": "stored"}
+
+    # Not Cura's: the web page, the camera and the machine definition
+    def post_plate_cleared(self, req, printer_uuid):
+        req.require_control()
+        req.read_json(optional=True)
+        if printer_uuid != self.conn.printer_uuid:
+            raise HTTPError(404, "No printer %s" % (printer_uuid,))
+        # the same operation as CURA_BUILD_PLATE_CLEARED, in the reactor
+        self.bridge.call(self.lifecycle.plate_cleared)
+        self.store.save()
+        return 200, {"message": "Build plate marked clear"}
+
+    @staticmethod
+    def wants_html(req):
+        return "text/html" in req.headers.get("Accept", "")
+
+    def get_page(self, req):
+        if not self.wants_html(req):
+            # scripts asking the browser paths get the API's JSON
+            if req.path.split("?", 1)[0].rstrip("/").endswith("/printers"):
+                return self.get_printers(req)
+            return self.get_print_jobs(req)
+        try:
+            page = web_page()
+        except OSError as e:
+            raise HTTPError(500, "Web page missing: %s" % (e,))
+        return 200, Payload(page, "text/html; charset=utf-8")
+
+    def get_root(self, req):
+        action = camera_action(req.path)
+        if action:
+            if self.conn.camera is None:
+                raise HTTPError(404, "No camera: set camera_url in "
+                                "[cura_connection]")
+            if action == "snapshot":
+                return 200, self.conn.camera.snapshot()
+            return self.conn.camera.stream(req)
+        if self.wants_html(req):
+            return self.get_page(req)
+        raise HTTPError(404, "No such endpoint: / (the camera is "
+                        "/?action=stream)")
+
+    def get_definition_zip(self, req):
+        return 200, Payload(self.conn.definition.zip(), "application/zip", [
+            ("Content-Disposition", 'attachment; filename="%s.zip"'
+             % (self.conn.definition.id,))])
+
+    def get_definition_file(self, req, fname):
+        data = self.conn.definition.files.get(fname)
+        if data is None:
+            raise HTTPError(404, "No definition file %s" % (fname,))
+        return 200, Payload(data, "application/json", [
+            ("Content-Disposition", 'attachment; filename="%s"' % (fname,))])
+
+
+def receive_upload(req, intake, queued, max_queue, add):
+    """Not the reactor: admit the upload in req (queue room and disk space
+    are taken before the body is read: see FileIntake.begin), receive it,
+    and return add(filename, owner, meta), the reply.  What begin()
+    reserved is held until add() has made the job."""
+    length = req.content_length(required=True)
+    boundary = req.multipart_boundary()
+    upload = intake.begin(length, queued, max_queue)
+    try:
+        req.send_continue()
+        filename, meta = intake.receive(upload, req.readinto_body, boundary)
+        owner = upload.fields.get("owner", b"").decode("utf-8", "replace")
+        return add(filename, label_text(owner, 100) or "Cura", meta)
+    finally:
+        intake.end(upload)
+
+
+# Handlers that only compute a small reply from memory stay in the gate;
+# every other one (uploads, actions waiting for Klipper, disk, camera)
+# leaves it before it starts.
+GATED_HANDLERS = frozenset((
+    "get_system", "get_auth_check", "get_printers", "get_print_jobs",
+    "get_history", "get_print_job", "get_materials", "get_page"))
+
+
+# Klippy's reactor shares the GIL with every thread of Klippy's process,
+# so a flood of polls there makes its timers late.  By default a child
+# process (this file, run by Klippy's Python) owns the listening socket.
+# It answers the reads (FRONT_HANDLERS) from replies Klippy's side keeps
+# published in it, and receives uploads (without require_pairing) into
+# the G-code folder, asking Klippy's side to reserve room for them and to
+# queue the finished file.  Every other request (actions, pairing, signed
+# reads with require_pairing, the camera, material posts) it hands to the
+# server in Klippy's process, whole and unread, with its socket, which
+# that server closes after its reply.  The two are joined by two socket
+# pairs: "control" carries published replies, answers and the end of
+# handed-over connections ("released") one way, acknowledgements, calls
+# (reserve, add_upload), the end of reservations ("unreserve") and log
+# lines the other; "handover" carries connections (SCM_RIGHTS).
+
+# The reads the front answers (CuraApi's handlers of their routes), from
+# what Klippy's side publishes: everything a Cura without pairing reads,
+# and the web page with its reads.  A request for any other route (and
+# any head the front does not fully understand) is handed over alone:
+# Klippy's side answers it with "Connection: close" and closes (see
+# CuraRequestHandler.handle), so no connection stays in Klippy's process.
+# Closing rather than handing the connection back: Cura 4.13's and Cura
+# 5's Qt clients open a new connection for their next request without a
+# failed request (tests/test_cura.py, tests/test_cura5.py: none in their
+# logs), and a closed connection leaves no bytes read ahead by
+# http.server that would have to go back with it.
+FRONT_HANDLERS = frozenset((
+    "get_system", "get_printers", "get_print_jobs", "get_history",
+    "get_print_job", "get_preview_image", "get_materials", "get_page",
+    "get_root", "get_definition_zip", "get_definition_file", "not_found"))

@@ -1,0 +1,194 @@
+import logging
+import threading
+import time
+
+from .errors import Conflict
+
+
+SNAPSHOT_INTERVAL = 0.5
+
+
+class CommandError(Exception):
+    pass
+
+
+# Thread boundary.  Code marked "Reactor:" runs in Klippy's reactor (a
+# timer, a G-code command, or a call an HTTP thread submitted); it may
+# change printer objects and the job store, and never writes to disk.
+# Code marked "Any thread:" only reads immutable snapshots or takes short
+# locks.  HTTP handlers reach the reactor only through KlippyBridge.call().
+
+class ReactorCall:
+    """One call an HTTP thread hands to the reactor, and its outcome.
+
+    The reactor side commits (commit()) before it changes Klipper; until
+    then the waiting thread may withdraw the call, so a call that timed
+    out is guaranteed never to take effect."""
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.state = "queued"      # -> running -> done, or withdrawn
+        self.done = threading.Event()
+        self.result = self.error = None
+
+    def commit(self):
+        """Reactor: True if the call may go on (not withdrawn)."""
+        with self.lock:
+            if self.state == "withdrawn":
+                return False
+            self.state = "running"
+            return True
+
+    def withdraw(self):
+        """Any thread: True if the call had not committed (it never will)."""
+        with self.lock:
+            if self.state in ("queued",):
+                self.state = "withdrawn"
+                return True
+            return False
+
+
+# A call the reactor never got to (a macro or a heating wait holds the
+# G-code queue) is withdrawn after this long and answered 409.
+CALL_TIMEOUT = 10.
+
+
+# A call that did commit is waited for up to this long in all.
+CALL_RUN_LIMIT = 60.
+
+
+class KlippyBridge:
+    def __init__(self, config, on_snapshot):
+        self.printer = config.get_printer()
+        self.reactor = self.printer.get_reactor()
+        self.on_snapshot = on_snapshot
+        self.closing = False
+        self.seq = 0
+        self.status_objects = []
+        self.extruder_names = []
+        self.gcode = None
+        # Readers in other threads only ever see a complete snapshot: a new
+        # dict is built and swapped in, never changed afterwards.
+        self.snapshot = {"seq": 0, "klippy_state": "startup",
+                         "state_message": "Klipper is starting",
+                         "print_stats": {}, "virtual_sdcard": {},
+                         "pause_resume": {}, "extruders": [],
+                         "heater_bed": None}
+        self.printer.register_event_handler("klippy:connect",
+                                            self._handle_connect)
+        # Klippy's state changes are shown at once, not at the next tick
+        for event in ("klippy:ready", "klippy:shutdown"):
+            self.printer.register_event_handler(event, self._handle_state)
+        self.reactor.register_timer(self._publish_timer, self.reactor.NOW)
+
+    def _handle_connect(self):
+        self.gcode = self.printer.lookup_object("gcode")
+        names = ["webhooks", "print_stats", "virtual_sdcard",
+                 "pause_resume", "heater_bed", "toolhead"]
+        for i in range(99):
+            name = "extruder%d" % (i,) if i else "extruder"
+            if self.printer.lookup_object(name, None) is None:
+                break
+            self.extruder_names.append(name)
+        self.status_objects = [
+            (name, self.printer.lookup_object(name))
+            for name in names + self.extruder_names
+            if self.printer.lookup_object(name, None) is not None]
+
+    def _collect(self, eventtime):
+        st = {}
+        for name, obj in self.status_objects:
+            try:
+                st[name] = obj.get_status(eventtime)
+            except Exception:
+                logging.exception("cura_connection: %s status", name)
+        msg, state = self.printer.get_state_message()
+        ps = st.get("print_stats", {})
+        vsd = st.get("virtual_sdcard", {})
+        self.seq += 1
+        bed = st.get("heater_bed")
+        return {
+            "seq": self.seq, "time": time.time(),
+            "klippy_state": state, "state_message": msg.strip(),
+            "print_stats": {k: ps.get(k) for k in (
+                "state", "filename", "print_duration", "total_duration",
+                "filament_used", "message")},
+            "virtual_sdcard": {k: vsd.get(k) for k in (
+                "progress", "is_active", "file_position", "file_size")},
+            "pause_resume": {"is_paused": st.get("pause_resume", {}).get(
+                "is_paused", False)},
+            "extruders": [{"name": n,
+                           "temperature": st.get(n, {}).get("temperature"),
+                           "target": st.get(n, {}).get("target")}
+                          for n in self.extruder_names],
+            "heater_bed": bed and {"temperature": bed.get("temperature"),
+                                   "target": bed.get("target")},
+            "homed_axes": st.get("toolhead", {}).get("homed_axes", ""),
+        }
+
+    def publish(self, eventtime):
+        """Reactor: Klipper's state now, also published to other threads."""
+        snap = self._collect(eventtime)
+        self.snapshot = snap
+        return snap
+
+    def now(self):
+        """Reactor: publish(now)."""
+        return self.publish(self.reactor.monotonic())
+
+    def _publish_timer(self, eventtime):
+        self.on_snapshot(self.publish(eventtime))
+        return eventtime + SNAPSHOT_INTERVAL
+
+    def _handle_state(self):
+        # (a callback: no work inside Klippy's event handler itself)
+        self.reactor.register_callback(
+            lambda e: self.on_snapshot(self.publish(e)))
+
+    def ready(self):
+        return not self.closing and self.gcode is not None
+
+    def call(self, fn, *args, timeout=CALL_TIMEOUT):
+        """Any thread but the reactor: run fn(call, *args) in the reactor
+        and return its result (or raise its CuraError).  fn must call
+        call.commit() before it changes anything in Klipper."""
+        if not self.ready():
+            raise Conflict("Klipper is not ready (starting or restarting)")
+        call = ReactorCall()
+        def run(eventtime):
+            if call.state == "withdrawn":
+                return
+            try:
+                call.result = fn(call, *args)
+            except Exception as e:
+                call.error = e
+            call.done.set()
+        self.reactor.register_async_callback(run)
+        if not call.done.wait(timeout):
+            if call.withdraw():
+                raise Conflict("Klipper is busy (a macro or a heating wait "
+                               "holds its G-code queue for more than %.0f "
+                               "s): nothing was done, try again later"
+                               % (timeout,))
+            if not call.done.wait(CALL_RUN_LIMIT - timeout):
+                raise Conflict("Klipper started this but did not finish "
+                               "within %.0f s" % (CALL_RUN_LIMIT,))
+        if call.error is not None:
+            raise call.error
+        return call.result
+
+    def command(self, script):
+        """Reactor, inside the G-code mutex: run script; CommandError
+        with Klipper's message."""
+        try:
+            self.gcode.run_script_from_command(script)
+        except Exception as e:
+            raise CommandError(str(e) or e.__class__.__name__)
+
+
+class NoCall:
+    """The ReactorCall of a G-code command: nobody can withdraw it."""
+    state = "running"
+
+    @staticmethod
+    def commit():
+        return True

@@ -1,0 +1,540 @@
+import email.utils
+import http.server
+import json
+import logging
+import re
+import socket
+import socketserver
+import threading
+import time
+import urllib.parse
+
+from .access import DEFAULT_TRUSTED_CLIENTS, client_ip, host_name, is_local_name, is_trusted, parse_digest, parse_trusted_clients, reachable_ip, untrusted
+from .api import GATED_HANDLERS, MATERIALS_PATH, Payload
+from .errors import CuraError, HTTPError, error_status, storage_error
+from .gate import ServeGate
+from .gcode_meta import image_type
+from .limits import MAX_CONNECTIONS, MAX_JSON_BODY, READ_CHUNK, REQUEST_TIMEOUT
+from .names import clean_text
+
+
+def http_date(server):
+    """The Date header's value now, formatted once a second (kept in
+    server.date_cache: CuraHTTPServer, FrontServer)."""
+    now = int(time.time())
+    cached = server.date_cache
+    if cached[0] != now:
+        cached = server.date_cache = (now, email.utils.formatdate(
+            now, usegmt=True))
+    return cached[1]
+
+
+class CuraRequestHandler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"   # keep-alive, as Qt uses it
+    default_request_version = "HTTP/1.0"   # every reply has a status line
+    server_version = "cura_connection"
+
+    def setup(self):
+        # A client that stops sending frees its thread; one from outside
+        # trusted_clients is not waited for long.
+        self.timeout = self.server.request_timeout
+        if not self.server.is_trusted(client_ip(self.client_address[0])):
+            self.timeout = min(self.timeout, 5.)
+        http.server.BaseHTTPRequestHandler.setup(self)
+        # Replies go out as header + body writes: without NODELAY, Nagle
+        # and delayed ACKs add ~40 ms to every keep-alive request.
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.body_left = 0
+        self.expect_continue = False
+        self.gated = False
+        self.server.track(self.connection, True)
+        # A connection the front handed over carries this one request
+        self.handed = self.connection in self.server.handed
+
+    def handle(self):
+        if self.handed:
+            self.handle_one_request()
+        else:
+            http.server.BaseHTTPRequestHandler.handle(self)
+
+    def handle_one_request(self):
+        # An idle keep-alive connection waits for its next request outside
+        # the gate: only a request that has begun to arrive queues for it.
+        try:
+            if not self.rfile.peek(1):
+                self.close_connection = True
+                return
+        except OSError:     # timed out or reset: as the stdlib does
+            self.close_connection = True
+            return
+        self.gated = self.server.gate.enter()
+        try:
+            http.server.BaseHTTPRequestHandler.handle_one_request(self)
+        finally:
+            self.leave_gate()
+
+    def leave_gate(self):
+        if self.gated:
+            self.gated = False
+            self.server.gate.leave()
+
+    def finish(self):
+        try:
+            http.server.BaseHTTPRequestHandler.finish(self)
+        finally:
+            self.server.track(self.connection, False)
+
+    def log_message(self, fmt, *args):
+        # formatted only when debug logging is on
+        logging.debug("cura_connection: %s " + fmt, self.client_address[0],
+                      *args)
+
+    def date_time_string(self, timestamp=None):
+        if timestamp is not None:
+            return http.server.BaseHTTPRequestHandler.date_time_string(
+                self, timestamp)
+        return http_date(self.server)
+
+    def handle_expect_100(self):
+        # Answer "100 Continue" only once the upload has been accepted
+        self.expect_continue = True
+        return True
+
+    def send_continue(self):
+        if self.expect_continue:
+            self.expect_continue = False
+            self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            self.wfile.flush()
+
+    def do_GET(self):
+        self.dispatch("GET")
+
+    def do_POST(self):
+        self.dispatch("POST")
+
+    def do_PUT(self):
+        self.dispatch("PUT")
+
+    def do_DELETE(self):
+        self.dispatch("DELETE")
+
+    def do_HEAD(self):
+        self.dispatch("HEAD")
+
+    def do_OPTIONS(self):
+        self.dispatch("OPTIONS")
+
+    def do_PATCH(self):
+        self.dispatch("PATCH")
+
+    def dispatch(self, method):
+        self.body_left = 0
+        try:
+            if self.server.closing:
+                raise HTTPError(503, "Klipper is restarting", close=True)
+            self.check_client()
+            lengths = self.headers.get_all("Content-Length") or []
+            if self.headers.get("Transfer-Encoding"):
+                raise HTTPError(411, "Send a Content-Length, not chunks",
+                                close=True)
+            # 1*DIGIT (RFC 9110), once: int() would take "+15" and "1_5"
+            length = lengths[0].strip() if lengths else "0"
+            if len(set(lengths)) > 1 or not re.match(r"^[0-9]+\Z", length):
+                raise HTTPError(400, "Bad Content-Length %s: send one "
+                                "number of plain digits" % (
+                                    clean_text(", ".join(lengths)),),
+                                close=True)
+            # (over 18 digits: more than any limit, and int() stays cheap)
+            self.body_left = int(length) if len(length) <= 18 else 10 ** 18
+            self.check_origin(method)
+            if method in ("GET", "HEAD"):
+                self.check_reader()
+            path = self.path.split("?", 1)[0]
+            handler, args = self.server.api.route(method, path)
+            self.server.count(handler.__name__)
+            if handler.__name__ not in GATED_HANDLERS:
+                self.leave_gate()
+            status, body = handler(self, *args)
+            self.show_change(method)
+            if status is not None:   # None: the handler replied (streams)
+                self.send_json(status, body)
+        except CuraError as e:
+            # (a refused action may have found the print ended)
+            self.show_change(method)
+            status = error_status(e)
+            if status >= 500:
+                logging.info("cura_connection: %s %s: %s", method,
+                             self.path, e.message)
+            self.send_json(status, {"message": e.message, "status": status})
+        except HTTPError as e:
+            if e.status >= 500:
+                logging.info("cura_connection: %s %s: %s", method,
+                             self.path, e.message)
+            self.send_json(e.status, {"message": e.message,
+                                      "status": e.status},
+                           close=e.close, headers=e.headers)
+        except ConnectionError:
+            self.close_connection = True
+        except socket.timeout:
+            # the client stopped sending: tell it, if it still listens
+            self.send_json(408, {"message": "No data for %.0f s"
+                                 % (self.timeout,), "status": 408},
+                           close=True)
+        except OSError as e:
+            # Whatever the cause, the client gets a reply that names it
+            err = storage_error(e)
+            status = error_status(err)
+            logging.info("cura_connection: %s %s: %s", method, self.path, e)
+            self.send_json(status, {"message": err.message,
+                                    "status": status}, close=True)
+        except Exception:
+            logging.exception("cura_connection: %s %s", method, self.path)
+            self.send_json(500, {"message": "Internal error; see klippy.log",
+                                 "status": 500}, close=True)
+
+    def show_change(self, method):
+        # the polls the front answers show what this request changed
+        # from now
+        if method != "GET" and self.server.front is not None:
+            self.server.front.sync()
+
+    def send_error(self, code, message=None, explain=None):
+        # http.server's own errors (bad request line, huge headers...)
+        self.send_json(code, {"message": message or explain or
+                              "Bad request", "status": code}, close=True)
+
+    def send_json(self, status, body, close=False, headers=()):
+        headers = list(headers)
+        if isinstance(body, Payload):
+            data, ctype = body.data, body.ctype
+            headers += body.headers
+        elif isinstance(body, bytes):
+            data, ctype = body, image_type(body)
+        else:
+            data = json.dumps(body).encode()
+            ctype = "application/json"
+        if self.expect_continue:
+            # The client still waits for "100 Continue": it never sent the
+            # body, and must not send it now.
+            self.expect_continue = False
+            self.body_left = 0
+            close = True
+        if self.body_left and not close:
+            # Keep the connection in step: skip a small unread body
+            if self.body_left > MAX_JSON_BODY:
+                close = True
+            else:
+                self.rfile.read(self.body_left)
+                self.body_left = 0
+        if close or self.server.closing or self.handed:
+            self.close_connection = True
+        chunks = data if isinstance(data, list) else [data]
+        length = sum(map(len, chunks))
+        if len(chunks) > 1 and length < 65536:
+            chunks = [b"".join(chunks)]    # one write for a short reply
+        try:
+            self.send_response(status)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(length))
+            self.send_header("Cache-Control", "no-store")
+            for name, value in headers:
+                self.send_header(name, value)
+            if self.close_connection:
+                self.send_header("Connection", "close")
+            self.leave_gate()    # never hold the gate on a slow reader
+            self.end_headers()
+            if self.command != "HEAD":
+                for chunk in chunks:
+                    self.wfile.write(chunk)
+            self.wfile.flush()
+        except (ConnectionError, socket.timeout):
+            self.close_connection = True
+            return
+        if self.close_connection and self.body_left:
+            self.linger()
+
+    def linger(self):
+        # The client may still be sending a body we refused: read a bounded
+        # amount of it so it can see our reply instead of a reset.
+        try:
+            self.connection.shutdown(socket.SHUT_WR)
+            self.connection.settimeout(2.)
+            left = min(self.body_left, 64 * 1024 * 1024)
+            deadline = time.monotonic() + 5.
+            while left > 0 and time.monotonic() < deadline:
+                data = self.connection.recv(min(left, READ_CHUNK))
+                if not data:
+                    break
+                left -= len(data)
+        except OSError:
+            pass
+
+    # helpers for CuraApi handlers
+    def reachable_ip(self):
+        return reachable_ip(self.headers.get("Host"), self.connection)
+
+    def client_ip(self):
+        return client_ip(self.client_address[0],
+                         self.headers.get("X-Real-IP"))
+
+    def check_client(self):
+        # Before anything is read or done: trusted networks only
+        ip = self.client_ip()
+        if not self.server.is_trusted(ip):
+            raise untrusted(ip)
+
+    def check_origin(self, method):
+        # No web page from elsewhere may make a browser change anything
+        # here (browsers name the page in Origin or Referer; Cura sends
+        # neither).
+        if method in ("GET", "HEAD", "OPTIONS"):
+            return
+        origin = self.headers.get("Origin") or self.headers.get("Referer")
+        if origin is None:
+            return
+        host = host_name(self.headers.get("Host"))
+        try:
+            page = urllib.parse.urlsplit(origin.strip()).hostname
+        except ValueError:
+            page = None
+        if page != host:
+            raise HTTPError(403, "Refused a request from a web page on "
+                            "another site (%s)" % (clean_text(origin),))
+        if not is_local_name(host):
+            # DNS rebinding: a public name that points at this printer
+            raise HTTPError(403, "Browsers must reach this printer by IP "
+                            "address or a local name, not %s"
+                            % (clean_text(host),))
+
+    def require_control(self, waiting_ok=False):
+        # Every handler that changes something calls this first.  With
+        # waiting_ok, a Cura not allowed yet gets through: its id is
+        # returned, or its address when it has no credentials yet (a
+        # Cura 5 sends before its first answer came); else None.
+        conn = self.server.api.conn
+        if not conn.allow_control:
+            raise HTTPError(403, "This printer is monitor-only "
+                            "(allow_control: False)")
+        if conn.require_pairing:
+            if waiting_ok and self.headers.get("Authorization") is None:
+                return str(self.client_ip())
+            key_id, allowed = conn.auth.identify(
+                self.command, self.path, self.headers.get("Authorization"))
+            if not allowed:
+                if waiting_ok:
+                    return key_id
+                raise HTTPError(403, "This Cura is not allowed yet: run "
+                                "CURA_ALLOW ID=%s on the printer"
+                                % (key_id,))
+        return None
+
+    def check_reader(self):
+        # Reading is open, but a signed read must carry credentials this
+        # printer allowed: Cura 5 reacts to a 401 on a read (not on a
+        # change) by showing its "authorization required" message and
+        # asking for credentials again (POST /api/v1/auth/request).
+        conn = self.server.api.conn
+        header = self.headers.get("Authorization")
+        if not conn.require_pairing or parse_digest(header) is None:
+            return   # unsigned (Cura before 5.11, browsers): open
+        key_id, allowed = conn.auth.identify(self.command, self.path,
+                                             header, once=False)
+        # Cura reads the material list only when it connects, to send
+        # what is missing: a waiting Cura's profiles are kept
+        if not allowed and self.path.rstrip("/") != MATERIALS_PATH:
+            conn.auth.refuse_waiting(key_id)
+            raise conn.auth.challenge(
+                "This Cura waits for CURA_ALLOW ID=%s on the printer"
+                % (key_id,))
+
+    def content_length(self, required=False):
+        if required and self.headers.get("Content-Length") is None:
+            raise HTTPError(411, "Content-Length required", close=True)
+        return self.body_left
+
+    def readinto_body(self, buf):
+        # counts what is left, so an error reply knows what to skip
+        n = self.rfile.readinto(buf[:self.body_left])
+        self.body_left -= n
+        return n
+
+    def read_body(self, limit):
+        if self.body_left > limit:
+            raise HTTPError(413, "Request body over %d bytes" % (limit,),
+                            close=True)
+        self.send_continue()
+        data = self.rfile.read(self.body_left)
+        if len(data) < self.body_left:
+            raise HTTPError(400, "Request body ended early", close=True)
+        self.body_left = 0
+        return data
+
+    def read_json(self, optional=False):
+        data = self.read_body(MAX_JSON_BODY)
+        if not data.strip() and optional:
+            return {}
+        try:
+            return json.loads(data.decode("utf-8"))
+        except (ValueError, RecursionError) as e:
+            raise HTTPError(400, "Body is not JSON: %s" % (e,))
+
+    def multipart_boundary(self):
+        from python_multipart.multipart import parse_options_header
+        ctype, params = parse_options_header(
+            self.headers.get("Content-Type", ""))
+        boundary = params.get(b"boundary")
+        if ctype != b"multipart/form-data" or not boundary \
+                or len(boundary) > 200:
+            raise HTTPError(400, "Expected multipart/form-data with a "
+                            "boundary", close=True)
+        return boundary
+
+
+# A closed connection's last words: what the client still sends after
+# the reply is read for this long, up to this many bytes, so that the
+# reply is not destroyed by a reset (unread data at close() sends RST)
+LINGER_TIME = 1.
+LINGER_BYTES = 1 << 16
+
+
+def linger_close(sock):
+    """Close sock after its last reply: FIN first, then read what the
+    client still sends (briefly, a bounded amount) until it closes."""
+    try:
+        sock.shutdown(socket.SHUT_WR)
+        sock.settimeout(LINGER_TIME)
+        deadline = time.monotonic() + LINGER_TIME
+        left = LINGER_BYTES
+        while left > 0 and time.monotonic() < deadline:
+            data = sock.recv(min(left, READ_CHUNK))
+            if not data:
+                break
+            left -= len(data)
+    except OSError:
+        pass
+    sock.close()
+
+
+def refuse_connection(sock):
+    # One connection too many: a complete reply, then the caller closes
+    body = b'{"message": "Too many connections", "status": 503}'
+    try:
+        sock.settimeout(1.)
+        sock.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: "
+                     b"application/json\r\nContent-Length: %d\r\n"
+                     b"Connection: close\r\n\r\n%s" % (len(body), body))
+    except OSError:
+        pass
+
+
+class CuraHTTPServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
+    daemon_threads = True
+    block_on_close = False   # a stuck handler must not hold up a restart
+    allow_reuse_address = True
+    request_queue_size = 64
+    request_timeout = REQUEST_TIMEOUT
+    trusted_clients = parse_trusted_clients(DEFAULT_TRUSTED_CLIENTS)
+
+    def __init__(self, address, api):
+        self.api = api
+        self.closing = False
+        self.gate = ServeGate()
+        self.date_cache = (None, "")
+        self.front = None          # FrontProcess, when the child listens
+        self.connections = set()
+        self.handed = set()        # of connections: from the front
+        self.answered = {}         # handler name -> requests routed here
+        self.conn_lock = threading.Lock()
+        http.server.HTTPServer.__init__(self, address, CuraRequestHandler)
+
+    def server_bind(self):
+        # HTTPServer.server_bind resolves the host name (slow with a bad
+        # DNS setup); nothing here needs it.
+        socketserver.TCPServer.server_bind(self)
+
+    def handle_error(self, request, client_address):
+        logging.exception("cura_connection: request from %s",
+                          client_address[0])
+
+    def is_trusted(self, ip):
+        return is_trusted(ip, self.trusted_clients)
+
+    def count(self, name):
+        with self.conn_lock:
+            self.answered[name] = self.answered.get(name, 0) + 1
+
+    def process_request(self, request, client_address, handed=False):
+        # Count the connection before its thread starts, so a flood is
+        # refused here rather than growing threads without bound.  (The
+        # front counts those it hands over in its own budget, until they
+        # are released.)
+        with self.conn_lock:
+            busy = not handed and len(self.connections) >= MAX_CONNECTIONS
+            if not busy:
+                self.connections.add(request)
+                if handed:
+                    self.handed.add(request)
+        if busy:
+            # (closed at once: the accepting thread must not linger)
+            refuse_connection(request)
+            request.close()
+            return
+        socketserver.ThreadingMixIn.process_request(self, request,
+                                                    client_address)
+
+    def shutdown_request(self, request):
+        # every accepted connection ends here, whatever happened to it
+        self.track(request, False)
+        with self.conn_lock:
+            handed = request in self.handed
+            self.handed.discard(request)
+        linger_close(request)
+        front = self.front
+        if handed and front is not None:
+            front.released()
+
+    def track(self, sock, add):
+        with self.conn_lock:
+            if add:
+                self.connections.add(sock)
+            else:
+                self.connections.discard(sock)
+
+    def serve(self):
+        """Thread: accept connections here (without a front process)."""
+        self.serving = True
+        self.serve_forever(poll_interval=0.2)
+
+    def listen_again(self):
+        """After the front process ended: a new listening socket on the
+        address bound first (OSError if it is taken meanwhile)."""
+        self.socket = socket.socket(self.address_family, self.socket_type)
+        try:
+            self.server_bind()
+            self.server_activate()
+        except OSError:
+            self.socket.close()
+            raise
+
+    serving = False
+
+    def close(self):
+        self.closing = True
+        if self.front is not None:
+            self.front.close()
+        if self.serving:
+            self.shutdown()
+        self.server_close()
+        # Keep-alive connections from before a restart must not go on
+        # talking to this instance.
+        with self.conn_lock:
+            conns = list(self.connections)
+        for sock in conns:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+
+class CuraHTTPServer6(CuraHTTPServer):
+    address_family = socket.AF_INET6
