@@ -16,7 +16,6 @@ import importlib.util
 import ipaddress
 import logging
 import os
-import shlex
 import socket
 import sys
 import threading
@@ -39,22 +38,29 @@ def _load_package():
 
 
 _load_package()
-from _cura_connection.access import AuthStore, DEFAULT_TRUSTED_CLIENTS, parse_trusted_clients
+from _cura_connection.access import (
+    AccessPolicy, AuthStore, DEFAULT_TRUSTED_CLIENTS, PairingCommands,
+    parse_trusted_clients)
 from _cura_connection.api import CuraApi, FIRMWARE_VERSION
 from _cura_connection.bridge import KlippyBridge
-from _cura_connection.camera import CameraProxy, camera_snapshot_url, parse_camera_url
-from _cura_connection.definition import CURA_MACHINES, CUSTOM_MACHINE, MachineDefinition
+from _cura_connection.camera import (
+    CameraProxy, camera_snapshot_url, parse_camera_url)
+from _cura_connection.definition import (
+    CURA_MACHINES, CUSTOM_MACHINE, MachineDefinition, PrinterIdentity,
+    extruder_sections)
 from _cura_connection.discovery import ZeroconfAnnouncer
-from _cura_connection.errors import CuraError
-from _cura_connection.front_link import FRONT_SHOW_LIMIT, FrontProcess
+from _cura_connection.front_link import FrontLink
 from _cura_connection.http_server import CuraHTTPServer, CuraHTTPServer6
-from _cura_connection.instances import OLD_STATE_DIR, StateLock, default_printer_name, gcodes_owner, instance_defaults, load_printer_uuid, move_old_state, state_in_use
+from _cura_connection.instances import (
+    OLD_STATE_DIR, StateLock, default_printer_name, gcodes_owner,
+    instance_defaults, load_printer_uuid, move_old_state, state_in_use)
 from _cura_connection.intake import FileIntake
-from _cura_connection.jobs import ACTIVE, JobStore
-from _cura_connection.lifecycle import JobLifecycle
+from _cura_connection.jobs import JobStore
+from _cura_connection.lifecycle import JobCommands, JobLifecycle
 from _cura_connection.limits import REQUEST_TIMEOUT
-from _cura_connection.materials import LoadedMaterials, MaterialStore, parse_material_option, parse_material_words
-from _cura_connection.storage import StateWriter, remove_stale_temp_files
+from _cura_connection.materials import (
+    LoadedMaterials, MaterialCommands, MaterialStore, parse_material_option)
+from _cura_connection.storage import DiskWorker, remove_stale_temp_files
 
 
 # Servers of earlier printer objects.  Klippy does not re-import modules on
@@ -85,7 +91,7 @@ class CuraConnection:
         self._read_camera(config)
         trusted, request_timeout = self._read_access(config)
         gcodes, data_path = self._read_paths(config)
-        material_defaults = self._read_extruders(config)
+        extruders, material_defaults = self._read_extruders(config)
         max_upload = config.getint("max_upload_size", 1024, minval=1)
         history_size = config.getint("history_size", 20, minval=0,
                                      maxval=1000)
@@ -95,31 +101,40 @@ class CuraConnection:
         auto_start_next = config.getboolean("auto_start_next", False)
         # A job sliced for another material than the one known loaded
         # waits, as on an Ultimaker
-        self.hold_material_mismatch = config.getboolean(
+        hold_material_mismatch = config.getboolean(
             "hold_material_mismatch", True)
+        self.identity = PrinterIdentity(
+            self.name, self.printer_uuid, self.machine_bom,
+            self.machine_variant, self.print_core_ids, self.printer
+            .get_start_args().get("software_version", "unknown"))
         # The parts, in data order
         self.lifecycle = None
-        self.bridge = KlippyBridge(config, self._handle_snapshot)
+        self.bridge = KlippyBridge(config, extruders, self._handle_snapshot)
         self.store = JobStore(os.path.join(data_path, "queue.json"),
                               history_size, auto_start_next)
         self.intake = FileIntake(gcodes, max_upload << 20)
         self.materials = MaterialStore(os.path.join(data_path, "materials"))
         self.loaded = LoadedMaterials(
             os.path.join(data_path, "loaded_materials.json"),
-            material_defaults)
+            material_defaults, hold_material_mismatch)
         self.auth = AuthStore(os.path.join(data_path, "auth.json"))
+        self.access = AccessPolicy(trusted, self.allow_control,
+                                   self.require_pairing, self.auth)
         for dirname in (gcodes, os.path.join(gcodes, ".thumbs"), data_path,
                         os.path.join(data_path, "materials")):
             remove_stale_temp_files(dirname)
-        self.writer = StateWriter([self.store, self.loaded, self.auth,
-                                   self.materials],
-                                  self.bridge.reactor,
-                                  self.intake.read_metadata,
-                                  self.store.set_metadata)
+        self.disk = DiskWorker([self.store, self.loaded, self.auth,
+                                self.materials],
+                               self.bridge.reactor,
+                               self.intake.read_metadata,
+                               self.store.set_metadata)
         self.lifecycle = JobLifecycle(self.bridge, self.store,
-                                      self.writer.want_metadata,
-                                      self.configuration_changes)
-        self.api = CuraApi(self)
+                                      self.disk.want_metadata,
+                                      self.loaded.configuration_changes)
+        self.api = CuraApi(self.bridge, self.store, self.lifecycle,
+                           self.intake, self.materials, self.loaded,
+                           self.identity, self.access, self.definition,
+                           self.camera, self.max_queue)
         self._start_server(config, trusted, request_timeout)
         _live_instances.append(self)
         self.closed = False
@@ -159,8 +174,6 @@ class CuraConnection:
         else:
             self.machine_bom, self.machine_variant = \
                 CURA_MACHINES[self.machine]
-        self.klipper_version = self.printer.get_start_args().get(
-            "software_version", "unknown")
 
     def _read_camera(self, config):
         self.camera = None
@@ -248,24 +261,20 @@ class CuraConnection:
                                "another" % (data_path, e))
 
     def _read_extruders(self, config):
-        # Print cores shown to Cura; returns [(extruder, material entry)]
-        self.extruder_count = 0
-        self.print_core_ids = []
-        extruder_names = []
-        while config.has_section("extruder%s" % (self.extruder_count or "")):
-            extruder_names.append("extruder%s" % (self.extruder_count or ""))
-            sec = config.getsection(extruder_names[-1])
-            nozzle = sec.getfloat("nozzle_diameter", 0.4, above=0.)
-            self.print_core_ids.append("AA %g" % (nozzle,))
-            self.extruder_count += 1
-        if not self.extruder_count:
+        # Print cores shown to Cura; returns (Klipper's extruders,
+        # [(extruder, material entry)])
+        extruders = extruder_sections(config)
+        self.print_core_ids = [
+            "AA %g" % (config.getsection(name).getfloat(
+                "nozzle_diameter", 0.4, above=0.),) for name in extruders]
+        extruder_names = extruders
+        if not extruders:
             # Cura needs at least one extruder box on the printer card
-            self.extruder_count, self.print_core_ids = 1, ["AA 0.4"]
-            extruder_names = ["extruder"]
+            self.print_core_ids, extruder_names = ["AA 0.4"], ["extruder"]
         if self.machine == CUSTOM_MACHINE:
             # The custom definition has no print cores: a core name would
             # keep Cura from matching the printer to its configuration.
-            self.print_core_ids = [None] * self.extruder_count
+            self.print_core_ids = [None] * len(self.print_core_ids)
         # material_<extruder>: loaded until SET_CURA_MATERIAL says otherwise
         material_defaults = []
         for name in extruder_names:
@@ -276,7 +285,7 @@ class CuraConnection:
                 raise config.error("cura_connection: material_%s: %s"
                                    % (name, e))
             material_defaults.append((name, entry or None))
-        return material_defaults
+        return extruders, material_defaults
 
     def _definition_settings(self):
         # the machine definition's downloads, for the front to answer
@@ -290,17 +299,17 @@ class CuraConnection:
         server_class = CuraHTTPServer6 if ":" in self.address \
             else CuraHTTPServer
         try:
-            self.server = server_class((self.address, self.port), self.api)
+            self.server = server_class((self.address, self.port), self.api,
+                                       self.access)
         except OSError as e:
             raise config.error("cura_connection: cannot listen on %s:%d: %s"
                                % (self.address, self.port, e.strerror))
         self.bound_port = self.server.server_address[1]
-        self.server.trusted_clients = trusted
         self.server.request_timeout = request_timeout
         self.server_threads = []
         if self.front_process:
             try:
-                self.server.front = FrontProcess(self.server, self.api, {
+                self.server.front = FrontLink(self.server, self.api, {
                     "trusted": [str(n) for n in trusted],
                     "request_timeout": request_timeout,
                     "require_pairing": self.require_pairing,
@@ -347,12 +356,20 @@ class CuraConnection:
         self._serve_here(self.server)
 
     def _register_commands(self):
+        # G-code commands live beside the state they change
+        shown = self._shown
+        commands = [JobCommands(self.lifecycle, self.store, self.loaded,
+                                shown),
+                    MaterialCommands(self.loaded, self.bridge,
+                                     self.lifecycle, shown),
+                    PairingCommands(self.auth, self.materials,
+                                    self.require_pairing)]
         gcode = self.printer.lookup_object("gcode")
-        for name in ("CURA_BUILD_PLATE_CLEARED", "CURA_QUEUE",
-                     "CURA_PAIRING", "CURA_ALLOW", "CURA_DENY",
-                     "SET_CURA_MATERIAL"):
-            gcode.register_command(name, getattr(self, "cmd_" + name),
-                                   desc=getattr(self, "cmd_%s_help" % name))
+        for owner in commands:
+            for name in owner.COMMANDS:
+                gcode.register_command(
+                    name, getattr(owner, "cmd_" + name),
+                    desc=getattr(owner, "cmd_%s_help" % (name,)))
 
     def _handle_snapshot(self, snap):
         # Reactor (the status timer): the lifecycle follows Klipper
@@ -367,33 +384,9 @@ class CuraConnection:
         self.close()
 
     def _shown(self):
-        # G-code command (reactor, which may pause here): return once the
-        # front process shows what the command changed, so a poll after
-        # the console's "ok" sees it (at most FRONT_SHOW_LIMIT)
-        front = self.server.front
-        if front is None:
-            return
-        asked = front.ask()
-        reactor = self.bridge.reactor
-        deadline = reactor.monotonic() + FRONT_SHOW_LIMIT
-        while not front.shown(asked) and reactor.monotonic() < deadline:
-            reactor.pause(reactor.monotonic() + 0.002)
-
-    def configuration_changes(self, job):
-        """Any thread (memory only): [(extruder index, wanted, loaded)]
-        a queued job waits for (LoadedMaterials.changes); none once
-        forced or with hold_material_mismatch off."""
-        if not self.hold_material_mismatch or job.force \
-                or job.status != "queued" or not job.materials:
-            return []
-        return self.loaded.changes(job.materials)
-
-    def console(self, msg):
-        # From any thread: a line in the Klipper console (Mainsail, Fluidd)
-        def show(eventtime):
-            if self.bridge.gcode is not None and not self.closed:
-                self.bridge.gcode.respond_info(msg)
-        self.bridge.reactor.register_async_callback(show)
+        # G-code command: a poll after the console's "ok" shows the change
+        if self.server.front is not None:
+            self.server.front.wait_shown(self.bridge.reactor)
 
     def close(self):
         if self.closed:
@@ -403,7 +396,7 @@ class CuraConnection:
         self.server.close()
         for thread in self.server_threads:
             thread.join(2.)
-        self.writer.stop()
+        self.disk.stop()
         if self.announcer is not None:
             self.announcer.stop()
         if self in _live_instances:
@@ -412,129 +405,6 @@ class CuraConnection:
         if self.state_lock in _state_locks:
             _state_locks.remove(self.state_lock)
         logging.info("cura_connection: released port %d", self.bound_port)
-
-    # G-code commands (reactor): bad input raises only gcmd.error
-    cmd_CURA_BUILD_PLATE_CLEARED_help = (
-        "Confirm the build plate is empty so the next Cura job can start")
-    def cmd_CURA_BUILD_PLATE_CLEARED(self, gcmd):
-        try:
-            self.lifecycle.plate_cleared()
-        except CuraError as e:
-            raise gcmd.error(e.message)
-        self._shown()
-        n = len(self.store.queue)
-        gcmd.respond_info("Build plate marked clear; %d job(s) queued" % n)
-
-    cmd_CURA_QUEUE_help = "List the jobs Cura sent to this printer"
-    def cmd_CURA_QUEUE(self, gcmd):
-        cur, queue, _ = self.store.all_jobs()
-        lines = ["Printer: %s (%s)" % (
-            cur[0].name, cur[0].status) if cur else "Printer: no job"]
-        # (a reactor command: the first jobs only, however long the queue)
-        shown = self.store.STATUS_JOBS
-        lines += ["%d. %s (%s, from %s)" % (i + 1, j.name, j.status, j.owner)
-                  for i, j in enumerate(queue[:shown])]
-        if len(queue) > shown:
-            lines.append("... and %d more" % (len(queue) - shown,))
-        waits = queue and self.configuration_changes(queue[0])
-        for index, wanted, loaded in waits or ():
-            lines.append("%s waits for %s in extruder %d (SET_CURA_MATERIAL"
-                         " or Override in Cura)" % (
-                             queue[0].name, wanted.get("name") or wanted.get(
-                                 "material") or wanted.get("guid"), index))
-        if not queue:
-            lines.append("Queue is empty")
-        if not self.store.plate_clear and queue and not (
-                cur and cur[0].status in ACTIVE):
-            lines.append("Waiting for CURA_BUILD_PLATE_CLEARED")
-        gcmd.respond_info("\n".join(lines))
-
-    cmd_CURA_PAIRING_help = "List the Cura clients that asked for access"
-    def cmd_CURA_PAIRING(self, gcmd):
-        clients = self.auth.listing()
-        lines = ["Pairing is %s" % (
-            "required (require_pairing: True)" if self.require_pairing else
-            "not required: every trusted client may send and control "
-            "prints",)]
-        for allowed, title in ((False, "Waiting for CURA_ALLOW:"),
-                               (True, "Allowed:")):
-            found = [c for c in clients if bool(c.get("allowed")) == allowed]
-            if found:
-                lines.append(title)
-            lines += ["  ID=%s %s, %s, from %s at %s" % (
-                c["id"], c.get("application") or "?", c.get("user") or "?",
-                c.get("address"), c.get("requested_at")) for c in found]
-        if not clients:
-            lines.append("No Cura has asked for access yet (Cura 5.11 or "
-                         "newer asks when it connects)")
-        gcmd.respond_info("\n".join(lines))
-
-    def _client_id(self, gcmd, allowed):
-        # ID=..., or the only client in that state
-        key_id = gcmd.get("ID", None)
-        if key_id is None:
-            found = [c["id"] for c in self.auth.listing()
-                     if bool(c.get("allowed")) == allowed]
-            if len(found) != 1:
-                raise gcmd.error("Give ID=<id> (see CURA_PAIRING)")
-            key_id = found[0]
-        return key_id.strip().lower()
-
-    def _client_address(self, key_id):
-        # where that Cura asked from: its profiles sent before it had
-        # credentials are kept under this address
-        return next((c.get("address") for c in self.auth.listing()
-                     if c["id"] == key_id), None)
-
-    cmd_CURA_ALLOW_help = "Allow a Cura that asked for access: ID=<id>"
-    def cmd_CURA_ALLOW(self, gcmd):
-        # memory only, the StateWriter saves.
-        key_id = self._client_id(gcmd, False)
-        if not self.auth.allow(key_id):
-            raise gcmd.error("No Cura asked with ID=%s (see CURA_PAIRING)"
-                             % (key_id,))
-        self.materials.release(key_id, self._client_address(key_id))
-        gcmd.respond_info("Cura ID=%s may now send and control prints"
-                          % (key_id,))
-
-    cmd_CURA_DENY_help = "Remove a Cura's access or request: ID=<id>"
-    def cmd_CURA_DENY(self, gcmd):
-        key_id = self._client_id(gcmd, False)
-        address = self._client_address(key_id)
-        if not self.auth.remove(key_id):
-            raise gcmd.error("No Cura with ID=%s (see CURA_PAIRING)"
-                             % (key_id,))
-        self.materials.drop(key_id, address)
-        gcmd.respond_info("Cura ID=%s removed" % (key_id,))
-
-    cmd_SET_CURA_MATERIAL_help = (
-        "Tell Cura which material is loaded: EXTRUDER= GUID= or MATERIAL= "
-        "BRAND= COLOR= (MATERIAL=empty: none)")
-    def cmd_SET_CURA_MATERIAL(self, gcmd):
-        # memory only, the StateWriter saves.
-        name = gcmd.get("EXTRUDER", None)
-        if name is None:
-            toolhead = self.printer.lookup_object("toolhead")
-            name = toolhead.get_extruder().get_name()
-        words = {k: v for k, v in gcmd.get_command_parameters().items()
-                 if k != "EXTRUDER"}
-        if not words:
-            entry = self.loaded.status_cache.get(name)
-            gcmd.respond_info("%s: %s" % (name, " ".join(
-                "%s=%s" % (k.upper(), shlex.quote(v))
-                for k, v in sorted(entry.items())) if entry else "not set"))
-            return
-        try:
-            entry = parse_material_words(words)
-            self.loaded.set(name, entry)
-        except ValueError as e:
-            raise gcmd.error(str(e))
-        except CuraError as e:
-            raise gcmd.error(e.message)
-        # a job waiting for this material starts now
-        self.lifecycle.follow(self.bridge.now())
-        self._shown()
-        gcmd.respond_info("%s: material set for Cura" % (name,))
 
     def get_status(self, eventtime):
         status = dict(self.store.status_cache)
@@ -546,6 +416,14 @@ class CuraConnection:
         server = getattr(self, "server", None)
         status["answered_here"] = dict(server.answered) if server else {}
         return status
+
+
+def front_main(*args):
+    # The front boot of versions before the package: a Klippy that still
+    # runs such a version (RESTART after a git pull) starts its front
+    # from this file.  It ends at once, quietly; that Klippy then answers
+    # in its own process until it is started again with this version.
+    sys.exit(0)
 
 
 def load_config(config):

@@ -4,9 +4,15 @@
     klippy          a started, ready Klippy with [cura_connection] defaults
     klippy_factory  klippy_factory(start=True, wait=True, **Klippy kwargs)
 """
+import os
+
 import pytest
 
-import klippy_harness
+# The module's thread checks (_cura_connection/threads.py) are on in every
+# test: in this process and in each Klippy it starts (they inherit it)
+os.environ.setdefault("CURA_CONNECTION_THREAD_CHECKS", "1")
+
+import klippy_harness  # noqa: E402
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -243,7 +243,7 @@ def upload(api, sample, filename=None, owner="alice"):
     from _cura_connection.api import receive_upload
     return receive_upload(
         UploadRequest(filename or sample.filename, sample.data, owner),
-        api.intake, lambda: len(api.store.queue), api.conn.max_queue,
+        api.intake, lambda: len(api.store.queue), api.max_queue,
         lambda name, who, meta: api.add_upload(name, who, meta, "127.0.0.1"))
 
 
@@ -271,24 +271,26 @@ class QueueOnly:
 def cura_api(gcodes, data_dir, max_queue=1000, **parts):
     """A CuraApi over the module's own FileIntake, MaterialStore and
     JobStore in gcodes and data_dir, as load_config() places them; parts
-    (store, intake, materials, bridge, lifecycle) replace those."""
+    (store, intake, materials, bridge, lifecycle, loaded) replace those."""
     package()
+    from _cura_connection.access import AccessPolicy
     from _cura_connection.api import CuraApi
+    from _cura_connection.definition import PrinterIdentity
     from _cura_connection.intake import FileIntake
     from _cura_connection.jobs import JobStore
     from _cura_connection.materials import MaterialStore
-    conn = types.SimpleNamespace(max_queue=max_queue)
-    conn.__dict__.update(parts)
-    if "store" not in parts:
-        conn.store = JobStore(os.path.join(data_dir, "queue.json"), 1000,
-                              False)
-    if "bridge" not in parts:
-        conn.bridge = conn.lifecycle = QueueOnly(conn.store)
-    if "intake" not in parts:
-        conn.intake = FileIntake(gcodes, 1 << 30)
-    if "materials" not in parts:
-        conn.materials = MaterialStore(os.path.join(data_dir, "materials"))
-    return CuraApi(conn)
+    store = parts.get("store") or JobStore(
+        os.path.join(data_dir, "queue.json"), 1000, False)
+    bridge = parts.get("bridge") or QueueOnly(store)
+    return CuraApi(
+        bridge, store, parts.get("lifecycle") or bridge,
+        parts.get("intake") or FileIntake(gcodes, 1 << 30),
+        parts.get("materials") or MaterialStore(
+            os.path.join(data_dir, "materials")),
+        parts.get("loaded"),
+        PrinterIdentity("test", "00000000-0000-4000-8000-000000000000",
+                        213482, "Ultimaker S3", ["AA 0.4"]),
+        AccessPolicy([]), None, max_queue=max_queue)
 
 
 def received_jobs(gcodes, data_dir, keys=KEYS):

@@ -17,8 +17,9 @@ import kapi
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..",
                                 "klippy_extras"))
 from _cura_connection.access import AuthStore, DEFAULT_TRUSTED_CLIENTS, client_ip, host_name, is_local_name, parse_trusted_clients  # noqa: E402
-from _cura_connection.api import CuraApi, ROUTES  # noqa: E402
-from _cura_connection.errors import CuraError, HTTPError, error_status  # noqa: E402
+from _cura_connection.api import ROUTES  # noqa: E402
+from _cura_connection.errors import (  # noqa: E402
+    CuraError, Unauthenticated, error_status, http_error)
 from _cura_connection.materials import MaterialStore  # noqa: E402
 
 GCODE = b";TIME:60\nG1 X1\nG1 X2\n"
@@ -117,15 +118,17 @@ def test_digest_verify_unit(tmp_path):
             (sign("GET", "/a", key_id, key, nc=10, algorithm="MD5"), 401),
             ("Basic dXNlcjpwYXNz", 403), (None, 403), ("Digest", 403),
             ("Digest ", 401), ("Digest nc=zz, username=\"\"\"", 401)]:
-        with pytest.raises(HTTPError) as e:
+        with pytest.raises(CuraError) as e:
             auth.verify("GET", "/a", bad)
-        assert e.value.status == status, bad
+        # the HTTP form of the error is what the client gets
+        reply = http_error(e.value)
+        assert reply.status == status, bad
         if status == 401:
-            assert dict(e.value.headers)["WWW-Authenticate"].startswith(
+            assert dict(reply.headers)["WWW-Authenticate"].startswith(
                 'Digest realm="Jedi-API", nonce="')
     # far behind the highest count: refused, even if never seen
     auth.verify("GET", "/a", sign("GET", "/a", key_id, key, nc=500))
-    with pytest.raises(HTTPError):
+    with pytest.raises(Unauthenticated):
         auth.verify("GET", "/a", sign("GET", "/a", key_id, key, nc=400))
     # persisted, private
     auth.save()
@@ -150,11 +153,11 @@ def test_pending_requests_are_bounded(tmp_path):
 def test_every_change_checks_control():
     # a new route that changes something must call require_control()
     import inspect
-    for method, pattern, handler in ROUTES:
-        if method in ("GET", "HEAD") or handler == "post_auth_request":
+    for r in ROUTES:
+        if r.method in ("GET", "HEAD") or r.handler == "post_auth_request":
             continue
-        src = inspect.getsource(getattr(CuraApi, handler))
-        assert "req.require_control(" in src, (method, pattern, handler)
+        src = inspect.getsource(r.fn)
+        assert "req.require_control(" in src, (r.method, r.handler)
 
 
 # The real Klippy
@@ -515,24 +518,24 @@ def test_kept_materials(tmp_path):
            b'<metadata><name><brand>B</brand><material>PLA</material>'
            b'<color>C</color></name><GUID>%s</GUID><version>1</version>'
            b'</metadata></fdmmaterial>')
-    store.hold("abc", "one.xml.fdm_material", xml % b"g-1")
-    store.hold("10.0.0.2", "two.xml.fdm_material", xml % b"g-2")
-    store.hold("other", "three.xml.fdm_material", xml % b"g-3")
+    store.keep_waiting("abc", "one.xml.fdm_material", xml % b"g-1")
+    store.keep_waiting("10.0.0.2", "two.xml.fdm_material", xml % b"g-2")
+    store.keep_waiting("other", "three.xml.fdm_material", xml % b"g-3")
     # sent again (Cura reconnected): kept once
-    store.hold("other", "three.xml.fdm_material", xml % b"g-3")
+    store.keep_waiting("other", "three.xml.fdm_material", xml % b"g-3")
     store.MAX_HELD = 4 * len(xml % b"g-1")   # room for one more
-    store.hold("abc", "four.xml.fdm_material", xml % b"g-4")
+    store.keep_waiting("abc", "four.xml.fdm_material", xml % b"g-4")
     for bad, status in ((("abc", "x.txt", xml % b"g-5"), 400),
                         (("abc", "x.xml.fdm_material", b"<nope/>"), 400),
                         (("abc", "x.xml.fdm_material", xml % b"g-5"), 507)):
         with pytest.raises(CuraError) as e:
-            store.hold(*bad)
+            store.keep_waiting(*bad)
         assert error_status(e.value) == status
     assert store.list() == [] and not store.dirty
     store.release("abc", "10.0.0.2")
     assert store.dirty
     store.save()
     assert sorted(m["guid"] for m in store.list()) == ["g-1", "g-2", "g-4"]
-    store.drop("other")
+    store.forget_waiting("other")
     store.release("other")
     assert not store.dirty

@@ -12,8 +12,10 @@ import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..",
                                 "klippy_extras"))
+from _cura_connection.definition import PrinterIdentity  # noqa: E402
+from _cura_connection.access import AccessPolicy  # noqa: E402
 from _cura_connection.api import CuraApi, ReplyCache  # noqa: E402
-from _cura_connection.bridge import CommandError, NoCall, ReactorCall  # noqa: E402
+from _cura_connection.bridge import ScriptError, NoCall, ReactorCall  # noqa: E402
 from _cura_connection.errors import BadInput, Conflict, NoSpace, NotFound, TooLarge, Unsupported  # noqa: E402
 from _cura_connection.frames import FRAME, FrameReader, HEAD_END, send_frame  # noqa: E402
 from _cura_connection.front import FrontRequest, UPLOAD_LINE  # noqa: E402
@@ -306,7 +308,7 @@ class FakeKlipper:
     def ready(self):
         return True
 
-    def now(self):
+    def publish_now(self):
         self.seq += 1
         return {"seq": self.seq, "klippy_state": self.kstate,
                 "state_message": "msg",
@@ -325,7 +327,7 @@ class FakeKlipper:
         try:
             self.run_script_from_command(script)
         except Exception as e:
-            raise CommandError(str(e))
+            raise ScriptError(str(e))
 
     def call(self, fn, *args):
         # (the test's thread stands for the reactor)
@@ -353,6 +355,12 @@ class FakeKlipper:
     # G-code
     def get_mutex(self):
         return FakeMutex()
+
+    def gcode_mutex(self):
+        return FakeMutex()
+
+    def has_pause_resume(self):
+        return True
 
     def run_script_from_command(self, script):
         self.scripts.append(script)
@@ -391,7 +399,7 @@ class FakeKlipper:
 
     # test helpers
     def follow(self, life):
-        life.follow(self.now())
+        life.follow(self.publish_now())
         self.run_callbacks()
 
     def finish(self, state="complete", duration=None):
@@ -426,7 +434,7 @@ def two_jobs(store):
 
 def test_lifecycle_queue(store, klipper, life, tmp_path):
     a, b = two_jobs(store)
-    life.follow(klipper.now())
+    life.follow(klipper.publish_now())
     # handed to Klipper, which has not answered yet
     assert a.status == "pre_print" and store.current is a
     klipper.run_callbacks()
@@ -454,7 +462,7 @@ def test_lifecycle_queue(store, klipper, life, tmp_path):
 
 def test_lifecycle_abort_during_start_cancels_it(store, klipper, life):
     a, b = two_jobs(store)
-    life.follow(klipper.now())
+    life.follow(klipper.publish_now())
     assert a.status == "pre_print"
     assert life.act(NoCall, a.uuid, "abort") == \
         (200, "aborted_wait_cleanup")
@@ -467,7 +475,7 @@ def test_lifecycle_abort_during_start_cancels_it(store, klipper, life):
 def test_lifecycle_refused_start_goes_back_to_the_queue(store, klipper,
                                                         life):
     a, b = two_jobs(store)
-    life.follow(klipper.now())
+    life.follow(klipper.publish_now())
     # a console print starts before the start gets the G-code queue
     klipper.filename, klipper.state, klipper.active = \
         "console.gcode", "printing", True
@@ -933,7 +941,11 @@ def test_uploads_join_the_queue_in_the_reactor(tmp_path, monkeypatch):
         lifecycle=JobLifecycle(klipper, store, lambda job: None),
         intake=SimpleNamespace(remove=lambda f, p: removed.append(f)),
         materials=SimpleNamespace(name_job_materials=lambda w, p: []))
-    api = CuraApi(conn)
+    api = CuraApi(conn.bridge, conn.store, conn.lifecycle, conn.intake,
+                  conn.materials, None, PrinterIdentity(
+                      "test", "00000000-0000-4000-8000-000000000000",
+                      213482, "Ultimaker S3", ["AA 0.4"]),
+                  AccessPolicy([]), None, max_queue=conn.max_queue)
     meta = {"time_estimate": 60, "preview": None, "materials": [],
             "material_profiles": {}}
     reply = api.add_upload("a.gcode", "alice", meta, "127.0.0.1")
@@ -952,7 +964,7 @@ def test_uploads_join_the_queue_in_the_reactor(tmp_path, monkeypatch):
     def no_room():
         # the status timer runs while the HTTP thread saves: the job
         # waits for its save, it does not start
-        conn.lifecycle.follow(klipper.now())
+        conn.lifecycle.follow(klipper.publish_now())
         klipper.run_callbacks()
         assert store.current is None and not klipper.scripts
         raise OSError(28, "No space left on device")

@@ -1,3 +1,13 @@
+# Access: who may read and who may change.
+#
+# Trusted networks and client addresses, browsers' origins, the access
+# policy (allow_control, require_pairing), Cura 5's pairing (HTTP Digest
+# credentials in auth.json: AuthStore) and the console's answer to it
+# (CURA_PAIRING, CURA_ALLOW, CURA_DENY).  AccessPolicy and AuthStore run
+# in request threads of either process (AuthStore locks itself); the
+# commands in the reactor; auth.json is written by the disk worker.
+#
+# This file may be distributed under the terms of the GNU GPLv3 license.
 import collections
 import functools
 import hashlib
@@ -8,7 +18,7 @@ import socket
 import time
 import uuid
 
-from .errors import HTTPError
+from .errors import Forbidden, Unauthenticated, Untrusted
 from .names import clean_text
 from .storage import SavedState
 
@@ -65,10 +75,16 @@ def is_trusted(ip, networks):
 
 def untrusted(ip):
     """The refusal of a client outside trusted_clients."""
-    return HTTPError(403, "%s is not in trusted_clients" % (ip,), close=True)
+    return Untrusted("%s is not in trusted_clients" % (ip,))
 
 
 @functools.lru_cache(maxsize=256)
+def not_allowed_yet(key_id):
+    """The refusal of a paired Cura the user has not allowed yet."""
+    return Forbidden("This Cura is not allowed yet: run CURA_ALLOW ID=%s on "
+                     "the printer" % (key_id,))
+
+
 def ip_text(host):
     # "192.168.1.5" -> the same, normalised; a name -> None
     try:
@@ -119,6 +135,62 @@ def sha256_hex(text):
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
+class AccessPolicy:
+    """Who may read and who may change, as the section says: trusted
+    networks, allow_control, require_pairing (with the paired clients of
+    auth, an AuthStore).  Request threads of either process (its settings
+    never change; AuthStore takes its own lock)."""
+    def __init__(self, trusted_clients, allow_control=True,
+                 require_pairing=False, auth=None):
+        self.trusted_clients = trusted_clients
+        self.allow_control = allow_control
+        self.require_pairing = require_pairing
+        self.auth = auth
+
+    def is_trusted(self, ip):
+        return is_trusted(ip, self.trusted_clients)
+
+    def check_client(self, ip):
+        """Before anything is read or done: trusted networks only."""
+        if not self.is_trusted(ip):
+            raise untrusted(ip)
+
+    def check_control(self, method, uri, authorization, ip,
+                      waiting_ok=False):
+        """Every handler that changes something asks this first.  With
+        waiting_ok, a Cura not allowed yet gets through: its id is
+        returned, or its address when it has no credentials yet (a Cura 5
+        sends before its first answer came); else None."""
+        if not self.allow_control:
+            raise Forbidden("This printer is monitor-only "
+                            "(allow_control: False)")
+        if self.require_pairing:
+            if waiting_ok and authorization is None:
+                return str(ip)
+            key_id, allowed = self.auth.identify(method, uri, authorization)
+            if not allowed:
+                if waiting_ok:
+                    return key_id
+                raise not_allowed_yet(key_id)
+        return None
+
+    def check_reader(self, method, uri, authorization, refuse=True):
+        """Reading is open, but a signed read must carry credentials this
+        printer allowed: Cura 5 reacts to a 401 on a read (not on a
+        change) by showing its "authorization required" message and
+        asking for credentials again (POST /api/v1/auth/request).  A
+        waiting Cura's read passes where refuse is False."""
+        if not self.require_pairing or parse_digest(authorization) is None:
+            return   # unsigned (Cura before 5.11, browsers): open
+        key_id, allowed = self.auth.identify(method, uri, authorization,
+                                             once=False)
+        if not allowed and refuse:
+            self.auth.refuse_waiting(key_id)
+            raise self.auth.challenge(
+                "This Cura waits for CURA_ALLOW ID=%s on the printer"
+                % (key_id,))
+
+
 class AuthStore(SavedState):
     """The credentials Cura >= 5.11 asks for (POST /api/v1/auth/request)
     and which of them the user allowed (CURA_ALLOW), kept in auth.json."""
@@ -148,7 +220,7 @@ class AuthStore(SavedState):
     def _load(self):
         clients = self.read_file().get("clients", {})
         if not isinstance(clients, dict):
-            self.drop("clients", "not an object")
+            self.discard("clients", "not an object")
             return
         for key_id, client in clients.items():
             try:
@@ -164,7 +236,7 @@ class AuthStore(SavedState):
                 if bad:
                     raise ValueError("bad %s" % (bad[0],))
             except ValueError as e:
-                self.drop("client %s" % (clean_text(key_id),), e)
+                self.discard("client %s" % (clean_text(key_id),), e)
                 continue
             self.clients[key_id] = {f: client[f] for f in self.CLIENT_FIELDS
                                     if f in client}
@@ -252,23 +324,22 @@ class AuthStore(SavedState):
 
     def verify(self, method, uri, header):
         """Check a Digest signature (cura-protocol.md 2.3): returns the
-        client id, or raises HTTPError 401 (bad, replayed) / 403."""
+        client id, or raises Unauthenticated (bad, replayed) / Forbidden."""
         key_id, allowed = self.identify(method, uri, header)
         if not allowed:
-            raise HTTPError(403, "This Cura is not allowed yet: run "
-                            "CURA_ALLOW ID=%s on the printer" % (key_id,))
+            raise not_allowed_yet(key_id)
         return key_id
 
     def identify(self, method, uri, header, once=True):
         """Check a Digest signature: returns (client id, allowed), or
-        raises HTTPError 403 (unsigned) or 401 with a fresh challenge
+        raises Forbidden (unsigned) or Unauthenticated with a fresh challenge
         (unknown client, bad signature; replayed when `once`: reads may
         come again, a change only once)."""
         p = parse_digest(header)
         if p is None:
-            raise HTTPError(403, "Changes need a Cura paired with this "
-                            "printer (Cura 5.11 or newer; CURA_PAIRING "
-                            "lists requests)")
+            raise Forbidden("Changes need a Cura paired with this printer "
+                            "(Cura 5.11 or newer; CURA_PAIRING lists "
+                            "requests)")
         key_id = p.get("username", "")
         with self.lock:
             client = self.clients.get(key_id)
@@ -325,6 +396,77 @@ class AuthStore(SavedState):
     def challenge(message):
         # A fresh server nonce: Cura adopts it (and restarts its count)
         nonce = uuid.uuid4().hex
-        return HTTPError(401, message, headers=[(
-            "WWW-Authenticate", 'Digest realm="%s", nonce="%s", qop="auth",'
-            ' algorithm=SHA-256' % (DIGEST_REALM, nonce))])
+        return Unauthenticated(message, 'Digest realm="%s", nonce="%s", '
+                               'qop="auth", algorithm=SHA-256'
+                               % (DIGEST_REALM, nonce))
+
+
+class PairingCommands:
+    """CURA_PAIRING, CURA_ALLOW and CURA_DENY: the user's answer to the
+    Cura clients that asked for access (auth, an AuthStore), and to the
+    material profiles they sent while waiting (materials, a
+    MaterialStore).  Reactor (G-code commands): memory only, the disk
+    worker saves; bad input raises only gcmd.error."""
+    COMMANDS = ("CURA_PAIRING", "CURA_ALLOW", "CURA_DENY")
+
+    def __init__(self, auth, materials, require_pairing):
+        self.auth = auth
+        self.materials = materials
+        self.require_pairing = require_pairing
+
+    cmd_CURA_PAIRING_help = "List the Cura clients that asked for access"
+    def cmd_CURA_PAIRING(self, gcmd):
+        clients = self.auth.listing()
+        lines = ["Pairing is %s" % (
+            "required (require_pairing: True)" if self.require_pairing else
+            "not required: every trusted client may send and control "
+            "prints",)]
+        for allowed, title in ((False, "Waiting for CURA_ALLOW:"),
+                               (True, "Allowed:")):
+            found = [c for c in clients if bool(c.get("allowed")) == allowed]
+            if found:
+                lines.append(title)
+            lines += ["  ID=%s %s, %s, from %s at %s" % (
+                c["id"], c.get("application") or "?", c.get("user") or "?",
+                c.get("address"), c.get("requested_at")) for c in found]
+        if not clients:
+            lines.append("No Cura has asked for access yet (Cura 5.11 or "
+                         "newer asks when it connects)")
+        gcmd.respond_info("\n".join(lines))
+
+    def _client_id(self, gcmd, allowed):
+        # ID=..., or the only client in that state
+        key_id = gcmd.get("ID", None)
+        if key_id is None:
+            found = [c["id"] for c in self.auth.listing()
+                     if bool(c.get("allowed")) == allowed]
+            if len(found) != 1:
+                raise gcmd.error("Give ID=<id> (see CURA_PAIRING)")
+            key_id = found[0]
+        return key_id.strip().lower()
+
+    def _client_address(self, key_id):
+        # where that Cura asked from: its profiles sent before it had
+        # credentials are kept under this address
+        return next((c.get("address") for c in self.auth.listing()
+                     if c["id"] == key_id), None)
+
+    cmd_CURA_ALLOW_help = "Allow a Cura that asked for access: ID=<id>"
+    def cmd_CURA_ALLOW(self, gcmd):
+        key_id = self._client_id(gcmd, False)
+        if not self.auth.allow(key_id):
+            raise gcmd.error("No Cura asked with ID=%s (see CURA_PAIRING)"
+                             % (key_id,))
+        self.materials.release(key_id, self._client_address(key_id))
+        gcmd.respond_info("Cura ID=%s may now send and control prints"
+                          % (key_id,))
+
+    cmd_CURA_DENY_help = "Remove a Cura's access or request: ID=<id>"
+    def cmd_CURA_DENY(self, gcmd):
+        key_id = self._client_id(gcmd, False)
+        address = self._client_address(key_id)
+        if not self.auth.remove(key_id):
+            raise gcmd.error("No Cura with ID=%s (see CURA_PAIRING)"
+                             % (key_id,))
+        self.materials.forget_waiting(key_id, address)
+        gcmd.respond_info("Cura ID=%s removed" % (key_id,))

@@ -1,3 +1,13 @@
+# Cura's cluster API: the routes and what each answers.
+#
+# CuraApi's handlers turn a request into a reply from the published
+# snapshot, the job store and the other parts; each declares its route
+# (@route), and the table is checked at import.  Handlers run in request
+# threads of Klippy's process; they change jobs only through
+# bridge.call(lifecycle...), in the reactor.  The reads marked front=True
+# are answered by the front process from what front_link publishes.
+#
+# This file may be distributed under the terms of the GNU GPLv3 license.
 import json
 import logging
 import operator
@@ -29,52 +39,47 @@ class Payload:
         self.headers = list(headers)
 UUID_RE = r"([0-9a-fA-F-]{1,64})"
 MATERIALS_PATH = "/cluster-api/v1/materials"
-ROUTES = [
-    ("GET", r"/api/v1/system", "get_system"),
-    ("POST", r"/api/v1/auth/request", "post_auth_request"),
-    ("GET", r"/api/v1/auth/check/([0-9a-zA-Z]{1,64})", "get_auth_check"),
-    ("GET", r"/api/v1/auth/verify", "get_auth_verify"),
-    ("GET", r"/cluster-api/v1/printers", "get_printers"),
-    ("GET", r"/cluster-api/v1/print_jobs", "get_print_jobs"),
-    ("GET", r"/cluster-api/v1/print_jobs/history", "get_history"),
-    ("POST", r"/cluster-api/v1/print_jobs", "post_print_job"),
-    ("GET", r"/cluster-api/v1/print_jobs/%s" % UUID_RE, "get_print_job"),
-    ("PUT", r"/cluster-api/v1/print_jobs/%s" % UUID_RE, "put_print_job"),
-    ("DELETE", r"/cluster-api/v1/print_jobs/%s" % UUID_RE,
-     "delete_print_job"),
-    ("PUT", r"/cluster-api/v1/print_jobs/%s/action" % UUID_RE, "put_action"),
-    ("POST", r"/cluster-api/v1/print_jobs/%s/action/move" % UUID_RE,
-     "post_move"),
-    ("GET", r"/cluster-api/v1/print_jobs/%s/preview_image" % UUID_RE,
-     "get_preview_image"),
-    ("GET", MATERIALS_PATH, "get_materials"),
-    ("POST", MATERIALS_PATH, "post_material"),
-    # not Cura's: the web page's, the camera and the machine definition
-    ("POST", r"/cluster-api/v1/printers/%s/action/plate_cleared" % UUID_RE,
-     "post_plate_cleared"),
-    ("GET", r"/", "get_root"),            # Cura's camera: /?action=stream
-    ("GET", r"/printers/camera", "get_root"),   # same, under nginx's paths
-    ("GET", r"/print_jobs", "get_page"),  # "Manage in browser" links
-    ("GET", r"/printers", "get_page"),
-    ("GET", r"/printers/cura_definition\.zip", "get_definition_zip"),
-    ("GET", r"/printers/cura_definition/([A-Za-z0-9_.]{1,200})",
-     "get_definition_file"),
-]
-COMPILED_ROUTES = [(m, re.compile(p + "$"), h) for m, p, h in ROUTES]
+
+
+class Route:
+    """One path of the API, declared on its CuraApi handler with @route:
+    the method, the pattern (url groups become the handler's arguments),
+    the handler, and where it is answered: front (the front process
+    answers it from what Klippy's side publishes) and gated (a small
+    reply from memory: it stays in the ServeGate)."""
+    def __init__(self, method, pattern, fn, front, gated):
+        self.method = method
+        self.pattern = re.compile(pattern + "$")
+        self.fn = fn
+        self.handler = fn.__name__
+        self.front = front
+        self.gated = gated
+
+
+ROUTES = []
+
+
+def route(method, pattern, front=False, gated=False):
+    """Declare the route of the CuraApi handler below (checked at import
+    by check_routes)."""
+    def declare(fn):
+        ROUTES.append(Route(method, pattern, fn, front, gated))
+        return fn
+    return declare
 
 
 def find_route(method, path):
-    """(handler name, url groups) of a request (path without its query);
+    """(Route, url groups) of a request (path without its query);
     HTTPError 405 for a path of another method, 404 for no such path
     (both processes route with this)."""
     path = path.rstrip("/") or "/"
     allowed = []
-    for m, regex, handler in COMPILED_ROUTES:
-        match = regex.match(path)
+    for r in ROUTES:
+        match = r.pattern.match(path)
         if match:
-            if m == method:
-                return handler, match.groups()
-            allowed.append(m)
+            if r.method == method:
+                return r, match.groups()
+            allowed.append(r.method)
     if allowed:
         raise HTTPError(405, "%s is not allowed on %s (use %s)"
                         % (method, path, ", ".join(allowed)))
@@ -163,27 +168,34 @@ class CuraApi:
     """The cluster API: turns requests into JSON from snapshots and store.
     Handlers run in HTTP threads: they read snapshots and the store, and
     change jobs only through bridge.call(lifecycle...), in the reactor."""
-    def __init__(self, conn):
-        self.conn = conn
-        self.bridge = conn.bridge
-        self.store = conn.store
-        self.lifecycle = conn.lifecycle
-        self.intake = conn.intake
-        self.materials = conn.materials
+    def __init__(self, bridge, store, lifecycle, intake, materials, loaded,
+                 identity, access, definition, camera=None, max_queue=100):
+        self.bridge = bridge            # KlippyBridge
+        self.store = store              # JobStore (read here)
+        self.lifecycle = lifecycle      # JobLifecycle (through the bridge)
+        self.intake = intake            # FileIntake
+        self.materials = materials      # MaterialStore
+        self.loaded = loaded            # LoadedMaterials
+        self.identity = identity        # PrinterIdentity
+        self.access = access            # AccessPolicy
+        self.definition = definition    # MachineDefinition
+        self.camera = camera            # CameraProxy or None
+        self.max_queue = max_queue
         self.replies = ReplyCache(self)
         self.history_replies = ReplyCache(self)    # the page's history
         self.auth_request_lock = threading.Lock()
 
-    def route(self, method, path):
-        handler, args = find_route(method, path)
-        return getattr(self, handler), args
+    def route_of(self, method, path):
+        """(Route, its handler bound here, url groups) of a request."""
+        found, args = find_route(method, path)
+        return found, found.fn.__get__(self), args
 
     # JSON models
     def printer_configuration(self, snap):
         return [{"extruder_index": i,
-                 "print_core_id": self.conn.print_core_ids[i],
-                 "material": self.material_json(self.conn.loaded.get(i))}
-                for i in range(self.conn.extruder_count)]
+                 "print_core_id": self.identity.print_core_ids[i],
+                 "material": self.material_json(self.loaded.get(i))}
+                for i in range(self.identity.extruder_count)]
 
     def material_json(self, entry):
         # Cura shows name and colour of the GUIDs it has; for others,
@@ -226,10 +238,10 @@ class CuraApi:
             status = "idle"
         return {
             "enabled": True, "firmware_version": FIRMWARE_VERSION,
-            "friendly_name": self.conn.name, "unique_name": self.conn.name,
+            "friendly_name": self.identity.name, "unique_name": self.identity.name,
             "ip_address": req.reachable_ip(),
-            "machine_variant": self.conn.machine_variant,
-            "status": status, "uuid": self.conn.printer_uuid,
+            "machine_variant": self.identity.machine_variant,
+            "status": status, "uuid": self.identity.printer_uuid,
             "configuration": self.printer_configuration(snap),
             "build_plate": {"type": "glass"}, "reserved_by": None,
             "maintenance_required": False,
@@ -240,15 +252,15 @@ class CuraApi:
             "extruders": snap["extruders"], "heater_bed": snap["heater_bed"],
             "plate_clear": self.store.plate_clear,
             "progress": snap["virtual_sdcard"].get("progress"),
-            "camera": self.conn.camera is not None,
-            "machine_definition": self.conn.definition.id,
+            "camera": self.camera is not None,
+            "machine_definition": self.definition.id,
         }
 
     def jobs_basis(self):
         # JSON of what jobs' replies are made of besides their fields: the
         # printer's configuration, the loaded entries changes compare
         return json.dumps([self.printer_configuration(None),
-                           self.conn.loaded.status_cache])
+                           self.loaded.status_cache])
 
     def job_configuration(self, job):
         # The printer's configuration, with what the job's file asks of
@@ -279,7 +291,7 @@ class CuraApi:
         # Cura's "Configuration change" list for a job that waits for one;
         # material_change only: Cura lets the user override it
         changes = []
-        for index, wanted, loaded in self.conn.configuration_changes(job):
+        for index, wanted, loaded in self.loaded.configuration_changes(job):
             target = self.wanted_material_json(wanted)
             origin = self.material_json(loaded)
             changes.append({
@@ -293,7 +305,7 @@ class CuraApi:
         d = {"uuid": job.uuid, "name": job.name, "owner": job.owner,
              "created_at": job.created_at, "status": job.status,
              "started": job.started, "force": job.force,
-             "machine_variant": self.conn.machine_variant,
+             "machine_variant": self.identity.machine_variant,
              "time_total": int(job.time_total),
              "time_elapsed": int(job.time_elapsed or 0),
              "configuration": self.job_configuration(job),
@@ -301,28 +313,30 @@ class CuraApi:
              "configuration_changes_required":
                  self.configuration_changes(job),
              "impediments_to_printing": [], "build_plate": {"type": "glass"},
-             "compatible_machine_families": [self.conn.machine_variant],
+             "compatible_machine_families": [self.identity.machine_variant],
              "filename": job.filename, "source": job.source,
              "has_preview": bool(job.preview), "finished_at": job.finished_at}
         if job.message:
             d["message"] = job.message
         # Only the job on the printer may point at it (Cura pitfall 6)
         if linked:
-            d["printer_uuid"] = d["assigned_to"] = self.conn.printer_uuid
+            d["printer_uuid"] = d["assigned_to"] = self.identity.printer_uuid
         elif job.started:
-            d["printed_on_uuid"] = self.conn.printer_uuid
+            d["printed_on_uuid"] = self.identity.printer_uuid
         return d
 
     # Handlers: (request, *url groups) -> (status, JSON-able or bytes)
+    @route("GET", r"/api/v1/system", front=True, gated=True)
     def get_system(self, req):
         return 200, {
-            "guid": self.conn.printer_uuid, "firmware": FIRMWARE_VERSION,
-            "hostname": socket.gethostname(), "name": self.conn.name,
-            "platform": "Klipper %s" % (self.conn.klipper_version,),
-            "variant": self.conn.machine_variant,
-            "hardware": {"typeid": self.conn.machine_bom, "revision": 0},
+            "guid": self.identity.printer_uuid, "firmware": FIRMWARE_VERSION,
+            "hostname": socket.gethostname(), "name": self.identity.name,
+            "platform": "Klipper %s" % (self.identity.klipper_version,),
+            "variant": self.identity.machine_variant,
+            "hardware": {"typeid": self.identity.machine_bom, "revision": 0},
         }
 
+    @route("POST", r"/api/v1/auth/request")
     def post_auth_request(self, req):
         # Cura >= 5.11 asks for credentials and then signs requests with
         # them (HTTP Digest).  With require_pairing the user allows them
@@ -330,7 +344,7 @@ class CuraApi:
         body = req.read_json(optional=True)
         if not isinstance(body, dict):
             body = {}
-        auth = self.conn.auth
+        auth = self.access.auth
         with self.auth_request_lock:
             # Cura asks again after each 401 (and several times at once
             # when it connects): one waiting request per Cura
@@ -345,8 +359,8 @@ class CuraApi:
             auth.save()
         except OSError as e:
             logging.error("cura_connection: cannot save credentials: %s", e)
-        if self.conn.require_pairing:
-            self.conn.console(
+        if self.access.require_pairing:
+            self.bridge.console(
                 "Cura (%s, %s) at %s asks to control this printer: "
                 "CURA_ALLOW ID=%s allows it, CURA_PAIRING lists requests"
                 % (clean_text(body.get("application")) or "?",
@@ -354,15 +368,17 @@ class CuraApi:
                    key_id))
         return 200, {"id": key_id, "key": key}
 
+    @route("GET", r"/api/v1/auth/check/([0-9a-zA-Z]{1,64})", gated=True)
     def get_auth_check(self, req, key_id):
-        status = self.conn.auth.status(key_id)
-        if status != "unknown" and not self.conn.require_pairing:
+        status = self.access.auth.status(key_id)
+        if status != "unknown" and not self.access.require_pairing:
             status = "authorized"
         return 200, {"message": status}
 
+    @route("GET", r"/api/v1/auth/verify")
     def get_auth_verify(self, req):
-        if self.conn.require_pairing:
-            self.conn.auth.verify(req.command, req.path,
+        if self.access.require_pairing:
+            self.access.auth.verify(req.command, req.path,
                                   req.headers.get("Authorization"))
         return 200, {"message": "ok"}
 
@@ -382,21 +398,30 @@ class CuraApi:
         cur, queue, history = self.store.all_jobs()
         return self.history_replies.job_list([], history, pause)
 
+    @route("GET", r"/cluster-api/v1/printers", front=True, gated=True)
     def get_printers(self, req):
         return 200, Payload(self.printers_reply(req), "application/json")
 
+    @route("GET", r"/cluster-api/v1/print_jobs", front=True, gated=True)
     def get_print_jobs(self, req):
         return 200, Payload(self.print_jobs_reply(req.server.gate.breathe),
                             "application/json")
 
+    @route("GET",
+           r"/cluster-api/v1/print_jobs/history", front=True, gated=True)
     def get_history(self, req):
         return 200, Payload(self.history_reply(req.server.gate.breathe),
                             "application/json")
 
+    @route("GET",
+           r"/cluster-api/v1/print_jobs/%s" % UUID_RE, front=True, gated=True)
     def get_print_job(self, req, job_uuid):
         job = self.store.get(job_uuid)
         return 200, self.job_json(job, job in self.store.printer_jobs()[0])
 
+    @route("GET",
+           r"/cluster-api/v1/print_jobs/%s/preview_image" % UUID_RE,
+           front=True)
     def get_preview_image(self, req, job_uuid):
         job = self.store.get(job_uuid)
         data = job.preview and self.intake.read_preview(job.preview)
@@ -405,11 +430,12 @@ class CuraApi:
                             % (job.name,))
         return 200, data
 
+    @route("POST", r"/cluster-api/v1/print_jobs")
     def post_print_job(self, req):
         req.require_control()
         return 200, receive_upload(
             req, self.intake, lambda: len(self.store.queue),
-            self.conn.max_queue, lambda filename, owner, meta:
+            self.max_queue, lambda filename, owner, meta:
             self.add_upload(filename, owner, meta, req.client_address[0]))
 
     def add_upload(self, filename, owner, meta, address):
@@ -428,7 +454,7 @@ class CuraApi:
         try:
             # (the front process counts the queue it was last shown: the
             # limit is checked again where the job is added)
-            self.bridge.call(self.lifecycle.add, job, self.conn.max_queue)
+            self.bridge.call(self.lifecycle.add, job, self.max_queue)
         except CuraError:
             self.intake.remove(filename, meta["preview"])
             raise
@@ -444,12 +470,13 @@ class CuraApi:
                 self.intake.remove(filename, meta["preview"])
                 raise storage_error(e, self.store.path)
         finally:
-            job.arriving = False    # (saved, or taken back)
+            self.store.arrived(job)     # (saved, or taken back)
         logging.info("cura_connection: received %s from %s (%s)",
                      filename, job.owner, address)
         return {"uuid": job.uuid, "name": job.name, "filename": filename,
                 "status": job.status}
 
+    @route("PUT", r"/cluster-api/v1/print_jobs/%s/action" % UUID_RE)
     def put_action(self, req, job_uuid):
         req.require_control()
         body = req.read_json()
@@ -464,6 +491,7 @@ class CuraApi:
         self.store.save()
         return status, {"status": job_status}
 
+    @route("POST", r"/cluster-api/v1/print_jobs/%s/action/move" % UUID_RE)
     def post_move(self, req, job_uuid):
         req.require_control()
         body = req.read_json()
@@ -477,6 +505,7 @@ class CuraApi:
         self.store.save()
         return 200, {"message": "moved"}
 
+    @route("PUT", r"/cluster-api/v1/print_jobs/%s" % UUID_RE)
     def put_print_job(self, req, job_uuid):
         req.require_control()
         body = req.read_json()
@@ -488,18 +517,21 @@ class CuraApi:
         self.store.save()
         return 200, {"message": "ok"}
 
+    @route("DELETE", r"/cluster-api/v1/print_jobs/%s" % UUID_RE)
     def delete_print_job(self, req, job_uuid):
         req.require_control()
         self.bridge.call(self.lifecycle.change, self.store.delete, job_uuid)
         self.store.save()
         return 200, {"message": "deleted"}
 
+    @route("GET", MATERIALS_PATH, front=True, gated=True)
     def get_materials(self, req):
         return 200, [{"guid": m["guid"], "version": m["version"],
                       "brand": m["brand"], "material": m["material"],
                       "color": m["color"]}
                      for m in self.materials.list()]
 
+    @route("POST", MATERIALS_PATH)
     def post_material(self, req):
         # Cura syncs only when it connects, before anyone could allow it:
         # a waiting Cura's profiles are kept until CURA_ALLOW stores them.
@@ -512,7 +544,7 @@ class CuraApi:
         if len(files) != 1:
             raise HTTPError(400, "Send one material file in part 'file'")
         if waiting is not None:
-            self.materials.hold(waiting, files[0]["filename"],
+            self.materials.keep_waiting(waiting, files[0]["filename"],
                                 files[0]["data"])
             return 200, {"message": "kept until this Cura is allowed "
                          "(CURA_PAIRING, CURA_ALLOW)"}
@@ -523,10 +555,13 @@ class CuraApi:
         return 200, {"message": "stored"}
 
     # Not Cura's: the web page, the camera and the machine definition
+    # not Cura's: the web page's, the camera and the machine definition
+    @route("POST",
+           r"/cluster-api/v1/printers/%s/action/plate_cleared" % UUID_RE)
     def post_plate_cleared(self, req, printer_uuid):
         req.require_control()
         req.read_json(optional=True)
-        if printer_uuid != self.conn.printer_uuid:
+        if printer_uuid != self.identity.printer_uuid:
             raise HTTPError(404, "No printer %s" % (printer_uuid,))
         # the same operation as CURA_BUILD_PLATE_CLEARED, in the reactor
         self.bridge.call(self.lifecycle.plate_cleared)
@@ -537,6 +572,9 @@ class CuraApi:
     def wants_html(req):
         return "text/html" in req.headers.get("Accept", "")
 
+    # "Manage in browser" links
+    @route("GET", r"/print_jobs", front=True, gated=True)
+    @route("GET", r"/printers", front=True, gated=True)
     def get_page(self, req):
         if not self.wants_html(req):
             # scripts asking the browser paths get the API's JSON
@@ -549,27 +587,33 @@ class CuraApi:
             raise HTTPError(500, "Web page missing: %s" % (e,))
         return 200, Payload(page, "text/html; charset=utf-8")
 
+    # Cura's camera: /?action=stream, also under nginx's paths
+    @route("GET", r"/", front=True)
+    @route("GET", r"/printers/camera", front=True)
     def get_root(self, req):
         action = camera_action(req.path)
         if action:
-            if self.conn.camera is None:
+            if self.camera is None:
                 raise HTTPError(404, "No camera: set camera_url in "
                                 "[cura_connection]")
             if action == "snapshot":
-                return 200, self.conn.camera.snapshot()
-            return self.conn.camera.stream(req)
+                return 200, self.camera.snapshot()
+            return self.camera.stream(req)
         if self.wants_html(req):
             return self.get_page(req)
         raise HTTPError(404, "No such endpoint: / (the camera is "
                         "/?action=stream)")
 
+    @route("GET", r"/printers/cura_definition\.zip", front=True)
     def get_definition_zip(self, req):
-        return 200, Payload(self.conn.definition.zip(), "application/zip", [
+        return 200, Payload(self.definition.zip(), "application/zip", [
             ("Content-Disposition", 'attachment; filename="%s.zip"'
-             % (self.conn.definition.id,))])
+             % (self.definition.id,))])
 
+    @route("GET",
+           r"/printers/cura_definition/([A-Za-z0-9_.]{1,200})", front=True)
     def get_definition_file(self, req, fname):
-        data = self.conn.definition.files.get(fname)
+        data = self.definition.files.get(fname)
         if data is None:
             raise HTTPError(404, "No definition file %s" % (fname,))
         return 200, Payload(data, "application/json", [
@@ -593,41 +637,16 @@ def receive_upload(req, intake, queued, max_queue, add):
         intake.end(upload)
 
 
-# Handlers that only compute a small reply from memory stay in the gate;
-# every other one (uploads, actions waiting for Klipper, disk, camera)
-# leaves it before it starts.
-GATED_HANDLERS = frozenset((
-    "get_system", "get_auth_check", "get_printers", "get_print_jobs",
-    "get_history", "get_print_job", "get_materials", "get_page"))
+def check_routes(routes, api_class):
+    """At import: every route has a handler of api_class, no two share a
+    method and pattern, and the front answers reads only."""
+    seen = set()
+    for r in routes:
+        key = (r.method, r.pattern.pattern)
+        assert key not in seen, "route declared twice: %s %s" % key
+        seen.add(key)
+        assert getattr(api_class, r.handler, None) is r.fn, r.handler
+        assert r.method == "GET" or not (r.front or r.gated), r.handler
 
 
-# Klippy's reactor shares the GIL with every thread of Klippy's process,
-# so a flood of polls there makes its timers late.  By default a child
-# process (this file, run by Klippy's Python) owns the listening socket.
-# It answers the reads (FRONT_HANDLERS) from replies Klippy's side keeps
-# published in it, and receives uploads (without require_pairing) into
-# the G-code folder, asking Klippy's side to reserve room for them and to
-# queue the finished file.  Every other request (actions, pairing, signed
-# reads with require_pairing, the camera, material posts) it hands to the
-# server in Klippy's process, whole and unread, with its socket, which
-# that server closes after its reply.  The two are joined by two socket
-# pairs: "control" carries published replies, answers and the end of
-# handed-over connections ("released") one way, acknowledgements, calls
-# (reserve, add_upload), the end of reservations ("unreserve") and log
-# lines the other; "handover" carries connections (SCM_RIGHTS).
-
-# The reads the front answers (CuraApi's handlers of their routes), from
-# what Klippy's side publishes: everything a Cura without pairing reads,
-# and the web page with its reads.  A request for any other route (and
-# any head the front does not fully understand) is handed over alone:
-# Klippy's side answers it with "Connection: close" and closes (see
-# CuraRequestHandler.handle), so no connection stays in Klippy's process.
-# Closing rather than handing the connection back: Cura 4.13's and Cura
-# 5's Qt clients open a new connection for their next request without a
-# failed request (tests/test_cura.py, tests/test_cura5.py: none in their
-# logs), and a closed connection leaves no bytes read ahead by
-# http.server that would have to go back with it.
-FRONT_HANDLERS = frozenset((
-    "get_system", "get_printers", "get_print_jobs", "get_history",
-    "get_print_job", "get_preview_image", "get_materials", "get_page",
-    "get_root", "get_definition_zip", "get_definition_file", "not_found"))
+check_routes(ROUTES, CuraApi)

@@ -1,22 +1,31 @@
+# Klippy bridge: the module's one way to Klipper's printer objects.
+#
+# Status snapshots (published by the reactor, read by any thread), G-code
+# scripts and the G-code mutex (reactor), and KlippyBridge.call(), which
+# runs a function in the reactor for another thread.
+#
+# This file may be distributed under the terms of the GNU GPLv3 license.
 import logging
 import threading
 import time
 
 from .errors import Conflict
+from .threads import mark_reactor_thread, never_reactor, reactor_only
 
 
 SNAPSHOT_INTERVAL = 0.5
 
 
-class CommandError(Exception):
-    pass
+class ScriptError(Exception):
+    """Klipper refused a G-code script the module ran (its message)."""
 
 
 # Thread boundary.  Code marked "Reactor:" runs in Klippy's reactor (a
-# timer, a G-code command, or a call an HTTP thread submitted); it may
-# change printer objects and the job store, and never writes to disk.
-# Code marked "Any thread:" only reads immutable snapshots or takes short
-# locks.  HTTP handlers reach the reactor only through KlippyBridge.call().
+# timer, a G-code command, or a call another thread submitted through
+# KlippyBridge.call()); it may change the job store, and never writes to
+# disk.  Code marked "Any thread:" only reads immutable snapshots or
+# takes short locks.  Printer objects are reached only through
+# KlippyBridge (threads.py checks the sides in tests).
 
 class ReactorCall:
     """One call an HTTP thread hands to the reactor, and its outcome.
@@ -57,14 +66,14 @@ CALL_RUN_LIMIT = 60.
 
 
 class KlippyBridge:
-    def __init__(self, config, on_snapshot):
+    def __init__(self, config, extruder_names, on_snapshot):
         self.printer = config.get_printer()
         self.reactor = self.printer.get_reactor()
         self.on_snapshot = on_snapshot
         self.closing = False
         self.seq = 0
         self.status_objects = []
-        self.extruder_names = []
+        self.extruder_names = extruder_names     # of extruder_sections()
         self.gcode = None
         # Readers in other threads only ever see a complete snapshot: a new
         # dict is built and swapped in, never changed afterwards.
@@ -81,14 +90,10 @@ class KlippyBridge:
         self.reactor.register_timer(self._publish_timer, self.reactor.NOW)
 
     def _handle_connect(self):
+        mark_reactor_thread()
         self.gcode = self.printer.lookup_object("gcode")
         names = ["webhooks", "print_stats", "virtual_sdcard",
                  "pause_resume", "heater_bed", "toolhead"]
-        for i in range(99):
-            name = "extruder%d" % (i,) if i else "extruder"
-            if self.printer.lookup_object(name, None) is None:
-                break
-            self.extruder_names.append(name)
         self.status_objects = [
             (name, self.printer.lookup_object(name))
             for name in names + self.extruder_names
@@ -125,14 +130,15 @@ class KlippyBridge:
             "homed_axes": st.get("toolhead", {}).get("homed_axes", ""),
         }
 
+    @reactor_only
     def publish(self, eventtime):
         """Reactor: Klipper's state now, also published to other threads."""
         snap = self._collect(eventtime)
         self.snapshot = snap
         return snap
 
-    def now(self):
-        """Reactor: publish(now)."""
+    def publish_now(self):
+        """Reactor: Klipper's state at this moment (published too)."""
         return self.publish(self.reactor.monotonic())
 
     def _publish_timer(self, eventtime):
@@ -147,6 +153,7 @@ class KlippyBridge:
     def ready(self):
         return not self.closing and self.gcode is not None
 
+    @never_reactor
     def call(self, fn, *args, timeout=CALL_TIMEOUT):
         """Any thread but the reactor: run fn(call, *args) in the reactor
         and return its result (or raise its CuraError).  fn must call
@@ -176,13 +183,37 @@ class KlippyBridge:
             raise call.error
         return call.result
 
+    @reactor_only
+    def gcode_mutex(self):
+        """Reactor: the G-code mutex; while it is held neither the file
+        nor the console runs a command."""
+        return self.gcode.get_mutex()
+
+    @reactor_only
+    def active_extruder(self):
+        """Reactor: the name of the extruder the toolhead uses now."""
+        toolhead = self.printer.lookup_object("toolhead")
+        return toolhead.get_extruder().get_name()
+
+    def has_pause_resume(self):
+        """Klipper's PAUSE/RESUME are configured ([pause_resume])."""
+        return self.printer.lookup_object("pause_resume", None) is not None
+
+    def console(self, msg):
+        """Any thread: a line in Klipper's console (Mainsail, Fluidd)."""
+        def show(eventtime):
+            if self.gcode is not None and not self.closing:
+                self.gcode.respond_info(msg)
+        self.reactor.register_async_callback(show)
+
+    @reactor_only
     def command(self, script):
-        """Reactor, inside the G-code mutex: run script; CommandError
+        """Reactor, inside the G-code mutex: run script; ScriptError
         with Klipper's message."""
         try:
             self.gcode.run_script_from_command(script)
         except Exception as e:
-            raise CommandError(str(e) or e.__class__.__name__)
+            raise ScriptError(str(e) or e.__class__.__name__)
 
 
 class NoCall:

@@ -1,10 +1,16 @@
+# Camera: Cura's camera view, proxied from the printer's webcam.
+#
+# An MJPEG stream or a snapshot fetched from camera_url, in the request
+# thread of Klippy's process that asked (the front hands the camera over).
+#
+# This file may be distributed under the terms of the GNU GPLv3 license.
 import http.client
 import socket
 import threading
 import urllib.parse
 
 from .api import Payload
-from .errors import HTTPError
+from .errors import Busy, CameraFailed, CameraTimeout, NotFound
 from .gcode_meta import image_type
 from .limits import MAX_PREVIEW_SIZE, READ_CHUNK
 
@@ -56,39 +62,37 @@ class CameraProxy:
             resp = conn.getresponse()
         except socket.timeout:
             conn.close()
-            raise HTTPError(504, "The camera at %s did not answer" % (url,))
+            raise CameraTimeout("The camera at %s did not answer" % (url,))
         except (OSError, http.client.HTTPException) as e:
             conn.close()
-            raise HTTPError(502, "Cannot reach the camera at %s: %s"
-                            % (url, e))
+            raise CameraFailed("Cannot reach the camera at %s: %s"
+                               % (url, e))
         if resp.status != 200:
             conn.close()
-            raise HTTPError(502, "The camera at %s answered HTTP %d"
-                            % (url, resp.status))
+            raise CameraFailed("The camera at %s answered HTTP %d"
+                               % (url, resp.status))
         return conn, resp
 
     def snapshot(self):
         if not self.snapshot_url:
-            raise HTTPError(404, "No camera snapshot URL: set "
-                            "camera_snapshot_url")
+            raise NotFound("No camera snapshot URL: set camera_snapshot_url")
         conn, resp = self._open(self.snapshot_url)
         try:
             data = resp.read(MAX_PREVIEW_SIZE + 1)
         except (OSError, http.client.HTTPException) as e:
-            raise HTTPError(502, "Camera snapshot failed: %s" % (e,))
+            raise CameraFailed("Camera snapshot failed: %s" % (e,))
         finally:
             conn.close()
         if len(data) > MAX_PREVIEW_SIZE:
-            raise HTTPError(502, "Camera snapshot over %d MiB"
-                            % (MAX_PREVIEW_SIZE >> 20,))
+            raise CameraFailed("Camera snapshot over %d MiB"
+                               % (MAX_PREVIEW_SIZE >> 20,))
         return Payload(data, resp.getheader("Content-Type")
                        or image_type(data))
 
     def stream(self, req):
         with self.lock:
             if self.streams >= MAX_CAMERA_STREAMS:
-                raise HTTPError(503, "Already %d camera viewers"
-                                % (self.streams,))
+                raise Busy("Already %d camera viewers" % (self.streams,))
             self.streams += 1
         try:
             conn, resp = self._open(self.stream_url)

@@ -1,8 +1,15 @@
+# What Cura is told this printer is.
+#
+# The printer's identity (name, uuid, the Ultimaker machine it poses as,
+# print cores), the Cura machine definition made from printer.cfg (the
+# custom machine and its downloads), the help text and the web page.
+# Made at config load (reactor); read by any thread of either process.
+#
+# This file may be distributed under the terms of the GNU GPLv3 license.
 import json
 import os
 import re
 import zlib
-
 
 
 # Ultimaker machine types Cura knows: option value -> (BOM number, variant).
@@ -23,6 +30,32 @@ CUSTOM_MACHINE = "custom"
 CUSTOM_BOM_BASE = 700000000
 
 
+def extruder_sections(config):
+    """Klipper's [extruder], [extruder1]... section names in order (Cura
+    takes up to 16: machine_extruder_count)."""
+    names = []
+    while len(names) < 16 and config.has_section(
+            "extruder%s" % (len(names) or "",)):
+        names.append("extruder%s" % (len(names) or "",))
+    return names
+
+
+class PrinterIdentity:
+    """What Cura is told this printer is: its name and uuid, the
+    Ultimaker machine it poses as (BOM number, variant), one print core
+    per extruder, Klipper's version.  Made at config load, never changed
+    (any thread)."""
+    def __init__(self, name, printer_uuid, machine_bom, machine_variant,
+                 print_core_ids, klipper_version="unknown"):
+        self.name = name
+        self.printer_uuid = printer_uuid
+        self.machine_bom = machine_bom
+        self.machine_variant = machine_variant
+        self.print_core_ids = list(print_core_ids)
+        self.extruder_count = len(self.print_core_ids)
+        self.klipper_version = klipper_version
+
+
 class MachineDefinition:
     """A Cura machine definition (plus one per extruder) made from
     printer.cfg.  With cura_machine: custom, Cura finds it by its BOM
@@ -34,17 +67,10 @@ class MachineDefinition:
         self.name = "%s (Klipper)" % (name,)
         self.notes = []
         self.files = {}
-        extruders = []
-        i = 0
-        # Cura takes up to 16 extruders (machine_extruder_count)
-        while i < 16 and config.has_section("extruder%s" % (i or "",)):
-            sec = "extruder%s" % (i or "",)
-            extruders.append((
-                self._number(self._opt(config, sec, "nozzle_diameter", 0.4)),
-                self._number(self._opt(config, sec, "filament_diameter",
-                                       1.75))))
-            i += 1
-        extruders = extruders or [(0.4, 1.75)]
+        extruders = [
+            (self._number(self._opt(config, sec, "nozzle_diameter", 0.4)),
+             self._number(self._opt(config, sec, "filament_diameter", 1.75)))
+            for sec in extruder_sections(config)] or [(0.4, 1.75)]
         macros = set(s.get_name().split(None, 1)[-1].upper()
                      for s in config.get_prefix_sections("gcode_macro "))
         trains = {str(i): "%s_extruder_%d" % (self.id, i)

@@ -1,8 +1,13 @@
+# Discovery: the zeroconf announcement Cura browses for.
+#
+# Registered at config load, unregistered at close (zeroconf's own
+# threads do the rest).
+#
+# This file may be distributed under the terms of the GNU GPLv3 license.
 import logging
 import re
 import socket
 import threading
-
 
 
 SERVICE_TYPE = "_ultimaker._tcp.local."

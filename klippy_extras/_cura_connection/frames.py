@@ -1,3 +1,10 @@
+# Frames: the wire between Klippy's side and the front process.
+#
+# Length-prefixed frames on the control socket pair, the head limits both
+# sides agree on, and how long the front waits for an answer.  Used by
+# front.py (the child) and front_link.py (Klippy's side).
+#
+# This file may be distributed under the terms of the GNU GPLv3 license.
 import re
 import select
 import struct

@@ -1,3 +1,31 @@
+# The front: the child process that answers the polls.
+#
+# Klippy's reactor shares the GIL with every thread of Klippy's process,
+# so a flood of polls there makes its timers late.  By default this child
+# process (started by front_link with Klippy's Python; main() below)
+# owns the listening socket.  It answers the reads of routes marked
+# front=True from replies Klippy's side keeps published in it, and
+# receives uploads (without require_pairing) into the G-code folder,
+# asking Klippy's side to reserve room for them and to queue the
+# finished file.  Every other request (actions, pairing, signed reads
+# with require_pairing, the camera, material posts) and any head the
+# front does not fully understand it hands to the server in Klippy's
+# process, whole and unread, with its socket; that server answers with
+# "Connection: close" and closes it, so no connection stays in Klippy's
+# process.  Closing rather than handing the connection back: Cura 4.13's
+# and Cura 5's Qt clients open a new connection for their next request
+# without a failed request (their tests find none in their logs), and a
+# closed connection leaves no bytes read ahead by http.server that would
+# have to go back with it.  The two processes are joined by two socket
+# pairs: "control" carries published replies, answers and the end of
+# handed-over connections ("released") one way, acknowledgements, calls
+# (reserve, add_upload), the end of reservations ("unreserve") and log
+# lines the other; "handover" carries connections (SCM_RIGHTS).
+#
+# Runs in the child only: a thread per connection, one reading control.
+# It loads neither the lifecycle, the bridge nor front_link.
+#
+# This file may be distributed under the terms of the GNU GPLv3 license.
 import base64
 import errno
 import http
@@ -11,10 +39,10 @@ import socket
 import threading
 import time
 
-from .access import client_ip, is_trusted, parse_trusted_clients, reachable_ip, untrusted
-from .api import FRONT_HANDLERS, camera_action, find_route, receive_upload
+from .access import AccessPolicy, client_ip, parse_trusted_clients, reachable_ip, untrusted
+from .api import camera_action, find_route, receive_upload
 from .definition import web_page
-from .errors import HTTPError, NoSpace
+from .errors import HTTPError, NoSpace, error_body, http_error
 from .frames import FRONT_CALL_LIMIT, FrameReader, HEAD_END, IP_MARK, MAX_HEAD, MAX_HEADERS, send_frame
 from .gcode_meta import image_type
 from .http_server import CuraRequestHandler, http_date, linger_close, refuse_connection
@@ -24,6 +52,8 @@ from .limits import MAX_CONNECTIONS, MAX_HANDED_OVER
 
 UPLOAD_LINE = re.compile(r"POST /cluster-api/v1/print_jobs/?(\?[!-~]*)? "
                          r"HTTP/1\.[01]\r?\n")
+# The route of the uploads the front receives itself
+UPLOAD_ROUTE = find_route("POST", "/cluster-api/v1/print_jobs")[0]
 
 
 # The front's priority below Klippy's (nice value added): on a saturated
@@ -69,9 +99,9 @@ class FrontLog(logging.Handler):
 
 
 class FrontRequest:
-    """A request head the front can answer: GET of a route in
-    FRONT_HANDLERS, no body, every line plain; None from parse() for
-    anything else (Klippy's side, http.server, reads that one)."""
+    """A request head the front can answer: GET of a route the front
+    answers (Route.front), no body, every line plain; None from parse()
+    for anything else (Klippy's side, http.server, reads that one)."""
     REQUEST_LINE = re.compile(r"GET (/[!-~]*) HTTP/1\.([01])\Z")
     # (no CR, no control character: a line the email parser behind
     # http.server would read as two headers is not plain)
@@ -92,13 +122,15 @@ class FrontRequest:
 
     @staticmethod
     def route(path):
-        """(handler name, url groups) of a GET, as CuraApi.route finds
-        it; ("not_found", (message,)) for no such path (the front answers
-        Klippy's side's 404), None for a path of another method."""
+        """(handler name, url groups) of a GET the front answers, as
+        CuraApi.route finds it; ("not_found", (message,)) for no such
+        path (the front answers Klippy's side's 404), None for a path the
+        front does not answer."""
         try:
-            return find_route("GET", path)
+            found, args = find_route("GET", path)
         except HTTPError as e:
             return ("not_found", (e.message,)) if e.status == 404 else None
+        return (found.handler, args) if found.front else None
 
     @classmethod
     def parse(cls, head):
@@ -117,7 +149,7 @@ class FrontRequest:
             return None
         path = m.group(1).split("?", 1)[0]
         route = cls.route(path)
-        if route is None or route[0] not in FRONT_HANDLERS:
+        if route is None:
             return None
         if route[0] == "get_root" and camera_action(m.group(1)):
             return None     # the camera is Klippy's side's
@@ -199,15 +231,12 @@ class FrontUploads:
     CuraRequestHandler, for this one route."""
     def __init__(self, front, settings):
         self.front = front
-        self.conn = self    # what require_control() reads
-        self.allow_control = settings["allow_control"]
-        self.require_pairing = False     # (else uploads are handed over)
         self.max_queue = settings["max_queue"]
         self.intake = FrontIntake(front, settings["gcodes"],
                                   settings["max_upload"])
 
-    def route(self, method, path):
-        return self.post_print_job, ()
+    def route_of(self, method, path):
+        return UPLOAD_ROUTE, self.post_print_job, ()
 
     def post_print_job(self, req):
         req.require_control()
@@ -295,7 +324,7 @@ class FrontServer:
         reader = FrameReader(self.ctl)
         for key, payload in reader.frames():
             if key == "settings":
-                self._settle(json.loads(payload.decode()))
+                self._take_settings(json.loads(payload.decode()))
             elif key == "commit":
                 # serving begins once the state is the latest one
                 # (a front that started late has several waiting)
@@ -317,11 +346,13 @@ class FrontServer:
             else:
                 staged[key] = payload
 
-    def _settle(self, settings):
+    def _take_settings(self, settings):
         settings["trusted"] = parse_trusted_clients(
             ", ".join(settings["trusted"]))
         self.settings = settings
-        self.trusted_clients = settings["trusted"]
+        # (with require_pairing, uploads are handed over: none checked here)
+        self.access = AccessPolicy(settings["trusted"],
+                                   settings["allow_control"])
         self.request_timeout = settings["request_timeout"]
         self.api = FrontUploads(self, settings)
 
@@ -363,9 +394,6 @@ class FrontServer:
         return answer["body"]
 
     # What CuraRequestHandler asks of its server
-    def is_trusted(self, ip):
-        return is_trusted(ip, self.trusted_clients)
-
     def track(self, sock, add):
         pass
 
@@ -423,7 +451,7 @@ class FrontServer:
         # True once the connection is handed over
         settings = self.settings
         timeout = settings["request_timeout"]
-        if not is_trusted(client_ip(addr[0]), settings["trusted"]):
+        if not self.access.is_trusted(client_ip(addr[0])):
             timeout = min(timeout, 5.)
         sock.settimeout(timeout)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -455,8 +483,8 @@ class FrontServer:
                 return True
             sock.recv(len(head), socket.MSG_WAITALL)
             ip = client_ip(addr[0], req.headers.get("x-real-ip"))
-            if not is_trusted(ip, settings["trusted"]):
-                err = untrusted(ip)
+            if not self.access.is_trusted(ip):
+                err = http_error(untrusted(ip))
                 status, ctype, parts = self._error(err.status, err.message)
                 self._reply(sock, status, parts, close=True)
                 return False
@@ -512,8 +540,7 @@ class FrontServer:
 
     @staticmethod
     def _error(status, message):
-        return status, "application/json", [json.dumps(
-            {"message": message, "status": status}).encode()]
+        return status, "application/json", [error_body(status, message)]
 
     def _definition(self, name, args):
         # the machine definition, from the settings (made at config load)

@@ -1,3 +1,12 @@
+# Klippy's side of the front process.
+#
+# Starts the child with the listening socket, publishes the replies it
+# answers with (a publisher thread that looks for changes: the reactor
+# does no work for it), answers its calls (reservations, queueing an
+# upload), takes the connections it hands over, and notices its end.
+# Threads of its own; G-code commands wait for it in wait_shown().
+#
+# This file may be distributed under the terms of the GNU GPLv3 license.
 import json
 import logging
 import os
@@ -30,7 +39,7 @@ class MarkRequest:
         return IP_MARK
 
 
-class FrontProcess:
+class FrontLink:
     """Klippy's side of the front process: starts it with the listening
     socket, keeps its replies current and takes the connections it hands
     over.  Threads: publisher (encodes what changed after each status
@@ -107,6 +116,15 @@ class FrontProcess:
         """True once the child has publication asked (or is gone)."""
         return self.acked >= asked or self.closing
 
+    def wait_shown(self, reactor):
+        """Reactor, a G-code command (it pauses: other timers run): return
+        once the child shows what the command changed, so a poll after
+        the console's "ok" sees it (at most FRONT_SHOW_LIMIT)."""
+        asked = self.ask()
+        deadline = reactor.monotonic() + FRONT_SHOW_LIMIT
+        while not self.shown(asked) and reactor.monotonic() < deadline:
+            reactor.pause(reactor.monotonic() + 0.002)
+
     def sync(self, timeout=2.):
         """Not the reactor: return once the child has what the state is
         now, so a poll after this reply shows the change it made."""
@@ -120,7 +138,7 @@ class FrontProcess:
         # the reactor does nothing for the front process
         gen, seen = 0, None
         bridge = self.api.bridge
-        states = (self.api.store, self.api.conn.loaded)
+        states = (self.api.store, self.api.loaded)
         while not self.closing:
             self.wake_event.wait(PUBLISH_CHECK)
             self.wake_event.clear()
@@ -263,7 +281,7 @@ class FrontProcess:
 
     def _reserve(self, length):
         upload = self.api.intake.begin(length, lambda: len(
-            self.api.store.queue), self.api.conn.max_queue)
+            self.api.store.queue), self.api.max_queue)
         with self.cond:
             if not self.closing:
                 token = next(self.tokens)
@@ -374,7 +392,7 @@ class FrontProcess:
             sock.close()
 
 
-# Run by FrontProcess with Klippy's Python: loads the package's front
+# Run by FrontLink with Klippy's Python: loads the package's front
 # (and what it imports: not the lifecycle, the bridge or this file)
 # without Klippy, and serves.
 FRONT_BOOT = """import sys

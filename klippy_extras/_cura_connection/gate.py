@@ -1,6 +1,11 @@
+# The serve gate: request threads take turns with the reactor.
+#
+# Used by request threads of Klippy's process and by long encodings
+# there (the job list, queue.json).
+#
+# This file may be distributed under the terms of the GNU GPLv3 license.
 import threading
 import time
-
 
 
 class ServeGate:

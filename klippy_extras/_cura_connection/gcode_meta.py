@@ -1,6 +1,11 @@
+# G-code metadata: what a file's header and tail say.
+#
+# Print time, filament, thumbnails, the materials Cura sliced for, and
+# image types.  Pure functions: any thread, either process.
+#
+# This file may be distributed under the terms of the GNU GPLv3 license.
 import os
 import re
-
 
 
 # "; thumbnail begin 300x300 <len>" (PrusaSlicer, Orca...) or "300 300"

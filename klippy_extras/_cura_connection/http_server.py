@@ -1,3 +1,11 @@
+# The HTTP server in Klippy's process.
+#
+# http.server's threaded server: the connection budget, one request
+# parser, the checks before a handler runs (trusted clients, origins,
+# lengths), the errors' replies and lingering close.  The front's upload
+# handler reuses the request handler.  Request threads.
+#
+# This file may be distributed under the terms of the GNU GPLv3 license.
 import email.utils
 import http.server
 import json
@@ -9,9 +17,9 @@ import threading
 import time
 import urllib.parse
 
-from .access import DEFAULT_TRUSTED_CLIENTS, client_ip, host_name, is_local_name, is_trusted, parse_digest, parse_trusted_clients, reachable_ip, untrusted
-from .api import GATED_HANDLERS, MATERIALS_PATH, Payload
-from .errors import CuraError, HTTPError, error_status, storage_error
+from .access import client_ip, host_name, is_local_name, reachable_ip
+from .api import MATERIALS_PATH, Payload
+from .errors import CuraError, HTTPError, error_body, http_error, storage_error
 from .gate import ServeGate
 from .gcode_meta import image_type
 from .limits import MAX_CONNECTIONS, MAX_JSON_BODY, READ_CHUNK, REQUEST_TIMEOUT
@@ -38,7 +46,8 @@ class CuraRequestHandler(http.server.BaseHTTPRequestHandler):
         # A client that stops sending frees its thread; one from outside
         # trusted_clients is not waited for long.
         self.timeout = self.server.request_timeout
-        if not self.server.is_trusted(client_ip(self.client_address[0])):
+        if not self.server.access.is_trusted(
+                client_ip(self.client_address[0])):
             self.timeout = min(self.timeout, 5.)
         http.server.BaseHTTPRequestHandler.setup(self)
         # Replies go out as header + body writes: without NODELAY, Nagle
@@ -150,47 +159,37 @@ class CuraRequestHandler(http.server.BaseHTTPRequestHandler):
             if method in ("GET", "HEAD"):
                 self.check_reader()
             path = self.path.split("?", 1)[0]
-            handler, args = self.server.api.route(method, path)
-            self.server.count(handler.__name__)
-            if handler.__name__ not in GATED_HANDLERS:
+            route, handler, args = self.server.api.route_of(method, path)
+            self.server.count(route.handler)
+            if not route.gated:
                 self.leave_gate()
             status, body = handler(self, *args)
             self.show_change(method)
             if status is not None:   # None: the handler replied (streams)
                 self.send_json(status, body)
-        except CuraError as e:
-            # (a refused action may have found the print ended)
-            self.show_change(method)
-            status = error_status(e)
-            if status >= 500:
+        except (CuraError, HTTPError) as e:
+            if isinstance(e, CuraError):
+                # (a refused action may have found the print ended)
+                self.show_change(method)
+            err = http_error(e)
+            if err.status >= 500:
                 logging.info("cura_connection: %s %s: %s", method,
-                             self.path, e.message)
-            self.send_json(status, {"message": e.message, "status": status})
-        except HTTPError as e:
-            if e.status >= 500:
-                logging.info("cura_connection: %s %s: %s", method,
-                             self.path, e.message)
-            self.send_json(e.status, {"message": e.message,
-                                      "status": e.status},
-                           close=e.close, headers=e.headers)
+                             self.path, err.message)
+            self.send_error_reply(err)
         except ConnectionError:
             self.close_connection = True
         except socket.timeout:
             # the client stopped sending: tell it, if it still listens
-            self.send_json(408, {"message": "No data for %.0f s"
-                                 % (self.timeout,), "status": 408},
-                           close=True)
+            self.send_error_reply(HTTPError(
+                408, "No data for %.0f s" % (self.timeout,), close=True))
         except OSError as e:
             # Whatever the cause, the client gets a reply that names it
-            err = storage_error(e)
-            status = error_status(err)
             logging.info("cura_connection: %s %s: %s", method, self.path, e)
-            self.send_json(status, {"message": err.message,
-                                    "status": status}, close=True)
+            self.send_error_reply(http_error(storage_error(e), close=True))
         except Exception:
             logging.exception("cura_connection: %s %s", method, self.path)
-            self.send_json(500, {"message": "Internal error; see klippy.log",
-                                 "status": 500}, close=True)
+            self.send_error_reply(HTTPError(
+                500, "Internal error; see klippy.log", close=True))
 
     def show_change(self, method):
         # the polls the front answers show what this request changed
@@ -200,8 +199,13 @@ class CuraRequestHandler(http.server.BaseHTTPRequestHandler):
 
     def send_error(self, code, message=None, explain=None):
         # http.server's own errors (bad request line, huge headers...)
-        self.send_json(code, {"message": message or explain or
-                              "Bad request", "status": code}, close=True)
+        self.send_error_reply(HTTPError(
+            code, message or explain or "Bad request", close=True))
+
+    def send_error_reply(self, err):
+        self.send_json(err.status, Payload(
+            error_body(err.status, err.message), "application/json"),
+            close=err.close, headers=err.headers)
 
     def send_json(self, status, body, close=False, headers=()):
         headers = list(headers)
@@ -279,9 +283,7 @@ class CuraRequestHandler(http.server.BaseHTTPRequestHandler):
 
     def check_client(self):
         # Before anything is read or done: trusted networks only
-        ip = self.client_ip()
-        if not self.server.is_trusted(ip):
-            raise untrusted(ip)
+        self.server.access.check_client(self.client_ip())
 
     def check_origin(self, method):
         # No web page from elsewhere may make a browser change anything
@@ -307,45 +309,18 @@ class CuraRequestHandler(http.server.BaseHTTPRequestHandler):
                             % (clean_text(host),))
 
     def require_control(self, waiting_ok=False):
-        # Every handler that changes something calls this first.  With
-        # waiting_ok, a Cura not allowed yet gets through: its id is
-        # returned, or its address when it has no credentials yet (a
-        # Cura 5 sends before its first answer came); else None.
-        conn = self.server.api.conn
-        if not conn.allow_control:
-            raise HTTPError(403, "This printer is monitor-only "
-                            "(allow_control: False)")
-        if conn.require_pairing:
-            if waiting_ok and self.headers.get("Authorization") is None:
-                return str(self.client_ip())
-            key_id, allowed = conn.auth.identify(
-                self.command, self.path, self.headers.get("Authorization"))
-            if not allowed:
-                if waiting_ok:
-                    return key_id
-                raise HTTPError(403, "This Cura is not allowed yet: run "
-                                "CURA_ALLOW ID=%s on the printer"
-                                % (key_id,))
-        return None
+        # Every handler that changes something calls this first
+        # (AccessPolicy.check_control)
+        return self.server.access.check_control(
+            self.command, self.path, self.headers.get("Authorization"),
+            self.client_ip(), waiting_ok)
 
     def check_reader(self):
-        # Reading is open, but a signed read must carry credentials this
-        # printer allowed: Cura 5 reacts to a 401 on a read (not on a
-        # change) by showing its "authorization required" message and
-        # asking for credentials again (POST /api/v1/auth/request).
-        conn = self.server.api.conn
-        header = self.headers.get("Authorization")
-        if not conn.require_pairing or parse_digest(header) is None:
-            return   # unsigned (Cura before 5.11, browsers): open
-        key_id, allowed = conn.auth.identify(self.command, self.path,
-                                             header, once=False)
         # Cura reads the material list only when it connects, to send
         # what is missing: a waiting Cura's profiles are kept
-        if not allowed and self.path.rstrip("/") != MATERIALS_PATH:
-            conn.auth.refuse_waiting(key_id)
-            raise conn.auth.challenge(
-                "This Cura waits for CURA_ALLOW ID=%s on the printer"
-                % (key_id,))
+        self.server.access.check_reader(
+            self.command, self.path, self.headers.get("Authorization"),
+            refuse=self.path.rstrip("/") != MATERIALS_PATH)
 
     def content_length(self, required=False):
         if required and self.headers.get("Content-Length") is None:
@@ -417,7 +392,7 @@ def linger_close(sock):
 
 def refuse_connection(sock):
     # One connection too many: a complete reply, then the caller closes
-    body = b'{"message": "Too many connections", "status": 503}'
+    body = error_body(503, "Too many connections")
     try:
         sock.settimeout(1.)
         sock.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: "
@@ -433,14 +408,14 @@ class CuraHTTPServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
     allow_reuse_address = True
     request_queue_size = 64
     request_timeout = REQUEST_TIMEOUT
-    trusted_clients = parse_trusted_clients(DEFAULT_TRUSTED_CLIENTS)
 
-    def __init__(self, address, api):
+    def __init__(self, address, api, access):
         self.api = api
+        self.access = access       # AccessPolicy
         self.closing = False
         self.gate = ServeGate()
         self.date_cache = (None, "")
-        self.front = None          # FrontProcess, when the child listens
+        self.front = None          # FrontLink, when the child listens
         self.connections = set()
         self.handed = set()        # of connections: from the front
         self.answered = {}         # handler name -> requests routed here
@@ -455,9 +430,6 @@ class CuraHTTPServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
     def handle_error(self, request, client_address):
         logging.exception("cura_connection: request from %s",
                           client_address[0])
-
-    def is_trusted(self, ip):
-        return is_trusted(ip, self.trusted_clients)
 
     def count(self, name):
         with self.conn_lock:

@@ -1,3 +1,10 @@
+# Instances: each Klippy's own state folder and identity.
+#
+# The per-instance defaults (KIAUH-style data folders), the lock that
+# keeps two Klippys out of one state folder, the move of the old shared
+# state, the printer uuid.  Config load (reactor, before it runs).
+#
+# This file may be distributed under the terms of the GNU GPLv3 license.
 import fcntl
 import json
 import logging

@@ -1,3 +1,11 @@
+# File intake: uploads into the G-code folder.
+#
+# Multipart bodies read in chunks, the free-space reservation, G-code,
+# .gcode.gz and UFP (libcharon) unpacked into complete files only, the
+# content checks, previews.  Request threads of either process (the
+# front receives uploads too); FileIntake.lock guards the reservations.
+#
+# This file may be distributed under the terms of the GNU GPLv3 license.
 import codecs
 import errno
 import logging

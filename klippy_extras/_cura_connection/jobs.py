@@ -1,3 +1,11 @@
+# Jobs: the queue, the job on the printer and the history.
+#
+# Job and JobStore with what is saved in queue.json and how it is read
+# back.  The store changes in the reactor, through the lifecycle (the
+# one exception, arrived(), is a flag set under its lock); any thread
+# reads it; the disk worker and request threads save it.
+#
+# This file may be distributed under the terms of the GNU GPLv3 license.
 import json
 import re
 import threading
@@ -195,7 +203,7 @@ class JobStore(SavedState):
             elif key == "current":
                 items = [items]
             if not isinstance(items, list):
-                self.drop(key, "not a list")
+                self.discard(key, "not a list")
                 return []
             out = []
             for i, d in enumerate(items):
@@ -204,7 +212,7 @@ class JobStore(SavedState):
                     if job.uuid in seen:
                         raise ValueError("uuid %s twice" % (job.uuid,))
                 except ValueError as e:
-                    self.drop("%s entry %d" % (key, i + 1), e)
+                    self.discard("%s entry %d" % (key, i + 1), e)
                     continue
                 seen.add(job.uuid)
                 out.append(job)
@@ -217,7 +225,7 @@ class JobStore(SavedState):
         self.by_uuid = {j.uuid: j for j in cur + self.queue + self.history}
         self.plate_clear = data.get("plate_clear", True)
         if not isinstance(self.plate_clear, bool):
-            self.drop("plate_clear", "not true or false")
+            self.discard("plate_clear", "not true or false")
             self.plate_clear = False
         if self.current is not None and self.current.status in ACTIVE:
             # A new printer object cannot still be printing that file.
@@ -367,7 +375,7 @@ class JobStore(SavedState):
             self._changed()
             return job
 
-    def hold(self, job):
+    def hold_for_material(self, job):
         """The queue head job waits for a configuration change (None: no
         job waits)."""
         with self.lock:
@@ -438,6 +446,27 @@ class JobStore(SavedState):
             job.message = ""
             self.plate_clear = False
             self._changed()
+
+    def set_starting(self, job, starting):
+        """Where a start stands: "waiting" for the G-code queue, "running"
+        while Klipper runs SDCARD_PRINT_FILE, None once it is decided."""
+        with self.lock:
+            job.starting = starting
+
+    def start_failed(self, job, message):
+        """A start Klipper refused: the job ends failed, and the plate,
+        on which nothing was printed, stays clear."""
+        with self.lock:
+            self._end(job, "failed_wait_cleanup", message)
+            self.plate_clear = True
+            self._changed()
+
+    def arrived(self, job):
+        """An upload's job is saved (or taken back): it may start.  (The
+        request thread that saved it says so: only a flag the status
+        timer reads.)"""
+        with self.lock:
+            job.arriving = False
 
     def requeue(self, job, message):
         """A start Klipper refused while busy: back to the queue head."""

@@ -1,10 +1,18 @@
+# The job lifecycle: the one owner of job transitions.
+#
+# Follows Klipper's print, starts the next job, carries out Cura's
+# actions on what Klipper says at that moment, and the console's queue
+# commands (CURA_BUILD_PLATE_CLEARED, CURA_QUEUE).  Reactor only.
+#
+# This file may be distributed under the terms of the GNU GPLv3 license.
 import contextlib
 import logging
 
-from .bridge import CommandError, NoCall
-from .errors import Conflict
+from .bridge import ScriptError, NoCall
+from .errors import Conflict, CuraError
 from .jobs import ACTIONS, ACTION_VERBS, ACTIVE, ENDED, END_OF_PRINT, Job
 from .names import job_name
+from .threads import reactor_only
 
 
 def klipper_print_state(snap):
@@ -36,7 +44,6 @@ class JobLifecycle:
         self.bridge = bridge
         self.store = store
         self.reactor = bridge.reactor
-        self.printer = bridge.printer
         # want_metadata(job): read the file's estimate/preview off the
         # reactor, then store.set_metadata() through the reactor
         self.want_metadata = want_metadata
@@ -45,6 +52,7 @@ class JobLifecycle:
         self.changes = changes
 
     # Reactor: following Klipper
+    @reactor_only
     def follow(self, snap):
         """Bring the job on the printer in line with Klipper's state now
         and start the next queued job when the plate is clear."""
@@ -76,13 +84,13 @@ class JobLifecycle:
             self._ended(cur, state, snap)
         head = store.queue[0] if store.queue else None
         if head is not None and self.changes(head):
-            store.hold(head)    # until the material is loaded or forced
+            store.hold_for_material(head)    # until the material is loaded or forced
         elif store.plate_clear and head is not None \
                 and not head.arriving and not store.has_active():
-            store.hold(None)
+            store.hold_for_material(None)
             self._start(head)
         else:
-            store.hold(None)
+            store.hold_for_material(None)
 
     def _ended(self, job, state, snap):
         # time_elapsed is Klipper's print_duration.  print_stats forgets
@@ -129,25 +137,25 @@ class JobLifecycle:
 
     def _hand_to_klipper(self, job):
         error = None
-        with self.bridge.gcode.get_mutex():
+        with self.bridge.gcode_mutex():
             if self.store.current is not job or job.starting != "waiting":
                 return      # aborted while it waited for the G-code queue
-            if klipper_print_state(self.bridge.now()) in (
+            if klipper_print_state(self.bridge.publish_now()) in (
                     "printing", "pausing", "paused"):
                 error = "SD busy"
             else:
-                job.starting = "running"
+                self.store.set_starting(job, "running")
                 try:
                     self._clear_stale_pause()
                     self.bridge.command(
                         "SDCARD_PRINT_FILE FILENAME=%s" % (job.filename,))
-                except CommandError as e:
+                except ScriptError as e:
                     error = str(e)
-        snap = self.bridge.now()
+        snap = self.bridge.publish_now()
         busy = klipper_print_state(snap) in ("printing", "pausing", "paused")
         if error is None and busy:
             self.store.set_status(job, "printing")
-            job.starting = None
+            self.store.set_starting(job, None)
         elif error is not None and busy:
             logging.info("cura_connection: %s waits: Klipper is printing "
                          "another file (%s)", job.filename, error)
@@ -156,15 +164,12 @@ class JobLifecycle:
         else:
             logging.info("cura_connection: cannot start %s: %s",
                          job.filename, error or "it did not start")
-            self.store.end(job, "failed_wait_cleanup",
-                           error or "Klipper did not start the file")
-            # nothing was printed: the plate is as clear as before
-            with self.store.lock:
-                self.store.plate_clear = True
-                self.store._changed()
+            self.store.start_failed(job, error
+                                    or "Klipper did not start the file")
         self.follow(snap)
 
     # Reactor: actions of Cura, the web page and the console
+    @reactor_only
     def act(self, call, job_uuid, action):
         """Pause ("pause"), resume ("print") or abort ("abort") the job on
         the printer.  Returns (2xx, status) once Klipper did it: 200, or
@@ -179,7 +184,7 @@ class JobLifecycle:
         status = None
         try:
             with (contextlib.nullcontext() if waiting
-                  else self.bridge.gcode.get_mutex()):
+                  else self.bridge.gcode_mutex()):
                 if not call.commit():
                     return None     # withdrawn: the caller has answered
                 snap = None if waiting else self._at_rest()
@@ -201,7 +206,7 @@ class JobLifecycle:
             if status is not None and job.action == action:
                 # (not ended meanwhile)
                 self.store.set_status(job, status, None)
-        self.follow(self.bridge.now())
+        self.follow(self.bridge.publish_now())
         ok = {"pause": ("paused",), "print": ("printing",) + tuple(ENDED)
               }.get(action, tuple(ENDED))
         if job.status in ok or (action == "abort"
@@ -211,7 +216,7 @@ class JobLifecycle:
             return 202, job.status
         if action == "pause":
             # its print ended before it paused: the pause is no one's
-            with self.bridge.gcode.get_mutex():
+            with self.bridge.gcode_mutex():
                 self._clear_stale_pause()
         raise Conflict("Klipper did not %s print job %s: %s" % (
             ACTION_VERBS[action], job.name,
@@ -224,13 +229,13 @@ class JobLifecycle:
         # (a PAUSE or CANCEL_PRINT then meets a print that completes
         # under it): wait for that, then Klipper's state stands.
         deadline = self.reactor.monotonic() + ACTION_SETTLE
-        snap = self.bridge.now()
+        snap = self.bridge.publish_now()
         while snap["virtual_sdcard"].get("is_active") \
                 and (snap["virtual_sdcard"].get("file_position") or 0) \
                 >= (snap["virtual_sdcard"].get("file_size") or 0) \
                 and self.reactor.monotonic() < deadline:
             self.reactor.pause(self.reactor.monotonic() + 0.01)
-            snap = self.bridge.now()
+            snap = self.bridge.publish_now()
         return snap
 
     def _check(self, job, action, snap):
@@ -255,14 +260,14 @@ class JobLifecycle:
     def _carry_out(self, job, action, snap):
         # Inside the G-code mutex, with Klipper's print (snap) in the
         # state the action needs: its commands for that state
-        pr = self.printer.lookup_object("pause_resume", None)
         bridge = self.bridge
+        pause_resume = bridge.has_pause_resume()
         if action == "pause":
-            script = "PAUSE" if pr is not None else "M25"
+            script = "PAUSE" if pause_resume else "M25"
         elif action == "print":
             # RESUME only undoes Klipper's PAUSE; M24 resumes a file that
             # paused itself (M25) or was paused any other way
-            script = "RESUME" if pr is not None \
+            script = "RESUME" if pause_resume \
                 and snap["pause_resume"]["is_paused"] else "M24"
         else:
             if klipper_print_state(snap) in ("printing", "pausing"):
@@ -272,16 +277,16 @@ class JobLifecycle:
             try:
                 # the user's CANCEL_PRINT macro (heaters off...) first
                 bridge.command("CANCEL_PRINT")
-            except CommandError as e:
+            except ScriptError as e:
                 logging.info("cura_connection: CANCEL_PRINT: %s", e)
-            if klipper_print_state(bridge.now()) not in (
+            if klipper_print_state(bridge.publish_now()) not in (
                     "printing", "pausing", "paused"):
                 return
             # CANCEL_PRINT leaves a file that paused itself loaded
             script = "SDCARD_RESET_FILE"
         try:
             bridge.command(script)
-        except CommandError as e:
+        except ScriptError as e:
             raise Conflict("%s failed: %s" % (script, e))
 
     def _clear_stale_pause(self):
@@ -289,7 +294,7 @@ class JobLifecycle:
         # (typed as a print ended; a print that failed before it paused)
         # leaves pause_resume paused: the next print would show pausing
         # and refuse PAUSE.  It belongs to no print: clear it.
-        snap = self.bridge.now()
+        snap = self.bridge.publish_now()
         if snap["pause_resume"]["is_paused"] and klipper_print_state(
                 snap) not in ("printing", "pausing", "paused"):
             logging.info("cura_connection: clearing a pause of no print")
@@ -297,10 +302,11 @@ class JobLifecycle:
 
     def _settle(self, busy):
         deadline = self.reactor.monotonic() + ACTION_SETTLE
-        while busy(self.bridge.now()) \
+        while busy(self.bridge.publish_now()) \
                 and self.reactor.monotonic() < deadline:
             self.reactor.pause(self.reactor.monotonic() + 0.05)
 
+    @reactor_only
     def plate_cleared(self, call=NoCall):
         """Retire the ended job, let the queue go on; Conflict while a job
         is on its way or printing (as Klipper says now)."""
@@ -308,8 +314,9 @@ class JobLifecycle:
             return
         self._catch_up()
         self.store.plate_cleared()
-        self.follow(self.bridge.now())
+        self.follow(self.bridge.publish_now())
 
+    @reactor_only
     def add(self, call, job, limit):
         """An upload's job joins the queue (Conflict when it holds limit
         jobs); the status timer starts it once it is no longer arriving."""
@@ -318,6 +325,7 @@ class JobLifecycle:
         job.arriving = True
         self.store.add(job, limit)
 
+    @reactor_only
     def change(self, call, fn, *args):
         """A queue change (move, delete, force) made in the reactor, on
         the jobs as Klipper's state now makes them."""
@@ -325,7 +333,7 @@ class JobLifecycle:
             return None
         self._catch_up()
         result = fn(*args)
-        self.follow(self.bridge.now())
+        self.follow(self.bridge.publish_now())
         return result
 
     def _catch_up(self):
@@ -334,4 +342,52 @@ class JobLifecycle:
         # says now
         cur = self.store.current
         if cur is not None and cur.status in ACTIVE:
-            self.follow(self.bridge.now())
+            self.follow(self.bridge.publish_now())
+
+
+class JobCommands:
+    """CURA_BUILD_PLATE_CLEARED and CURA_QUEUE: the console's hand on and
+    view of the queue.  Reactor (G-code commands): bad input raises only
+    gcmd.error.  shown() waits until the front shows the change."""
+    COMMANDS = ("CURA_BUILD_PLATE_CLEARED", "CURA_QUEUE")
+
+    def __init__(self, lifecycle, store, loaded, shown):
+        self.lifecycle = lifecycle
+        self.store = store
+        self.loaded = loaded
+        self.shown = shown
+
+    cmd_CURA_BUILD_PLATE_CLEARED_help = (
+        "Confirm the build plate is empty so the next Cura job can start")
+    def cmd_CURA_BUILD_PLATE_CLEARED(self, gcmd):
+        try:
+            self.lifecycle.plate_cleared()
+        except CuraError as e:
+            raise gcmd.error(e.message)
+        self.shown()
+        n = len(self.store.queue)
+        gcmd.respond_info("Build plate marked clear; %d job(s) queued" % n)
+
+    cmd_CURA_QUEUE_help = "List the jobs Cura sent to this printer"
+    def cmd_CURA_QUEUE(self, gcmd):
+        cur, queue, _ = self.store.all_jobs()
+        lines = ["Printer: %s (%s)" % (
+            cur[0].name, cur[0].status) if cur else "Printer: no job"]
+        # (a reactor command: the first jobs only, however long the queue)
+        shown = self.store.STATUS_JOBS
+        lines += ["%d. %s (%s, from %s)" % (i + 1, j.name, j.status, j.owner)
+                  for i, j in enumerate(queue[:shown])]
+        if len(queue) > shown:
+            lines.append("... and %d more" % (len(queue) - shown,))
+        waits = queue and self.loaded.configuration_changes(queue[0])
+        for index, wanted, loaded in waits or ():
+            lines.append("%s waits for %s in extruder %d (SET_CURA_MATERIAL"
+                         " or Override in Cura)" % (
+                             queue[0].name, wanted.get("name") or wanted.get(
+                                 "material") or wanted.get("guid"), index))
+        if not queue:
+            lines.append("Queue is empty")
+        if not self.store.plate_clear and queue and not (
+                cur and cur[0].status in ACTIVE):
+            lines.append("Waiting for CURA_BUILD_PLATE_CLEARED")
+        gcmd.respond_info("\n".join(lines))

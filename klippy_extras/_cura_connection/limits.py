@@ -1,6 +1,6 @@
-
-
-
+# Limits both processes keep: body sizes, timeouts, connections.
+#
+# This file may be distributed under the terms of the GNU GPLv3 license.
 MAX_JSON_BODY = 64 * 1024
 MAX_MATERIAL_BODY = 4 * 1024 * 1024
 MAX_PREVIEW_SIZE = 16 * 1024 * 1024

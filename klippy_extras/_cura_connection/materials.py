@@ -1,3 +1,12 @@
+# Materials: the profiles Cura syncs and the one in each extruder.
+#
+# MaterialStore keeps the .xml.fdm_material files Cura sends (request
+# threads; its own lock); LoadedMaterials the material in each extruder
+# and whether a job waits for another one (any thread reads; the reactor
+# changes it); SET_CURA_MATERIAL (reactor).  Files are written by the
+# disk worker.
+#
+# This file may be distributed under the terms of the GNU GPLv3 license.
 import logging
 import os
 import re
@@ -9,6 +18,7 @@ from .errors import BadInput, CuraError, NoSpace
 from .gcode_meta import MAX_MATERIAL_TEXT
 from .names import safe_base_name
 from .storage import SavedState, write_file_atomic
+from .threads import never_reactor
 
 
 MATERIAL_NS = "{http://www.ultimaker.com/material}"
@@ -25,9 +35,9 @@ class MaterialStore:
         self.index = None   # guid -> material info, read on first use
         self.resolved = {}  # resolve() answers, until the next add()
         self.held = {}      # client id or address -> {filename: data}
-        self.released = []  # (filename, data) the StateWriter stores
+        self.released = []  # (filename, data) the DiskWorker stores
         self.dirty = False
-        self.on_change = None   # the StateWriter's wake-up
+        self.on_change = None   # the DiskWorker's wake-up
         self.version = 0    # counts added profiles (the front's list)
 
     @staticmethod
@@ -100,9 +110,9 @@ class MaterialStore:
                            % (MATERIAL_SUFFIX,))
         return name
 
-    def hold(self, owner, filename, data):
+    def keep_waiting(self, owner, filename, data):
         """Keep a profile from a Cura not allowed yet (checked now), by
-        its client id or address: release() hands it to the StateWriter,
+        its client id or address: release() hands it to the DiskWorker,
         drop() forgets it.  Raises BadInput (not a profile) or NoSpace
         (MAX_HELD bytes kept)."""
         self.file_name(filename)
@@ -118,7 +128,7 @@ class MaterialStore:
             files[filename] = data
 
     def release(self, *owners):
-        # Reactor (CURA_ALLOW): memory only, the StateWriter stores them
+        # Reactor (CURA_ALLOW): memory only, the DiskWorker stores them
         with self.lock:
             for owner in owners:
                 self.released += self.held.pop(owner, {}).items()
@@ -126,13 +136,14 @@ class MaterialStore:
         if self.dirty and self.on_change is not None:
             self.on_change()
 
-    def drop(self, *owners):
+    def forget_waiting(self, *owners):
         with self.lock:
             for owner in owners:
                 self.held.pop(owner, None)
 
+    @never_reactor
     def save(self):
-        """Store released profiles (StateWriter thread)."""
+        """Store released profiles (DiskWorker thread)."""
         with self.lock:
             files, self.released = self.released, []
             self.dirty = False
@@ -303,9 +314,12 @@ class LoadedMaterials(SavedState):
     """The material in each extruder, shown on Cura's printer card.
 
     SET_CURA_MATERIAL changes it in the reactor, in memory only; the
-    StateWriter thread writes the file."""
-    def __init__(self, path, defaults):
+    DiskWorker thread writes the file.  With hold_mismatch (the option
+    hold_material_mismatch), a queued job sliced for another material
+    waits, as on an Ultimaker."""
+    def __init__(self, path, defaults, hold_mismatch=True):
         SavedState.__init__(self, path)
+        self.hold_mismatch = hold_mismatch
         self.names = [name for name, _ in defaults]
         self.entries = dict(defaults)
         saved = self._load()
@@ -317,7 +331,7 @@ class LoadedMaterials(SavedState):
     def _load(self):
         extruders = self.read_file().get("extruders", {})
         if not isinstance(extruders, dict):
-            self.drop("extruders", "not an object")
+            self.discard("extruders", "not an object")
             return {}
         saved = {}
         for name, entry in extruders.items():
@@ -330,7 +344,7 @@ class LoadedMaterials(SavedState):
                 saved[name] = entry and parse_material_words(
                     {k.upper(): v for k, v in entry.items()})
             except ValueError as e:
-                self.drop("the material of %s" % (name,), e)
+                self.discard("the material of %s" % (name,), e)
         return saved
 
     def _update_status_cache(self):
@@ -365,6 +379,55 @@ class LoadedMaterials(SavedState):
                 out.append((entry["extruder"], entry, loaded))
         return out
 
+    def configuration_changes(self, job):
+        """Any thread (memory only): [(extruder index, wanted, loaded)]
+        a queued job waits for (changes()); none once forced or without
+        hold_mismatch."""
+        if not self.hold_mismatch or job.force \
+                or job.status != "queued" or not job.materials:
+            return []
+        return self.changes(job.materials)
+
     def state(self):
         return {"version": 1, "extruders": {
             name: self.entries.get(name) for name in self.names}}
+
+
+class MaterialCommands:
+    """SET_CURA_MATERIAL: the material in each extruder, as Cura is to
+    show it.  Reactor (a G-code command): memory only, the disk worker
+    saves; bad input raises only gcmd.error."""
+    COMMANDS = ("SET_CURA_MATERIAL",)
+
+    def __init__(self, loaded, bridge, lifecycle, shown):
+        self.loaded = loaded
+        self.bridge = bridge
+        self.lifecycle = lifecycle
+        self.shown = shown
+
+    cmd_SET_CURA_MATERIAL_help = (
+        "Tell Cura which material is loaded: EXTRUDER= GUID= or MATERIAL= "
+        "BRAND= COLOR= (MATERIAL=empty: none)")
+    def cmd_SET_CURA_MATERIAL(self, gcmd):
+        name = gcmd.get("EXTRUDER", None)
+        if name is None:
+            name = self.bridge.active_extruder()
+        words = {k: v for k, v in gcmd.get_command_parameters().items()
+                 if k != "EXTRUDER"}
+        if not words:
+            entry = self.loaded.status_cache.get(name)
+            gcmd.respond_info("%s: %s" % (name, " ".join(
+                "%s=%s" % (k.upper(), shlex.quote(v))
+                for k, v in sorted(entry.items())) if entry else "not set"))
+            return
+        try:
+            entry = parse_material_words(words)
+            self.loaded.set(name, entry)
+        except ValueError as e:
+            raise gcmd.error(str(e))
+        except CuraError as e:
+            raise gcmd.error(e.message)
+        # a job waiting for this material starts now
+        self.lifecycle.follow(self.bridge.publish_now())
+        self.shown()
+        gcmd.respond_info("%s: material set for Cura" % (name,))

@@ -1,3 +1,8 @@
+# Names: safe file names and clean labels.
+#
+# Pure functions: any thread, either process.
+#
+# This file may be distributed under the terms of the GNU GPLv3 license.
 import os
 import unicodedata
 

@@ -1,3 +1,10 @@
+# Storage: saved state files and the disk worker.
+#
+# SavedState (read at load, written whole and atomically), temp files
+# that name their process, and DiskWorker: the thread that writes changed
+# state and reads G-code metadata, so the reactor never touches the disk.
+#
+# This file may be distributed under the terms of the GNU GPLv3 license.
 import collections
 import json
 import logging
@@ -6,6 +13,7 @@ import re
 import tempfile
 import threading
 
+from .threads import never_reactor
 
 
 # Temp files (uploads, atomic writes) name their process, so a restart can
@@ -16,7 +24,7 @@ WRITE_TMP_PREFIX = ".cura-tmp-%d-" % (os.getpid(),)
 
 class SavedState:
     """State kept in one JSON file, changed in memory (reactor, HTTP
-    threads) and written by the StateWriter thread, or by an HTTP thread
+    threads) and written by the DiskWorker thread, or by an HTTP thread
     that must answer after the change is on disk.  Subclasses give
     state() and load their fields from read_file(), reporting each
     unusable entry with drop()."""
@@ -51,7 +59,7 @@ class SavedState:
                 pass
             return {}
 
-    def drop(self, what, why):
+    def discard(self, what, why):
         """One log line for a saved entry that cannot be used; the file as
         it was stays beside it as .bad, the cleaned one replaces it."""
         logging.warning("cura_connection: %s: dropping %s: %s",
@@ -76,6 +84,7 @@ class SavedState:
         if self.on_change is not None:
             self.on_change()
 
+    @never_reactor
     def save(self):
         """Not the reactor: write the file if it changed (or now)."""
         with self.save_lock:
@@ -119,7 +128,7 @@ def write_file_atomic(path, data, mode=0o644):
         os.close(dfd)
 
 
-class StateWriter:
+class DiskWorker:
     """Thread that writes changed state files (disk writes stay off the
     reactor) and reads the metadata of prints started outside Cura."""
     def __init__(self, states, reactor, read_metadata, set_metadata):
