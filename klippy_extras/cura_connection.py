@@ -199,7 +199,7 @@ class CuraConnection:
             raise config.error("cura_connection: trusted_clients is empty")
         self.allow_control = config.getboolean("allow_control", True)
         self.require_pairing = config.getboolean("require_pairing", False)
-        # answer polls from a child process (see "HTTP front")
+        # answer polls from a child process (_cura_connection/front.py)
         self.front_process = config.getboolean("front_process", True)
         # undocumented: tests shorten it
         request_timeout = config.getfloat("request_timeout", REQUEST_TIMEOUT,

@@ -19,7 +19,6 @@ import os
 import re
 import sys
 import tempfile
-import types
 
 import cura_client
 import gcode_samples as gs

@@ -16,7 +16,9 @@ import httpc
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..",
                                 "klippy_extras"))
-from _cura_connection.definition import CURA_DATA_FOLDERS, DEFINITION_HOWTO, cura_data_folders_html, cura_data_folders_text  # noqa: E402
+from _cura_connection.definition import (  # noqa: E402
+    CURA_DATA_FOLDERS, DEFINITION_HOWTO, cura_data_folders_html,
+    cura_data_folders_text)
 
 CARTESIAN = """
 [printer]

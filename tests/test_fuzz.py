@@ -25,12 +25,18 @@ from hostile import check_gcodes_dir, send, tree
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..",
                                 "klippy_extras"))
 from _cura_connection.access import AuthStore  # noqa: E402
-from _cura_connection.errors import BadInput, Conflict, Unsupported  # noqa: E402
-from _cura_connection.gcode_meta import best_thumbnail, gcode_comment_lines, is_preview_image, parse_gcode_metadata  # noqa: E402
-from _cura_connection.intake import FileIntake, parse_small_multipart  # noqa: E402
+from _cura_connection.errors import (  # noqa: E402
+    BadInput, Conflict, Unsupported)
+from _cura_connection.gcode_meta import (  # noqa: E402
+    best_thumbnail, gcode_comment_lines, is_preview_image,
+    parse_gcode_metadata)
+from _cura_connection.intake import (  # noqa: E402
+    FileIntake, parse_small_multipart)
 from _cura_connection.jobs import JobStore, SAVED_JOB_FIELDS  # noqa: E402
 from _cura_connection.materials import LoadedMaterials  # noqa: E402
-from _cura_connection.names import JOINERS, MAX_JOB_NAME, job_name, preview_beside, safe_base_name, safe_relative_path  # noqa: E402
+from _cura_connection.names import (  # noqa: E402
+    JOINERS, MAX_JOB_NAME, job_name, preview_beside, safe_base_name,
+    safe_relative_path)
 
 SECONDS = float(os.environ.get("CURA_FUZZ_SECONDS", "10"))
 GCODE = b";TIME:60\nG1 X1\nG1 X2\n"

@@ -21,7 +21,9 @@ from test_security import MATERIALS, PairedCura, post_material
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..",
                                 "klippy_extras"))
-from _cura_connection.instances import StateLock, default_printer_name, gcodes_owner, instance_defaults, load_printer_uuid, move_old_state  # noqa: E402
+from _cura_connection.instances import (  # noqa: E402
+    StateLock, default_printer_name, gcodes_owner, instance_defaults,
+    load_printer_uuid, move_old_state)
 
 HOST = socket.gethostname().split(".")[0]
 PAIRING = {"require_pairing": "True"}

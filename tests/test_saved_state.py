@@ -38,7 +38,8 @@ from _cura_connection.errors import Conflict  # noqa: E402
 from _cura_connection.intake import FileIntake  # noqa: E402
 from _cura_connection.jobs import ACTIVE, JobStore  # noqa: E402
 from _cura_connection.lifecycle import JobLifecycle  # noqa: E402
-from _cura_connection.materials import LoadedMaterials, MaterialStore, parse_material_words  # noqa: E402
+from _cura_connection.materials import (  # noqa: E402
+    LoadedMaterials, MaterialStore, parse_material_words)
 from _cura_connection.names import split_upload_name  # noqa: E402
 
 SAMPLES = real_inputs.samples()

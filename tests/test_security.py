@@ -16,7 +16,9 @@ import kapi
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..",
                                 "klippy_extras"))
-from _cura_connection.access import AuthStore, DEFAULT_TRUSTED_CLIENTS, client_ip, host_name, is_local_name, parse_trusted_clients  # noqa: E402
+from _cura_connection.access import (  # noqa: E402
+    AuthStore, DEFAULT_TRUSTED_CLIENTS, client_ip, host_name, is_local_name,
+    parse_trusted_clients)
 from _cura_connection.api import ROUTES  # noqa: E402
 from _cura_connection.errors import (  # noqa: E402
     CuraError, Unauthenticated, error_status, http_error)

@@ -15,17 +15,26 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..",
 from _cura_connection.definition import PrinterIdentity  # noqa: E402
 from _cura_connection.access import AccessPolicy  # noqa: E402
 from _cura_connection.api import CuraApi, ReplyCache  # noqa: E402
-from _cura_connection.bridge import ScriptError, NoCall, ReactorCall  # noqa: E402
-from _cura_connection.errors import BadInput, Conflict, NoSpace, NotFound, TooLarge, Unsupported  # noqa: E402
-from _cura_connection.frames import FRAME, FrameReader, HEAD_END, send_frame  # noqa: E402
+from _cura_connection.bridge import (  # noqa: E402
+    ScriptError, NoCall, ReactorCall)
+from _cura_connection.errors import (  # noqa: E402
+    BadInput, Conflict, NoSpace, NotFound, TooLarge, Unsupported)
+from _cura_connection.frames import (  # noqa: E402
+    FRAME, FrameReader, HEAD_END, send_frame)
 from _cura_connection.front import FrontRequest, UPLOAD_LINE  # noqa: E402
 from _cura_connection.gate import ServeGate  # noqa: E402
-from _cura_connection.gcode_meta import gcode_comment_lines, parse_gcode_metadata, read_gcode_metadata, valid_job_materials  # noqa: E402
-from _cura_connection.intake import FileIntake, GcodeOutput, GzipWriter, SPACE_MARGIN, TEXT_CHECK_BYTES  # noqa: E402
-from _cura_connection.jobs import ENDED, Job, JobStore, SAVED_JOB_FIELDS, estimate_time_total  # noqa: E402
+from _cura_connection.gcode_meta import (  # noqa: E402
+    gcode_comment_lines, parse_gcode_metadata, read_gcode_metadata,
+    valid_job_materials)
+from _cura_connection.intake import (  # noqa: E402
+    FileIntake, GcodeOutput, GzipWriter, SPACE_MARGIN, TEXT_CHECK_BYTES)
+from _cura_connection.jobs import (  # noqa: E402
+    ENDED, Job, JobStore, SAVED_JOB_FIELDS, estimate_time_total)
 from _cura_connection.lifecycle import JobLifecycle  # noqa: E402
-from _cura_connection.materials import LoadedMaterials, MaterialStore, material_differs  # noqa: E402
-from _cura_connection.names import job_name, label_text, safe_base_name, split_upload_name  # noqa: E402
+from _cura_connection.materials import (  # noqa: E402
+    LoadedMaterials, MaterialStore, material_differs)
+from _cura_connection.names import (  # noqa: E402
+    job_name, label_text, safe_base_name, split_upload_name)
 from _cura_connection.storage import write_file_atomic  # noqa: E402
 import gcode_samples  # noqa: E402
 

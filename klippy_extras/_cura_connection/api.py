@@ -238,7 +238,8 @@ class CuraApi:
             status = "idle"
         return {
             "enabled": True, "firmware_version": FIRMWARE_VERSION,
-            "friendly_name": self.identity.name, "unique_name": self.identity.name,
+            "friendly_name": self.identity.name,
+            "unique_name": self.identity.name,
             "ip_address": req.reachable_ip(),
             "machine_variant": self.identity.machine_variant,
             "status": status, "uuid": self.identity.printer_uuid,

@@ -39,13 +39,17 @@ import socket
 import threading
 import time
 
-from .access import AccessPolicy, client_ip, parse_trusted_clients, reachable_ip, untrusted
+from .access import (
+    AccessPolicy, client_ip, parse_trusted_clients, reachable_ip, untrusted)
 from .api import camera_action, find_route, receive_upload
 from .definition import web_page
 from .errors import HTTPError, NoSpace, error_body, http_error
-from .frames import FRONT_CALL_LIMIT, FrameReader, HEAD_END, IP_MARK, MAX_HEAD, MAX_HEADERS, send_frame
+from .frames import (
+    FRONT_CALL_LIMIT, FrameReader, HEAD_END, IP_MARK, MAX_HEAD, MAX_HEADERS,
+    send_frame)
 from .gcode_meta import image_type
-from .http_server import CuraRequestHandler, http_date, linger_close, refuse_connection
+from .http_server import (
+    CuraRequestHandler, http_date, linger_close, refuse_connection)
 from .intake import FileIntake, UNPACK_GRANT, Upload
 from .limits import MAX_CONNECTIONS, MAX_HANDED_OVER
 

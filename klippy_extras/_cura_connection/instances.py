@@ -14,7 +14,8 @@ import shutil
 import stat
 import uuid
 
-from .storage import fsync_dir, is_temp_file, remove_stale_temp_files, write_file_atomic
+from .storage import (
+    fsync_dir, is_temp_file, remove_stale_temp_files, write_file_atomic)
 
 
 # The files of a state folder (data_path); before each Klippy had its own,

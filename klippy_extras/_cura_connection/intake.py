@@ -17,8 +17,12 @@ import tempfile
 import threading
 import zlib
 
-from .errors import BadInput, Conflict, CuraError, NoSpace, TooLarge, Unsupported, storage_error
-from .gcode_meta import MAX_EXTRUDERS, PREVIEW_SUFFIXES, image_type, is_preview_image, read_gcode_metadata
+from .errors import (
+    BadInput, Conflict, CuraError, NoSpace, TooLarge, Unsupported,
+    storage_error)
+from .gcode_meta import (
+    MAX_EXTRUDERS, PREVIEW_SUFFIXES, image_type, is_preview_image,
+    read_gcode_metadata)
 from .limits import MAX_MATERIAL_BODY, MAX_PREVIEW_SIZE, READ_CHUNK
 from .materials import MATERIAL_SUFFIX, MaterialStore
 from .names import job_name, safe_base_name, split_upload_name

@@ -15,7 +15,8 @@ import uuid
 from .errors import Conflict, NotFound
 from .gate import ServeGate
 from .gcode_meta import valid_job_materials
-from .names import GCODE_EXTENSIONS, preview_beside, safe_base_name, safe_relative_path
+from .names import (
+    GCODE_EXTENSIONS, preview_beside, safe_base_name, safe_relative_path)
 from .storage import SavedState
 
 

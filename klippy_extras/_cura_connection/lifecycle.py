@@ -84,7 +84,8 @@ class JobLifecycle:
             self._ended(cur, state, snap)
         head = store.queue[0] if store.queue else None
         if head is not None and self.changes(head):
-            store.hold_for_material(head)    # until the material is loaded or forced
+            # until the material is loaded or forced
+            store.hold_for_material(head)
         elif store.plate_clear and head is not None \
                 and not head.arriving and not store.has_active():
             store.hold_for_material(None)
