@@ -276,7 +276,8 @@ class FrontServer:
     """The child process's server: a thread per connection answers
     FrontRequests from the published replies, receives uploads, and hands
     a connection over to Klippy's side at its first request of any other
-    kind.  It also stands for CuraHTTPServer to FrontUploadHandler.
+    kind.  To FrontUploadHandler it offers what CuraRequestHandler asks of
+    its server.
 
     One connection budget for the module: MAX_CONNECTIONS counts the
     child's connections and those it handed over until Klippy's side

@@ -38,6 +38,13 @@ def http_date(server):
 
 
 class CuraRequestHandler(http.server.BaseHTTPRequestHandler):
+    """One connection's requests, each checked, routed and answered.
+
+    What it asks of its server (CuraHTTPServer here, FrontServer for the
+    uploads the front receives): api (route_of()), access (an
+    AccessPolicy), gate (ServeGate), closing, front (FrontLink or None),
+    handed (connections handed over), request_timeout, date_cache,
+    track(sock, add) and count(handler name)."""
     protocol_version = "HTTP/1.1"   # keep-alive, as Qt uses it
     default_request_version = "HTTP/1.0"   # every reply has a status line
     server_version = "cura_connection"
