@@ -14,7 +14,7 @@ import pytest
 import httpc
 from httpc import all_jobs, jobs, materials, printer, wait_for
 import klippy_harness
-from cura_client import PLA_BLACK
+from gcode_samples import ULTIMAKER_PLA_BLACK as PLA_BLACK
 from pairing import MATERIALS, PairedCura, post_material
 
 HOST = socket.gethostname().split(".")[0]

@@ -1,6 +1,10 @@
-"""The job lifecycle in the real Klippy (issue 9): every action takes
-effect or says why not, starts come from Klipper's answer, and what Cura
-shows is what happened.  Each failure named in the issue is a test here."""
+"""The job lifecycle in the real Klippy: every action takes effect or says
+why not, starts come from Klipper's answer, and what Cura shows is what
+happened: an abort during a start or right after the plate is cleared
+never prints, a pause the file made is resumed and aborted, replies carry
+the real status, a finished print is not shown aborted, a refused start
+goes back to the queue, an action behind a busy G-code queue is refused,
+and damaged state files do not stop Klippy."""
 import json
 import os
 import time
@@ -64,8 +68,8 @@ def test_abort_during_start_cancels_the_start(klippy):
 
 
 def test_abort_right_after_plate_cleared_never_prints(klippy):
-    # the issue's own sequence: plate cleared from the console, abort as
-    # soon as the job leaves the queue
+    # plate cleared from the console, abort as soon as the job leaves the
+    # queue
     base = klippy.base_url()
     uuid = done_and_queued(base)
     klippy.gcode("CURA_BUILD_PLATE_CLEARED")

@@ -6,7 +6,7 @@ import os
 import pytest
 
 import cura_client
-from cura_client import PLA_BLACK
+from gcode_samples import ULTIMAKER_PLA_BLACK as PLA_BLACK
 import httpc
 from httpc import materials, wait_for
 import kapi

@@ -1,5 +1,5 @@
-"""A stateful, model-based test of the job lifecycle (issue 9): hypothesis
-drives uploads, actions, plate clearing, console prints, busy macros,
+"""A stateful, model-based test of the job lifecycle: hypothesis drives
+uploads, actions, plate clearing, console prints, busy macros,
 restarts, kill -9 and damaged state files against the real Klippy, with
 Cura 4.13's own client, and checks after every step:
 

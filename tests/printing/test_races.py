@@ -2,9 +2,9 @@
 decided on Klipper's state at the moment it is carried out (inside the
 G-code mutex), a 409 means nothing changed and says why, and no raced
 action leaves pause_resume paused.  The races are made deterministic with
-TEST_SLEEP (tests/support/klippy_test_extras): an action sent while the file's
-last command (or a console macro) holds the G-code queue is carried out
-only once that command is over."""
+TEST_SLEEP (tests/support/klippy_test_extras): an action sent while the
+file's last command (or a console macro) holds the G-code queue is carried
+out only once that command is over."""
 import threading
 import time
 
@@ -49,7 +49,7 @@ def pause_and_resume_work(base, k, name):
 
 
 def test_pause_as_the_print_ends_never_sticks(klippy):
-    # The issue's race, 20 times: Cura's pause arrives while the file's
+    # 20 times: Cura's pause arrives while the file's
     # last command runs and is carried out as the print completes.
     base = klippy.base_url()
     data = ending()

@@ -1,7 +1,7 @@
-"""Serving under load (issue: the reactor never notices the server): a
-long queue from an old queue.json is listed whole and stays correct as it
-changes, and idle, stalled or slow-reading clients hold nobody up.  How
-late the reactor runs is measured by benchmarks/ (never asserted here)."""
+"""Serving under load, which the reactor never notices: a long queue from
+an old queue.json is listed whole and stays correct as it changes, and
+idle, stalled or slow-reading clients hold nobody up.  How late the
+reactor runs is measured by benchmarks/ (never asserted here)."""
 import json
 import socket
 

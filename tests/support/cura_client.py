@@ -44,7 +44,6 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_CURA_ROOT = REPO / ".cache" / "cura" / "root"
-PLA_BLACK = "3ee70a86-77d8-4b87-8005-e4a1bc57d2ce"   # Ultimaker PLA Black
 
 HTTP_STATUS = None  # QNetworkRequest.HttpStatusCodeAttribute, set by load()
 

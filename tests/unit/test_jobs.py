@@ -47,7 +47,7 @@ GOOD = {"uuid": "1234abcd", "name": "a", "filename": "a.gcode",
 
 
 @pytest.mark.parametrize("data,kept", [
-    ({"queue": 5}, []),                                   # issue 9
+    ({"queue": 5}, []),
     ({"queue": [GOOD, 5, dict(GOOD, uuid="x y")]}, ["a"]),
     ({"queue": [GOOD, dict(GOOD, filename="../etc/x.gcode", uuid="2")]},
      ["a"]),
