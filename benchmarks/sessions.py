@@ -43,7 +43,7 @@ import threading
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-TESTS = os.path.join(os.path.dirname(HERE), "tests")
+TESTS = os.path.join(os.path.dirname(HERE), "tests", "support")
 sys.path.insert(0, TESTS)
 sys.path.insert(0, HERE)
 import clients  # noqa: E402

@@ -3,10 +3,21 @@
     flavor          each Klippy flavor in $KLIPPY_FLAVORS (klipper, kalico)
     klippy          a started, ready Klippy with [cura_connection] defaults
     klippy_factory  klippy_factory(start=True, wait=True, **Klippy kwargs)
+
+The test files import the helpers in support/ by their module names and
+the module's package as Klippy's side does (from _cura_connection.jobs
+import ...): both folders go on sys.path here.
 """
 import os
+import sys
 
 import pytest
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+for _path in (os.path.join(_HERE, "support"),
+              os.path.join(os.path.dirname(_HERE), "klippy_extras")):
+    if _path not in sys.path:
+        sys.path.insert(0, _path)
 
 # The module's thread checks (_cura_connection/threads.py) are on in every
 # test: in this process and in each Klippy it starts (they inherit it)

@@ -125,7 +125,7 @@ if [ "$(cat "$T/.done" 2>/dev/null)" != "$want" ]; then
     pip_install "$T" -r "$ROOT/tests/requirements.txt"
     echo "$want" > "$T/.done"
 fi
-# The Cura 5 leg (tests/cura5_client.py): its own interpreter with PyQt6,
+# The Cura 5 leg (tests/support/cura5_client.py): its own interpreter with PyQt6,
 # only where Cura 5 source trees are given (CURA5_DIR, see README).
 if [ -n "${CURA5_DIR:-}" ]; then
     C5="$VENVS/cura5"

@@ -10,7 +10,7 @@ flavor=klipper
 prev=""
 for a in "$@"; do
     case "$a" in
-        -h|--help) exec python3 "$ROOT/tests/simulated_printer.py" --help ;;
+        -h|--help) exec python3 "$ROOT/tests/support/simulated_printer.py" --help ;;
         --flavor=*) flavor=${a#--flavor=} ;;
     esac
     if [ "$prev" = --flavor ]; then flavor=$a; fi
@@ -18,6 +18,6 @@ for a in "$@"; do
 done
 case "$flavor" in
     klipper|kalico) bash "$ROOT/tests/setup_env.sh" --klippy "$flavor" ;;
-    *) exec python3 "$ROOT/tests/simulated_printer.py" "$@" ;;   # argparse explains
+    *) exec python3 "$ROOT/tests/support/simulated_printer.py" "$@" ;;   # argparse explains
 esac
-exec "$ROOT/.venv/$flavor/bin/python" "$ROOT/tests/simulated_printer.py" "$@"
+exec "$ROOT/.venv/$flavor/bin/python" "$ROOT/tests/support/simulated_printer.py" "$@"

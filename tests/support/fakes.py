@@ -1,0 +1,128 @@
+"""Small fakes of Klipper for the unit tests: FakeKlipper stands for the
+bridge, reactor, printer and G-code of JobLifecycle in one."""
+from _cura_connection.bridge import ScriptError, NoCall
+
+
+class FakeMutex:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+class FakeKlipper:
+    """Bridge, reactor, printer and G-code of JobLifecycle in one: the
+    scripts it runs change a small model of print_stats/virtual_sdcard/
+    pause_resume the way Klipper's own code does."""
+    def __init__(self):
+        self.reactor = self.printer = self.gcode = self
+        self.kstate, self.state, self.filename = "ready", "standby", ""
+        self.duration, self.active, self.is_paused = 0., False, False
+        self.paused_for, self.progress = 0., 0.5
+        self.on_pause = []      # what happens while the reactor pauses
+        self.scripts, self.callbacks, self.seq, self.t = [], [], 0, 0.
+
+    # bridge
+    def ready(self):
+        return True
+
+    def publish_now(self):
+        self.seq += 1
+        return {"seq": self.seq, "klippy_state": self.kstate,
+                "state_message": "msg",
+                "print_stats": {"state": self.state,
+                                "filename": self.filename,
+                                "print_duration": self.duration,
+                                "message": ""},
+                "virtual_sdcard": {"progress": self.progress,
+                                   "file_position": int(
+                                       self.progress * 1000),
+                                   "file_size": 1000,
+                                   "is_active": self.active},
+                "pause_resume": {"is_paused": self.is_paused}}
+
+    def command(self, script):
+        try:
+            self.run_script_from_command(script)
+        except Exception as e:
+            raise ScriptError(str(e))
+
+    def call(self, fn, *args):
+        # (the test's thread stands for the reactor)
+        return fn(NoCall, *args)
+
+    # reactor, printer
+    def monotonic(self):
+        self.t += 0.05
+        return self.t
+
+    def pause(self, waketime):
+        if self.on_pause:
+            self.on_pause.pop(0)()
+
+    def register_callback(self, fn):
+        self.callbacks.append(fn)
+
+    def run_callbacks(self):
+        while self.callbacks:
+            self.callbacks.pop(0)(0.)
+
+    def lookup_object(self, name, default=None):
+        return self if name == "pause_resume" else default
+
+    # G-code
+    def get_mutex(self):
+        return FakeMutex()
+
+    def gcode_mutex(self):
+        return FakeMutex()
+
+    def has_pause_resume(self):
+        return True
+
+    def run_script_from_command(self, script):
+        self.scripts.append(script)
+        cmd = script.split()[0]
+        if cmd == "SDCARD_PRINT_FILE":
+            if self.active:
+                raise Exception("SD busy")
+            self.filename = script.split("=", 1)[1]
+            self.state, self.active, self.duration = "printing", True, 0.
+        elif cmd == "PAUSE" and not self.is_paused:
+            # Klipper's PAUSE pauses also an idle printer
+            self.is_paused = True
+            if self.active:
+                self.active, self.state = False, "paused"
+        elif cmd == "M25" and self.active:
+            self.active, self.state = False, "paused"
+        elif cmd == "RESUME" and self.is_paused:
+            self.is_paused = False
+            if self.state == "paused":
+                self.active, self.state = True, "printing"
+        elif cmd == "M24":
+            self.active, self.state = True, "printing"
+        elif cmd == "CLEAR_PAUSE":
+            self.is_paused = False
+        elif cmd == "CANCEL_PRINT":
+            if self.state == "paused":
+                # print_stats counts the last pause in once cancelled
+                self.duration += self.paused_for
+            if self.active or self.is_paused:   # pause_resume's sd_paused
+                self.active, self.state = False, "cancelled"
+                self.progress = 0.      # the file is closed
+            self.is_paused = False
+        elif cmd == "SDCARD_RESET_FILE":
+            self.active, self.state, self.filename = False, "standby", ""
+            self.duration = self.progress = 0.
+
+    # test helpers
+    def follow(self, life):
+        life.follow(self.publish_now())
+        self.run_callbacks()
+
+    def finish(self, state="complete", duration=None):
+        self.active = False
+        self.state = state
+        if duration is not None:
+            self.duration = duration
