@@ -18,7 +18,7 @@ import threading
 import urllib.parse
 import uuid
 
-from .definition import web_page
+from .definition import definition_download, web_page
 from .errors import CuraError, HTTPError, storage_error
 from .intake import parse_small_multipart
 from .jobs import ACTIONS, ACTIVE, JOB_FIELDS, Job
@@ -37,6 +37,8 @@ class Payload:
         self.data = data
         self.ctype = ctype
         self.headers = list(headers)
+
+
 UUID_RE = r"([0-9a-fA-F-]{1,64})"
 MATERIALS_PATH = "/cluster-api/v1/materials"
 
@@ -607,18 +609,14 @@ class CuraApi:
 
     @route("GET", r"/printers/cura_definition\.zip", front=True)
     def get_definition_zip(self, req):
-        return 200, Payload(self.definition.zip(), "application/zip", [
-            ("Content-Disposition", 'attachment; filename="%s.zip"'
-             % (self.definition.id,))])
+        return 200, Payload(*definition_download(
+            self.definition.id, self.definition.zip(), {}))
 
     @route("GET",
            r"/printers/cura_definition/([A-Za-z0-9_.]{1,200})", front=True)
     def get_definition_file(self, req, fname):
-        data = self.definition.files.get(fname)
-        if data is None:
-            raise HTTPError(404, "No definition file %s" % (fname,))
-        return 200, Payload(data, "application/json", [
-            ("Content-Disposition", 'attachment; filename="%s"' % (fname,))])
+        return 200, Payload(*definition_download(
+            self.definition.id, None, self.definition.files, fname))
 
 
 def receive_upload(req, intake, queued, max_queue, add):

@@ -11,6 +11,8 @@ import os
 import re
 import zlib
 
+from .errors import NotFound
+
 
 # Ultimaker machine types Cura knows: option value -> (BOM number, variant).
 # The BOM number makes Cura create that machine definition; the variant is
@@ -54,6 +56,21 @@ class PrinterIdentity:
         self.print_core_ids = list(print_core_ids)
         self.extruder_count = len(self.print_core_ids)
         self.klipper_version = klipper_version
+
+
+def definition_download(def_id, zip_data, files, fname=None):
+    """(bytes, content type, headers) of the machine definition's zip
+    (fname None) or of one of its files; NotFound for no such file.  Both
+    processes serve the downloads with this."""
+    if fname is None:
+        return zip_data, "application/zip", [(
+            "Content-Disposition", 'attachment; filename="%s.zip"'
+            % (def_id,))]
+    data = files.get(fname)
+    if data is None:
+        raise NotFound("No definition file %s" % (fname,))
+    return data, "application/json", [(
+        "Content-Disposition", 'attachment; filename="%s"' % (fname,))]
 
 
 class MachineDefinition:

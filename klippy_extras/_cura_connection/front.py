@@ -42,8 +42,8 @@ import time
 from .access import (
     AccessPolicy, client_ip, parse_trusted_clients, reachable_ip, untrusted)
 from .api import camera_action, find_route, receive_upload
-from .definition import web_page
-from .errors import HTTPError, NoSpace, error_body, http_error
+from .definition import definition_download, web_page
+from .errors import HTTPError, NoSpace, NotFound, error_body, http_error
 from .frames import (
     FRONT_CALL_LIMIT, FrameReader, HEAD_END, IP_MARK, MAX_HEAD, MAX_HEADERS,
     send_frame)
@@ -360,6 +360,9 @@ class FrontServer:
                                    settings["allow_control"])
         self.request_timeout = settings["request_timeout"]
         self.api = FrontUploads(self, settings)
+        d = settings["definition"]
+        self.definition = (d["id"], base64.b64decode(d["zip"]), {
+            name: base64.b64decode(data) for name, data in d["files"].items()})
 
     def _commit(self, staged, latest):
         replies = {"printers": staged["printers"].split(
@@ -548,19 +551,14 @@ class FrontServer:
         return status, "application/json", [error_body(status, message)]
 
     def _definition(self, name, args):
-        # the machine definition, from the settings (made at config load)
-        definition = self.settings["definition"]
-        if name == "get_definition_zip":
-            return 200, "application/zip", [base64.b64decode(
-                definition["zip"])], [("Content-Disposition",
-                                       'attachment; filename="%s.zip"'
-                                       % (definition["id"],))]
-        data = definition["files"].get(args[0])
-        if data is None:
-            return self._error(404, "No definition file %s" % (args[0],))
-        return 200, "application/json", [base64.b64decode(data)], [
-            ("Content-Disposition", 'attachment; filename="%s"'
-             % (args[0],))]
+        # the machine definition's downloads (decoded once, from the
+        # settings made at config load)
+        try:
+            data, ctype, headers = definition_download(
+                *self.definition, *args)
+        except NotFound as e:
+            return self._error(404, e.message)
+        return 200, ctype, [data], headers
 
     def _peek_head(self, sock, timeout):
         # The head without taking it from the socket: b"" when the client

@@ -8,7 +8,23 @@ import threading
 import time
 
 
-class ServeGate:
+class Breather:
+    """Long work in a thread of Klippy's process pauses now and then
+    (breathe()), so the reactor gets the GIL at once."""
+    SLICE = 0.0005     # seconds of work between pauses
+    PAUSE = 0.0005     # seconds: sleeping hands the GIL over
+
+    def __init__(self):
+        self.since = time.monotonic()
+
+    def breathe(self):
+        """Between steps of long work: pause once a slice is used up."""
+        if time.monotonic() - self.since >= self.SLICE:
+            time.sleep(self.PAUSE)
+            self.since = time.monotonic()
+
+
+class ServeGate(Breather):
     """Lets one request thread at a time run Python, in short slices.
 
     Klippy's reactor shares the GIL with the request threads.  With many of
@@ -20,9 +36,8 @@ class ServeGate:
     holder has kept it for STUCK (a slow client), the others go on without
     it: such a holder delays them, never stops them."""
     # Under a flood the server gets at most half of the GIL, in 0.5 ms
-    # steps (measured: 1 ms / 0.2 ms let the reactor run 2x later at p99)
-    SLICE = 0.0005     # seconds of work between pauses
-    PAUSE = 0.0005     # seconds: sleeping hands the GIL over
+    # steps (SLICE, PAUSE; measured: 1 ms / 0.2 ms let the reactor run 2x
+    # later at p99)
     STUCK = 0.05
 
     def __init__(self):
@@ -38,12 +53,6 @@ class ServeGate:
         if now - self.left > self.PAUSE:   # it was idle: a fresh slice
             self.since = now
         return True
-
-    def breathe(self):
-        """Between steps of long work: pause once a slice is used up."""
-        if time.monotonic() - self.since >= self.SLICE:
-            time.sleep(self.PAUSE)
-            self.since = time.monotonic()
 
     def leave(self):
         self.breathe()

@@ -13,7 +13,7 @@ import time
 import uuid
 
 from .errors import Conflict, NotFound
-from .gate import ServeGate
+from .gate import Breather
 from .gcode_meta import valid_job_materials
 from .names import (
     GCODE_EXTENSIONS, preview_beside, safe_base_name, safe_relative_path)
@@ -247,7 +247,7 @@ class JobStore(SavedState):
         time), never while encoding.  A change meanwhile means the lists
         may not match their jobs' fields: then again, from the new
         state."""
-        pause = ServeGate().breathe     # the reactor gets the GIL often
+        pause = Breather().breathe     # the reactor gets the GIL often
         def encoded(job):
             data = job.saved_json
             if not isinstance(data, bytes):
