@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 
 from .api import JOB_REPLY_KEY, ReplyCache
 from .errors import BadInput, CuraError, error_status
@@ -30,6 +31,8 @@ FRONT_SHOW_LIMIT = 0.5
 # loaded materials (s); a change a request made is published before its
 # reply
 PUBLISH_CHECK = 0.02
+# A front that acknowledges nothing for this long is ended as lost (s)
+FRONT_HANG_LIMIT = 15.
 
 
 class MarkRequest:
@@ -85,7 +88,8 @@ class FrontLink:
                         for fn, name in ((self._publish_loop, "publisher"),
                                          (self._read_control, "control"),
                                          (self._take_connections,
-                                          "handover"))]
+                                          "handover"),
+                                         (self._watch, "front watchdog"))]
         for t in self.threads:
             t.start()
         logging.info("cura_connection: front process %d answers the polls",
@@ -156,6 +160,32 @@ class FrontLink:
                 return      # the child is gone: the control reader says so
             except Exception:
                 logging.exception("cura_connection: publishing replies")
+
+    # Watchdog thread
+    def _watch(self):
+        # Now and then a publication asks for an acknowledgement: a child
+        # that gives none for FRONT_HANG_LIMIT (stopped, or its control
+        # thread stuck; the publisher may be blocked sending to it) is
+        # ended, and the control reader handles it as lost: Klippy's
+        # process answers.
+        probe, probe_at = self.ask(), time.monotonic()
+        while True:
+            with self.cond:
+                self.cond.wait_for(lambda: self.closing, 1.)
+                if self.closing:
+                    return
+            waited = time.monotonic() - probe_at
+            if self.shown(probe):
+                if waited > FRONT_HANG_LIMIT / 3:
+                    probe, probe_at = self.ask(), time.monotonic()
+            elif waited > FRONT_HANG_LIMIT:
+                logging.error("cura_connection: the front process gave no "
+                              "answer for %.0f s: ending it", waited)
+                try:
+                    self.proc.kill()
+                except OSError:
+                    pass
+                return
 
     def _publish(self, gen, asked):
         gate = self.server.gate

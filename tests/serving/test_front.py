@@ -240,6 +240,37 @@ def test_a_dead_child_leaves_klippy_serving(klippy):
     assert klippy.query("webhooks")["webhooks"]["state"] == "ready"
 
 
+def test_a_stopped_front_is_ended_and_klippy_answers(klippy):
+    # A front that stops (SIGSTOP, a stuck control thread) acknowledges
+    # nothing: Klippy's side ends it after FRONT_HANG_LIMIT and answers
+    # on the same port itself, with the jobs it had
+    base = klippy.base_url()
+    assert upload(base, "kept.gcode", b";TIME:5\nG1 X1\n").status == 200
+    front = front_pid(klippy)
+    os.kill(front, signal.SIGSTOP)
+    try:
+        wait_for(lambda: "the front process gave no answer" in
+                 klippy.log_text(), 30., "the watchdog's log line")
+        wait_for(lambda: not alive(front), 10., "the front process to end")
+    finally:
+        if alive(front):
+            os.kill(front, signal.SIGCONT)
+    wait_for(lambda: "answering in Klippy's process" in klippy.log_text(),
+             10., "the log line")
+    got = wait_for(lambda: _jobs_or_none(base), 10., "a reply")
+    assert [j["name"] for j in got] == ["kept"]
+    assert klippy.query("cura_connection")["cura_connection"][
+        "answered_here"].get("get_print_jobs", 0) >= 1
+    assert "Traceback" not in klippy.log_text()
+
+
+def _jobs_or_none(base):
+    try:
+        return jobs(base)
+    except OSError:
+        return None
+
+
 def test_a_killed_front_leaves_nothing_behind(klippy):
     # its partial upload goes, and so do its two socket pairs' ends in
     # Klippy (Klippy listens again instead: one socket)
