@@ -83,7 +83,8 @@ Options:
                          /usr/lib/python3/dist-packages/Charon)
   --nginx-dir DIR        nginx configuration folder (default: /etc/nginx)
   --port N               port of the module's HTTP server, as set in
-                         [cura_connection] (default: 8080)
+                         [cura_connection] (default: 8080; with several
+                         instances see above)
   --service NAME         systemd unit of that Klipper instance (default: the
                          one KIAUH names for it: klipper, klipper-2, ...)
   --all-instances        also add (or with --uninstall remove) the
@@ -99,7 +100,8 @@ Options:
   --dry-run-privileged   print the commands that need root ("would run: ...")
                          instead of running them, and keep the files it would
                          write as root in a folder it names; the other steps
-                         are done. Same as CURA_INSTALL_DRY_RUN=1.
+                         (the choice of instance too) are done. Same as
+                         CURA_INSTALL_DRY_RUN=1.
   -h, --help             show this help
 EOF
 }
@@ -401,7 +403,11 @@ instance_port() {   # CONFIG_DIR -> the port its [cura_connection] sets (8080 by
 pick_port() {
     local own used="" i
     own=$(instance_port "$CONFIG_DIR")
-    if [ -n "$own" ]; then PORT=$own; return 0; fi
+    # "port: 0" (any free port) is one port 80 cannot follow
+    if [ -n "$own" ] && [ "$own" -ge 1 ] && [ "$own" -le 65535 ] && [ "$own" != 80 ]; then
+        PORT=$own
+        return 0
+    fi
     for i in $(others); do used+=" $(instance_port "${INST_CONFIGS[i]}")"; done
     PORT=8080
     while [[ " $used " == *" $PORT "* ]]; do PORT=$((PORT + 1)); done
@@ -948,7 +954,11 @@ check_printer_cfg() {
         info "[cura_connection] is configured in $CONFIG_DIR"
         own=$(instance_port "$CONFIG_DIR")
         if [ "${#INST_CONFIGS[@]}" -gt 1 ] && [ "$own" != "$PORT" ]; then
-            warn "its port is $own, but port 80 now leads to $PORT: run install.sh again with --port $own"
+            if [ "$own" -ge 1 ] && [ "$own" -le 65535 ] && [ "$own" != 80 ]; then
+                warn "its port is $own, but port 80 now leads to $PORT: run install.sh again with --port $own"
+            else
+                warn "its port is $own, which port 80 cannot lead to: set port: $PORT there"
+            fi
         fi
     elif [ "${#INST_CONFIGS[@]}" -gt 1 ]; then
         info "add this to $CONFIG_DIR/printer.cfg to enable the module; each Klipper"

@@ -232,6 +232,14 @@ def test_second_instance_gets_a_port_of_its_own(kiauh):
     assert "its port is 8090, but port 80 now leads to 8080" in res.stderr
     assert "group_printers" not in res.output
 
+    # "port: 0" (any free port) cannot be where port 80 leads
+    cfg = kiauh.config_of("printer_2") / "printer.cfg"
+    cfg.write_text(cfg.read_text().replace("port: 8090", "port: 0"))
+    res = kiauh.install("--service", "klipper-2", "--no-restart")
+    assert "on port 8081" in res.stdout
+    assert "its port is 0, which port 80 cannot lead to: set port: 8081" \
+        in res.stderr
+
 
 @pytest.mark.parametrize("kiauh", ["named"], indirect=True)
 def test_named_instance(kiauh):
