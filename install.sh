@@ -26,7 +26,7 @@ RULE_TAG="cura_connection"                      # iptables comment on our rules
 
 KLIPPER_DIR="$HOME/klipper"
 KLIPPY_ENV="$HOME/klippy-env"
-CONFIG_DIR="$HOME/printer_data/config"
+CONFIG_DIR=""      # --config-dir; else the chosen Klipper instance's
 CHARON_DIR="${CHARON_DIR:-/usr/lib/python3/dist-packages/Charon}"
 # Where root's tools (nginx, iptables, netfilter-persistent) are looked for
 # besides PATH, which lacks the sbin folders for normal users. Tests point it
@@ -34,7 +34,9 @@ CHARON_DIR="${CHARON_DIR:-/usr/lib/python3/dist-packages/Charon}"
 SBIN_DIRS=${CURA_INSTALL_SBIN_DIRS-/usr/local/sbin:/usr/sbin:/sbin}
 NGINX_DIR="/etc/nginx"
 PORT=8080
-SERVICE="klipper"
+PORT_SET=0
+SERVICE=""         # --service; else the chosen Klipper instance's
+ALL_INSTANCES=0
 DO_PORT80=1
 DO_RESTART=1
 UNINSTALL=0
@@ -60,26 +62,46 @@ Installs cura_connection for Klipper:
   6. tells you what to add to printer.cfg (it never edits printer.cfg)
   7. restarts Klipper
 
+Several Klipper instances (KIAUH: ~/printer_data, ~/printer_<n>_data or
+~/<name>_data, each with config/printer.cfg and config/moonraker.conf;
+services klipper, klipper-<n>, klipper-<name>): steps 1-4 are shared by all
+of them (one link, one venv, one port 80 per host); steps 5-7 are for the
+instance you choose with --config-dir and/or --service. Without them
+install.sh asks on a terminal and stops otherwise, listing the instances.
+A --service that does not exist on the host is an error before any change.
+There the default --port is the port the instance's [cura_connection] sets,
+else one no other instance's [cura_connection] uses (8080, 8081, ...).
+
 Options:
   --klipper-dir DIR      Klipper checkout (default: ~/klipper)
   --klippy-env DIR       Klippy's Python venv (default: ~/klippy-env)
-  --config-dir DIR       printer.cfg / moonraker.conf folder
-                         (default: ~/printer_data/config)
+  --config-dir DIR       printer.cfg / moonraker.conf folder of the Klipper
+                         instance (default: the only instance's, e.g.
+                         ~/printer_data/config; with several: see above)
   --charon-dir DIR       libcharon's package folder of an installed python3-charon
                          (default, or env CHARON_DIR:
                          /usr/lib/python3/dist-packages/Charon)
   --nginx-dir DIR        nginx configuration folder (default: /etc/nginx)
   --port N               port of the module's HTTP server, as set in
-                         [cura_connection] (default: 8080)
-  --service NAME         systemd unit of Klipper (default: klipper)
+                         [cura_connection] (default: 8080; with several
+                         instances see above)
+  --service NAME         systemd unit of that Klipper instance (default: the
+                         one KIAUH names for it: klipper, klipper-2, ...)
+  --all-instances        also add (or with --uninstall remove) the
+                         [update_manager cura_connection] section in the
+                         moonraker.conf of every other instance
   --no-port80            leave port 80 alone (no nginx include, no iptables rule)
   --no-restart           do not restart Klipper at the end
   --uninstall            remove everything this script added (pip packages
-                         stay in the venv)
+                         stay in the venv); with several instances: the
+                         chosen instance's moonraker.conf section, and the
+                         shared parts (steps 1-4) unless another instance
+                         still has [cura_connection]
   --dry-run-privileged   print the commands that need root ("would run: ...")
                          instead of running them, and keep the files it would
                          write as root in a folder it names; the other steps
-                         are done. Same as CURA_INSTALL_DRY_RUN=1.
+                         (the choice of instance too) are done. Same as
+                         CURA_INSTALL_DRY_RUN=1.
   -h, --help             show this help
 EOF
 }
@@ -97,8 +119,9 @@ while [ $# -gt 0 ]; do
         --config-dir)  need_arg "$@"; CONFIG_DIR=$2; shift 2 ;;
         --charon-dir)  need_arg "$@"; CHARON_DIR=$2; shift 2 ;;
         --nginx-dir)   need_arg "$@"; NGINX_DIR=${2%/}; shift 2 ;;
-        --port)        need_arg "$@"; PORT=$2; shift 2 ;;
-        --service)     need_arg "$@"; SERVICE=$2; shift 2 ;;
+        --port)        need_arg "$@"; PORT=$2; PORT_SET=1; shift 2 ;;
+        --service)     need_arg "$@"; SERVICE=${2%.service}; shift 2 ;;
+        --all-instances) ALL_INSTANCES=1; shift ;;
         --no-port80)   DO_PORT80=0; shift ;;
         --no-restart)  DO_RESTART=0; shift ;;
         --uninstall)   UNINSTALL=1; shift ;;
@@ -110,6 +133,7 @@ done
 if ! [[ "$PORT" =~ ^[0-9]{1,5}$ ]] || [ "$PORT" -lt 1 ] || [ "$PORT" -gt 65535 ]; then
     die "--port must be a TCP port number, got '$PORT'"
 fi
+[[ -z "$SERVICE" || "$SERVICE" =~ ^[A-Za-z0-9@._:-]+$ ]] || die "--service: '$SERVICE' is not a systemd unit name"
 [ "$PORT" != 80 ] || die "--port 80: Klippy does not run as root, so the module cannot listen on port 80; keep the default 8080 and let install.sh route port 80 to it"
 if [ "$(id -u)" -eq 0 ] && [ -n "${SUDO_USER:-}" ] && [ "$SUDO_USER" != root ]; then
     die "run install.sh as $SUDO_USER, without sudo: it asks for sudo itself where needed"
@@ -201,6 +225,192 @@ match_final_newline() {   # ORIGINAL REWRITTEN
     if [ -s "$1" ] && [ -n "$(tail -c1 "$1")" ] && [ -s "$2" ] && [ -z "$(tail -c1 "$2")" ]; then
         truncate -s -1 "$2"
     fi
+}
+
+# ---------------------------------------------------------------------------
+# Klipper instances. KIAUH gives each its data folder and services:
+# ~/printer_data (klipper, moonraker), ~/printer_<n>_data (klipper-<n>,
+# moonraker-<n>), ~/<name>_data (klipper-<name>, ...). All of them share the
+# one Klipper checkout and venv, so the module link, libcharon and port 80
+# are the host's; moonraker.conf, printer.cfg and the restart are the
+# chosen instance's.
+# ---------------------------------------------------------------------------
+INST_CONFIGS=()    # config folder of each instance found
+INST_SUFFIXES=()   # its unit name suffix: "", -2, -voron
+CHOSEN=""          # index of the chosen instance, when it is one of them
+MOONRAKER_CONF=""
+
+tildify() {   # PATH, shown with ~ for HOME
+    case "$1" in "$HOME"/*) printf '%s/%s' "~" "${1#"$HOME"/}" ;; *) printf '%s' "$1" ;; esac
+}
+
+find_instances() {
+    local d name
+    for d in "$HOME/printer_data" "$HOME"/*_data; do
+        if [ ! -f "$d/config/printer.cfg" ] || [ ! -f "$d/config/moonraker.conf" ]; then continue; fi
+        name=$(basename "$d")
+        name=${name%_data}
+        case "$name" in
+            printer)   # listed first, then skipped in the glob
+                if [ "${#INST_CONFIGS[@]}" != 0 ]; then continue; fi
+                INST_SUFFIXES+=("") ;;
+            printer_*[!0-9]*|printer_) INST_SUFFIXES+=("-$name") ;;
+            printer_*) INST_SUFFIXES+=("-${name#printer_}") ;;
+            *) INST_SUFFIXES+=("-$name") ;;
+        esac
+        INST_CONFIGS+=("$d/config")
+    done
+}
+
+same_dir() { [ -d "$1" ] && [ -d "$2" ] && [ "$(cd "$1" && pwd -P)" = "$(cd "$2" && pwd -P)" ]; }
+
+instance_index() {   # config|service VALUE -> index of the instance, if any
+    local i
+    for i in "${!INST_CONFIGS[@]}"; do
+        if [ "$1" = config ] && same_dir "$2" "${INST_CONFIGS[i]}"; then echo "$i"; return 0; fi
+        if [ "$1" = service ] && [ "$2" = "klipper${INST_SUFFIXES[i]}" ]; then echo "$i"; return 0; fi
+    done
+    return 1
+}
+
+list_instances() {   # [COMMAND]: one line per instance (as a command line when given)
+    local i
+    for i in "${!INST_CONFIGS[@]}"; do
+        if [ -n "${1:-}" ]; then
+            printf '    %s --config-dir %s --service %s\n' "$1" "$(tildify "${INST_CONFIGS[i]}")" "klipper${INST_SUFFIXES[i]}"
+        else
+            printf '    %d) %s  (services klipper%s, moonraker%s)\n' "$((i + 1))" \
+                "$(tildify "${INST_CONFIGS[i]}")" "${INST_SUFFIXES[i]}" "${INST_SUFFIXES[i]}"
+        fi
+    done
+}
+
+ask_instance() {   # VERB: on a terminal, the user picks one
+    local n=${#INST_CONFIGS[@]} answer
+    say "This host runs $n Klipper instances; the module, its venv packages and port 80 are shared, moonraker.conf and the restart are one instance's:"
+    list_instances
+    while :; do
+        printf '%s for which instance? [1-%d] ' "$1" "$n"
+        read -r answer || die "no answer: nothing was changed"
+        if [[ "$answer" =~ ^[0-9]+$ ]] && [ "$answer" -ge 1 ] && [ "$answer" -le "$n" ]; then break; fi
+        info "type a number from 1 to $n"
+    done
+    CHOSEN=$((answer - 1))
+}
+
+# Fails before any change when the service does not exist. Only a plain
+# single-instance host without --service/--config-dir is taken on trust, as
+# before (its klipper unit is KIAUH's and MainsailOS's default).
+check_service() {
+    local units
+    if ! have systemctl; then
+        warn "systemctl not found: cannot check that the service $SERVICE exists"
+        return 0
+    fi
+    if ! units=$(systemctl list-unit-files --no-legend --no-pager --type=service 2>/dev/null); then
+        warn "systemctl could not list the services: cannot check that $SERVICE exists"
+        return 0
+    fi
+    # an instance of a template unit (klipper@a) is listed as its template
+    if ! awk -v u="$SERVICE.service" -v t="${SERVICE%%@*}@.service" \
+            '$1 == u || (index(u, "@") && $1 == t) { found = 1 } END { exit !found }' <<<"$units"; then
+        die "there is no service $SERVICE on this host (Klipper services here: $(awk '$1 ~ /^klipper.*\.service$/ { sub(/\.service$/, "", $1); printf "%s%s", sep, $1; sep = ", " } END { if (!sep) printf "none" }' <<<"$units")); nothing was changed. Name the instance's Klipper service with --service"
+    fi
+}
+
+choose_instance() {   # VERB (Install|Uninstall)
+    local n flags=0 cmd="install.sh"
+    [ "$UNINSTALL" = 0 ] || cmd="install.sh --uninstall"
+    find_instances
+    n=${#INST_CONFIGS[@]}
+    if [ -n "$CONFIG_DIR" ] || [ -n "$SERVICE" ]; then flags=1; fi
+    CONFIG_DIR=${CONFIG_DIR%/}
+    if [ -n "$CONFIG_DIR" ]; then
+        CHOSEN=$(instance_index config "$CONFIG_DIR") || CHOSEN=""
+        if [ -z "$SERVICE" ] && [ -n "$CHOSEN" ]; then
+            SERVICE="klipper${INST_SUFFIXES[CHOSEN]}"
+        elif [ -z "$SERVICE" ] && [ "$n" -gt 1 ]; then
+            die "$CONFIG_DIR is none of this host's Klipper instances: name its Klipper service too (--service)"
+        elif [ -z "$SERVICE" ]; then
+            SERVICE=klipper
+        elif [ -n "$CHOSEN" ] && [ "$SERVICE" != "klipper${INST_SUFFIXES[CHOSEN]}" ]; then
+            warn "KIAUH names the Klipper service of $CONFIG_DIR klipper${INST_SUFFIXES[CHOSEN]}; going on with --service $SERVICE"
+        fi
+    elif [ -n "$SERVICE" ]; then
+        if CHOSEN=$(instance_index service "$SERVICE"); then
+            CONFIG_DIR=${INST_CONFIGS[CHOSEN]}
+        elif [ "$n" -le 1 ]; then
+            CHOSEN=""
+            CONFIG_DIR=${INST_CONFIGS[0]:-$HOME/printer_data/config}
+        else
+            {
+                printf 'ERROR: no Klipper instance of this host has the service %s; nothing was changed. The instances:\n' "$SERVICE"
+                list_instances "$cmd"
+            } >&2
+            exit 1
+        fi
+    elif [ "$n" -gt 1 ]; then
+        if [ -t 0 ]; then
+            ask_instance "$1"
+        else
+            {
+                printf 'ERROR: this host runs %d Klipper instances; nothing was changed. Choose one:\n' "$n"
+                list_instances "$cmd"
+                printf '(--config-dir alone or --service alone is enough for these)\n'
+            } >&2
+            exit 1
+        fi
+    elif [ "$n" = 1 ]; then
+        CHOSEN=0
+    else
+        CONFIG_DIR="$HOME/printer_data/config"
+        SERVICE=klipper
+    fi
+    if [ -n "$CHOSEN" ]; then
+        CONFIG_DIR=${CONFIG_DIR:-${INST_CONFIGS[CHOSEN]}}
+        SERVICE=${SERVICE:-klipper${INST_SUFFIXES[CHOSEN]}}
+    fi
+    MOONRAKER_CONF="$CONFIG_DIR/moonraker.conf"
+    if [ "$flags" = 1 ] || [ "$n" -gt 1 ] || [ "$SERVICE" != klipper ]; then
+        check_service
+    fi
+    if [ "$n" -gt 1 ]; then
+        say "Klipper instance: $(tildify "$CONFIG_DIR") (service $SERVICE)"
+    fi
+    if [ "$n" -gt 1 ] && [ "$PORT_SET" = 0 ] && [ "$UNINSTALL" = 0 ]; then
+        pick_port
+    fi
+}
+
+others() {   # indexes of the instances other than the chosen one
+    local i
+    for i in "${!INST_CONFIGS[@]}"; do
+        [ "$i" = "$CHOSEN" ] || echo "$i"
+    done
+}
+
+instance_port() {   # CONFIG_DIR -> the port its [cura_connection] sets (8080 by default); nothing without one
+    local f
+    f=$(grep -Rls --include='*.cfg' '^\[cura_connection\]' "$1" 2>/dev/null | head -n1) || true
+    [ -n "$f" ] || return 0
+    awk '/^\[/ { in_s = ($0 ~ /^\[cura_connection\]/) }
+         in_s && /^port[ \t]*[:=]/ { sub(/^port[ \t]*[:=][ \t]*/, ""); sub(/[ \t#;].*/, ""); p = $0 }
+         END { print (p ~ /^[0-9]+$/ ? p : 8080) }' "$f"
+}
+
+# Each instance needs its own port: default --port is the chosen instance's
+# own, else the first from 8080 that no other instance's [cura_connection] uses.
+pick_port() {
+    local own used="" i
+    own=$(instance_port "$CONFIG_DIR")
+    # "port: 0" (any free port) is one port 80 cannot follow
+    if [ -n "$own" ] && [ "$own" -ge 1 ] && [ "$own" -le 65535 ] && [ "$own" != 80 ]; then
+        PORT=$own
+        return 0
+    fi
+    for i in $(others); do used+=" $(instance_port "${INST_CONFIGS[i]}")"; done
+    PORT=8080
+    while [[ " $used " == *" $PORT "* ]]; do PORT=$((PORT + 1)); done
 }
 
 # ---------------------------------------------------------------------------
@@ -503,7 +713,9 @@ uninstall_nginx() {
 
 # Our iptables rule carries a comment, so it is found again without touching
 # anyone else's rules.
-RULE=(-p tcp --dport 80 -m comment --comment "$RULE_TAG" -j REDIRECT --to-ports "$PORT")
+# (set once the port is known: see choose_instance)
+RULE=()
+set_rule() { RULE=(-p tcp --dport 80 -m comment --comment "$RULE_TAG" -j REDIRECT --to-ports "$PORT"); }
 
 iptables_cmds() {   # the installed iptables commands
     if have iptables; then echo iptables; fi
@@ -584,7 +796,12 @@ port80_iptables() {
 install_port80() {
     if [ "$DO_PORT80" = 0 ]; then
         say "Port 80: skipped (--no-port80); Cura only talks to port 80, so route it to $PORT yourself"
-    elif nginx_serves_port80 && { [ "$DRY_RUN" = 1 ] || have nginx; }; then
+        return 0
+    fi
+    if [ "${#INST_CONFIGS[@]}" -gt 1 ]; then
+        say "Port 80 (one per host) leads to $SERVICE's cura_connection on port $PORT; Cura reaches the other instances at <address>:<their port>"
+    fi
+    if nginx_serves_port80 && { [ "$DRY_RUN" = 1 ] || have nginx; }; then
         port80_nginx
     else
         port80_iptables
@@ -608,83 +825,148 @@ uninstall_port80() {
 # ---------------------------------------------------------------------------
 # 5. Moonraker update manager
 # ---------------------------------------------------------------------------
-MOONRAKER_CONF="$CONFIG_DIR/moonraker.conf"
-
-# Prints moonraker.conf without our marked block (and the blank line before it).
-moonraker_without_block() {
+# Prints a moonraker.conf without our marked block (and the blank line before it).
+moonraker_without_block() {   # CONF
     awk -v begin="$MR_BEGIN" -v end="$MR_END" '
         skip { if ($0 == end) skip = 0; next }
         $0 == begin { skip = 1; held = 0; next }
         { if (held) { print ""; held = 0 } if ($0 == "") { held = 1; next } print }
         END { if (held) print "" }
-    ' "$MOONRAKER_CONF"
+    ' "$1"
 }
 
-install_moonraker() {
-    local origin new
-    say "Moonraker update manager"
-    if [ ! -f "$MOONRAKER_CONF" ]; then
-        info "no $MOONRAKER_CONF: skipped"
-        return 0
-    fi
-    if ! origin=$(git -C "$REPO" remote get-url origin 2>/dev/null) || [ -z "$origin" ]; then
-        info "$REPO has no git remote 'origin', so Moonraker could not update it: skipped"
-        info "(clone cura_connection with git and run install.sh again to get updates in Mainsail/Fluidd)"
-        return 0
-    fi
-    if grep -q '^\[update_manager cura_connection\]' "$MOONRAKER_CONF" && ! grep -qxF "$MR_BEGIN" "$MOONRAKER_CONF"; then
-        info "$MOONRAKER_CONF already has [update_manager cura_connection] (not written by install.sh): left alone"
-        return 0
-    fi
-    new="$TMPD/moonraker.conf"
-    moonraker_without_block >"$new"
-    if [ -s "$new" ]; then
-        if [ -n "$(tail -c1 "$new")" ]; then printf '\n\n' >>"$new"; else printf '\n' >>"$new"; fi
-    fi
-    cat >>"$new" <<EOF
-$MR_BEGIN
+# "managed_services: klipper" is each Moonraker's own Klipper unit
+# (klipper-2 for moonraker-2): Moonraker maps the name to its instance's.
+moonraker_section() {   # ORIGIN
+    cat <<EOF
 [update_manager cura_connection]
 type: git_repo
 path: $REPO
-origin: $origin
+origin: $1
 primary_branch: main
 virtualenv: $KLIPPY_ENV
 requirements: klippy_extras/requirements.txt
 install_script: install.sh
 managed_services: klipper
-$MR_END
 EOF
-    if cmp -s "$new" "$MOONRAKER_CONF"; then
-        info "$MOONRAKER_CONF already has the section"
-    else
-        cat "$new" >"$MOONRAKER_CONF"
-        info "added to $MOONRAKER_CONF (restart Moonraker to see it):"
-        awk -v b="$MR_BEGIN" -v e="$MR_END" '$0 == b { p = 1 } p { print "      " $0 } $0 == e { p = 0 }' "$MOONRAKER_CONF"
+}
+
+ORIGIN=""
+moonraker_origin() {   # sets ORIGIN; fails (and says why) without one
+    if ! ORIGIN=$(git -C "$REPO" remote get-url origin 2>/dev/null) || [ -z "$ORIGIN" ]; then
+        info "$REPO has no git remote 'origin', so Moonraker could not update it: skipped"
+        info "(clone cura_connection with git and run install.sh again to get updates in Mainsail/Fluidd)"
+        return 1
     fi
 }
 
-uninstall_moonraker() {
-    say "Moonraker update manager"
-    if [ ! -f "$MOONRAKER_CONF" ] || ! grep -qxF "$MR_BEGIN" "$MOONRAKER_CONF"; then
-        info "no section added by install.sh in $MOONRAKER_CONF"
+install_moonraker_conf() {   # CONF
+    local mconf=$1 new="$TMPD/moonraker.conf"
+    if [ ! -f "$mconf" ]; then
+        info "no $mconf: skipped"
         return 0
     fi
-    moonraker_without_block >"$TMPD/moonraker.conf"
-    cat "$TMPD/moonraker.conf" >"$MOONRAKER_CONF"
-    info "removed [update_manager cura_connection] from $MOONRAKER_CONF"
+    if grep -q '^\[update_manager cura_connection\]' "$mconf" && ! grep -qxF "$MR_BEGIN" "$mconf"; then
+        info "$mconf already has [update_manager cura_connection] (not written by install.sh): left alone"
+        return 0
+    fi
+    moonraker_without_block "$mconf" >"$new"
+    if [ -s "$new" ]; then
+        if [ -n "$(tail -c1 "$new")" ]; then printf '\n\n' >>"$new"; else printf '\n' >>"$new"; fi
+    fi
+    { echo "$MR_BEGIN"; moonraker_section "$ORIGIN"; echo "$MR_END"; } >>"$new"
+    if cmp -s "$new" "$mconf"; then
+        info "$mconf already has the section"
+    else
+        cat "$new" >"$mconf"
+        info "added to $mconf (restart Moonraker to see it):"
+        awk -v b="$MR_BEGIN" -v e="$MR_END" '$0 == b { p = 1 } p { print "      " $0 } $0 == e { p = 0 }' "$mconf"
+    fi
+}
+
+install_moonraker() {
+    local i
+    say "Moonraker update manager"
+    if [ ! -f "$MOONRAKER_CONF" ]; then
+        info "no $MOONRAKER_CONF: skipped"
+        return 0
+    fi
+    moonraker_origin || return 0
+    install_moonraker_conf "$MOONRAKER_CONF"
+    [ "${#INST_CONFIGS[@]}" -gt 1 ] || return 0
+    if [ "$ALL_INSTANCES" = 1 ]; then
+        for i in $(others); do install_moonraker_conf "${INST_CONFIGS[i]}/moonraker.conf"; done
+        return 0
+    fi
+    info "the other instances' Moonrakers can offer cura_connection's updates too (each then"
+    info "restarts its own Klipper after one): add this section to"
+    for i in $(others); do info "  $(tildify "${INST_CONFIGS[i]}/moonraker.conf")"; done
+    info "or run install.sh again with --all-instances:"
+    moonraker_section "$ORIGIN" | sed 's/^/      /'
+}
+
+uninstall_moonraker_conf() {   # CONF
+    if [ ! -f "$1" ] || ! grep -qxF "$MR_BEGIN" "$1"; then
+        info "no section added by install.sh in $1"
+        return 0
+    fi
+    moonraker_without_block "$1" >"$TMPD/moonraker.conf"
+    cat "$TMPD/moonraker.conf" >"$1"
+    info "removed [update_manager cura_connection] from $1"
+}
+
+uninstall_moonraker() {
+    local i conf
+    say "Moonraker update manager"
+    uninstall_moonraker_conf "$MOONRAKER_CONF"
+    for i in $(others); do
+        conf="${INST_CONFIGS[i]}/moonraker.conf"
+        if [ "$ALL_INSTANCES" = 1 ]; then
+            uninstall_moonraker_conf "$conf"
+        elif grep -qxF "$MR_BEGIN" "$conf"; then
+            info "$conf keeps the section install.sh added (--uninstall --all-instances removes it too)"
+        fi
+    done
 }
 
 # ---------------------------------------------------------------------------
 # 6./7. printer.cfg and Klipper restart
 # ---------------------------------------------------------------------------
-config_has_section() {   # NAME: is [NAME] in printer.cfg or a .cfg file next to it?
-    [ -d "$CONFIG_DIR" ] && grep -Rqs --include='*.cfg' "^\\[$1\\]" "$CONFIG_DIR"
+config_has_section() {   # NAME [DIR]: is [NAME] in printer.cfg or a .cfg file next to it?
+    local dir=${2:-$CONFIG_DIR}
+    [ -d "$dir" ] && grep -Rqs --include='*.cfg' "^\\[$1\\]" "$dir"
+}
+
+# The other instances whose [cura_connection] uses PORT, as "klipper-1 ..."
+port_taken_by() {
+    local i out=""
+    for i in $(others); do
+        if [ "$(instance_port "${INST_CONFIGS[i]}")" = "$PORT" ]; then out+=" klipper${INST_SUFFIXES[i]}"; fi
+    done
+    printf '%s' "${out# }"
 }
 
 check_printer_cfg() {
+    local own taken=""
     say "printer.cfg"
+    [ "${#INST_CONFIGS[@]}" -le 1 ] || taken=$(port_taken_by)
     if config_has_section cura_connection; then
         info "[cura_connection] is configured in $CONFIG_DIR"
+        own=$(instance_port "$CONFIG_DIR")
+        if [ "${#INST_CONFIGS[@]}" -gt 1 ] && [ "$own" != "$PORT" ]; then
+            if [ "$own" -ge 1 ] && [ "$own" -le 65535 ] && [ "$own" != 80 ]; then
+                warn "its port is $own, but port 80 now leads to $PORT: run install.sh again with --port $own"
+            else
+                warn "its port is $own, which port 80 cannot lead to: set port: $PORT there"
+            fi
+        fi
+    elif [ "${#INST_CONFIGS[@]}" -gt 1 ]; then
+        info "add this to $CONFIG_DIR/printer.cfg to enable the module; each Klipper"
+        info "instance on this host needs a port of its own:"
+        echo
+        echo "    [cura_connection]"
+        echo "    port: $PORT"
+        echo
     else
         info "add this to $CONFIG_DIR/printer.cfg to enable the module:"
         echo
@@ -692,11 +974,14 @@ check_printer_cfg() {
         if [ "$PORT" = 8080 ]; then echo "    #port: 8080"; else echo "    port: $PORT"; fi
         echo
     fi
+    if [ -n "$taken" ]; then
+        warn "port $PORT is already the [cura_connection] port of $taken: give this instance another one (install.sh --port N and port: N)"
+    fi
     if ! config_has_section virtual_sdcard; then
         info "cura_connection stores uploads in the [virtual_sdcard] path; add one, e.g.:"
         echo
         echo "    [virtual_sdcard]"
-        echo "    path: ~/printer_data/gcodes"
+        echo "    path: $(tildify "$(dirname "$CONFIG_DIR")/gcodes")"
         echo
     fi
 }
@@ -706,7 +991,7 @@ restart_klipper() {
         say "Not restarting Klipper (--no-restart): restart it to load the module"
         return 0
     fi
-    say "Restarting Klipper"
+    if [ "$SERVICE" = klipper ]; then say "Restarting Klipper"; else say "Restarting Klipper ($SERVICE)"; fi
     priv systemctl restart "$SERVICE" || warn "could not restart $SERVICE: restart Klipper yourself"
 }
 
@@ -722,12 +1007,30 @@ finish() {   # installed|uninstalled
     say "Dry run: cura_connection would be $1 once the 'would run' commands above are run as root (or run install.sh without --dry-run-privileged)"
 }
 
+# The other instances that still load the module (the link is theirs too)
+configured_others() {
+    local i out=""
+    for i in $(others); do
+        if config_has_section cura_connection "${INST_CONFIGS[i]}"; then out+=" klipper${INST_SUFFIXES[i]}"; fi
+    done
+    printf '%s' "${out# }"
+}
+
 main() {
+    local users
     if [ "$DRY_RUN" = 1 ]; then say "Dry run: commands that need root are printed, not run"; fi
+    if [ "$UNINSTALL" = 1 ]; then choose_instance Uninstall; else choose_instance Install; fi
+    set_rule
     if [ "$UNINSTALL" = 1 ]; then
-        uninstall_module
-        uninstall_charon
-        uninstall_port80
+        users=$(configured_others)
+        if [ -n "$users" ]; then
+            say "Keeping the module link, libcharon and port 80: $users still load cura_connection"
+            info "(remove [cura_connection] there and run install.sh --uninstall for it to remove them)"
+        else
+            uninstall_module
+            uninstall_charon
+            uninstall_port80
+        fi
         uninstall_moonraker
         if config_has_section cura_connection; then
             warn "[cura_connection] is still in $CONFIG_DIR: remove it, or Klipper will not start without the module"
