@@ -4,7 +4,8 @@ does: a data folder per instance (~/printer_data, ~/printer_<n>_data,
 the services klipper, klipper-<n>, klipper-<name>, all sharing ~/klipper
 and ~/klippy-env.
 
-Same approach as test_install.py, whose fake host this reuses: a temporary
+Same approach as test_install.py, with its fake host
+(support/install_host.py): a temporary
 HOME, --dry-run-privileged (root's commands are printed) or fake system
 commands, a PATH with basic tools only. Here systemctl is a fake that lists
 the host's units (`systemctl list-unit-files`) and records every call.
@@ -17,10 +18,9 @@ import subprocess
 
 import pytest
 
-from test_install import (  # noqa: F401  (fixtures used by name)
-    Host, MARK, _clean_venv, _calls, charon_deb, debian_charon, fake_system,
-    host_tools, klippy_venv, parse_snippet, repo_with_origin, sandbox,
-    stub_bin, would_run)
+from install_host import (
+    APT_DOWNLOAD_STUB, FAKE_RECORDER, INSTALL_SH, Host, MARK, _calls,
+    _clean_venv, parse_snippet, would_run)
 
 MR_BEGIN = ("# >>> cura_connection: added by install.sh, removed by "
             "install.sh --uninstall >>>")
@@ -47,7 +47,7 @@ LAYOUTS = {
 
 
 class KiauhHost(Host):
-    """test_install's host, with the instances of one of LAYOUTS."""
+    """the install tests' host, with the instances of one of LAYOUTS."""
 
     def __init__(self, tmp_path, venv, sandbox, repo, layout):
         super().__init__(tmp_path / "home", venv, sandbox, repo)
@@ -67,7 +67,7 @@ class KiauhHost(Host):
         # a data folder that is no instance (no config) is never listed
         (self.home / "backup_data").mkdir()
         # fake system commands: systemctl lists the units; sudo/apt-get
-        # are test_install's recording stubs (no call may reach them)
+        # are the install tests' recording stubs (no call may reach them)
         self.fake = tmp_path / "fake-system"
         self.fake.mkdir()
         for name in ("sudo", "apt-get"):
@@ -137,7 +137,6 @@ def _charon_linked(h):
 
 
 def test_help_says_what_happens_with_several_instances():
-    from test_install import INSTALL_SH
     res = subprocess.run(["bash", str(INSTALL_SH), "--help"],
                          capture_output=True, text=True, check=True)
     for words in ("--all-instances", "~/printer_<n>_data", "klipper-<n>",
