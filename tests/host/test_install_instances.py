@@ -5,9 +5,9 @@ the services klipper, klipper-<n>, klipper-<name>, all sharing ~/klipper
 and ~/klippy-env.
 
 Same approach as test_install.py, with its fake host
-(support/install_host.py): a temporary
-HOME, --dry-run-privileged (root's commands are printed) or fake system
-commands, a PATH with basic tools only. Here systemctl is a fake that lists
+(support/install_host.py): a temporary HOME, --dry-run-privileged (root's
+commands are printed) or fake system commands, a PATH with basic tools
+only. Here systemctl is a fake that lists
 the host's units (`systemctl list-unit-files`) and records every call.
 """
 import os
