@@ -1,22 +1,7 @@
-"""install.sh on a fake Klipper host.
-
-Every test lays out a temporary HOME the way KIAUH / MainsailOS do
-(~/klipper, ~/klippy-env, ~/printer_data/config, an nginx folder with a
-Mainsail site on port 80) and runs install.sh with --dry-run-privileged, so
-commands that need root are printed ("would run: ...") and nothing under /etc,
-no firewall and no service of this machine is touched. As a safety net,
-sudo, systemctl and apt-get on PATH are stubs that record any call; the tests
-check that none happened.
-
-What install.sh sees of the system is what each test gives it, never what
-this machine has: PATH holds only the basic tools it needs (HOST_TOOLS), the
-stubs and, where a test wants them, fake iptables/nginx/...; the sbin folders
-are not searched; python3-charon "installed" is a folder unpacked from
-Debian's package file (tests/setup_env.sh keeps it in .cache/cura/debs).
-
-The Klippy venv is a real venv (no system site packages), created once per
-session; install.sh really pip-installs the requirements into it (from PyPI
-the first time) and links libcharon into it.
+"""install.sh on a fake Klipper host (support/install_host.py: a
+temporary HOME laid out as KIAUH / MainsailOS do, --dry-run-privileged or
+fake system commands, a PATH with basic tools only, a real Klippy venv).
+Nothing under /etc, no firewall and no service of this machine is touched.
 """
 import configparser
 import http.server
