@@ -21,6 +21,7 @@ import sys
 import threading
 import uuid
 
+
 def _load_package():
     # The package beside this file's real path, under a name no Klippy
     # section has.  Klippy keeps modules across RESTART, and so does this.
@@ -29,6 +30,15 @@ def _load_package():
     loaded = sys.modules.get(name)
     if loaded is not None and list(loaded.__path__) == [path]:
         return
+    if not os.path.isfile(os.path.join(path, "__init__.py")):
+        raise ImportError(
+            "cura_connection: its parts are missing: %s must be a link to "
+            "klippy_extras/cura_connection.py in the cura_connection "
+            "checkout, beside its folder _cura_connection (run install.sh "
+            "there; copying the file alone does not work)"
+            % (os.path.abspath(__file__),))
+    for old in [m for m in sys.modules if m.startswith(name + ".")]:
+        del sys.modules[old]    # (of a package from another path)
     spec = importlib.util.spec_from_file_location(
         name, os.path.join(path, "__init__.py"),
         submodule_search_locations=[path])

@@ -43,6 +43,21 @@ def test_the_loaded_file_finds_its_package_through_its_real_path(tmp_path):
     assert out.stdout.strip() == os.path.realpath(PACKAGE)
 
 
+def test_a_copied_file_without_its_package_says_so(tmp_path):
+    # a user who copied the file instead of running install.sh
+    extras = tmp_path / "klippy" / "extras"
+    extras.mkdir(parents=True)
+    with open(os.path.join(EXTRAS, "cura_connection.py"), "rb") as f:
+        (extras / "cura_connection.py").write_bytes(f.read())
+    out = subprocess.run(
+        [sys.executable, "-c",
+         "import sys; sys.path.insert(0, %r)\nimport cura_connection"
+         % (str(extras),)], capture_output=True, text=True)
+    assert out.returncode != 0
+    assert "ImportError: cura_connection: its parts are missing" in out.stderr
+    assert "run install.sh" in out.stderr
+
+
 def test_each_file_says_what_it_owns():
     for path in sorted(glob.glob(os.path.join(PACKAGE, "*.py"))):
         with open(path) as f:
