@@ -135,8 +135,9 @@ def thread_check_failures(log_path):
     except FileNotFoundError:
         return []
     return [line for line in log.splitlines()
-            if "runs in the reactor only (called from" in line
-            or "must not run in the reactor" in line]
+            if line.startswith("AssertionError: ") and (
+                "runs in the reactor only (called from" in line
+                or "must not run in the reactor" in line)]
 
 
 class KlippyNotReady(RuntimeError):
