@@ -145,7 +145,11 @@ class CuraConnection:
                            self.intake, self.materials, self.loaded,
                            self.identity, self.access, self.definition,
                            self.camera, self.max_queue)
-        self._start_server(config, trusted, request_timeout)
+        try:
+            self._start_server(config, trusted, request_timeout)
+        except Exception:
+            self.disk.stop()    # a failed load leaves no thread behind
+            raise
         _live_instances.append(self)
         self.closed = False
         self._register_commands()
