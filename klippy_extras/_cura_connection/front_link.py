@@ -91,7 +91,9 @@ class FrontLink:
                                          (self._take_connections,
                                           "handover"),
                                          (self._watch, "front watchdog"))]
-        for t in self.threads:
+        # (the handover thread before the control reader, which joins it
+        # when the child ends: that may be at once)
+        for t in [self.threads[2]] + self.threads[:2] + self.threads[3:]:
             t.start()
         logging.info("cura_connection: front process %d answers the polls",
                      self.proc.pid)
