@@ -145,9 +145,14 @@ class CuraConnection:
                            self.intake, self.materials, self.loaded,
                            self.identity, self.access, self.definition,
                            self.camera, self.max_queue)
-        self._start_server(config, trusted, request_timeout)
-        _live_instances.append(self)
+        # (before the server: a front that ends at once is lost at once)
         self.closed = False
+        try:
+            self._start_server(config, trusted, request_timeout)
+        except Exception:
+            self.disk.stop()    # a failed load leaves no thread behind
+            raise
+        _live_instances.append(self)
         self._register_commands()
         self.printer.register_event_handler("klippy:disconnect",
                                             self._handle_disconnect)

@@ -80,10 +80,16 @@ def klippy_factory(flavor, tmp_path, request):
         return k
     yield make
     failed = _test_failed(request)
+    broken = []
     for k in made:
         if failed and k.proc is not None:
             print(k.log_tail())
         k.stop()
+        broken += klippy_harness.thread_check_failures(k.log_path)
+    # A check that fires in a thread whose errors are only logged (the
+    # disk worker, the front link) fails the test all the same
+    assert not broken, "thread checks fired in Klippy:\n" + "\n".join(
+        broken)
 
 
 @pytest.fixture

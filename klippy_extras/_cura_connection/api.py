@@ -4,8 +4,10 @@
 # snapshot, the job store and the other parts; each declares its route
 # (@route), and the table is checked at import.  Handlers run in request
 # threads of Klippy's process; they change jobs only through
-# bridge.call(lifecycle...), in the reactor.  The reads marked front=True
-# are answered by the front process from what front_link publishes.
+# bridge.call(lifecycle...), in the reactor (but for the upload's
+# store.arrived(), a flag).  The reads marked front=True are answered by
+# the front process from what front_link publishes; it also uses the
+# route table and receive_upload() in its own request threads.
 #
 # This file may be distributed under the terms of the GNU GPLv3 license.
 import json

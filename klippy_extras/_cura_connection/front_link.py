@@ -73,7 +73,8 @@ class FrontLink:
         try:
             self.proc = subprocess.Popen(
                 [sys.executable, "-c", FRONT_BOOT, PACKAGE_PARENT,
-                 str(os.getpid())] + [str(fd) for fd in fds], pass_fds=fds,
+                 str(PACKAGE_STAMP), str(os.getpid())]
+                + [str(fd) for fd in fds], pass_fds=fds,
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
         finally:
             child_ctl.close()
@@ -90,7 +91,9 @@ class FrontLink:
                                          (self._take_connections,
                                           "handover"),
                                          (self._watch, "front watchdog"))]
-        for t in self.threads:
+        # (the handover thread before the control reader, which joins it
+        # when the child ends: that may be at once)
+        for t in [self.threads[2]] + self.threads[:2] + self.threads[3:]:
             t.start()
         logging.info("cura_connection: front process %d answers the polls",
                      self.proc.pid)
@@ -424,10 +427,23 @@ class FrontLink:
 
 # Run by FrontLink with Klippy's Python: loads the package's front
 # (and what it imports: not the lifecycle, the bridge or this file)
-# without Klippy, and serves.
-FRONT_BOOT = """import sys
+# without Klippy, and serves.  Only if the package's files are still those
+# Klippy loaded: after a git pull Klippy keeps the old code until its
+# process restarts (RESTART does not re-import), and a front of the new
+# code would talk to it; such a front ends at once, quietly, and Klippy's
+# process answers (as for any front it lost).
+FRONT_BOOT = """import os, sys
 sys.path.insert(0, sys.argv[1])
+folder = os.path.join(sys.argv[1], "_cura_connection")
+if max(os.stat(os.path.join(folder, n)).st_mtime_ns for n in
+       os.listdir(folder) if n.endswith(".py")) != int(sys.argv[2]):
+    sys.exit(0)
 from _cura_connection import front
-front.main(*[int(a) for a in sys.argv[2:]])
+front.main(*[int(a) for a in sys.argv[3:]])
 """
 PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
+# the package's files as Klippy loaded them (a pull rewrites what changed)
+PACKAGE_STAMP = max(
+    os.stat(os.path.join(PACKAGE_PARENT, "_cura_connection", n)).st_mtime_ns
+    for n in os.listdir(os.path.join(PACKAGE_PARENT, "_cura_connection"))
+    if n.endswith(".py"))

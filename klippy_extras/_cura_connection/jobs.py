@@ -1,9 +1,11 @@
 # Jobs: the queue, the job on the printer and the history.
 #
 # Job and JobStore with what is saved in queue.json and how it is read
-# back.  The store changes in the reactor, through the lifecycle (the
-# one exception, arrived(), is a flag set under its lock); any thread
-# reads it; the disk worker and request threads save it.
+# back.  The store changes in the reactor, through the lifecycle (two
+# exceptions: arrived(), a flag a request thread sets under its lock, and
+# set_metadata(), which a reactor callback of the disk worker calls with
+# what it read in a print's file); any thread reads it; the disk worker
+# and request threads save it.
 #
 # This file may be distributed under the terms of the GNU GPLv3 license.
 import json

@@ -1,12 +1,14 @@
 # Which thread may run what, checked where it matters.
 #
 # Klippy's reactor runs in Klippy's main thread; every other thread of
-# the module (requests, the disk worker, the front link) must reach it
-# through KlippyBridge.call().  The reactor's thread is recorded when
-# Klippy connects; with CURA_CONNECTION_THREAD_CHECKS=1 in the
-# environment (the tests set it) the marked functions raise
-# AssertionError when called from the wrong side.  Without it the marks
-# cost nothing: they return the function unchanged.
+# the module reaches it through KlippyBridge: call() (requests, the front
+# link), console() (a line for the console); the disk worker, which never
+# waits for it, hands in what it read with a reactor callback.  The
+# reactor's thread is recorded when Klippy connects; with
+# CURA_CONNECTION_THREAD_CHECKS=1 in the environment (the tests set it)
+# the marked functions raise AssertionError when called from the wrong
+# side.  Without it the marks cost nothing: they return the function
+# unchanged.
 #
 # This file may be distributed under the terms of the GNU GPLv3 license.
 import functools

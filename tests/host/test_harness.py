@@ -143,3 +143,49 @@ def test_request_count_is_what_klippys_process_answers(klippy, tmp_path):
             "PUT /cluster-api/v1/print_jobs/{id}/action": 1}
     finally:
         inproc.stop()
+
+
+def test_thread_checks_that_fired_are_found_in_the_log(tmp_path,
+                                                        monkeypatch):
+    # A check that fires in a thread which only logs its errors (as the
+    # disk worker does) is found in klippy.log: klippy_factory fails the
+    # test then
+    import logging
+    import threading
+    from _cura_connection import threads
+    monkeypatch.setattr(threads, "_reactor_thread", None)
+    threads.mark_reactor_thread()
+    log_path = str(tmp_path / "klippy.log")
+    handler = logging.FileHandler(log_path)
+    logging.getLogger().addHandler(handler)
+
+    @threads.reactor_only
+    def tick():
+        pass
+
+    @threads.never_reactor
+    def save():
+        pass
+
+    def worker():
+        try:
+            tick()
+        except Exception:
+            logging.exception("cura_connection: state writer")
+    try:
+        t = threading.Thread(target=worker, name="cura_connection writer")
+        t.start()
+        t.join()
+        try:
+            save()
+        except Exception:
+            logging.exception("cura_connection: publishing replies")
+    finally:
+        logging.getLogger().removeHandler(handler)
+        handler.close()
+    found = klippy_harness.thread_check_failures(log_path)
+    assert len(found) == 2, found
+    assert "cura_connection writer" in found[0]
+    assert "must not run in the reactor" in found[1]
+    assert klippy_harness.thread_check_failures(
+        str(tmp_path / "none.log")) == []

@@ -276,3 +276,41 @@ def test_restart_after_git_pull_runs_the_old_code_until_a_new_process(
     install.service_restart()
     install.check_new("service restart")
     check_clean(k, install.checkout)
+
+
+def test_restart_after_a_pull_of_the_package_keeps_the_front_it_loaded(
+        klippy_factory, flavor, tmp_path):
+    # A Klippy running the package (not the single file) when a git pull
+    # changes it: RESTART keeps the package in Klippy's process, so the
+    # front it boots must not be the pulled one (it would talk to the old
+    # code): it ends at once and Klippy's process answers, with the jobs.
+    copy = tmp_path / "checkout"
+    subprocess.run(["cp", "-r", os.path.join(klippy_harness.REPO_DIR,
+                                             "klippy_extras"), str(copy)],
+                   check=True)
+    with linked(flavor, copy / "cura_connection.py"):
+        k = klippy_factory()
+        base = k.base_url()
+        assert httpc.upload(base, "kept.gcode", b";TIME:5\nG1 X1\n") \
+            .status == 200
+        assert NEW_FRONT in " ".join(front_command(k))
+        pulled = copy / "_cura_connection" / "frames.py"
+        pulled.write_text(pulled.read_text() + "# pulled\n")
+        k.restart()
+        httpc.wait_for(lambda: "front process ended (0); answering in "
+                       "Klippy's process" in k.log_text(),
+                       what="the pulled front to end")
+        assert not children(k.pid)
+        # (listening again in Klippy's process a moment after the log line)
+        listed = httpc.wait_for(lambda: jobs_or_none(k.base_url()),
+                                what="a reply from Klippy's process")
+        assert [j["name"] for j in listed] == ["kept"]
+        assert answered_here(k)["get_print_jobs"] >= 1
+        assert not klippy_harness.own_tracebacks(k.log_text())
+
+
+def jobs_or_none(base):
+    try:
+        return httpc.jobs(base)
+    except OSError:
+        return None

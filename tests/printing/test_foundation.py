@@ -168,8 +168,19 @@ def test_busy_port_is_a_config_error(klippy_factory):
         port = s.getsockname()[1]
         k = klippy_factory(module_options={"port": port}, wait=False)
         info = k.wait_state("error")
-    assert "cannot listen" in info["state_message"]
-    assert "Address already in use" in info["state_message"]
+        assert "cannot listen" in info["state_message"]
+        assert "Address already in use" in info["state_message"]
+        # each RESTART while the port stays busy fails the same way and
+        # leaves no thread behind (the state writer of the failed load)
+        threads = k.thread_count()
+        for _ in range(3):
+            failed = k.log_text().count("cannot listen")
+            k.api.send("gcode/restart", {})     # (taken in any state)
+            wait_for(lambda: k.log_text().count("cannot listen") > failed,
+                     20., "the next load to fail")
+            k.wait_state("error")
+        wait_for(lambda: k.thread_count() <= threads, 5.,
+                 "no thread left over")
 
 
 def test_bad_option_values_are_config_errors(klippy_factory):

@@ -126,6 +126,20 @@ def own_tracebacks(log):
                 "exception, another exception occurred:")]
 
 
+def thread_check_failures(log_path):
+    """The lines of klippy.log (all of it, restarts included) where the
+    module's thread checks (CURA_CONNECTION_THREAD_CHECKS) fired."""
+    try:
+        with open(log_path, "rb") as f:
+            log = f.read().decode("utf-8", "replace")
+    except FileNotFoundError:
+        return []
+    return [line for line in log.splitlines()
+            if line.startswith("AssertionError: ") and (
+                "runs in the reactor only (called from" in line
+                or "must not run in the reactor" in line)]
+
+
 class KlippyNotReady(RuntimeError):
     """Klippy reported a state other than ready (config error, shutdown)."""
     def __init__(self, msg, info=None):
