@@ -5,6 +5,7 @@
 # front.py (the child) and front_link.py (Klippy's side).
 #
 # This file may be distributed under the terms of the GNU GPLv3 license.
+import os
 import re
 import select
 import struct
@@ -79,3 +80,10 @@ class FrameReader:
         """True if more is there to read right now."""
         return bool(self.buf) or bool(select.select([self.sock], [], [],
                                                     0)[0])
+
+
+def package_stamp(folder):
+    """The package's files as they are now, in a word: the front boots
+    only from the files Klippy's side loaded (their newest change, ns)."""
+    return str(max(os.stat(os.path.join(folder, name)).st_mtime_ns
+                   for name in os.listdir(folder) if name.endswith(".py")))

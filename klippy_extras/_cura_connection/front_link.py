@@ -18,7 +18,7 @@ import time
 
 from .api import JOB_REPLY_KEY, ReplyCache
 from .errors import BadInput, CuraError, error_status
-from .frames import FrameReader, IP_MARK, send_frame
+from .frames import FrameReader, IP_MARK, package_stamp, send_frame
 from .jobs import JOB_FIELDS
 from .storage import remove_stale_temp_files
 
@@ -84,16 +84,17 @@ class FrontLink:
         server.socket.close()
         self.ctl, self.hand = ctl, hand
         self.send("settings", json.dumps(settings).encode())
+        # (the handover thread first: the control reader joins it when the
+        # child ends, which may be at once)
         self.threads = [threading.Thread(target=fn, daemon=True,
                                          name="cura_connection " + name)
-                        for fn, name in ((self._publish_loop, "publisher"),
-                                         (self._read_control, "control"),
-                                         (self._take_connections,
+                        for fn, name in ((self._take_connections,
                                           "handover"),
+                                         (self._publish_loop, "publisher"),
+                                         (self._read_control, "control"),
                                          (self._watch, "front watchdog"))]
-        # (the handover thread before the control reader, which joins it
-        # when the child ends: that may be at once)
-        for t in [self.threads[2]] + self.threads[:2] + self.threads[3:]:
+        self.handover_thread = self.threads[0]
+        for t in self.threads:
             t.start()
         logging.info("cura_connection: front process %d answers the polls",
                      self.proc.pid)
@@ -301,7 +302,7 @@ class FrontLink:
                 sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
-        self.threads[2].join(2.)
+        self.handover_thread.join(2.)
         for sock in (self.ctl, self.hand):
             sock.close()
         with self.cond:
@@ -434,16 +435,13 @@ class FrontLink:
 # process answers (as for any front it lost).
 FRONT_BOOT = """import os, sys
 sys.path.insert(0, sys.argv[1])
-folder = os.path.join(sys.argv[1], "_cura_connection")
-if max(os.stat(os.path.join(folder, n)).st_mtime_ns for n in
-       os.listdir(folder) if n.endswith(".py")) != int(sys.argv[2]):
+from _cura_connection.frames import package_stamp
+if package_stamp(os.path.join(sys.argv[1], "_cura_connection")) \\
+        != sys.argv[2]:
     sys.exit(0)
 from _cura_connection import front
 front.main(*[int(a) for a in sys.argv[3:]])
 """
 PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
 # the package's files as Klippy loaded them (a pull rewrites what changed)
-PACKAGE_STAMP = max(
-    os.stat(os.path.join(PACKAGE_PARENT, "_cura_connection", n)).st_mtime_ns
-    for n in os.listdir(os.path.join(PACKAGE_PARENT, "_cura_connection"))
-    if n.endswith(".py"))
+PACKAGE_STAMP = package_stamp(os.path.dirname(os.path.realpath(__file__)))
