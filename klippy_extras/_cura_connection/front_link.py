@@ -33,6 +33,7 @@ FRONT_SHOW_LIMIT = 0.5
 PUBLISH_CHECK = 0.02
 # A front that acknowledges nothing for this long is ended as lost (s)
 FRONT_HANG_LIMIT = 15.
+FRONT_START_LIMIT = 60.     # the same, for its first answer
 
 
 class MarkRequest:
@@ -172,7 +173,10 @@ class FrontLink:
         # thread stuck; the publisher may be blocked sending to it) is
         # ended, and the control reader handles it as lost: Klippy's
         # process answers.
+        # (its first answer may take longer: a slow core, busy at boot,
+        # starting Python at a lower priority)
         probe, probe_at = self.ask(), time.monotonic()
+        limit = FRONT_START_LIMIT
         while True:
             with self.cond:
                 self.cond.wait_for(lambda: self.closing, 1.)
@@ -180,9 +184,10 @@ class FrontLink:
                     return
             waited = time.monotonic() - probe_at
             if self.shown(probe):
+                limit = FRONT_HANG_LIMIT
                 if waited > FRONT_HANG_LIMIT / 3:
                     probe, probe_at = self.ask(), time.monotonic()
-            elif waited > FRONT_HANG_LIMIT:
+            elif waited > limit:
                 logging.error("cura_connection: the front process gave no "
                               "answer for %.0f s: ending it", waited)
                 try:
