@@ -6,12 +6,11 @@ import threading
 import pytest
 
 from fakes import FakeKlipper
+import real_inputs
 
-from _cura_connection.access import AccessPolicy
 from _cura_connection.api import (
     ROUTES, CuraApi, ReplyCache, Route, check_routes, find_route)
 from _cura_connection.bridge import NoCall
-from _cura_connection.definition import PrinterIdentity
 from _cura_connection.errors import Conflict, HTTPError, NoSpace
 from _cura_connection.jobs import Job, JobStore
 from _cura_connection.lifecycle import JobLifecycle
@@ -50,16 +49,12 @@ def test_uploads_join_the_queue_in_the_reactor(tmp_path, monkeypatch):
             return real(*args)
         monkeypatch.setattr(store, name, wrapped)
     removed = []
-    conn = SimpleNamespace(
-        bridge=klipper, store=store, max_queue=2,
-        lifecycle=JobLifecycle(klipper, store, lambda job: None),
+    lifecycle = JobLifecycle(klipper, store, lambda job: None)
+    api = real_inputs.cura_api(
+        str(tmp_path), str(tmp_path), max_queue=2, store=store,
+        bridge=klipper, lifecycle=lifecycle,
         intake=SimpleNamespace(remove=lambda f, p: removed.append(f)),
         materials=SimpleNamespace(name_job_materials=lambda w, p: []))
-    api = CuraApi(conn.bridge, conn.store, conn.lifecycle, conn.intake,
-                  conn.materials, None, PrinterIdentity(
-                      "test", "00000000-0000-4000-8000-000000000000",
-                      213482, "Ultimaker S3", ["AA 0.4"]),
-                  AccessPolicy([]), None, max_queue=conn.max_queue)
     meta = {"time_estimate": 60, "preview": None, "materials": [],
             "material_profiles": {}}
     reply = api.add_upload("a.gcode", "alice", meta, "127.0.0.1")
@@ -78,7 +73,7 @@ def test_uploads_join_the_queue_in_the_reactor(tmp_path, monkeypatch):
     def no_room():
         # the status timer runs while the HTTP thread saves: the job
         # waits for its save, it does not start
-        conn.lifecycle.follow(klipper.publish_now())
+        lifecycle.follow(klipper.publish_now())
         klipper.run_callbacks()
         assert store.current is None and not klipper.scripts
         raise OSError(28, "No space left on device")
@@ -91,7 +86,7 @@ def test_uploads_join_the_queue_in_the_reactor(tmp_path, monkeypatch):
     # saved: it starts at the next tick
     monkeypatch.setattr(store, "save", lambda: None)
     api.add_upload("e.gcode", "alice", meta, "127.0.0.1")
-    klipper.follow(conn.lifecycle)
+    klipper.follow(lifecycle)
     assert store.current.filename == "e.gcode"
     assert klipper.scripts == ["SDCARD_PRINT_FILE FILENAME=e.gcode"]
 
