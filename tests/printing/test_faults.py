@@ -97,8 +97,7 @@ def test_disk_full(small_disk):
     s = connect(port)
     s.sendall(data[:len(data) // 3])
     # (once its free space was checked: the partial file is there)
-    httpc.wait_for(lambda: [f for f in leftovers(disk) if f.endswith(".part")],
-                   what="the upload's partial file")
+    wait_for(lambda: parts_in(disk), 10, "the upload's partial file")
     filler = fill(disk)
     try:
         s.sendall(data[len(data) // 3:])
