@@ -508,7 +508,7 @@ class FrontServer:
         if name == "not_found":
             return self._error(404, req.args[0])
         if name in ("get_definition_zip", "get_definition_file"):
-            return self._definition(name, req.args)
+            return self._definition(req.args)
         if name in ("get_root", "get_page"):
             if "text/html" in req.headers.get("accept", ""):
                 try:
@@ -550,14 +550,15 @@ class FrontServer:
     def _error(status, message):
         return status, "application/json", [error_body(status, message)]
 
-    def _definition(self, name, args):
+    def _definition(self, args):
         # the machine definition's downloads (decoded once, from the
         # settings made at config load)
         try:
             data, ctype, headers = definition_download(
                 *self.definition, *args)
         except NotFound as e:
-            return self._error(404, e.message)
+            err = http_error(e)
+            return self._error(err.status, err.message)
         return 200, ctype, [data], headers
 
     def _peek_head(self, sock, timeout):
