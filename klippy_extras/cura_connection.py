@@ -60,6 +60,8 @@ from _cura_connection.definition import (
     extruder_sections)
 from _cura_connection.discovery import ZeroconfAnnouncer
 from _cura_connection.front_link import FrontLink
+from _cura_connection.gcode_meta import fits
+from _cura_connection.group import GroupMember, PrinterGroup, parse_group
 from _cura_connection.http_server import CuraHTTPServer, CuraHTTPServer6
 from _cura_connection.instances import (
     OLD_STATE_DIR, StateLock, default_printer_name, gcodes_owner,
@@ -117,11 +119,14 @@ class CuraConnection:
             self.name, self.printer_uuid, self.machine_bom,
             self.machine_variant, self.print_core_ids, self.printer
             .get_start_args().get("software_version", "unknown"))
+        members = self._read_group(config)
         # The parts, in data order
         self.lifecycle = None
         self.bridge = KlippyBridge(config, extruders, self._handle_snapshot)
         self.store = JobStore(os.path.join(data_path, "queue.json"),
-                              history_size, auto_start_next)
+                              history_size, auto_start_next,
+                              self.printer_uuid, members)
+        self.group = PrinterGroup(self.store, members, gcodes, self.name)
         self.intake = FileIntake(gcodes, max_upload << 20)
         self.materials = MaterialStore(os.path.join(data_path, "materials"))
         self.loaded = LoadedMaterials(
@@ -138,13 +143,15 @@ class CuraConnection:
                                self.bridge.reactor,
                                self.intake.read_metadata,
                                self.store.set_metadata)
-        self.lifecycle = JobLifecycle(self.bridge, self.store,
-                                      self.disk.want_metadata,
-                                      self.loaded.configuration_changes)
+        self.lifecycle = JobLifecycle(
+            self.bridge, self.store, self.disk.want_metadata,
+            self.loaded.configuration_changes, lambda job, snap: fits(
+                job.bounds, snap.get("axis_minimum"),
+                snap.get("axis_maximum"), self.name)[0])
         self.api = CuraApi(self.bridge, self.store, self.lifecycle,
                            self.intake, self.materials, self.loaded,
                            self.identity, self.access, self.definition,
-                           self.camera, self.max_queue)
+                           self.camera, self.max_queue, self.group)
         # (before the server: a front that ends at once is lost at once)
         self.closed = False
         try:
@@ -153,6 +160,7 @@ class CuraConnection:
             self.disk.stop()    # a failed load leaves no thread behind
             raise
         _live_instances.append(self)
+        self.group.start()
         self._register_commands()
         self.printer.register_event_handler("klippy:disconnect",
                                             self._handle_disconnect)
@@ -189,6 +197,18 @@ class CuraConnection:
         else:
             self.machine_bom, self.machine_variant = \
                 CURA_MACHINES[self.machine]
+
+    def _read_group(self, config):
+        # The printers of the group this one hosts (group_printers)
+        try:
+            entries = parse_group(config.get("group_printers", ""),
+                                  config.get("group_api_keys", ""),
+                                  config.get("group_auto_start_next", ""),
+                                  self.name)
+            return [GroupMember(name, url, key, self.printer_uuid, auto)
+                    for name, url, key, auto in entries]
+        except ValueError as e:
+            raise config.error("cura_connection: %s" % (e,))
 
     def _read_camera(self, config):
         self.camera = None
@@ -349,7 +369,7 @@ class CuraConnection:
                     "type": "printer", "name": self.name,
                     "machine": str(self.machine_bom),
                     "firmware_version": FIRMWARE_VERSION,
-                    "cluster_size": "1"})
+                    "cluster_size": str(1 + len(self.group.members))})
 
     def _serve_here(self, server):
         thread = threading.Thread(target=server.serve, daemon=True,
@@ -374,7 +394,7 @@ class CuraConnection:
         # G-code commands live beside the state they change
         shown = self._shown
         commands = [JobCommands(self.lifecycle, self.store, self.loaded,
-                                shown),
+                                shown, self.group),
                     MaterialCommands(self.loaded, self.bridge,
                                      self.lifecycle, shown),
                     PairingCommands(self.auth, self.materials,
@@ -411,6 +431,7 @@ class CuraConnection:
         self.server.close()
         for thread in self.server_threads:
             thread.join(2.)
+        self.group.close()
         self.disk.stop()
         if self.announcer is not None:
             self.announcer.stop()

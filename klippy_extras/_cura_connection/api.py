@@ -21,7 +21,8 @@ import urllib.parse
 import uuid
 
 from .definition import definition_download, web_page
-from .errors import CuraError, HTTPError, storage_error
+from .errors import Conflict, CuraError, HTTPError, NotFound, storage_error
+from .gcode_meta import fits
 from .intake import parse_small_multipart
 from .jobs import ACTIONS, ACTIVE, JOB_FIELDS, Job
 from .limits import MAX_MATERIAL_BODY
@@ -30,6 +31,8 @@ from .names import MAX_JOB_NAME, clean_text, label_text
 
 # Cura refuses firmware below 4.0.0 and sends UFP from 4.4 on.
 FIRMWARE_VERSION = "5.2.11"
+# The port Cura opens a printer's camera on (it builds the URL itself)
+CURA_CAMERA_PORT = 8080
 
 
 class Payload:
@@ -131,10 +134,13 @@ class ReplyCache:
         cur = api.store.current
         config = json.dumps(api.printer_configuration(snap))
         key = (snap["seq"], req.reachable_ip(), config, api.store.plate_clear,
-               cur and JOB_REPLY_KEY(cur))
+               cur and JOB_REPLY_KEY(cur), api.group and api.group.card_key())
         if self.printer[0] != key:
-            self.printer = (key, json.dumps(
-                [api.printer_json(snap, req)]).encode())
+            cards = [api.printer_json(snap, req)]
+            if api.group is not None:
+                cards += [api.member_json(m, req)
+                          for m in api.group.members]
+            self.printer = (key, json.dumps(cards).encode())
         return self.printer[1]
 
     def job(self, job, linked, config, entries):
@@ -149,14 +155,15 @@ class ReplyCache:
         return entry[1]
 
     def job_list(self, linked, others, pause):
-        """The JSON list of the jobs linked (on the printer), then the
-        others, as a list of bytes."""
+        """The JSON list of the jobs linked ([(printer uuid, the job on
+        it)]), then the others, as a list of bytes."""
         config = self.api.jobs_basis()
         parts, entries = [], {}
-        for i, job in enumerate(linked + others):
+        listed = linked + [(None, job) for job in others]
+        for i, (printer, job) in enumerate(listed):
             if i and not i % self.PAUSE_EVERY:
                 pause()
-            parts.append(self.job(job, i < len(linked), config, entries))
+            parts.append(self.job(job, printer, config, entries))
         self.entries = entries    # jobs no longer listed are forgotten
         last_parts, chunks = self.listing
         if parts != last_parts:     # the same bytes objects: compared fast
@@ -173,7 +180,8 @@ class CuraApi:
     Handlers run in HTTP threads: they read snapshots and the store, and
     change jobs only through bridge.call(lifecycle...), in the reactor."""
     def __init__(self, bridge, store, lifecycle, intake, materials, loaded,
-                 identity, access, definition, camera=None, max_queue=100):
+                 identity, access, definition, camera=None, max_queue=100,
+                 group=None):
         self.bridge = bridge            # KlippyBridge
         self.store = store              # JobStore (read here)
         self.lifecycle = lifecycle      # JobLifecycle (through the bridge)
@@ -185,6 +193,8 @@ class CuraApi:
         self.definition = definition    # MachineDefinition
         self.camera = camera            # CameraProxy or None
         self.max_queue = max_queue
+        self.group = group              # PrinterGroup, or None (not loaded
+        #                                 in the front process)
         self.replies = ReplyCache(self)
         self.history_replies = ReplyCache(self)    # the page's history
         self.auth_request_lock = threading.Lock()
@@ -261,6 +271,50 @@ class CuraApi:
             "machine_definition": self.definition.id,
         }
 
+    def member_json(self, member, req):
+        """A group member's card, from what its Moonraker said last."""
+        st, cur = member.status, member.current
+        kstate = st["klippy_state"]
+        if not st["reachable"]:
+            status = "unreachable"
+        elif kstate == "startup":
+            status = "booting"
+        elif kstate != "ready":
+            status = "error"
+        elif (cur is not None and cur.status in ACTIVE) or \
+                st["print_stats"].get("state") in ("printing", "paused"):
+            status = "printing"
+        else:
+            status = "idle"
+        ip = req.reachable_ip()
+        if member.camera is not None:
+            # Cura opens http://<ip_address>:8080/?action=stream: this
+            # makes it the member's relay (the rest is a URL fragment)
+            ip = "%s:%d/cluster-api/v1/printers/%s/camera?action=stream#" \
+                % (ip, CURA_CAMERA_PORT, member.uuid)
+        return {
+            "enabled": True, "firmware_version": FIRMWARE_VERSION,
+            "friendly_name": member.name, "unique_name": member.name,
+            "ip_address": ip,
+            "machine_variant": self.identity.machine_variant,
+            "status": status, "uuid": member.uuid,
+            "configuration": [
+                {"extruder_index": i, "print_core_id":
+                 self.identity.print_core_ids[0], "material": None}
+                for i in range(max(1, len(st["extruders"])))],
+            "build_plate": {"type": "glass"}, "reserved_by": None,
+            "maintenance_required": False,
+            "firmware_update_status": "up_to_date",
+            "latest_available_firmware": FIRMWARE_VERSION,
+            # extra fields, ignored by Cura, read by the web page
+            "klipper_state": kstate or "unreachable",
+            "state_message": st["state_message"] or st["error"],
+            "extruders": st["extruders"], "heater_bed": st["heater_bed"],
+            "plate_clear": member.plate_clear,
+            "progress": st["virtual_sdcard"].get("progress"),
+            "camera": member.camera is not None, "group_member": True,
+        }
+
     def jobs_basis(self):
         # JSON of what jobs' replies are made of besides their fields: the
         # printer's configuration, the loaded entries changes compare
@@ -314,7 +368,7 @@ class CuraApi:
              "time_total": int(job.time_total),
              "time_elapsed": int(job.time_elapsed or 0),
              "configuration": self.job_configuration(job),
-             "constraints": [],
+             "constraints": self.job_constraints(job),
              "configuration_changes_required":
                  self.configuration_changes(job),
              "impediments_to_printing": [], "build_plate": {"type": "glass"},
@@ -323,12 +377,27 @@ class CuraApi:
              "has_preview": bool(job.preview), "finished_at": job.finished_at}
         if job.message:
             d["message"] = job.message
-        # Only the job on the printer may point at it (Cura pitfall 6)
-        if linked:
-            d["printer_uuid"] = d["assigned_to"] = self.identity.printer_uuid
+        # Only the job on a printer may point at it (Cura pitfall 6)
+        # (linked: the printer's uuid; "" is this printer's in a store
+        # made without it)
+        if linked is not None:
+            d["printer_uuid"] = d["assigned_to"] = \
+                linked or self.identity.printer_uuid
         elif job.started:
-            d["printed_on_uuid"] = self.identity.printer_uuid
+            d["printed_on_uuid"] = job.printer or self.identity.printer_uuid
         return d
+
+    def printer_name(self, printer_uuid):
+        if printer_uuid == self.identity.printer_uuid:
+            return self.identity.name
+        member = self.group and self.group.member(printer_uuid)
+        return member.name if member else None
+
+    def job_constraints(self, job):
+        # A job the upload named a printer for says so (Cura reads it);
+        # it points at that printer only once it is on it
+        name = job.target and self.printer_name(job.target)
+        return {"require_printer_name": name} if name else []
 
     # Handlers: (request, *url groups) -> (status, JSON-able or bytes)
     @route("GET", r"/api/v1/system", front=True, gated=True)
@@ -422,7 +491,9 @@ class CuraApi:
            r"/cluster-api/v1/print_jobs/%s" % UUID_RE, front=True, gated=True)
     def get_print_job(self, req, job_uuid):
         job = self.store.get(job_uuid)
-        return 200, self.job_json(job, job in self.store.printer_jobs()[0])
+        linked = dict((j.uuid, printer) for printer, j
+                      in self.store.printer_jobs()[0])
+        return 200, self.job_json(job, linked.get(job.uuid))
 
     @route("GET",
            r"/cluster-api/v1/print_jobs/%s/preview_image" % UUID_RE,
@@ -450,7 +521,14 @@ class CuraApi:
         cannot be saved; either way the file is removed."""
         # (meta comes from the front process too: cleaned again)
         name = label_text(meta.get("name"), MAX_JOB_NAME)
+        try:
+            target = self.target_of(meta.get("require_printer_name") or "",
+                                    meta.get("bounds"), filename)
+        except CuraError:
+            self.intake.remove(filename, meta["preview"])
+            raise
         job = Job(name=name or os.path.splitext(filename)[0],
+                  target=target, bounds=meta.get("bounds"),
                   filename=filename, owner=owner,
                   time_estimate=meta["time_estimate"],
                   time_total=meta["time_estimate"], preview=meta["preview"],
@@ -481,6 +559,32 @@ class CuraApi:
         return {"uuid": job.uuid, "name": job.name, "filename": filename,
                 "status": job.status}
 
+    def target_of(self, wanted, bounds, filename):
+        """The uuid of the printer the upload named ("" for any), once the
+        file fits it (or, for any, one printer): else Conflict or
+        NotFound, saying why."""
+        host = self.identity.printer_uuid
+        snap = self.bridge.snapshot
+        printers = [(host, self.identity.name, snap.get("axis_minimum"),
+                     snap.get("axis_maximum"))]
+        if self.group is not None:
+            printers += [(m.uuid, m.name, m.status.get("axis_minimum"),
+                          m.status.get("axis_maximum"))
+                         for m in self.group.members]
+        if wanted:
+            printers = [p for p in printers if p[1] == wanted]
+            if not printers:
+                raise NotFound("No printer %s in this group" % (wanted,))
+        reasons = []
+        for printer_uuid, name, low, high in printers:
+            ok, why = fits(bounds, low, high, name)
+            if ok:
+                return printer_uuid if wanted else ""
+            reasons.append(why)
+        raise Conflict("%s fits no printer%s: %s" % (
+            filename, " of this group" if len(printers) > 1 else "",
+            "; ".join(reasons)))
+
     @route("PUT", r"/cluster-api/v1/print_jobs/%s/action" % UUID_RE)
     def put_action(self, req, job_uuid):
         req.require_control()
@@ -489,10 +593,14 @@ class CuraApi:
         if not isinstance(action, str) or action not in ACTIONS:
             raise HTTPError(400, "action must be one of %s"
                             % (", ".join(sorted(ACTIONS)),))
-        self.store.get(job_uuid)
+        job = self.store.get(job_uuid)
+        member = self.store.printer_of(job)
         # answered once Klipper did it (or refused: 409)
-        status, job_status = self.bridge.call(self.lifecycle.act, job_uuid,
-                                              action)
+        if member is not None:
+            status, job_status = self.group.act(member, job, action)
+        else:
+            status, job_status = self.bridge.call(self.lifecycle.act,
+                                                  job_uuid, action)
         self.store.save()
         return status, {"status": job_status}
 
@@ -566,10 +674,15 @@ class CuraApi:
     def post_plate_cleared(self, req, printer_uuid):
         req.require_control()
         req.read_json(optional=True)
-        if printer_uuid != self.identity.printer_uuid:
+        member = self.group and self.group.member(printer_uuid)
+        if member:
+            # as the member says now (its Moonraker is asked)
+            self.group.plate_cleared(member)
+        elif printer_uuid != self.identity.printer_uuid:
             raise HTTPError(404, "No printer %s" % (printer_uuid,))
-        # the same operation as CURA_BUILD_PLATE_CLEARED, in the reactor
-        self.bridge.call(self.lifecycle.plate_cleared)
+        else:
+            # the same operation as CURA_BUILD_PLATE_CLEARED, in the reactor
+            self.bridge.call(self.lifecycle.plate_cleared)
         self.store.save()
         return 200, {"message": "Build plate marked clear"}
 
@@ -608,6 +721,21 @@ class CuraApi:
             return self.get_page(req)
         raise HTTPError(404, "No such endpoint: / (the camera is "
                         "/?action=stream)")
+
+    # A group member's camera (its card's ip_address leads here)
+    @route("GET", r"/cluster-api/v1/printers/%s/camera" % UUID_RE)
+    def get_member_camera(self, req, printer_uuid):
+        member = self.group and self.group.member(printer_uuid)
+        if not member:
+            raise HTTPError(404, "No printer %s in this group"
+                            % (printer_uuid,))
+        camera = member.camera
+        if camera is None:
+            raise HTTPError(404, "%s's Moonraker lists no webcam"
+                            % (member.name,))
+        if camera_action(req.path) == "snapshot":
+            return 200, camera.snapshot()
+        return camera.stream(req)
 
     @route("GET", r"/printers/cura_definition\.zip", front=True)
     def get_definition_zip(self, req):

@@ -65,6 +65,15 @@ CALL_TIMEOUT = 10.
 CALL_RUN_LIMIT = 60.
 
 
+def axis_limit(st, key):
+    # toolhead's limit (a Coord) as [x, y, z], or None
+    limit = st.get("toolhead", {}).get(key)
+    try:
+        return [float(v) for v in limit[:3]]
+    except (TypeError, ValueError, IndexError):
+        return None
+
+
 class KlippyBridge:
     def __init__(self, config, extruder_names, on_snapshot):
         self.printer = config.get_printer()
@@ -128,6 +137,10 @@ class KlippyBridge:
             "heater_bed": bed and {"temperature": bed.get("temperature"),
                                    "target": bed.get("target")},
             "homed_axes": st.get("toolhead", {}).get("homed_axes", ""),
+            # the box the printer reaches (a group sends a job where its
+            # file fits)
+            "axis_minimum": axis_limit(st, "axis_minimum"),
+            "axis_maximum": axis_limit(st, "axis_maximum"),
         }
 
     @reactor_only

@@ -217,8 +217,11 @@ class FrontLink:
                ("materials", self._materials_reply())]
         listed = False
         cur = store.current
+        # (the jobs on printers change times without a new store version)
         version = (store.version, cur and JOB_REPLY_KEY(cur),
-                   api.jobs_basis())
+                   api.jobs_basis()) + tuple(
+                       JOB_REPLY_KEY(m.current)
+                       for m in list(store.members.values()) if m.current)
         for name, reply in (("print_jobs", api.print_jobs_reply),
                             ("history", api.history_reply)):
             if self.list_keys.get(name) == version:

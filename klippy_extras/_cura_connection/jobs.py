@@ -9,6 +9,7 @@
 #
 # This file may be distributed under the terms of the GNU GPLv3 license.
 import json
+import logging
 import re
 import threading
 import time
@@ -40,7 +41,7 @@ END_OF_PRINT = {"complete": "wait_cleanup",
 JOB_FIELDS = ("uuid", "name", "filename", "owner", "created_at", "status",
               "source", "time_estimate", "time_elapsed", "time_total",
               "preview", "started", "force", "message", "finished_at",
-              "materials")
+              "materials", "target", "printer", "bounds")
 JOB_FIELD_SET = frozenset(JOB_FIELDS)
 JOB_UUID_RE = re.compile(r"^[0-9a-fA-F-]{1,64}$")
 
@@ -72,6 +73,11 @@ class Job:
         # What the file asks of the extruders it uses: parse_job_materials,
         # named by MaterialStore.name_job_materials
         self.materials = []
+        # In a group: the printer (uuid) the upload named ("": any, Cura's
+        # "Automatic"); the printer that has it or had it ("": not yet);
+        # the box its file prints in, [min x, y, z, max x, y, z] or None
+        self.target = self.printer = ""
+        self.bounds = None
         for k, v in fields.items():
             if k in JOB_FIELDS:
                 setattr(self, k, v)
@@ -127,7 +133,21 @@ SAVED_JOB_FIELDS = {
     "finished_at": lambda v: v is None or _is_number(v) or (
         isinstance(v, str) and len(v) <= 64),
     "materials": lambda v: valid_job_materials(v),
+    "target": lambda v: _printer_ref(v),
+    "printer": lambda v: _printer_ref(v),
+    "bounds": lambda v: v is None or valid_bounds(v),
 }
+
+
+def _printer_ref(v):
+    return v == "" or (isinstance(v, str) and bool(JOB_UUID_RE.match(v)))
+
+
+def valid_bounds(v):
+    return isinstance(v, list) and len(v) == 6 and all(
+        isinstance(x, (int, float)) and not isinstance(x, bool)
+        and -1e5 <= x <= 1e5 for x in v) and all(
+            v[i] <= v[i + 3] for i in range(3))
 
 
 def saved_job(data, statuses):
@@ -172,6 +192,17 @@ def estimate_time_total(estimate, elapsed, progress):
     return int(max(total, elapsed + 1))
 
 
+class PrinterSlot:
+    """A group member's place in the store: the job on it and whether
+    its plate is clear (changed under the store's lock)."""
+    def __init__(self, uuid, name, auto_start_next):
+        self.uuid = uuid
+        self.name = name
+        self.auto_start_next = auto_start_next
+        self.current = None
+        self.plate_clear = True
+
+
 class JobStore(SavedState):
     """The queue, the job on the printer (current) and the history.
 
@@ -181,10 +212,14 @@ class JobStore(SavedState):
     other threads read with all_jobs(), find() and get()."""
     # Jobs listed in get_status() (the reactor's copy stays this small)
     STATUS_JOBS = 10
-    def __init__(self, path, history_size, auto_start_next):
+    def __init__(self, path, history_size, auto_start_next, host_uuid="",
+                 members=()):
         SavedState.__init__(self, path, threading.RLock())
         self.history_size = history_size
         self.auto_start_next = auto_start_next
+        # this printer's uuid; the group's other printers, by uuid
+        self.host_uuid = host_uuid
+        self.members = {m.uuid: m for m in members}
         self.current = None
         self.queue = []
         self.history = []
@@ -199,14 +234,15 @@ class JobStore(SavedState):
     def _load(self):
         data = self.read_file()
         seen = set()
-        def jobs(key, statuses):
-            items = data.get(key)
+        def jobs(key, statuses, source=data, label=None):
+            label = label or key
+            items = source.get(key)
             if items is None:
                 items = []
             elif key == "current":
                 items = [items]
             if not isinstance(items, list):
-                self.discard(key, "not a list")
+                self.discard(label, "not a list")
                 return []
             out = []
             for i, d in enumerate(items):
@@ -215,7 +251,7 @@ class JobStore(SavedState):
                     if job.uuid in seen:
                         raise ValueError("uuid %s twice" % (job.uuid,))
                 except ValueError as e:
-                    self.discard("%s entry %d" % (key, i + 1), e)
+                    self.discard("%s entry %d" % (label, i + 1), e)
                     continue
                 seen.add(job.uuid)
                 out.append(job)
@@ -226,6 +262,15 @@ class JobStore(SavedState):
         self.history = jobs("history", list(ENDED.values()))
         del self.history[self.history_size:]
         self.by_uuid = {j.uuid: j for j in cur + self.queue + self.history}
+        self._load_members(data.get("printers"), jobs)
+        known = set(self.members) | {self.host_uuid}
+        for job in self.queue:
+            if job.target and job.target not in known:
+                # its printer left group_printers: any printer takes it
+                logging.info("cura_connection: %s: its printer %s is no "
+                             "longer in the group", job.filename, job.target)
+                job.target = ""
+                self.dirty = True
         self.plate_clear = data.get("plate_clear", True)
         if not isinstance(self.plate_clear, bool):
             self.discard("plate_clear", "not true or false")
@@ -237,11 +282,50 @@ class JobStore(SavedState):
             self.dirty = True
         self._update_status_cache()
 
+    def _load_members(self, saved, jobs):
+        # Each member's plate and the job on it.  An active job stays
+        # active: the member may still print it (its follower decides on
+        # what the member says).  A printer that left the group leaves its
+        # job in the history.
+        if saved is None:
+            saved = {}
+        if not isinstance(saved, dict):
+            self.discard("printers", "not an object")
+            saved = {}
+        for key, entry in saved.items():
+            slot = self.members.get(key)
+            if not isinstance(entry, dict):
+                self.discard("printers %s" % (key,), "not an object")
+                continue
+            plate_clear = entry.get("plate_clear", True)
+            if not isinstance(plate_clear, bool):
+                self.discard("printers %s plate_clear" % (key,),
+                             "not true or false")
+                plate_clear = False
+            found = jobs("current", list(ACTIVE) + list(ENDED), entry,
+                         "printers %s current" % (key,))
+            job = found[0] if found else None
+            if slot is not None:
+                slot.current = job
+                slot.plate_clear = plate_clear
+            elif job is not None:
+                if job.status in ACTIVE:
+                    self._end(job, "failed_wait_cleanup",
+                              "Its printer left the group")
+                self._retire(job)
+                self.dirty = True
+            if job is not None:
+                self.by_uuid[job.uuid] = job
+
     def state(self):
         return {"version": 1, "plate_clear": self.plate_clear,
                 "current": self.current and self.current.to_dict(),
                 "queue": [j.to_dict() for j in self.queue],
-                "history": [j.to_dict() for j in self.history]}
+                "history": [j.to_dict() for j in self.history],
+                "printers": {m.uuid: {
+                    "plate_clear": m.plate_clear,
+                    "current": m.current and m.current.to_dict()}
+                    for m in self.members.values()}}
 
     def encode(self):
         """Not the reactor: queue.json as chunks of bytes.  The lock is
@@ -269,6 +353,8 @@ class JobStore(SavedState):
                 plate_clear = self.plate_clear
                 cur = self.current
                 lists = (list(self.queue), list(self.history))
+                members = [(m.uuid, m.plate_clear, m.current)
+                           for m in self.members.values()]
             chunks = [b'{"version": 1, "plate_clear": %s, "current": ' % (
                 b"true" if plate_clear else b"false"),
                       b"null" if cur is None else encoded(cur)]
@@ -277,7 +363,13 @@ class JobStore(SavedState):
                 chunks += [b", " + encoded(j) if i else encoded(j)
                            for i, j in enumerate(jobs)]
                 chunks.append(b"]")
-            chunks.append(b"}")
+            chunks.append(b', "printers": {')
+            for i, (key, clear, job) in enumerate(members):
+                chunks += [b'%s"%s": {"plate_clear": %s, "current": ' % (
+                    b", " if i else b"", key.encode(),
+                    b"true" if clear else b"false"),
+                    b"null" if job is None else encoded(job), b"}"]
+            chunks.append(b"}}")
             with self.lock:
                 if self.version == version:
                     return chunks
@@ -299,22 +391,49 @@ class JobStore(SavedState):
 
     # Any thread: reads
     def all_jobs(self):
+        """([the jobs on printers], queue, history)."""
         with self.lock:
             cur = [self.current] if self.current else []
+            cur += [m.current for m in self.members.values() if m.current]
             return cur, list(self.queue), list(self.history)
 
     def printer_jobs(self):
-        """([the job that points at the printer] or [], the other jobs of
-        the printer's list): the job on it, or the held queue head once
-        the plate is clear (then the ended job is just listed); then the
-        queue."""
+        """([(printer uuid, the job that points at it)], the other jobs of
+        the list): per printer the job on it, or for this one the held
+        job once the plate is clear (then the ended job is just listed);
+        then the queue."""
         with self.lock:
-            cur = [self.current] if self.current else []
+            linked, others = [], []
             held = self.held
-            if held is not None and self.queue and self.queue[0] is held \
+            if held is not None and held in self.queue \
                     and self.plate_clear and not self.has_active():
-                return [held], cur + self.queue[1:]
-            return cur, list(self.queue)
+                linked.append((self.host_uuid, held))
+                if self.current:
+                    others.append(self.current)
+            elif self.current:
+                linked.append((self.host_uuid, self.current))
+            linked += [(m.uuid, m.current) for m in self.members.values()
+                       if m.current]
+            shown = held if linked and linked[0][1] is held else None
+            others += [j for j in self.queue if j is not shown]
+            return linked, others
+
+    def printer_of(self, job):
+        """The member slot whose job this is, or None (this printer's,
+        or queued, or in the history)."""
+        printer = self.members.get(job.printer) if job.printer else None
+        if printer is not None and printer.current is job:
+            return printer
+        return None
+
+    def next_for(self, printer_uuid, fits):
+        """The first queued job this printer may print: one the upload
+        named it for, or any printer's, that fits(job) (None: none)."""
+        with self.lock:
+            for job in self.queue:
+                if job.target in ("", printer_uuid) and fits(job):
+                    return job
+            return None
 
     def find(self, job_uuid):
         return self.by_uuid.get(job_uuid)
@@ -419,7 +538,11 @@ class JobStore(SavedState):
             # Cura 4.13 draws a job with time_total > time_elapsed as
             # aborted: a completed one took exactly its time.
             job.time_total = job.time_elapsed
-        self.plate_clear = self.auto_start_next
+        member = self.printer_of(job)
+        if member is not None:
+            member.plate_clear = member.auto_start_next
+        elif job is self.current:
+            self.plate_clear = self.auto_start_next
 
     def end(self, job, status, message=""):
         with self.lock:
@@ -427,6 +550,9 @@ class JobStore(SavedState):
             self._changed()
 
     def _retire(self, job):
+        member = self.printer_of(job)
+        if member is not None:
+            member.current = None
         if self.current is job:
             self.current = None
         job.status = ENDED.get(job.status, job.status)
@@ -436,10 +562,12 @@ class JobStore(SavedState):
         del self.history[self.history_size:]
 
     def begin_start(self, job):
-        """Queue head -> the printer (pre_print, waiting for Klipper)."""
+        """A queued job -> the printer (pre_print, waiting for Klipper);
+        False when it left the queue meanwhile (a member took it)."""
         with self.lock:
-            if job in self.queue:
-                self.queue.remove(job)
+            if job not in self.queue:
+                return False
+            self.queue.remove(job)
             if self.current is not None:
                 self._retire(self.current)
             self.current = job
@@ -447,8 +575,10 @@ class JobStore(SavedState):
             job.started = True
             job.starting = "waiting"
             job.message = ""
+            job.printer = self.host_uuid
             self.plate_clear = False
             self._changed()
+            return True
 
     def set_starting(self, job, starting):
         """Where a start stands: "waiting" for the G-code queue, "running"
@@ -493,7 +623,83 @@ class JobStore(SavedState):
             self.by_uuid[job.uuid] = job
             job.status = "printing"
             job.started = True
+            job.printer = self.host_uuid
             self.plate_clear = False
+            self._changed()
+
+    # Changes for a group member: its follower thread (group.py), under
+    # the lock, as the lifecycle's are for this printer
+    def claim(self, member, fits):
+        """The next job member may print, moved from the queue onto it
+        (pre_print, waiting to be sent), or None: its plate is not clear,
+        it has a job, or no queued job is for it.  The first job for it
+        that is still arriving is waited for, not passed over."""
+        with self.lock:
+            cur = member.current
+            if not member.plate_clear or (cur is not None
+                                          and cur.status in ACTIVE):
+                return None
+            job = self.next_for(member.uuid, fits)
+            if job is None or job.arriving:
+                return None
+            self.queue.remove(job)
+            if cur is not None:
+                self._retire(cur)
+            member.current = job
+            if self.held is job:
+                self.held = None
+            job.printer = member.uuid
+            job.status = "pre_print"
+            job.started = True
+            job.starting = "waiting"
+            job.message = ""
+            member.plate_clear = False
+            self._changed()
+            return job
+
+    def member_requeue(self, member, job, message):
+        """A job that did not reach member goes back to the queue head
+        (member's plate, on which nothing was printed, stays clear)."""
+        with self.lock:
+            if member.current is job:
+                member.current = None
+            job.status = "queued"
+            job.started = False
+            job.starting = job.action = None
+            job.printer = ""
+            job.message = message
+            self.queue.insert(0, job)
+            member.plate_clear = True
+            self._changed()
+
+    def member_start_failed(self, member, job, message):
+        with self.lock:
+            self._end(job, "failed_wait_cleanup", message)
+            member.plate_clear = True
+            self._changed()
+
+    def member_external(self, member, job):
+        """A print member runs that this store did not start."""
+        with self.lock:
+            if member.current is not None:
+                self._retire(member.current)
+            member.current = job
+            self.by_uuid[job.uuid] = job
+            job.printer = member.uuid
+            job.status = "printing"
+            job.started = True
+            member.plate_clear = False
+            self._changed()
+
+    def member_plate_cleared(self, member):
+        with self.lock:
+            cur = member.current
+            if cur is not None and cur.status in ACTIVE:
+                raise Conflict("%s is printing (%s)" % (member.name,
+                                                        cur.name))
+            if cur is not None:
+                self._retire(cur)
+            member.plate_clear = True
             self._changed()
 
     def set_status(self, job, status, action=None):

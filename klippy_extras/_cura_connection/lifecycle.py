@@ -9,7 +9,7 @@ import contextlib
 import logging
 
 from .bridge import ScriptError, NoCall
-from .errors import Conflict, CuraError
+from .errors import Conflict, CuraError, NotFound
 from .jobs import ACTIONS, ACTION_VERBS, ACTIVE, ENDED, END_OF_PRINT, Job
 from .names import job_name
 from .threads import reactor_only
@@ -40,7 +40,7 @@ class JobLifecycle:
     the status timer (follow), G-code commands, and calls HTTP handlers
     submit through KlippyBridge.call().  Nothing here writes to disk."""
     def __init__(self, bridge, store, want_metadata,
-                 changes=lambda job: []):
+                 changes=lambda job: [], fits=lambda job, snap: True):
         self.bridge = bridge
         self.store = store
         self.reactor = bridge.reactor
@@ -50,6 +50,9 @@ class JobLifecycle:
         # changes(job): the configuration changes a queued job waits for
         # (memory only: it runs here); [] lets it start
         self.changes = changes
+        # fits(job, snap): the job's file fits this printer (in a group,
+        # the jobs that fit no other printer were refused at the upload)
+        self.fits = fits
 
     # Reactor: following Klipper
     @reactor_only
@@ -82,7 +85,10 @@ class JobLifecycle:
             return
         if cur is not None and cur.status in ACTIVE:
             self._ended(cur, state, snap)
-        head = store.queue[0] if store.queue else None
+        # (in a group: the first job for this printer; the others'
+        # followers take theirs)
+        head = store.next_for(store.host_uuid, lambda job: self.fits(
+            job, snap)) if store.queue else None
         if head is not None and self.changes(head):
             # until the material is loaded or forced
             store.hold_for_material(head)
@@ -123,7 +129,8 @@ class JobLifecycle:
 
     # Reactor: starting a job
     def _start(self, job):
-        self.store.begin_start(job)
+        if not self.store.begin_start(job):
+            return      # a group member took it
         # its own reactor callback: it may wait for the G-code queue
         self.reactor.register_callback(lambda e: self._run_start(job))
 
@@ -352,22 +359,33 @@ class JobCommands:
     gcmd.error.  shown() waits until the front shows the change."""
     COMMANDS = ("CURA_BUILD_PLATE_CLEARED", "CURA_QUEUE")
 
-    def __init__(self, lifecycle, store, loaded, shown):
+    def __init__(self, lifecycle, store, loaded, shown, group=None):
         self.lifecycle = lifecycle
         self.store = store
         self.loaded = loaded
         self.shown = shown
+        self.group = group      # PrinterGroup (PRINTER=) or None
 
     cmd_CURA_BUILD_PLATE_CLEARED_help = (
-        "Confirm the build plate is empty so the next Cura job can start")
+        "Confirm the build plate is empty so the next Cura job can start"
+        " (PRINTER=<name>: a printer of the group)")
     def cmd_CURA_BUILD_PLATE_CLEARED(self, gcmd):
+        name = gcmd.get("PRINTER", None)
         try:
-            self.lifecycle.plate_cleared()
+            host = self.group.host_name if self.group else None
+            if name is not None and name != host:
+                if self.group is None:
+                    raise NotFound("No printer %s" % (name,))
+                # (the store only: its follower asks the member)
+                self.group.plate_cleared(self.group.named(name), wait=False)
+            else:
+                self.lifecycle.plate_cleared()
         except CuraError as e:
             raise gcmd.error(e.message)
         self.shown()
         n = len(self.store.queue)
-        gcmd.respond_info("Build plate marked clear; %d job(s) queued" % n)
+        gcmd.respond_info("Build plate %smarked clear; %d job(s) queued" % (
+            "of %s " % (name,) if name else "", n))
 
     cmd_CURA_QUEUE_help = "List the jobs Cura sent to this printer"
     def cmd_CURA_QUEUE(self, gcmd):

@@ -27,6 +27,10 @@ class FakeKlipper:
     def ready(self):
         return True
 
+    @property
+    def snapshot(self):
+        return self.publish_now()
+
     def publish_now(self):
         self.seq += 1
         return {"seq": self.seq, "klippy_state": self.kstate,

@@ -113,13 +113,13 @@ def test_reply_cache_job_list():
     cache = ReplyCache(api)
     jobs = [Job(name="j%d" % i, filename="j%d.gcode" % i)
             for i in range(45)]
-    head, rest = [jobs[0]], jobs[1:]
+    head, rest = [("printer-uuid", jobs[0])], jobs[1:]
     pauses = []
     first = cache.job_list(head, rest, lambda: pauses.append(1))
     # the same bytes as encoding the whole list at once, in chunks
     assert b"".join(first) == json.dumps(
-        [api.job_json(jobs[0], True)]
-        + [api.job_json(j, False) for j in jobs[1:]]).encode()
+        [api.job_json(jobs[0], "printer-uuid")]
+        + [api.job_json(j, None) for j in jobs[1:]]).encode()
     assert len(pauses) == 2          # a long list is encoded in steps
     small = ReplyCache(api)
     small.CHUNK = 10
@@ -138,7 +138,7 @@ def test_reply_cache_job_list():
     third = json.loads(b"".join(cache.job_list(head, rest, lambda: None)))
     assert all(j["configuration"] == api.config for j in third)
     # a job no longer listed is forgotten
-    cache.job_list([jobs[0]], [jobs[1]], lambda: None)
+    cache.job_list([("printer-uuid", jobs[0])], [jobs[1]], lambda: None)
     assert set(cache.entries) == {jobs[0].uuid, jobs[1].uuid}
     assert b"".join(cache.job_list([], [], lambda: None)) == b"[]"
 

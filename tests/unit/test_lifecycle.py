@@ -378,12 +378,13 @@ def test_lifecycle_holds_a_job_until_forced_or_loaded(tmp_path, klipper):
         # held: not started, and the job Cura's card shows (alone)
         assert a.status == "queued" and store.held is a
         assert klipper.filename == "done.gcode"
-        assert store.printer_jobs() == ([a], [done, b] if store.current
-                                        else [b])
+        assert store.printer_jobs() == ([(store.host_uuid, a)], [done, b]
+                                        if store.current else [b])
         assert store.status_cache["held_job"]["name"] == "a"
         life.change(NoCall, store.set_force, a.uuid, True)
         klipper.run_callbacks()
-        assert a.status == "printing" and store.printer_jobs()[0] == [a]
+        assert a.status == "printing" \
+            and store.printer_jobs()[0] == [(store.host_uuid, a)]
         klipper.finish()
         klipper.follow(life)
         life.plate_cleared()

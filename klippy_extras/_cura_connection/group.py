@@ -1,0 +1,416 @@
+# A group of printers: this one and the members of group_printers,
+# reached through their Moonraker.
+#
+# One follower thread per member polls its Moonraker, brings the job on
+# it in line with what it says (as JobLifecycle does for this printer),
+# and sends it the next job that is for it.  Actions on a member's job
+# run in the request thread that asked; a plate cleared from the console
+# only changes the store and wakes the follower.  The reactor does nothing
+# per member.
+#
+# This file may be distributed under the terms of the GNU GPLv3 license.
+import logging
+import os
+import re
+import threading
+import time
+import uuid
+
+from .camera import CameraProxy, camera_snapshot_url
+from .errors import Conflict, NotFound
+from .gcode_meta import fits
+from .jobs import (
+    ACTIONS, ACTION_VERBS, ACTIVE, ENDED, END_OF_PRINT, Job, PrinterSlot)
+from .lifecycle import ACTION_SETTLE, klipper_print_state
+from .members import MemberError, MoonrakerMember
+from .names import job_name
+from .threads import never_reactor
+
+
+# Where the files sent to a member go, in its G-code folder (its own
+# files of the same names stay untouched)
+REMOTE_DIR = "cura_connection"
+POLL_INTERVAL = 1.
+# After a send failed, the member gets its next job this much later
+RETRY_AFTER = 30.
+# How often a member's webcam list is read again
+WEBCAM_CHECK = 60.
+MEMBER_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def member_uuid(host_uuid, name):
+    # Stable while the member keeps its name in group_printers
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, "cura-connection:member:%s/%s"
+                          % (host_uuid, name)))
+
+
+def parse_entries(text, what):
+    """name -> value of 'name=value' entries, comma or line separated;
+    ValueError says what is wrong."""
+    out = {}
+    for entry in re.split(r"[,\n]", text or ""):
+        entry = entry.strip()
+        if not entry:
+            continue
+        name, sep, value = entry.partition("=")
+        name, value = name.strip(), value.strip()
+        if not sep or not value:
+            raise ValueError("%s: '%s' is not <name>=<value>" % (what, entry))
+        if not MEMBER_NAME_RE.match(name):
+            raise ValueError("%s: '%s' is not a printer name (letters, "
+                             "digits, '-', '_', '.')" % (what, name))
+        if name in out:
+            raise ValueError("%s: %s is named twice" % (what, name))
+        out[name] = value
+    return out
+
+
+def parse_group(printers_text, keys_text, auto_start_text, host_name):
+    """[(name, Moonraker URL, API key or None, auto_start_next)] of the
+    group_printers, group_api_keys and group_auto_start_next options."""
+    printers = parse_entries(printers_text, "group_printers")
+    keys = parse_entries(keys_text, "group_api_keys")
+    auto = parse_entries(auto_start_text, "group_auto_start_next")
+    for option, names in (("group_api_keys", keys),
+                          ("group_auto_start_next", auto)):
+        for name in names:
+            if name not in printers:
+                raise ValueError("%s: %s is not in group_printers"
+                                 % (option, name))
+    out = []
+    for name, url in printers.items():
+        if name == host_name:
+            raise ValueError("group_printers: %s is this printer's name"
+                             % (name,))
+        flag = auto.get(name, "false").lower()
+        if flag not in ("true", "false", "1", "0"):
+            raise ValueError("group_auto_start_next: %s=%s is not true or "
+                             "false" % (name, flag))
+        out.append((name, url, keys.get(name), flag in ("true", "1")))
+    return out
+
+
+def unreached_status(why):
+    return {"reachable": False, "error": why, "klippy_state": None,
+            "state_message": "", "print_stats": {}, "virtual_sdcard": {},
+            "pause_resume": {}, "extruders": [], "heater_bed": None,
+            "axis_minimum": None, "axis_maximum": None}
+
+
+class GroupMember(PrinterSlot):
+    """A member printer: its slot in the store (the job on it, its plate),
+    its Moonraker, what it said last and its follower thread."""
+    def __init__(self, name, url, api_key, host_uuid, auto_start_next):
+        PrinterSlot.__init__(self, member_uuid(host_uuid, name), name,
+                             auto_start_next)
+        self.url = url
+        self.client = MoonrakerMember(name, url, api_key)
+        self.status = unreached_status("not reached yet")
+        self.seq = 0
+        # Held while the follower or an action decides on the member's
+        # state (not while a file is sent)
+        self.lock = threading.Lock()
+        self.wake = threading.Event()
+        self.retry_at = 0.
+        self.camera = None          # CameraProxy of its webcam, or None
+        self.webcam_at = 0.
+        self.thread = None
+
+    def remote_file(self, job):
+        # The member's name of a job's file
+        if job.source == "klipper":
+            return job.filename
+        return "%s/%s" % (REMOTE_DIR, job.filename)
+
+
+class PrinterGroup:
+    """The members of the group and their followers.  Threads: the
+    followers; request threads (act, plate_cleared, route, the cards);
+    the reactor only for plate_cleared(wait=False) (no network)."""
+    def __init__(self, store, members, gcodes, host_name):
+        self.store = store
+        self.members = members          # [GroupMember], in card order
+        self.by_uuid = {m.uuid: m for m in members}
+        self.by_name = {m.name: m for m in members}
+        self.gcodes = gcodes
+        self.host_name = host_name
+        self.closing = False
+        self.version = 0               # a card changed
+
+    def start(self):
+        for m in self.members:
+            m.thread = threading.Thread(
+                target=self._run, args=(m,), daemon=True,
+                name="cura_connection member %s" % (m.name,))
+            m.thread.start()
+
+    def close(self):
+        self.closing = True
+        for m in self.members:
+            m.wake.set()
+        for m in self.members:
+            if m.thread is not None:
+                m.thread.join(10.)
+            m.client.close()
+
+    # Which printer: by uuid (actions, plate clears) or name (uploads)
+    def member(self, printer_uuid):
+        return self.by_uuid.get(printer_uuid)
+
+    def named(self, name):
+        """The member called name; NotFound for none."""
+        m = self.by_name.get(name)
+        if m is None:
+            raise NotFound("No printer %s in this group" % (name,))
+        return m
+
+    # Follower thread
+    def _run(self, member):
+        while not self.closing:
+            try:
+                self._tick(member)
+            except Exception:
+                logging.exception("cura_connection: following %s",
+                                  member.name)
+            member.wake.wait(POLL_INTERVAL)
+            member.wake.clear()
+
+    @never_reactor
+    def _tick(self, member):
+        status = member.client.poll()
+        if self.closing:
+            return
+        with member.lock:
+            self._follow(member, status)
+            job = None
+            if status["reachable"] and status["klippy_state"] == "ready" \
+                    and time.monotonic() >= member.retry_at:
+                job = self.store.claim(member, lambda j: self.fits(
+                    member, j)[0])
+        if job is not None:
+            self._send(member, job)
+        self._check_webcam(member, status)
+
+    def _set_status(self, member, status):
+        old = member.status
+        member.status = status
+        if any(old.get(k) != status.get(k) for k in (
+                "reachable", "klippy_state", "print_stats", "extruders",
+                "heater_bed", "pause_resume")):
+            member.seq += 1
+            self.version += 1
+
+    def _follow(self, member, status):
+        # Under member.lock: the job on member in line with its status
+        store = self.store
+        self._set_status(member, status)
+        cur = member.current
+        if not status["reachable"]:
+            return
+        active = cur is not None and cur.status in ACTIVE
+        kstate = status["klippy_state"]
+        if kstate != "ready":
+            if active and not cur.starting:
+                store.end(cur, "failed_wait_cleanup", "%s: Klipper is %s%s"
+                          % (member.name, kstate, status["state_message"]
+                             and " (%s)" % (status["state_message"],)))
+            return
+        if cur is not None and (cur.starting or cur.action):
+            return      # the sender or the action decides
+        state = klipper_print_state(status)
+        ps = status["print_stats"]
+        if state in ("printing", "pausing", "paused"):
+            if not active or member.remote_file(cur) != ps.get("filename"):
+                cur = self._external(member, cur, ps.get("filename") or "")
+            store.set_status(cur, state)
+            store.set_times(cur, ps.get("print_duration") or 0,
+                            status["virtual_sdcard"].get("progress"))
+            return
+        if not active:
+            return
+        if cur.status == "pre_print":
+            # loaded as it was being sent when this Klippy stopped
+            store.member_requeue(member, cur, "Not started on %s: sending "
+                                 "it was interrupted" % (member.name,))
+            return
+        if member.remote_file(cur) != ps.get("filename") \
+                or state == "standby":
+            store.end(cur, "failed_wait_cleanup", "Interrupted on %s (its "
+                      "Klipper restarted or reset the file)" % (member.name,))
+            return
+        if state == "complete":
+            store.set_times(cur, ps.get("print_duration") or 0, 1.)
+        else:
+            store.set_reached(cur, ps.get("print_duration"),
+                              status["virtual_sdcard"].get("progress"))
+        store.end(cur, END_OF_PRINT.get(state, "aborted_wait_cleanup"),
+                  ps.get("message") or "")
+
+    def _external(self, member, cur, filename):
+        # Started from the member's Mainsail, Fluidd, KlipperScreen...
+        if cur is not None and cur.status in ACTIVE:
+            self.store.end(cur, "aborted_wait_cleanup", "%s started %s" % (
+                member.name, filename))
+        job = Job(name=job_name(filename), filename=filename,
+                  owner=member.name, source="klipper")
+        self.store.member_external(member, job)
+        return job
+
+    def _send(self, member, job):
+        # Follower thread, without member.lock: the file to the member's
+        # G-code folder (Moonraker keeps no half file), then the start
+        remote = member.remote_file(job)
+        try:
+            member.client.upload(os.path.join(self.gcodes, job.filename),
+                                 remote)
+        except (MemberError, OSError) as e:
+            with member.lock:
+                if member.current is job and job.starting == "waiting":
+                    logging.info("cura_connection: cannot send %s to %s: %s",
+                                 job.filename, member.name, e)
+                    self.store.member_requeue(member, job, "Could not send "
+                                              "it to %s: %s" % (
+                                                  member.name, e))
+                    member.retry_at = time.monotonic() + RETRY_AFTER
+            return
+        with member.lock:
+            if member.current is not job or job.starting != "waiting":
+                self._forget(member, remote)    # aborted while sent
+                return
+            self.store.set_starting(job, "running")
+            try:
+                member.client.start(remote)
+            except MemberError as e:
+                self.store.set_starting(job, None)
+                status = member.client.poll()
+                if klipper_print_state(status) in (
+                        "printing", "pausing", "paused"):
+                    self.store.member_requeue(member, job, "Waiting: %s was "
+                                              "busy (%s)" % (member.name, e))
+                else:
+                    self.store.member_start_failed(member, job, str(e))
+                self._follow(member, status)
+                return
+            self.store.set_status(job, "printing")
+            self.store.set_starting(job, None)
+        logging.info("cura_connection: %s sent to %s", job.filename,
+                     member.name)
+        member.wake.set()
+
+    def _forget(self, member, remote):
+        try:
+            member.client.delete(remote)
+        except MemberError as e:
+            logging.info("cura_connection: %s: %s", member.name, e)
+
+    def _check_webcam(self, member, status):
+        now = time.monotonic()
+        if not status["reachable"] or now < member.webcam_at:
+            return
+        member.webcam_at = now + WEBCAM_CHECK
+        cams = member.client.webcams()
+        stream = cams[0].get("stream_url") if cams else None
+        if not stream:
+            member.camera = None
+        elif member.camera is None or member.camera.stream_url != stream:
+            member.camera = CameraProxy(stream, cams[0].get(
+                "snapshot_url") or camera_snapshot_url(stream))
+
+    # Request threads: what fits where
+    def fits(self, member, job):
+        """(True, "") or (False, why) for job's file on member."""
+        return fits(job.bounds, member.status.get("axis_minimum"),
+                    member.status.get("axis_maximum"), member.name)
+
+    # Request threads: actions on a member's job
+    @never_reactor
+    def act(self, member, job, action):
+        """As JobLifecycle.act, through member's Moonraker: (2xx, status)
+        once it did it, or Conflict saying why nothing was done."""
+        store = self.store
+        verb = ACTION_VERBS[action]
+        with member.lock:
+            if job.starting == "waiting":
+                if action != "abort":
+                    raise Conflict("Cannot %s print job %s: it is being "
+                                   "sent to %s" % (verb, job.name,
+                                                   member.name))
+                # the sender sees it and removes the file it sent
+                store.end(job, "aborted_wait_cleanup",
+                          "Aborted before it started")
+                return 200, job.status
+            status = member.client.poll()
+            self._follow(member, status)
+            self._check(member, job, action, status)
+            before = job.status
+            store.set_status(job, ACTIONS[action][1], action)
+            try:
+                try:
+                    getattr(member.client, {"pause": "pause",
+                                            "print": "resume",
+                                            "abort": "cancel"}[action])()
+                except MemberError as e:
+                    raise Conflict("%s did not %s print job %s: %s" % (
+                        member.name, verb, job.name, e))
+                status = self._settle(member, action)
+            finally:
+                if job.action == action:
+                    store.set_status(job, before, None)
+            self._follow(member, status)
+        member.wake.set()
+        ok = {"pause": ("paused",), "print": ("printing",) + tuple(ENDED)
+              }.get(action, tuple(ENDED))
+        if job.status in ok or (action == "abort"
+                                and member.current is not job):
+            return 200, job.status
+        if action == "pause" and job.status == "pausing":
+            return 202, job.status
+        raise Conflict("%s did not %s print job %s: %s" % (
+            member.name, verb, job.name,
+            "its print ended first (it is %s)" % (job.status,)
+            if job.status in ENDED else "it is %s" % (job.status,)))
+
+    def _check(self, member, job, action, status):
+        if not status["reachable"]:
+            why = "%s is unreachable (%s)" % (member.name, status["error"])
+        elif status["klippy_state"] != "ready":
+            why = "%s's Klipper is %s" % (member.name,
+                                          status["klippy_state"])
+        elif job is not member.current:
+            why = "it is not on %s (it is %s)" % (member.name, job.status)
+        elif job.status in ENDED:
+            why = "its print has ended (it is %s)" % (job.status,)
+        elif job.status not in ACTIONS[action][0]:
+            why = "it is %s" % (job.status,)
+        else:
+            return
+        raise Conflict("Cannot %s print job %s: %s; nothing was done" % (
+            ACTION_VERBS[action], job.name, why))
+
+    def _settle(self, member, action):
+        # Polls until the member shows the action's effect (a pause waits
+        # for the command its file is running)
+        want = {"pause": ("paused",), "print": ("printing",)}.get(
+            action, ("standby", "complete", "cancelled", "error"))
+        deadline = time.monotonic() + ACTION_SETTLE
+        while True:
+            status = member.client.poll()
+            if not status["reachable"] or status["klippy_state"] != "ready" \
+                    or klipper_print_state(status) in want \
+                    or time.monotonic() >= deadline:
+                return status
+            time.sleep(0.1)
+
+    # Plate cleared: the web page (wait: as the member says now), the
+    # console (no wait: the reactor must not)
+    def plate_cleared(self, member, wait=True):
+        if wait:
+            with member.lock:
+                self._follow(member, member.client.poll())
+        self.store.member_plate_cleared(member)
+        member.wake.set()
+
+    # The cards
+    def card_key(self):
+        return self.version, tuple(
+            (m.plate_clear, m.camera is not None) for m in self.members)
