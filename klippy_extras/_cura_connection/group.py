@@ -100,11 +100,12 @@ def unreached_status(why):
 class GroupMember(PrinterSlot):
     """A member printer: its slot in the store (the job on it, its plate),
     its Moonraker, what it said last and its follower thread."""
-    def __init__(self, name, url, api_key, host_uuid, auto_start_next):
+    def __init__(self, name, url, api_key, host_uuid, auto_start_next,
+                 client=None):
         PrinterSlot.__init__(self, member_uuid(host_uuid, name), name,
                              auto_start_next)
         self.url = url
-        self.client = MoonrakerMember(name, url, api_key)
+        self.client = client or MoonrakerMember(name, url, api_key)
         self.status = unreached_status("not reached yet")
         self.seq = 0
         # Held while the follower or an action decides on the member's

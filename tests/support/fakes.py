@@ -130,3 +130,102 @@ class FakeKlipper:
         self.state = state
         if duration is not None:
             self.duration = duration
+
+
+class FakeMoonraker:
+    """A group member's Moonraker as PrinterGroup sees it (the calls of
+    members.MoonrakerMember): a small model of the member's Klipper, its
+    G-code folder, and faults (unreachable, a send that breaks)."""
+    def __init__(self, name="voron", axis_maximum=(300., 300., 300.)):
+        self.name = name
+        self.reachable, self.kstate = True, "ready"
+        self.state, self.filename, self.is_paused = "standby", "", False
+        self.duration, self.progress = 0., 0.
+        self.axis_maximum = list(axis_maximum)
+        self.files = {}
+        self.calls = []
+        self.fail_upload = None     # a MemberError message
+        self.webcam = []
+
+    def _check(self):
+        from _cura_connection.members import MemberError
+        if not self.reachable:
+            raise MemberError("%s is unreachable: connection refused"
+                              % (self.name,))
+        return MemberError
+
+    def poll(self):
+        if not self.reachable:
+            return {"reachable": False, "error": "connection refused",
+                    "klippy_state": None, "state_message": "",
+                    "print_stats": {}, "virtual_sdcard": {},
+                    "pause_resume": {}, "extruders": [], "heater_bed": None,
+                    "axis_minimum": None, "axis_maximum": None}
+        return {"reachable": True, "error": "", "klippy_state": self.kstate,
+                "state_message": "", "print_stats": {
+                    "state": self.state, "filename": self.filename,
+                    "print_duration": self.duration, "message": ""},
+                "virtual_sdcard": {"is_active": self.state == "printing",
+                                   "progress": self.progress,
+                                   "file_position": 0, "file_size": 1},
+                "pause_resume": {"is_paused": self.is_paused},
+                "extruders": [{"temperature": 20., "target": 0.}],
+                "heater_bed": {"temperature": 20., "target": 0.},
+                "axis_minimum": [0., 0., 0.],
+                "axis_maximum": list(self.axis_maximum)}
+
+    def upload(self, path, remote):
+        error = self._check()
+        self.calls.append(("upload", remote))
+        if self.fail_upload:
+            raise error(self.fail_upload)
+        with open(path, "rb") as f:
+            self.files[remote] = f.read()
+
+    def start(self, remote):
+        error = self._check()
+        self.calls.append(("start", remote))
+        if self.state in ("printing", "paused"):
+            raise error("Printer is busy")
+        if remote not in self.files:
+            raise error("File %s does not exist" % (remote,))
+        self.state, self.filename = "printing", remote
+        self.duration, self.progress = 0., 0.
+
+    def pause(self):
+        error = self._check()
+        self.calls.append(("pause",))
+        if self.state != "printing":
+            raise error("Print is not in progress")
+        self.state, self.is_paused = "paused", True
+
+    def resume(self):
+        error = self._check()
+        self.calls.append(("resume",))
+        if self.state != "paused":
+            raise error("Print is not paused")
+        self.state, self.is_paused = "printing", False
+
+    def cancel(self):
+        self._check()
+        self.calls.append(("cancel",))
+        if self.state in ("printing", "paused"):
+            self.state, self.is_paused = "cancelled", False
+
+    def delete(self, remote):
+        self._check()
+        self.calls.append(("delete", remote))
+        self.files.pop(remote, None)
+
+    def webcams(self):
+        return list(self.webcam) if self.reachable else []
+
+    def close(self):
+        pass
+
+    # the member's own side
+    def finish(self):
+        self.state, self.progress = "complete", 1.
+
+    def restart_klipper(self):
+        self.state, self.filename, self.is_paused = "standby", "", False

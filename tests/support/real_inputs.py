@@ -252,6 +252,14 @@ class QueueOnly:
     with the module's own JobLifecycle.add."""
     def __init__(self, store):
         self.store = store
+        # Klipper's state as an idle printer's status timer shows it
+        self.snapshot = {"seq": 0, "klippy_state": "ready",
+                         "state_message": "Printer is ready",
+                         "print_stats": {"state": "standby"},
+                         "virtual_sdcard": {}, "pause_resume": {},
+                         "extruders": [], "heater_bed": None,
+                         "axis_minimum": [0., 0., 0.],
+                         "axis_maximum": [230., 190., 200.]}
 
     def call(self, fn, *args):
         package()
@@ -270,7 +278,8 @@ class QueueOnly:
 def cura_api(gcodes, data_dir, max_queue=1000, **parts):
     """A CuraApi over the module's own FileIntake, MaterialStore and
     JobStore in gcodes and data_dir, as load_config() places them; parts
-    (store, intake, materials, bridge, lifecycle, loaded) replace those."""
+    (store, intake, materials, bridge, lifecycle, loaded, definition,
+    group) replace those."""
     package()
     from _cura_connection.access import AccessPolicy
     from _cura_connection.api import CuraApi
@@ -289,7 +298,8 @@ def cura_api(gcodes, data_dir, max_queue=1000, **parts):
         parts.get("loaded"),
         PrinterIdentity("test", "00000000-0000-4000-8000-000000000000",
                         213482, "Ultimaker S3", ["AA 0.4"]),
-        AccessPolicy([]), None, max_queue=max_queue)
+        AccessPolicy([]), parts.get("definition"), max_queue=max_queue,
+        group=parts.get("group"))
 
 
 def received_jobs(gcodes, data_dir, keys=KEYS):
