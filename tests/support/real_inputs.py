@@ -213,10 +213,18 @@ def package():
 
 class UploadRequest:
     """What the module's receive_upload reads of an HTTP request, over the
-    body Cura's client sends (httpc.multipart: Qt's layout)."""
-    def __init__(self, filename, data, owner):
-        body, headers = httpc.multipart({"owner": owner},
-                                        {"file": (filename, data)})
+    body Cura's client sends (httpc.multipart: Qt's layout; fields: text
+    parts before the file, after: after it), or over sent: (headers,
+    body) as Cura's own code sent them (cura_client.captured_upload)."""
+    def __init__(self, filename=None, data=None, owner="alice", fields=(),
+                 after=None, sent=None):
+        if sent is None:
+            body, headers = httpc.multipart(
+                dict({"owner": owner}, **dict(fields)),
+                {"file": (filename, data)}, after=after)
+        else:
+            headers, body = sent
+            headers = {"Content-Type": headers["content-type"]}
         self.body = io.BytesIO(body)
         self.length = len(body)
         self.boundary = re.search(r'boundary="([^"]+)"',
@@ -235,13 +243,15 @@ class UploadRequest:
         return self.body.readinto(buf)
 
 
-def upload(api, sample, filename=None, owner="alice"):
+def upload(api, sample, filename=None, owner="alice", **parts):
     """sample received as POST /print_jobs receives it (receive_upload,
-    FileIntake) and queued by api (a CuraApi): the reply dict."""
+    FileIntake) and queued by api (a CuraApi): the reply dict.  parts:
+    UploadRequest's fields and after."""
     package()
     from _cura_connection.api import receive_upload
     return receive_upload(
-        UploadRequest(filename or sample.filename, sample.data, owner),
+        UploadRequest(filename or sample.filename, sample.data, owner,
+                      **parts),
         api.intake, lambda: len(api.store.queue), api.max_queue,
         lambda name, who, meta: api.add_upload(name, who, meta, "127.0.0.1"))
 
