@@ -1,6 +1,5 @@
 """File intake on its own: space and queue slots reserved for uploads in
 flight, .gcode.gz unpacking, text G-code only, the disk margin kept."""
-import json
 import os
 
 import pytest
@@ -140,30 +139,6 @@ def test_gcode_output_keeps_the_margin(tmp_path, monkeypatch):
     gcode.upload.intake.check_room(gcode.upload, 14 * MiB)
 
 
-class MetaSpy:
-    """A CuraApi (Klippy's side) over tmp_path whose add_upload records
-    the metadata each upload brings."""
-    def __init__(self, tmp_path):
-        self.gcodes = str(tmp_path / "gcodes")
-        os.makedirs(self.gcodes)
-        os.makedirs(str(tmp_path / "data"))
-        self.api = real_inputs.cura_api(self.gcodes, str(tmp_path / "data"))
-        self.metas = []
-        add = self.api.add_upload
-
-        def spy(filename, owner, meta, address):
-            self.metas.append(meta)
-            return add(filename, owner, meta, address)
-        self.api.add_upload = spy
-
-    def upload(self, key="marlin", **parts):
-        real_inputs.upload(self.api, real_inputs.sample(key), **parts)
-        return self.metas[-1]
-
-    def left(self):
-        return sorted(os.listdir(self.gcodes))
-
-
 TARGET = "require_printer_name"
 
 
@@ -178,7 +153,7 @@ TARGET = "require_printer_name"
 ], ids=["after file", "before file", "stripped", "utf-8", "128 chars",
         "empty", "absent"])
 def test_upload_names_its_printer(tmp_path, parts, name):
-    spy = MetaSpy(tmp_path)
+    spy = real_inputs.MetaSpy(tmp_path)
     meta = spy.upload(**parts)
     assert meta[TARGET] == name
     assert meta["bounds"] == [90.1, 90.1, 0.2, 129.9, 129.9, 20.]
@@ -196,7 +171,7 @@ def test_upload_names_its_printer(tmp_path, parts, name):
 @pytest.mark.parametrize("where", ["after", "fields"])
 def test_upload_with_a_bad_printer_name_is_refused(tmp_path, value, why,
                                                    where):
-    spy = MetaSpy(tmp_path)
+    spy = real_inputs.MetaSpy(tmp_path)
     with pytest.raises(BadInput) as e:
         spy.upload(**{where: {TARGET: value}})
     assert e.value.message.startswith(TARGET + " ") and why in \
@@ -214,7 +189,7 @@ def test_upload_with_a_bad_printer_name_is_refused(tmp_path, value, why,
     ("gcode_gz", None), ("prusaslicer", None), ("orcaslicer", None),
 ])
 def test_upload_bounds(tmp_path, key, bounds):
-    spy = MetaSpy(tmp_path)
+    spy = real_inputs.MetaSpy(tmp_path)
     meta = spy.upload(key)
     assert meta["bounds"] == bounds
     # the disk worker reads a file's metadata the same way
@@ -222,55 +197,14 @@ def test_upload_bounds(tmp_path, key, bounds):
     assert spy.api.intake.read_metadata(name)["bounds"] == bounds
 
 
-class LinkedFront:
-    """The front process's end of the link to Klippy's side, without the
-    socket: each call's arguments cross as JSON (as frames carry them) to
-    Klippy's side, whose reservations it stands in for and whose
-    add_upload (spy's) it calls."""
-    def __init__(self, spy):
-        self.spy = spy
-        self.queued = 0
-
-    def call(self, op, **args):
-        args = json.loads(json.dumps(args))
-        if op == "reserve":
-            return {"token": 1}
-        if op == "grow":
-            return {}
-        assert op == "add_upload", op
-        return json.loads(json.dumps(self.spy.api.add_upload(**args)))
-
-    def send(self, key, payload=b""):
-        pass
-
-
-class FrontRequest(real_inputs.UploadRequest):
-    client_address = ("127.0.0.1", 40000)
-
-    def require_control(self):
-        pass
-
-
-def front_upload(spy, key="marlin", **parts):
-    # what the front's FrontUploads hands Klippy's side for this upload
-    from _cura_connection.front import FrontUploads
-    sample = real_inputs.sample(key)
-    uploads = FrontUploads(LinkedFront(spy), {
-        "max_queue": 100, "gcodes": spy.gcodes, "max_upload": 1 << 30})
-    status, reply = uploads.post_print_job(
-        FrontRequest(sample.filename, sample.data, **parts))
-    assert status == 200 and reply["filename"] in spy.left()
-    return spy.metas[-1]
-
-
 def test_front_passes_the_target_and_bounds_on(tmp_path):
-    spy = MetaSpy(tmp_path)
-    meta = front_upload(spy, after={TARGET: "voron_2"})
+    spy = real_inputs.MetaSpy(tmp_path)
+    meta = real_inputs.front_upload(spy, after={TARGET: "voron_2"})
     assert meta[TARGET] == "voron_2"
     assert meta["bounds"] == [90.1, 90.1, 0.2, 129.9, 129.9, 20.]
-    meta = front_upload(spy, "ufp_pla")
+    meta = real_inputs.front_upload(spy, "ufp_pla")
     assert meta[TARGET] == "" and meta["bounds"] == [
         9., 6., 0.27, 173., 160., 58.]
-    assert front_upload(spy, "prusaslicer")["bounds"] is None
+    assert real_inputs.front_upload(spy, "prusaslicer")["bounds"] is None
     with pytest.raises(BadInput):
-        front_upload(spy, after={TARGET: "voron\x1b"})
+        real_inputs.front_upload(spy, after={TARGET: "voron\x1b"})
