@@ -1,7 +1,8 @@
 # G-code metadata: what a file's header and tail say.
 #
 # Print time, filament, thumbnails, the materials Cura sliced for, the
-# space the print takes, and image types.  Pure functions: any thread, either process.
+# space the print takes (and whether a printer reaches it), and image
+# types.  Pure functions: any thread, either process.
 #
 # This file may be distributed under the terms of the GNU GPLv3 license.
 import math

@@ -2,7 +2,7 @@
 #
 # Multipart bodies read in chunks, the free-space reservation, G-code,
 # .gcode.gz and UFP (libcharon) unpacked into complete files only, the
-# content checks, previews.  Request threads of either process (the
+# content checks, previews, the printer Cura's dialog names.  Request threads of either process (the
 # front receives uploads too); FileIntake.lock guards the reservations.
 #
 # This file may be distributed under the terms of the GNU GPLv3 license.
