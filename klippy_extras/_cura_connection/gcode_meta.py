@@ -103,9 +103,13 @@ def valid_job_materials(value):
 # Ultimaker's.  PrusaSlicer and Orca write none.
 BOX_NUMBER = (rb"[ \t]*([-+]?\d{1,12}(?:\.\d{0,12})?(?:[eE][-+]?\d{1,3})?)"
               rb"[ \t\r]*$")
+# (pattern, the texts its lines start with: the search begins at the
+# first of them, found cheaply; most files have neither)
 BOUNDS_PATTERNS = [
-    re.compile(rb"^;PRINT\.SIZE\.(MIN|MAX)\.([XYZ]):" + BOX_NUMBER, re.M),
-    re.compile(rb"^;(MIN|MAX)([XYZ]):" + BOX_NUMBER, re.M),
+    (re.compile(rb"^;PRINT\.SIZE\.(MIN|MAX)\.([XYZ]):" + BOX_NUMBER, re.M),
+     (b";PRINT.SIZE.",)),
+    (re.compile(rb"^;(MIN|MAX)([XYZ]):" + BOX_NUMBER, re.M),
+     (b";MIN", b";MAX")),
 ]
 BOUNDS_KEYS = [(b"MIN", b"X"), (b"MIN", b"Y"), (b"MIN", b"Z"),
                (b"MAX", b"X"), (b"MAX", b"Y"), (b"MAX", b"Z")]
@@ -119,9 +123,10 @@ def parse_bounds(head):
     header in head (comment lines), or None when it names no complete,
     sane box (a value that is not a finite number within
     MAX_COORDINATE, or a min above its max)."""
-    for pattern in BOUNDS_PATTERNS:
+    for pattern, starts in BOUNDS_PATTERNS:
         found = {}
-        for m in pattern.finditer(head):
+        at = [i for i in (head.find(t) for t in starts) if i >= 0]
+        for m in pattern.finditer(head, min(at, default=len(head))):
             found.setdefault((m.group(1), m.group(2)), m.group(3))
             if len(found) == len(BOUNDS_KEYS):
                 break
