@@ -1,9 +1,11 @@
 # G-code metadata: what a file's header and tail say.
 #
-# Print time, filament, thumbnails, the materials Cura sliced for, and
-# image types.  Pure functions: any thread, either process.
+# Print time, filament, thumbnails, the materials Cura sliced for, the
+# space the print takes (and whether a printer reaches it), and image
+# types.  Pure functions: any thread, either process.
 #
 # This file may be distributed under the terms of the GNU GPLv3 license.
+import math
 import os
 import re
 
@@ -96,6 +98,101 @@ def valid_job_materials(value):
     return True
 
 
+# The print's bounding box (mm), as CuraEngine writes it: after
+# ";Layer height:" for Marlin-like flavours, in the Griffin header for
+# Ultimaker's.  PrusaSlicer and Orca write none.
+BOX_NUMBER = (rb"[ \t]*([-+]?\d{1,12}(?:\.\d{0,12})?(?:[eE][-+]?\d{1,3})?)"
+              rb"[ \t\r]*$")
+# (pattern, the texts its lines start with: the search begins at the
+# first of them, found cheaply; most files have neither)
+BOUNDS_PATTERNS = [
+    (re.compile(rb"^;PRINT\.SIZE\.(MIN|MAX)\.([XYZ]):" + BOX_NUMBER, re.M),
+     (b";PRINT.SIZE.",)),
+    (re.compile(rb"^;(MIN|MAX)([XYZ]):" + BOX_NUMBER, re.M),
+     (b";MIN", b";MAX")),
+]
+BOUNDS_KEYS = [(b"MIN", b"X"), (b"MIN", b"Y"), (b"MIN", b"Z"),
+               (b"MAX", b"X"), (b"MAX", b"Y"), (b"MAX", b"Z")]
+# A header value beyond this is no coordinate (CuraEngine writes its
+# empty box's sentinels when nothing was sliced)
+MAX_COORDINATE = 100000.
+
+
+def parse_bounds(head):
+    """[min_x, min_y, min_z, max_x, max_y, max_z] (floats, mm) from the
+    header in head (comment lines), or None when it names no complete,
+    sane box (a value that is not a finite number within
+    MAX_COORDINATE, or a min above its max)."""
+    for pattern, starts in BOUNDS_PATTERNS:
+        found = {}
+        at = [i for i in (head.find(t) for t in starts) if i >= 0]
+        for m in pattern.finditer(head, min(at, default=len(head))):
+            found.setdefault((m.group(1), m.group(2)), m.group(3))
+            if len(found) == len(BOUNDS_KEYS):
+                break
+        if len(found) < len(BOUNDS_KEYS):
+            continue
+        try:
+            return checked_bounds([float(found[k]) for k in BOUNDS_KEYS])
+        except ValueError:
+            return None
+    return None
+
+
+def checked_bounds(value):
+    """value if it is a sane bounding box, as a list of six floats (min
+    x, y, z, max x, y, z: each finite, within MAX_COORDINATE, no min above
+    its max), else None.  For boxes from a header, and for metadata from
+    the other process."""
+    if not isinstance(value, (list, tuple)) or len(value) != 6 or any(
+            isinstance(v, bool) or not isinstance(v, (int, float))
+            for v in value):
+        return None
+    try:
+        box = [float(v) for v in value]
+    except OverflowError:
+        return None     # (an int too big for a float)
+    if not all(abs(v) <= MAX_COORDINATE for v in box) \
+            or any(box[i] > box[i + 3] for i in range(3)):
+        return None     # (NaN and infinities fail the first test)
+    return box
+
+
+def _limit(values, axis):
+    # A printer's limit on axis (0..2) as a finite float, or None
+    try:
+        v = float(values[axis])
+    except (TypeError, ValueError, IndexError, KeyError):
+        return None
+    return v if math.isfinite(v) else None
+
+
+def fits(bounds, axis_minimum, axis_maximum, printer_name="the printer",
+         margin=0.):
+    """(True, "") when a print of bounds (parse_bounds' list, or None)
+    lies within the printer's reach on X, Y and Z: axis_minimum and
+    axis_maximum as Klipper's toolhead status gives them ([x, y, z, ...]).
+    margin: mm the print may overstep the reach by (a negative margin
+    demands that much room to spare).  What is not known fits: no
+    bounds, no limits, or one axis without them.  Else (False, reason),
+    the reason naming every axis that does not fit."""
+    if bounds is None or axis_minimum is None or axis_maximum is None:
+        return True, ""
+    misses = []
+    for axis, letter in enumerate("XYZ"):
+        low = _limit(axis_minimum, axis)
+        high = _limit(axis_maximum, axis)
+        if low is None or high is None:
+            continue
+        need_low, need_high = bounds[axis], bounds[axis + 3]
+        if need_low < low - margin or need_high > high + margin:
+            misses.append("needs %s %.1f..%.1f mm, %s reaches %.1f..%.1f" % (
+                letter, need_low, need_high, printer_name, low, high))
+    if misses:
+        return False, "; ".join(misses)
+    return True, ""
+
+
 def parse_duration(text):
     # "2345", "2345.6" or "1d 2h 3m 4s" -> seconds; absurd values -> 0
     if SECONDS_RE.match(text):
@@ -144,10 +241,11 @@ def best_thumbnail(text):
 
 def parse_gcode_metadata(head, tail):
     """Slicer estimate (s), filament (mm), the embedded thumbnail to
-    preview (best_thumbnail) and the materials the header names
-    (parse_job_materials)."""
+    preview (best_thumbnail), the materials the header names
+    (parse_job_materials) and the print's bounding box (parse_bounds)."""
     meta = {"time_estimate": 0, "filament_mm": 0., "thumbnail": None,
-            "materials": parse_job_materials(head)}
+            "materials": parse_job_materials(head),
+            "bounds": parse_bounds(head)}
     for text in (head, tail):
         for pattern in TIME_PATTERNS:
             m = pattern.search(text)

@@ -2,7 +2,7 @@
 #
 # Multipart bodies read in chunks, the free-space reservation, G-code,
 # .gcode.gz and UFP (libcharon) unpacked into complete files only, the
-# content checks, previews.  Request threads of either process (the
+# content checks, previews, the printer Cura's dialog names.  Request threads of either process (the
 # front receives uploads too); FileIntake.lock guards the reservations.
 #
 # This file may be distributed under the terms of the GNU GPLv3 license.
@@ -15,6 +15,7 @@ import shutil
 import socket
 import tempfile
 import threading
+import unicodedata
 import zlib
 
 from .errors import (
@@ -30,6 +31,31 @@ from .storage import UPLOAD_TMP_PREFIX, write_file_atomic
 
 
 UPLOAD_CHUNK = 1024 * 1024
+
+
+# Cura's printer-selection dialog names the printer to print on in a text
+# part after the file part: that printer's unique_name.  "Automatic"
+# sends no such part.
+PRINTER_NAME_FIELD = "require_printer_name"
+MAX_PRINTER_NAME = 128
+
+
+def required_printer_name(data):
+    """The require_printer_name part's bytes as the name it routes to
+    ("" for none): UTF-8, stripped, at most MAX_PRINTER_NAME characters,
+    no control or format characters.  BadInput otherwise: a name cut or
+    cleaned into another would send the job to the wrong printer."""
+    try:
+        name = bytes(data).decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise BadInput("%s is not UTF-8 text" % (PRINTER_NAME_FIELD,))
+    if len(name) > MAX_PRINTER_NAME:
+        raise BadInput("%s is longer than %d characters"
+                       % (PRINTER_NAME_FIELD, MAX_PRINTER_NAME))
+    if any(unicodedata.category(c) in ("Cc", "Cf") for c in name):
+        raise BadInput("%s contains control characters"
+                       % (PRINTER_NAME_FIELD,))
+    return name
 
 
 # Free space an upload must leave (Klipper's logs, Moonraker's database)
@@ -224,6 +250,7 @@ class Upload(MultipartReader):
         self.length = length
         self.received = 0
         self.fields = {}
+        self.printer_name = ""
         self.filename = None
         self.kind = None
         self.tmp_path = None
@@ -277,6 +304,9 @@ class Upload(MultipartReader):
         self.fields[self._name] = value
 
     def on_part_end(self):
+        if not self._in_file and self._name == PRINTER_NAME_FIELD:
+            # (checked as it ends: before a file that follows is read)
+            self.printer_name = required_printer_name(self.fields[self._name])
         if self._in_file and self.file is not None:
             if isinstance(self.writer, GzipWriter):
                 self.writer.close()
@@ -442,6 +472,7 @@ class FileIntake:
             thumbnail = None    # Cura would keep a blank preview for good
         thumbnail = thumbnail or meta["thumbnail"]
         meta["name"] = job_name(upload.filename)
+        meta[PRINTER_NAME_FIELD] = upload.printer_name
         # room for _place's "-<n>.gcode": the file name stays safe whole
         base = safe_base_name(split_upload_name(upload.filename)[0],
                               max_bytes=200 - len("-9999.gcode"))
@@ -601,14 +632,15 @@ class FileIntake:
     def read_metadata(self, filename):
         # For prints started outside Cura: the slicer's estimate and a
         # thumbnail Moonraker may have extracted.
-        meta = {"time_estimate": 0, "preview": None, "materials": []}
+        meta = {"time_estimate": 0, "preview": None, "materials": [],
+                "bounds": None}
         path = os.path.join(self.gcodes, filename)
         try:
             found = read_gcode_metadata(path)
         except OSError:
             return meta
-        meta["time_estimate"] = found["time_estimate"]
-        meta["materials"] = found["materials"]
+        for key in ("time_estimate", "materials", "bounds"):
+            meta[key] = found[key]
         dirname, name = os.path.split(filename)
         stem = os.path.splitext(name)[0]
         thumbs = os.path.join(self.gcodes, dirname, ".thumbs")

@@ -818,6 +818,42 @@ def upload(address, path, file_name=None, owner="alice", unique_name=None, timeo
     return reply.status, reply.body
 
 
+def captured_upload(path, file_name=None, owner="alice", unique_name=None, timeout=60.0):
+    """The request upload() makes, as a server receives it: Cura's own
+    _startPrintJobUpload posts path to a one-request loopback server.
+    Returns (headers, body): headers a dict with lower-case names, body the
+    multipart bytes exactly as Cura sent them (with unique_name: the
+    require_printer_name part the printer picker adds)."""
+    import http.server
+
+    got = {}
+
+    class Capture(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            got["headers"] = {k.lower(): v for k, v in self.headers.items()}
+            got["body"] = self.rfile.read(int(self.headers["Content-Length"]))
+            self.send_response(200)
+            self.send_header("Content-Length", "2")
+            self.send_header("Connection", "close")
+            self.end_headers()
+            self.wfile.write(b"{}")
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Capture)
+    thread = threading.Thread(target=server.handle_request, daemon=True)
+    thread.start()
+    try:
+        status, _ = upload("127.0.0.1:%d" % server.server_port, path, file_name, owner,
+                           unique_name, timeout)
+    finally:
+        thread.join(timeout)
+        server.server_close()
+    assert status == 200 and "body" in got, status
+    return got["headers"], got["body"]
+
+
 # --------------------------------------------------------------------------
 # UFP
 

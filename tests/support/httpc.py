@@ -54,19 +54,28 @@ def get_json(base_url, path):
     return r.json()
 
 
-def multipart(fields, files, boundary="boundary_.oOo._MjE+Mzk/NDU="):
+def multipart(fields, files, boundary="boundary_.oOo._MjE+Mzk/NDU=",
+              after=None):
     """Body in Qt's layout (cura-protocol.md 4.2): quoted boundary with
-    + and /, an unquoted name=owner, no Content-Type on the file part."""
+    + and /, an unquoted name=owner, no Content-Type on the file part.
+    after: text fields after the files (where Cura puts
+    require_printer_name); values str, or bytes sent as they are."""
     out = []
-    for name, value in fields.items():
-        out.append(b"--%s\r\nContent-Disposition: form-data; name=%s\r\n"
-                   b"Content-Type: text/plain\r\n\r\n%s\r\n" % (
-                       boundary.encode(), name.encode(), value.encode()))
+
+    def text_parts(fields):
+        for name, value in (fields or {}).items():
+            out.append(b"--%s\r\nContent-Disposition: form-data; name=%s\r\n"
+                       b"Content-Type: text/plain\r\n\r\n%s\r\n" % (
+                           boundary.encode(), name.encode(),
+                           value if isinstance(value, bytes)
+                           else value.encode()))
+    text_parts(fields)
     for name, (filename, data) in files.items():
         out.append(b'--%s\r\nContent-Disposition: form-data; name="%s"; '
                    b'filename="%s"\r\n\r\n' % (
                        boundary.encode(), name.encode(), filename.encode()))
         out.append(data + b"\r\n")
+    text_parts(after)
     out.append(b"--%s--\r\n" % (boundary.encode(),))
     body = b"".join(out)
     return body, {"Content-Type": 'multipart/form-data; boundary="%s"'

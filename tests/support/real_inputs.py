@@ -213,10 +213,18 @@ def package():
 
 class UploadRequest:
     """What the module's receive_upload reads of an HTTP request, over the
-    body Cura's client sends (httpc.multipart: Qt's layout)."""
-    def __init__(self, filename, data, owner):
-        body, headers = httpc.multipart({"owner": owner},
-                                        {"file": (filename, data)})
+    body Cura's client sends (httpc.multipart: Qt's layout; fields: text
+    parts before the file, after: after it), or over sent: (headers,
+    body) as Cura's own code sent them (cura_client.captured_upload)."""
+    def __init__(self, filename=None, data=None, owner="alice", fields=(),
+                 after=None, sent=None):
+        if sent is None:
+            body, headers = httpc.multipart(
+                dict({"owner": owner}, **dict(fields)),
+                {"file": (filename, data)}, after=after)
+        else:
+            headers, body = sent
+            headers = {"Content-Type": headers["content-type"]}
         self.body = io.BytesIO(body)
         self.length = len(body)
         self.boundary = re.search(r'boundary="([^"]+)"',
@@ -235,15 +243,87 @@ class UploadRequest:
         return self.body.readinto(buf)
 
 
-def upload(api, sample, filename=None, owner="alice"):
+def upload(api, sample, filename=None, owner="alice", **parts):
     """sample received as POST /print_jobs receives it (receive_upload,
-    FileIntake) and queued by api (a CuraApi): the reply dict."""
+    FileIntake) and queued by api (a CuraApi): the reply dict.  parts:
+    UploadRequest's fields and after."""
     package()
     from _cura_connection.api import receive_upload
+    if sample is not None:      # (else parts' sent: a captured request)
+        parts.update(filename=filename or sample.filename, data=sample.data)
     return receive_upload(
-        UploadRequest(filename or sample.filename, sample.data, owner),
+        UploadRequest(owner=owner, **parts),
         api.intake, lambda: len(api.store.queue), api.max_queue,
         lambda name, who, meta: api.add_upload(name, who, meta, "127.0.0.1"))
+
+
+class MetaSpy:
+    """A CuraApi (Klippy's side) over tmp_path whose add_upload records
+    the metadata each upload brings (upload: a sample received by
+    receive_upload, as Klippy's own server receives it)."""
+    def __init__(self, tmp_path):
+        self.gcodes = str(tmp_path / "gcodes")
+        os.makedirs(self.gcodes)
+        os.makedirs(str(tmp_path / "data"))
+        self.api = cura_api(self.gcodes, str(tmp_path / "data"))
+        self.metas = []
+        add = self.api.add_upload
+
+        def spy(filename, owner, meta, address):
+            self.metas.append(meta)
+            return add(filename, owner, meta, address)
+        self.api.add_upload = spy
+
+    def upload(self, key="marlin", **parts):
+        upload(self.api, None if "sent" in parts else sample(key), **parts)
+        return self.metas[-1]
+
+    def left(self):
+        return sorted(os.listdir(self.gcodes))
+
+
+class LinkedFront:
+    """The front process's end of the link to Klippy's side, without the
+    socket: each call's arguments cross as JSON (as frames carry them) to
+    Klippy's side, whose reservations it stands in for and whose
+    add_upload (spy's) it calls."""
+    def __init__(self, spy):
+        self.spy = spy
+        self.queued = 0
+
+    def call(self, op, **args):
+        args = json.loads(json.dumps(args))
+        if op == "reserve":
+            return {"token": 1}
+        if op == "grow":
+            return {}
+        assert op == "add_upload", op
+        return json.loads(json.dumps(self.spy.api.add_upload(**args)))
+
+    def send(self, key, payload=b""):
+        pass
+
+
+class FrontRequest(UploadRequest):
+    client_address = ("127.0.0.1", 40000)
+
+    def require_control(self):
+        pass
+
+
+def front_upload(spy, key="marlin", **parts):
+    """Sample key (or parts' sent: a captured request) received by the
+    front process's FrontUploads and handed to spy's Klippy's side: the
+    metadata that arrives there."""
+    package()
+    from _cura_connection.front import FrontUploads
+    uploads = FrontUploads(LinkedFront(spy), {
+        "max_queue": 100, "gcodes": spy.gcodes, "max_upload": 1 << 30})
+    if "sent" not in parts:
+        parts.update(filename=sample(key).filename, data=sample(key).data)
+    status, reply = uploads.post_print_job(FrontRequest(**parts))
+    assert status == 200 and reply["filename"] in spy.left()
+    return spy.metas[-1]
 
 
 class QueueOnly:

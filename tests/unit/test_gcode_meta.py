@@ -6,7 +6,8 @@ import pytest
 
 import gcode_samples
 
-from _cura_connection.gcode_meta import (gcode_comment_lines,
+from _cura_connection.gcode_meta import (checked_bounds, fits,
+                                         gcode_comment_lines,
                                          parse_gcode_metadata,
                                          read_gcode_metadata,
                                          valid_job_materials)
@@ -176,3 +177,109 @@ def test_griffin_header_materials():
     assert parse_gcode_metadata(marlin, b"")["materials"] == []
     assert valid_job_materials(
         parse_gcode_metadata(head, b"")["materials"])
+
+
+def bounds_of(text):
+    data = text.encode() if isinstance(text, str) else text
+    return parse_gcode_metadata(gcode_comment_lines(data), b"")["bounds"]
+
+
+def test_bounds_from_cura_headers():
+    # CuraEngine's Marlin-flavour header, and its Griffin header
+    assert bounds_of(gcode_samples.cura_marlin_header() + "G1 X1\n") == [
+        90.1, 90.1, 0.2, 129.9, 129.9, 20.]
+    assert bounds_of(gcode_samples.cura_gcode()) == [
+        9., 6., 0.27, 173., 160., 58.]
+    # a Griffin box may lie around the bed's centre; CRLF line ends
+    griffin = gcode_samples.griffin_header().replace(
+        ";PRINT.SIZE.MIN.X:9", ";PRINT.SIZE.MIN.X:-110.5").replace(
+        "\n", "\r\n")
+    assert bounds_of(griffin)[0] == -110.5
+    # the box of a header only: a later comment does not move it
+    assert bounds_of(gcode_samples.cura_marlin_header()
+                     + "G1 X1\n;MINX:0\n")[0] == 90.1
+
+
+def test_no_bounds_from_prusaslicer_and_orca():
+    prusa = gcode_samples.prusaslicer_gcode([], "G1 X1\n")
+    orca = gcode_samples.orcaslicer_gcode([], "G1 X1\n")
+    assert bounds_of(prusa) is None and bounds_of(orca) is None
+    assert bounds_of(";FLAVOR:Marlin\n;TIME:60\nG1 X1\n") is None
+
+
+def marlin_box(minx="0", maxx="220"):
+    return (";FLAVOR:Marlin\n;TIME:60\n;Layer height: 0.2\n;MINX:%s\n"
+            ";MINY:0\n;MINZ:0.2\n;MAXX:%s\n;MAXY:220\n;MAXZ:10\n"
+            % (minx, maxx))
+
+
+@pytest.mark.parametrize("minx, maxx", [
+    ("abc", "220"), ("nan", "220"), ("inf", "220"), ("0", "1e999"),
+    # CuraEngine's empty box (nothing sliced): its sentinels
+    ("9.22337e+15", "-9.22337e+15"),
+    ("100001", "100002"), ("-100001", "0"),
+    ("300", "220"),                 # min above max
+    ("1" * 20, "220"), ("", "220"), ("0x10", "220"), ("1,5", "220"),
+], ids=["word", "nan", "inf", "1e999", "empty box", "far", "far below",
+        "min>max", "20 digits", "empty", "hex", "comma"])
+def test_garbage_bounds_give_none(minx, maxx):
+    assert bounds_of(marlin_box(minx, maxx)) is None
+
+
+def test_bounds_need_all_six_values():
+    assert bounds_of(marlin_box()) == [0., 0., 0.2, 220., 220., 10.]
+    assert bounds_of(marlin_box().replace(";MAXZ:10\n", "")) is None
+    assert bounds_of(marlin_box("-1.5e1", "2.2E2"))[::3] == [-15., 220.]
+
+
+def test_read_gcode_metadata_reads_bounds(tmp_path):
+    p = tmp_path / "cube.gcode"
+    p.write_bytes(gcode_samples.cura_gcode(count=20))
+    assert read_gcode_metadata(str(p))["bounds"] == [
+        9., 6., 0.27, 173., 160., 58.]
+
+
+@pytest.mark.parametrize("value, box", [
+    ([0, 0, 0, 1, 2, 3], [0., 0., 0., 1., 2., 3.]),
+    ((0.5, 0, 0, 1, 2, 3), [0.5, 0., 0., 1., 2., 3.]),
+    (None, None), ([0, 0, 0, 1, 2], None), ("012345", None),
+    ([0, 0, 0, 1, 2, "3"], None), ([0, 0, 0, 1, 2, True], None),
+    ([0, 0, 0, 1, 2, float("nan")], None), ([0, 0, 0, 1, 2, 10 ** 400], None),
+    ([0, 0, 5, 1, 2, 3], None), ([0, 0, 0, 1, 2, 100001], None),
+])
+def test_checked_bounds(value, box):
+    # (what the front process passes on is checked again)
+    assert checked_bounds(value) == box
+
+
+# Klipper's toolhead status: [x, y, z, e]
+VORON_MIN = [0., 0., -2., 0.]
+VORON_MAX = [300., 300., 280., 0.]
+
+
+def test_fits():
+    assert fits([10, 10, 0.2, 290, 300, 100], VORON_MIN, VORON_MAX,
+                "voron") == (True, "")
+    assert fits([0, 0, 0, 320, 200, 10], VORON_MIN, VORON_MAX,
+                "voron") == (
+        False, "needs X 0.0..320.0 mm, voron reaches 0.0..300.0")
+    ok, why = fits([-5, 0, 0, 100, 100, 290], VORON_MIN, VORON_MAX, "voron")
+    assert not ok and why == ("needs X -5.0..100.0 mm, voron reaches "
+                              "0.0..300.0; needs Z 0.0..290.0 mm, voron "
+                              "reaches -2.0..280.0")
+    # margin: how far a print may overstep (negative: room to spare)
+    assert fits([0, 0, 0, 301, 10, 10], VORON_MIN, VORON_MAX, "voron",
+                margin=1.)[0]
+    assert not fits([0, 0, 0, 300, 10, 10], VORON_MIN, VORON_MAX, "voron",
+                    margin=-1.)[0]
+
+
+@pytest.mark.parametrize("bounds, low, high", [
+    (None, VORON_MIN, VORON_MAX),
+    ([0, 0, 0, 999, 999, 999], None, VORON_MAX),
+    ([0, 0, 0, 999, 999, 999], VORON_MIN, None),
+    ([0, 0, 0, 999, 999, 999], [], []),
+    ([0, 0, 0, 999, 999, 999], [float("nan")] * 3, [float("inf")] * 3),
+], ids=["no bounds", "no minimum", "no maximum", "empty", "not finite"])
+def test_fits_what_is_not_known(bounds, low, high):
+    assert fits(bounds, low, high, "voron") == (True, "")

@@ -4,7 +4,10 @@ import os
 
 import pytest
 
-from _cura_connection.errors import Conflict, NoSpace, TooLarge, Unsupported
+import real_inputs
+
+from _cura_connection.errors import (BadInput, Conflict, NoSpace, TooLarge,
+                                     Unsupported, error_status)
 from _cura_connection.intake import (FileIntake, GcodeOutput, GzipWriter,
                                      SPACE_MARGIN, TEXT_CHECK_BYTES)
 
@@ -134,3 +137,74 @@ def test_gcode_output_keeps_the_margin(tmp_path, monkeypatch):
     with pytest.raises(NoSpace):
         gcode.upload.intake.check_room(gcode.upload, 15 * MiB)
     gcode.upload.intake.check_room(gcode.upload, 14 * MiB)
+
+
+TARGET = "require_printer_name"
+
+
+@pytest.mark.parametrize("parts, name", [
+    ({"after": {TARGET: "voron_2"}}, "voron_2"),     # where Cura puts it
+    ({"fields": {TARGET: "voron_2"}}, "voron_2"),
+    ({"after": {TARGET: " \tprinter two\r\n"}}, "printer two"),
+    ({"after": {TARGET: "dr\u00fccker"}}, "dr\u00fccker"),
+    ({"after": {TARGET: "x" * 128}}, "x" * 128),
+    ({"after": {TARGET: ""}}, ""),
+    ({}, ""),                                       # "Automatic"
+], ids=["after file", "before file", "stripped", "utf-8", "128 chars",
+        "empty", "absent"])
+def test_upload_names_its_printer(tmp_path, parts, name):
+    spy = real_inputs.MetaSpy(tmp_path)
+    meta = spy.upload(**parts)
+    assert meta[TARGET] == name
+    assert meta["bounds"] == [90.1, 90.1, 0.2, 129.9, 129.9, 20.]
+    assert spy.left() == ["marlin_part.gcode"]
+
+
+@pytest.mark.parametrize("value, why", [
+    ("x" * 129, "longer than 128"),
+    ("voron\x1b[2J", "control"),
+    ("voron\x00", "control"),
+    ("vor\non", "control"),
+    ("\u202enorov", "control"),        # a direction override
+    (b"voron\xff", "UTF-8"),
+], ids=["129 chars", "escape", "nul", "line break", "override", "latin-1"])
+@pytest.mark.parametrize("where", ["after", "fields"])
+def test_upload_with_a_bad_printer_name_is_refused(tmp_path, value, why,
+                                                   where):
+    spy = real_inputs.MetaSpy(tmp_path)
+    with pytest.raises(BadInput) as e:
+        spy.upload(**{where: {TARGET: value}})
+    assert e.value.message.startswith(TARGET + " ") and why in \
+        e.value.message
+    assert error_status(e.value) == 400
+    # nothing kept: no job, no file, no part file
+    assert spy.metas == [] and spy.left() == []
+    assert spy.api.store.queue == []
+
+
+@pytest.mark.parametrize("key, bounds", [
+    ("ufp_pla", [9., 6., 0.27, 173., 160., 58.]),   # libcharon's UFP
+    ("griffin_one", [9., 6., 0.27, 173., 160., 58.]),
+    ("cura5_thumbnail", [90.1, 90.1, 0.2, 129.9, 129.9, 20.]),
+    ("gcode_gz", None), ("prusaslicer", None), ("orcaslicer", None),
+])
+def test_upload_bounds(tmp_path, key, bounds):
+    spy = real_inputs.MetaSpy(tmp_path)
+    meta = spy.upload(key)
+    assert meta["bounds"] == bounds
+    # the disk worker reads a file's metadata the same way
+    name, = [n for n in spy.left() if n.endswith(".gcode")]
+    assert spy.api.intake.read_metadata(name)["bounds"] == bounds
+
+
+def test_front_passes_the_target_and_bounds_on(tmp_path):
+    spy = real_inputs.MetaSpy(tmp_path)
+    meta = real_inputs.front_upload(spy, after={TARGET: "voron_2"})
+    assert meta[TARGET] == "voron_2"
+    assert meta["bounds"] == [90.1, 90.1, 0.2, 129.9, 129.9, 20.]
+    meta = real_inputs.front_upload(spy, "ufp_pla")
+    assert meta[TARGET] == "" and meta["bounds"] == [
+        9., 6., 0.27, 173., 160., 58.]
+    assert real_inputs.front_upload(spy, "prusaslicer")["bounds"] is None
+    with pytest.raises(BadInput):
+        real_inputs.front_upload(spy, after={TARGET: "voron\x1b"})
