@@ -22,7 +22,7 @@ import uuid
 
 from .definition import definition_download, web_page
 from .errors import Conflict, CuraError, HTTPError, NotFound, storage_error
-from .gcode_meta import fits
+from .gcode_meta import checked_bounds, fits
 from .intake import parse_small_multipart
 from .jobs import ACTIONS, ACTIVE, JOB_FIELDS, Job
 from .limits import MAX_MATERIAL_BODY
@@ -521,14 +521,15 @@ class CuraApi:
         cannot be saved; either way the file is removed."""
         # (meta comes from the front process too: cleaned again)
         name = label_text(meta.get("name"), MAX_JOB_NAME)
+        bounds = checked_bounds(meta.get("bounds"))
         try:
             target = self.target_of(meta.get("require_printer_name") or "",
-                                    meta.get("bounds"), filename)
+                                    bounds, filename)
         except CuraError:
             self.intake.remove(filename, meta["preview"])
             raise
         job = Job(name=name or os.path.splitext(filename)[0],
-                  target=target, bounds=meta.get("bounds"),
+                  target=target, bounds=bounds,
                   filename=filename, owner=owner,
                   time_estimate=meta["time_estimate"],
                   time_total=meta["time_estimate"], preview=meta["preview"],

@@ -301,14 +301,3 @@ def is_preview_image(data):
     # What Cura's preview (a QImage) decodes and we serve: PNG and JPEG
     return image_type(data) != "application/octet-stream"
 
-
-def fits(bounds, axis_minimum, axis_maximum, printer_name):
-    # TEMPORARY (replaced by the intake branch's)
-    if bounds is None or axis_minimum is None or axis_maximum is None:
-        return True, ""
-    for i, axis in enumerate("XYZ"):
-        if bounds[i] < axis_minimum[i] or bounds[i + 3] > axis_maximum[i]:
-            return False, "needs %s %g..%g mm, %s reaches %g..%g" % (
-                axis, bounds[i], bounds[i + 3], printer_name,
-                axis_minimum[i], axis_maximum[i])
-    return True, ""

@@ -1,4 +1,6 @@
 # TEMPORARY stand-in until the Moonraker client lands.
+#
+# This file may be distributed under the terms of the GNU GPLv3 license.
 class MemberError(Exception):
     def __init__(self, message):
         Exception.__init__(self, message)

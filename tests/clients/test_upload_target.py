@@ -51,7 +51,10 @@ def test_a_printer_name_upload_in_the_real_klippy(cura, klippy_factory, ufp,
                                                  front):
     # Both processes receive the part after the file and queue the job;
     # a name with control characters is refused whole (400, no job)
-    k = klippy_factory(module_options={"front_process": front})
+    # (voron_2: a member whose Moonraker is not there: the job waits)
+    k = klippy_factory(module_options={
+        "front_process": front,
+        "group_printers": "voron_2=http://127.0.0.1:9"})
     addr = "127.0.0.1:%d" % (k.cura_port(),)
     status, body = cura_client.upload(addr, str(ufp), "bad.ufp",
                                       unique_name="voron\x1b[2J")
@@ -60,6 +63,9 @@ def test_a_printer_name_upload_in_the_real_klippy(cura, klippy_factory, ufp,
     assert status == 200, body
     wait_for(lambda: [j["name"] for j in httpc.jobs(k.base_url())]
              == ["cube"], 20., "the job")
+    job, = httpc.jobs(k.base_url())
+    assert job["constraints"] == {"require_printer_name": "voron_2"}
+    assert job["status"] == "queued" and "printer_uuid" not in job
     # (nothing of the refused upload kept)
     assert sorted(n for n in os.listdir(k.gcodes_dir)
                   if not n.startswith(".")) == ["cube.gcode"]

@@ -374,7 +374,7 @@ def test_uploads_name_a_printer_that_fits(tmp_path):
     assert api.target_of("m1", big, "x.gcode") == m1.uuid
     assert api.target_of("", big, "x.gcode") == ""
     assert api.target_of("test", None, "x.gcode") == HOST
-    with pytest.raises(Conflict, match="needs X 0..400 mm, m0 reaches"):
+    with pytest.raises(Conflict, match="needs X 0.0..400.0 mm, m0 reaches"):
         api.target_of("m0", big, "x.gcode")
     with pytest.raises(NotFound, match="No printer nope"):
         api.target_of("nope", None, "x.gcode")
