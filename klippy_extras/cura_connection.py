@@ -61,7 +61,8 @@ from _cura_connection.definition import (
 from _cura_connection.discovery import ZeroconfAnnouncer
 from _cura_connection.front_link import FrontLink
 from _cura_connection.gcode_meta import fits
-from _cura_connection.group import GroupMember, PrinterGroup, parse_group
+from _cura_connection.group import (
+    GroupMember, MEMBER_EXTRUDERS, PrinterGroup, parse_group)
 from _cura_connection.http_server import CuraHTTPServer, CuraHTTPServer6
 from _cura_connection.instances import (
     OLD_STATE_DIR, StateLock, default_printer_name, gcodes_owner,
@@ -119,7 +120,8 @@ class CuraConnection:
             self.name, self.printer_uuid, self.machine_bom,
             self.machine_variant, self.print_core_ids, self.printer
             .get_start_args().get("software_version", "unknown"))
-        members = self._read_group(config)
+        members = self._read_group(config, data_path,
+                                   hold_material_mismatch)
         # The parts, in data order
         self.lifecycle = None
         self.bridge = KlippyBridge(config, extruders, self._handle_snapshot)
@@ -136,10 +138,11 @@ class CuraConnection:
         self.access = AccessPolicy(trusted, self.allow_control,
                                    self.require_pairing, self.auth)
         for dirname in (gcodes, os.path.join(gcodes, ".thumbs"), data_path,
-                        os.path.join(data_path, "materials")):
+                        os.path.join(data_path, "materials"),
+                        os.path.join(data_path, "members")):
             remove_stale_temp_files(dirname)
         self.disk = DiskWorker([self.store, self.loaded, self.auth,
-                                self.materials],
+                                self.materials] + [m.loaded for m in members],
                                self.bridge.reactor,
                                self.intake.read_metadata,
                                self.store.set_metadata)
@@ -198,17 +201,26 @@ class CuraConnection:
             self.machine_bom, self.machine_variant = \
                 CURA_MACHINES[self.machine]
 
-    def _read_group(self, config):
-        # The printers of the group this one hosts (group_printers)
+    def _read_group(self, config, data_path, hold_material_mismatch):
+        # The printers of the group this one hosts (group_printers), each
+        # with the materials loaded in it (kept in data_path/members)
         try:
             entries = parse_group(config.get("group_printers", ""),
                                   config.get("group_api_keys", ""),
                                   config.get("group_auto_start_next", ""),
                                   self.name)
-            return [GroupMember(name, url, key, self.printer_uuid, auto)
-                    for name, url, key, auto in entries]
+            members = [GroupMember(name, url, key, self.printer_uuid, auto,
+                                   None) for name, url, key, auto in entries]
         except ValueError as e:
             raise config.error("cura_connection: %s" % (e,))
+        if members:
+            os.makedirs(os.path.join(data_path, "members"), exist_ok=True)
+        for m in members:
+            m.loaded = LoadedMaterials(
+                os.path.join(data_path, "members", m.uuid + ".json"),
+                [(name, None) for name in MEMBER_EXTRUDERS],
+                hold_material_mismatch)
+        return members
 
     def _read_camera(self, config):
         self.camera = None
@@ -396,7 +408,7 @@ class CuraConnection:
         commands = [JobCommands(self.lifecycle, self.store, self.loaded,
                                 shown, self.group),
                     MaterialCommands(self.loaded, self.bridge,
-                                     self.lifecycle, shown),
+                                     self.lifecycle, shown, self.group),
                     PairingCommands(self.auth, self.materials,
                                     self.require_pairing)]
         gcode = self.printer.lookup_object("gcode")

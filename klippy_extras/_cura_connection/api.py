@@ -205,10 +205,11 @@ class CuraApi:
         return found, found.fn.__get__(self), args
 
     # JSON models
-    def printer_configuration(self, snap):
+    def printer_configuration(self, snap, loaded=None):
+        loaded = loaded or self.loaded
         return [{"extruder_index": i,
                  "print_core_id": self.identity.print_core_ids[i],
-                 "material": self.material_json(self.loaded.get(i))}
+                 "material": self.material_json(loaded.get(i))}
                 for i in range(self.identity.extruder_count)]
 
     def material_json(self, entry):
@@ -300,7 +301,8 @@ class CuraApi:
             "status": status, "uuid": member.uuid,
             "configuration": [
                 {"extruder_index": i, "print_core_id":
-                 self.identity.print_core_ids[0], "material": None}
+                 self.identity.print_core_ids[0],
+                 "material": self.material_json(member.loaded.get(i))}
                 for i in range(max(1, len(st["extruders"])))],
             "build_plate": {"type": "glass"}, "reserved_by": None,
             "maintenance_required": False,
@@ -318,13 +320,21 @@ class CuraApi:
     def jobs_basis(self):
         # JSON of what jobs' replies are made of besides their fields: the
         # printer's configuration, the loaded entries changes compare
+        members = self.group.members if self.group else []
         return json.dumps([self.printer_configuration(None),
-                           self.loaded.status_cache])
+                           self.loaded.status_cache] + [
+                               m.loaded.status_cache for m in members])
+
+    def loaded_for(self, job):
+        # The loaded materials a job is compared with: those of the
+        # member it is named for or is on, else this printer's
+        member = self.group and self.group.member(job.printer or job.target)
+        return member.loaded if member else self.loaded
 
     def job_configuration(self, job):
         # The printer's configuration, with what the job's file asks of
         # the extruders it names
-        config = self.printer_configuration(None)
+        config = self.printer_configuration(None, self.loaded_for(job))
         for wanted in job.materials:
             if wanted["extruder"] >= len(config):
                 continue
@@ -350,7 +360,8 @@ class CuraApi:
         # Cura's "Configuration change" list for a job that waits for one;
         # material_change only: Cura lets the user override it
         changes = []
-        for index, wanted, loaded in self.loaded.configuration_changes(job):
+        for index, wanted, loaded in self.loaded_for(
+                job).configuration_changes(job):
             target = self.wanted_material_json(wanted)
             origin = self.material_json(loaded)
             changes.append({

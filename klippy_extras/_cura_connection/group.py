@@ -35,6 +35,9 @@ POLL_INTERVAL = 1.
 RETRY_AFTER = 30.
 # How often a member's webcam list is read again
 WEBCAM_CHECK = 60.
+# The extruders a member's loaded materials are kept for (its Klipper's
+# names; its card shows as many as its Moonraker lists)
+MEMBER_EXTRUDERS = ["extruder"] + ["extruder%d" % i for i in range(1, 8)]
 MEMBER_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -101,11 +104,14 @@ class GroupMember(PrinterSlot):
     """A member printer: its slot in the store (the job on it, its plate),
     its Moonraker, what it said last and its follower thread."""
     def __init__(self, name, url, api_key, host_uuid, auto_start_next,
-                 client=None):
+                 loaded, client=None):
         PrinterSlot.__init__(self, member_uuid(host_uuid, name), name,
                              auto_start_next)
         self.url = url
         self.client = client or MoonrakerMember(name, url, api_key)
+        # LoadedMaterials of MEMBER_EXTRUDERS: SET_CURA_MATERIAL PRINTER=
+        # on this console, or the member's own through its macro
+        self.loaded = loaded
         self.status = unreached_status("not reached yet")
         self.seq = 0
         # Held while the follower or an action decides on the member's
@@ -187,10 +193,21 @@ class PrinterGroup:
             if status["reachable"] and status["klippy_state"] == "ready" \
                     and time.monotonic() >= member.retry_at:
                 job = self.store.claim(member, lambda j: self.fits(
-                    member, j)[0])
+                    member, j)[0] and not member.loaded.configuration_changes(
+                        j))
+            self._hold(member)
         if job is not None:
             self._send(member, job)
         self._check_webcam(member, status)
+
+    def _hold(self, member):
+        # The first job named for member waits there for its material
+        # (shown on its card, where Cura offers Override)
+        store = self.store
+        head = store.next_for(member.uuid, lambda j: j.target == member.uuid
+                              and self.fits(member, j)[0])
+        store.member_hold(member, head if head is not None and
+                          member.loaded.configuration_changes(head) else None)
 
     def _set_status(self, member, status):
         old = member.status

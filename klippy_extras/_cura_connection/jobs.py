@@ -201,6 +201,7 @@ class PrinterSlot:
         self.auto_start_next = auto_start_next
         self.current = None
         self.plate_clear = True
+        self.held = None        # the job named for it that waits there
 
 
 class JobStore(SavedState):
@@ -412,10 +413,18 @@ class JobStore(SavedState):
                     others.append(self.current)
             elif self.current:
                 linked.append((self.host_uuid, self.current))
-            linked += [(m.uuid, m.current) for m in self.members.values()
-                       if m.current]
-            shown = held if linked and linked[0][1] is held else None
-            others += [j for j in self.queue if j is not shown]
+            for m in self.members.values():
+                cur = m.current
+                if m.held is not None and m.held in self.queue \
+                        and m.plate_clear and not (cur is not None
+                                                   and cur.status in ACTIVE):
+                    linked.append((m.uuid, m.held))
+                    if cur is not None:
+                        others.append(cur)
+                elif cur is not None:
+                    linked.append((m.uuid, cur))
+            shown = {id(job) for _, job in linked}
+            others += [j for j in self.queue if id(j) not in shown]
             return linked, others
 
     def printer_of(self, job):
@@ -648,6 +657,7 @@ class JobStore(SavedState):
             member.current = job
             if self.held is job:
                 self.held = None
+            member.held = None
             job.printer = member.uuid
             job.status = "pre_print"
             job.started = True
@@ -656,6 +666,14 @@ class JobStore(SavedState):
             member.plate_clear = False
             self._changed()
             return job
+
+    def member_hold(self, member, job):
+        """The job named for member waits there for a configuration
+        change (None: none waits)."""
+        with self.lock:
+            if member.held is not job:
+                member.held = job
+                self.version += 1     # (the job lists show it)
 
     def member_requeue(self, member, job, message):
         """A job that did not reach member goes back to the queue head

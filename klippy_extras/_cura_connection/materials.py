@@ -399,35 +399,49 @@ class MaterialCommands:
     saves; bad input raises only gcmd.error."""
     COMMANDS = ("SET_CURA_MATERIAL",)
 
-    def __init__(self, loaded, bridge, lifecycle, shown):
+    def __init__(self, loaded, bridge, lifecycle, shown, group=None):
         self.loaded = loaded
         self.bridge = bridge
         self.lifecycle = lifecycle
         self.shown = shown
+        self.group = group      # PrinterGroup (PRINTER=) or None
 
     cmd_SET_CURA_MATERIAL_help = (
         "Tell Cura which material is loaded: EXTRUDER= GUID= or MATERIAL= "
-        "BRAND= COLOR= (MATERIAL=empty: none)")
+        "BRAND= COLOR= (MATERIAL=empty: none; PRINTER=<name>: a printer "
+        "of the group)")
     def cmd_SET_CURA_MATERIAL(self, gcmd):
+        printer = gcmd.get("PRINTER", None)
+        member = None
+        if printer is not None and (self.group is None
+                                    or printer != self.group.host_name):
+            if self.group is None or printer not in self.group.by_name:
+                raise gcmd.error("No printer %s in this group" % (printer,))
+            member = self.group.by_name[printer]
+        loaded = member.loaded if member else self.loaded
         name = gcmd.get("EXTRUDER", None)
         if name is None:
-            name = self.bridge.active_extruder()
+            name = "extruder" if member else self.bridge.active_extruder()
         words = {k: v for k, v in gcmd.get_command_parameters().items()
-                 if k != "EXTRUDER"}
+                 if k not in ("EXTRUDER", "PRINTER")}
         if not words:
-            entry = self.loaded.status_cache.get(name)
+            entry = loaded.status_cache.get(name)
             gcmd.respond_info("%s: %s" % (name, " ".join(
                 "%s=%s" % (k.upper(), shlex.quote(v))
                 for k, v in sorted(entry.items())) if entry else "not set"))
             return
         try:
             entry = parse_material_words(words)
-            self.loaded.set(name, entry)
+            loaded.set(name, entry)
         except ValueError as e:
             raise gcmd.error(str(e))
         except CuraError as e:
             raise gcmd.error(e.message)
         # a job waiting for this material starts now
-        self.lifecycle.follow(self.bridge.publish_now())
+        if member is not None:
+            member.wake.set()
+        else:
+            self.lifecycle.follow(self.bridge.publish_now())
         self.shown()
-        gcmd.respond_info("%s: material set for Cura" % (name,))
+        gcmd.respond_info("%s%s: material set for Cura" % (
+            member.name + " " if member else "", name))

@@ -14,7 +14,8 @@ from real_inputs import cura_api
 
 from _cura_connection.errors import Conflict, NotFound
 from _cura_connection.group import (
-    GroupMember, PrinterGroup, REMOTE_DIR, member_uuid, parse_group)
+    GroupMember, MEMBER_EXTRUDERS, PrinterGroup, REMOTE_DIR, member_uuid,
+    parse_group)
 from _cura_connection.jobs import Job, JobStore
 from _cura_connection.materials import LoadedMaterials
 
@@ -30,7 +31,9 @@ class Farm:
         self.fakes = reload_from.fakes if reload_from else [
             FakeMoonraker("m%d" % i) for i in range(n)]
         self.members = [GroupMember(f.name, "http://127.0.0.1:%d" % (
-            7125 + i), None, HOST, auto_start_next, client=f)
+            7125 + i), None, HOST, auto_start_next, LoadedMaterials(
+                str(tmp_path / ("%s.json" % (f.name,))),
+                [(n, None) for n in MEMBER_EXTRUDERS]), client=f)
             for i, f in enumerate(self.fakes)]
         self.store = JobStore(str(tmp_path / "queue.json"), 5, False, HOST,
                               self.members)
@@ -380,3 +383,42 @@ def test_uploads_name_a_printer_that_fits(tmp_path):
         api.target_of("nope", None, "x.gcode")
     with pytest.raises(Conflict, match="fits no printer of this group"):
         api.target_of("", [0., 0., 0., 900., 10., 10.], "x.gcode")
+
+
+PETG = {"extruder": 0, "guid": "1cbfaeb3-1906-4b26-b2e7-6f777a8c197a",
+        "brand": "Generic", "material": "PETG", "color": "Generic",
+        "name": "PETG"}
+
+
+def test_materials_route_jobs_and_hold_the_one_named_for_a_member(
+        tmp_path):
+    farm = Farm(tmp_path)
+    m0, m1 = farm.members
+    for m in farm.members:
+        m.loaded.set("extruder", {"material": "PLA"})
+    anywhere = farm.job("any")
+    anywhere.materials = [PETG]
+    farm.tick()
+    # no member has PETG: it waits in the queue for one that has
+    assert anywhere.status == "queued" and not farm.fakes[0].calls
+    m1.loaded.set("extruder", {"material": "PETG"})
+    farm.tick()
+    assert anywhere.printer == m1.uuid and anywhere.status == "printing"
+    # a job named for m0 waits there, on its card, for its material
+    pinned = farm.job("pinned", target=m0.uuid)
+    pinned.materials = [PETG]
+    farm.tick()
+    assert pinned.status == "queued" and m0.held is pinned
+    assert (m0.uuid, pinned) in farm.store.printer_jobs()[0]
+    api = cura_api(farm.gcodes, str(tmp_path / "data"), store=farm.store,
+                   group=farm.group, loaded=LoadedMaterials(
+                       str(tmp_path / "loaded.json"), [("extruder", None)]),
+                   definition=types.SimpleNamespace(id="test"))
+    changes = api.job_json(pinned, m0.uuid)["configuration_changes_required"]
+    assert [(c["origin_name"], c["target_name"]) for c in changes] == [
+        ("PLA", "PETG")]
+    # Override (force): it goes
+    farm.store.set_force(pinned.uuid, True)
+    farm.tick()
+    assert pinned.status == "printing" and pinned.printer == m0.uuid
+    assert m0.held is None
