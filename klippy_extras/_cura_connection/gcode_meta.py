@@ -174,7 +174,8 @@ def fits(bounds, axis_minimum, axis_maximum, printer_name="the printer",
     axis_maximum as Klipper's toolhead status gives them ([x, y, z, ...]).
     margin: mm the print may overstep the reach by (a negative margin
     demands that much room to spare).  What is not known fits: no
-    bounds, no limits, or one axis without them.  Else (False, reason),
+    bounds, no limits, or one axis without them (or with no reach, as
+    kinematics none shows).  Else (False, reason),
     the reason naming every axis that does not fit."""
     if bounds is None or axis_minimum is None or axis_maximum is None:
         return True, ""
@@ -182,8 +183,8 @@ def fits(bounds, axis_minimum, axis_maximum, printer_name="the printer",
     for axis, letter in enumerate("XYZ"):
         low = _limit(axis_minimum, axis)
         high = _limit(axis_maximum, axis)
-        if low is None or high is None:
-            continue
+        if low is None or high is None or low >= high:
+            continue    # (unknown, or no reach: kinematics none)
         need_low, need_high = bounds[axis], bounds[axis + 3]
         if need_low < low - margin or need_high > high + margin:
             misses.append("needs %s %.1f..%.1f mm, %s reaches %.1f..%.1f" % (

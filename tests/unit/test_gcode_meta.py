@@ -280,6 +280,9 @@ def test_fits():
     ([0, 0, 0, 999, 999, 999], VORON_MIN, None),
     ([0, 0, 0, 999, 999, 999], [], []),
     ([0, 0, 0, 999, 999, 999], [float("nan")] * 3, [float("inf")] * 3),
-], ids=["no bounds", "no minimum", "no maximum", "empty", "not finite"])
+    # Klipper's kinematics none: a toolhead reaching 0..0 has no box
+    ([0, 0, 0, 999, 999, 999], [0., 0., 0., 0.], [0., 0., 0., 0.]),
+], ids=["no bounds", "no minimum", "no maximum", "empty", "not finite",
+        "kinematics none"])
 def test_fits_what_is_not_known(bounds, low, high):
     assert fits(bounds, low, high, "voron") == (True, "")
