@@ -10,6 +10,7 @@
 import hashlib
 import http.client
 import json
+import re
 import socket
 import threading
 import time
@@ -31,6 +32,7 @@ STATUS_OBJECTS = {
     "toolhead": ["axis_minimum", "axis_maximum"],
 }
 HEATER_FIELDS = ["temperature", "target"]
+HTTP_ERROR_DETAIL = re.compile(r"HTTPError: HTTP \d+: ([^(]*)\((.*)\)\s*$")
 
 
 class MemberError(Exception):
@@ -90,11 +92,18 @@ def sha256_of(path):
 
 
 def moonraker_message(body, reason):
-    """Moonraker's {"error": {"message": ...}}, else the HTTP reason."""
+    """Moonraker's {"error": {"message": ...}}, else the HTTP reason.  For
+    some refusals (a checksum mismatch, a missing file) its message is
+    only the reason and the detail is in the traceback's last line."""
     try:
-        return json.loads(body)["error"]["message"]
+        error = json.loads(body)["error"]
+        message = error["message"]
     except (ValueError, KeyError, TypeError):
         return reason
+    found = HTTP_ERROR_DETAIL.search(error.get("traceback") or "")
+    if found and message == found.group(1).strip():
+        return found.group(2)
+    return message
 
 
 def network_reason(exc):
@@ -316,20 +325,10 @@ class MoonrakerMember:
         try:
             self._request("DELETE", path, "to delete " + filename)
         except MemberError as e:
-            # Moonraker says 400 "Bad Request" for a missing file too
-            if e.status not in (400, 404) or self._exists(filename):
+            # Moonraker 0.11 answers a missing file 400 (its message, the
+            # path, is lost: "Bad Request"); a loaded one 403
+            if e.status not in (400, 404):
                 raise
-
-    def _exists(self, filename):
-        try:
-            self._request("GET", self._path("/server/files/metadata",
-                                            filename=filename),
-                          "the file's metadata")
-        except MemberError as e:
-            if e.status == 404:
-                return False
-            raise
-        return True
 
     # Printing
     @never_reactor

@@ -16,6 +16,7 @@ import json
 import os
 import socket
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -217,3 +218,66 @@ def start_member(workdir, flavor, trusted="127.0.0.0/8", **klippy_kw):
     except BaseException:
         member.close()
         raise
+
+
+class BreakingProxy:
+    """A loopback TCP relay to a member's Moonraker for one connection
+    that breaks an upload half way: after cut_after bytes from the client
+    it stops relaying and sets .reached; once .release is set (at once
+    unless hold) it closes both sides.  proxy.url stands for the member."""
+    def __init__(self, port, cut_after, hold=False):
+        self.port = port
+        self.cut_after = cut_after
+        self.reached = threading.Event()
+        self.release = threading.Event()
+        if not hold:
+            self.release.set()
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = "http://127.0.0.1:%d" % (self.listener.getsockname()[1],)
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        try:
+            client, _ = self.listener.accept()
+        except OSError:          # closed unused
+            return
+        upstream = socket.create_connection(("127.0.0.1", self.port))
+        back = threading.Thread(target=self._back, args=(upstream, client),
+                                daemon=True)
+        back.start()
+        sent = 0
+        try:
+            while sent < self.cut_after:
+                data = client.recv(min(65536, self.cut_after - sent))
+                if not data:
+                    break
+                upstream.sendall(data)
+                sent += len(data)
+        except OSError:
+            pass
+        self.reached.set()
+        self.release.wait()
+        for s in (client, upstream):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            s.close()
+        back.join()
+
+    @staticmethod
+    def _back(upstream, client):
+        try:
+            while True:
+                data = upstream.recv(65536)
+                if not data:
+                    return
+                client.sendall(data)
+        except OSError:
+            return
+
+    def close(self):
+        self.release.set()
+        self.listener.close()
+        self.thread.join(10)

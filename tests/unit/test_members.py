@@ -141,6 +141,23 @@ def test_refusals_carry_moonrakers_message(stub):
     member.close()
 
 
+def test_a_bare_reason_takes_the_detail_from_the_traceback(stub):
+    # Moonraker 0.11's form for a checksum mismatch (the message is only
+    # the HTTP reason)
+    stub.routes[("POST", "/server/files/upload")] = (422, {"error": {
+        "code": 422, "message": "Unprocessable Entity", "traceback":
+        "Traceback (most recent call last):\n  ...\ntornado.web.HTTPError: "
+        "HTTP 422: Unprocessable Entity (File checksum mismatch: expected "
+        "00, calculated 11)\n"}})
+    member = MoonrakerMember("voron", stub.url)
+    with pytest.raises(MemberError) as e:
+        member.upload(__file__, "a.gcode")
+    assert e.value.message == ("voron refused the file: File checksum "
+                               "mismatch: expected 00, calculated 11")
+    assert e.value.status == 422
+    member.close()
+
+
 def test_401_says_what_to_do(stub):
     stub.routes[("GET", "/server/info")] = refused(401, "Unauthorized")
     stub.routes[("POST", "/printer/print/pause")] = refused(401,
@@ -246,8 +263,6 @@ def test_delete_of_a_missing_file_is_no_error(stub):
     # Moonraker 0.11 says 400 "Bad Request" for a missing file
     stub.routes[("DELETE", "/server/files/gcodes/gone%20file.gcode")] = \
         refused(400, "Bad Request")
-    stub.routes[("GET", "/server/files/metadata?filename=gone+file.gcode")] \
-        = refused(404, "Metadata not available for <gone file.gcode>")
     member = MoonrakerMember("voron", stub.url)
     member.delete("gone file.gcode")
     stub.routes[("DELETE", "/server/files/gcodes/busy.gcode")] = refused(
