@@ -116,6 +116,15 @@ def network_reason(exc):
     return getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
 
 
+def extruder_index(name):
+    """0 for extruder, n for extruder<n>, None for other objects."""
+    if name == "extruder":
+        return 0
+    if name.startswith("extruder") and name[8:].isdigit():
+        return int(name[8:])
+    return None
+
+
 def empty_status(error="", klippy_state=None):
     return {"reachable": not error, "error": error,
             "klippy_state": klippy_state, "state_message": "",
@@ -178,7 +187,8 @@ class MoonrakerMember:
                 fresh = self.conn is None
                 if fresh:
                     self.conn = self._connection(timeout)
-                elif self.conn.sock is not None:
+                self.conn.timeout = timeout
+                if self.conn.sock is not None:
                     self.conn.sock.settimeout(timeout)
                 try:
                     self.conn.request(method, path, body, headers)
@@ -189,7 +199,8 @@ class MoonrakerMember:
                     self.conn.close()
                     self.conn = None
                     # Moonraker may have closed an idle keep-alive: once
-                    # more on a new connection
+                    # more on a new connection (a start sent twice is
+                    # refused by Klippy: already printing)
                     if fresh or attempt == 2 or isinstance(e, socket.timeout):
                         raise self._unreachable(e)
         if resp.status >= 300:
@@ -210,6 +221,7 @@ class MoonrakerMember:
         objects' fields are None (extruders []) unless Klippy is ready.
         Never raises for the network: reachable False and the reason."""
         deadline = time.monotonic() + self.timeout
+        info = None
         try:
             info = self._request("GET", "/server/info", "the status",
                                  deadline=deadline)
@@ -229,13 +241,17 @@ class MoonrakerMember:
             return self._read_objects(deadline)
         except MemberError as e:
             self.objects = None
-            return empty_status(e.message)
+            if info is None or e.status is None or e.status == 401:
+                return empty_status(e.message)
+            # Moonraker answered, Klippy went away between two requests
+            status = empty_status(klippy_state="disconnected")
+            status["state_message"] = e.message
+            return status
 
     def _read_objects(self, deadline):
         extruders = sorted((n for n in self.objects
-                            if n == "extruder" or n.startswith("extruder")
-                            and n[8:].isdigit()), key=lambda n: int(
-                                n[8:] or 0))
+                            if extruder_index(n) is not None),
+                           key=extruder_index)
         heaters = extruders + [n for n in self.objects if n == "heater_bed"]
         query = dict(STATUS_OBJECTS)
         query.update((n, HEATER_FIELDS) for n in heaters)
@@ -243,10 +259,13 @@ class MoonrakerMember:
                               {"objects": query}, deadline)["status"]
         web = found.get("webhooks", {})
         status = empty_status(klippy_state=web.get("state", "ready"))
+        if status["klippy_state"] != "ready":
+            self.objects = None
         status["state_message"] = web.get("state_message", "")
         for name in ("print_stats", "virtual_sdcard", "pause_resume"):
             status[name] = found.get(name)
-        heater = lambda n: {f: found.get(n, {}).get(f) for f in HEATER_FIELDS}
+        def heater(name):
+            return {f: found.get(name, {}).get(f) for f in HEATER_FIELDS}
         status["extruders"] = [heater(n) for n in extruders]
         if "heater_bed" in heaters:
             status["heater_bed"] = heater("heater_bed")
@@ -325,8 +344,8 @@ class MoonrakerMember:
         try:
             self._request("DELETE", path, "to delete " + filename)
         except MemberError as e:
-            # Moonraker 0.11 answers a missing file 400 (its message, the
-            # path, is lost: "Bad Request"); a loaded one 403
+            # Moonraker 0.11 answers a missing file 400 ("Invalid file
+            # path"), a loaded one 403
             if e.status not in (400, 404):
                 raise
 
@@ -369,15 +388,25 @@ class MoonrakerMember:
                 for c in cams if c.get("enabled", True)]
 
     def close(self):
-        """Close every connection (an upload under way breaks off)."""
+        """Close every connection; never blocks (any thread).  A request
+        or an upload under way breaks off (one still connecting, at its
+        timeout), and its thread closes it."""
         self.closed = True
-        for conn in list(self.uploads):
-            if conn.sock is not None:
-                try:
-                    conn.sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-        with self.lock:
+        if self.lock.acquire(blocking=False):
             if self.conn is not None:
                 self.conn.close()
                 self.conn = None
+            self.lock.release()
+        else:
+            self._break(self.conn)
+        for conn in list(self.uploads):
+            self._break(conn)
+
+    @staticmethod
+    def _break(conn):
+        sock = conn.sock if conn is not None else None
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass

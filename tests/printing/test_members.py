@@ -109,6 +109,17 @@ def test_upload_print_pause_resume_cancel(member, client, tmp_path):
     client.delete("benchy part.gcode")         # missing: no error
 
 
+def test_names_with_spaces_and_accents(member, client, tmp_path):
+    src = tmp_path / "src.gcode"
+    src.write_text("G28\n")
+    client.upload(str(src), "bénchy 2 (x) & y%.gcode")
+    assert "bénchy 2 (x) & y%.gcode" in member.gcodes()
+    client.start("bénchy 2 (x) & y%.gcode")
+    wait_status(client, print_state("complete"))
+    client.delete("bénchy 2 (x) & y%.gcode")
+    assert "bénchy 2 (x) & y%.gcode" not in member.gcodes()
+
+
 def test_refused_start_says_moonrakers_message(member, client):
     status, body = moonraker_post(member,
                                   "/printer/print/start?filename=nope.gcode")

@@ -80,6 +80,14 @@ def refused(status, message):
     return (status, {"error": {"code": status, "message": message}})
 
 
+def silent_listener():
+    """A loopback socket that accepts connections and never answers."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen(1)
+    return s, "http://127.0.0.1:%d" % (s.getsockname()[1],)
+
+
 def test_url_must_be_http_with_host_and_port():
     assert parse_member_url("http://192.168.1.23:7125") == ("192.168.1.23",
                                                             7125)
@@ -191,11 +199,8 @@ def test_unreachable_member_is_a_status_not_an_exception():
 
 
 def test_poll_ends_when_the_member_never_answers():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    s.listen(1)                            # accepts, never answers
-    member = MoonrakerMember("voron", "http://127.0.0.1:%d"
-                             % (s.getsockname()[1],), timeout=0.5)
+    s, url = silent_listener()
+    member = MoonrakerMember("voron", url, timeout=0.5)
     status = member.poll()
     assert not status["reachable"]
     assert status["error"].endswith("is unreachable: no answer in time")
@@ -281,3 +286,20 @@ def test_close_leaves_no_connection_open(stub):
     member.close()
     assert stub.closed.wait(5)
     assert member.poll()["error"] == "voron is closed"
+
+
+def test_close_breaks_off_a_request_under_way():
+    s, url = silent_listener()
+    member = MoonrakerMember("voron", url, timeout=60.)
+    out = []
+    t = threading.Thread(target=lambda: out.append(member.poll()))
+    t.start()
+    conn, _ = s.accept()
+    assert conn.recv(65536).startswith(b"GET /server/info ")
+    member.close()                # the poll waits: close does not
+    t.join(30)
+    assert not t.is_alive()
+    assert not out[0]["reachable"] and "voron" in out[0]["error"]
+    assert conn.recv(1) == b""             # and the member closed it
+    conn.close()
+    s.close()
