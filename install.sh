@@ -237,6 +237,7 @@ match_final_newline() {   # ORIGINAL REWRITTEN
 # ---------------------------------------------------------------------------
 INST_CONFIGS=()    # config folder of each instance found
 INST_SUFFIXES=()   # its unit name suffix: "", -2, -voron
+INST_NAMES=()      # its name: printer, printer_2, voron
 CHOSEN=""          # index of the chosen instance, when it is one of them
 MOONRAKER_CONF=""
 
@@ -259,6 +260,7 @@ find_instances() {
             *) INST_SUFFIXES+=("-$name") ;;
         esac
         INST_CONFIGS+=("$d/config")
+        INST_NAMES+=("$name")
     done
 }
 
@@ -389,13 +391,17 @@ others() {   # indexes of the instances other than the chosen one
     done
 }
 
+section_port() {   # FILE SECTION DEFAULT -> the port: that [SECTION] of FILE sets, else DEFAULT
+    awk -v h="[$2]" -v d="$3" '/^\[/ { in_s = (substr($0, 1, length(h)) == h) }
+         in_s && /^port[ \t]*[:=]/ { sub(/^port[ \t]*[:=][ \t]*/, ""); sub(/[ \t#;].*/, ""); p = $0 }
+         END { print (p ~ /^[0-9]+$/ ? p : d) }' "$1"
+}
+
 instance_port() {   # CONFIG_DIR -> the port its [cura_connection] sets (8080 by default); nothing without one
     local f
     f=$(grep -Rls --include='*.cfg' '^\[cura_connection\]' "$1" 2>/dev/null | head -n1) || true
     [ -n "$f" ] || return 0
-    awk '/^\[/ { in_s = ($0 ~ /^\[cura_connection\]/) }
-         in_s && /^port[ \t]*[:=]/ { sub(/^port[ \t]*[:=][ \t]*/, ""); sub(/[ \t#;].*/, ""); p = $0 }
-         END { print (p ~ /^[0-9]+$/ ? p : 8080) }' "$f"
+    section_port "$f" cura_connection 8080
 }
 
 # Each instance needs its own port: default --port is the chosen instance's
@@ -986,6 +992,29 @@ check_printer_cfg() {
     fi
 }
 
+# The other instances as group members of this one, reached through their
+# Moonraker ([server] port:, 7125 by default) on this host. Printed only:
+# a group is the user's choice.
+group_hint() {
+    local i name names=" " line=""
+    for i in $(others); do
+        if same_dir "${INST_CONFIGS[i]}" "$CONFIG_DIR"; then continue; fi
+        # a member's name: letters, digits, - _ . (a letter or digit first)
+        name=$(printf '%s' "${INST_NAMES[i]}" | tr -c 'A-Za-z0-9_.-' '_' | sed 's/^[^A-Za-z0-9]*//' | cut -c1-60)
+        [ -n "$name" ] || name="printer_$((i + 1))"
+        while [[ "$names" == *" $name "* ]]; do name="${name}_$((i + 1))"; done
+        names+="$name "
+        line+="${line:+, }$name=http://127.0.0.1:$(section_port "${INST_CONFIGS[i]}/moonraker.conf" server 7125)"
+    done
+    [ -n "$line" ] || return 0
+    say "One Cura group (optional)"
+    info "for Cura to see this host's other Klipper instances as one group with this one,"
+    info "add this line under [cura_connection] in $(tildify "$CONFIG_DIR")/printer.cfg:"
+    echo
+    echo "    group_printers: $line"
+    echo
+}
+
 restart_klipper() {
     if [ "$DO_RESTART" = 0 ]; then
         say "Not restarting Klipper (--no-restart): restart it to load the module"
@@ -1048,6 +1077,7 @@ main() {
     install_port80
     install_moonraker
     check_printer_cfg
+    group_hint
     restart_klipper
     finish installed
 }

@@ -358,3 +358,247 @@ def test_page_shows_names_as_given_and_the_definition_folders(
                  "Linux: ~/.local/share/cura/<version>"):
         assert line in howto, howto
     assert "~/.config/cura/<version>, which is not it" in howto
+
+
+class GroupServer:
+    """The page's server for a group without real members: the page's
+    bytes as the module served them, fixed API replies in the module's
+    shapes, previews and cameras as pictures; records what the page asks
+    and sends."""
+
+    def __init__(self, page, printers, print_jobs, history):
+        import http.server
+        import json
+        import threading
+        self.requests = []          # (method, path, JSON body or None)
+        routes = {"/cluster-api/v1/printers": printers,
+                  "/cluster-api/v1/print_jobs": print_jobs,
+                  "/cluster-api/v1/print_jobs/history": history}
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def reply(self, status, body, ctype):
+                self.send_response(status)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_GET(self):
+                path = self.path.split("?", 1)[0]
+                server.requests.append(("GET", self.path, None))
+                if path in ("/print_jobs", "/printers"):
+                    self.reply(200, page, "text/html; charset=utf-8")
+                elif path in routes:
+                    self.reply(200, json.dumps(routes[path]).encode(),
+                               "application/json")
+                elif path.endswith("/preview_image"):
+                    self.reply(200, picture(), "image/png")
+                elif path.endswith("/camera") and any(
+                        p["camera"] and path in (
+                            "/printers/camera",
+                            "/cluster-api/v1/printers/%s/camera"
+                            % (p["uuid"],)) for p in printers):
+                    # (a still picture: an <img> shows it as a stream's)
+                    self.reply(200, picture(320, 180), "image/png")
+                else:
+                    self.reply(404, b'{"message": "not here"}',
+                               "application/json")
+
+            def do_action(self):
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else b""
+                server.requests.append((self.command, self.path,
+                                        json.loads(body) if body else None))
+                self.reply(200, b"{}", "application/json")
+            do_POST = do_PUT = do_DELETE = do_action
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0),
+                                                     Handler)
+        self.thread = threading.Thread(target=self.httpd.serve_forever,
+                                       daemon=True)
+        self.thread.start()
+
+    def url(self):
+        return "http://127.0.0.1:%d" % (self.httpd.server_address[1],)
+
+    def sent(self):
+        return [r for r in self.requests if r[0] != "GET"]
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def group_replies(host):
+    """A group of three in the shapes the module lists it: this printer
+    (its card as the module made it) idle with a finished job waiting for
+    its plate, "voron" printing, "ender" unreachable; a queue with one
+    job for ender and one for any printer."""
+    import uuid
+    host = dict(host, status="idle", plate_clear=False, camera=True)
+    member = {k: v for k, v in host.items() if k != "machine_definition"}
+    voron = dict(member, friendly_name="voron", unique_name="voron",
+                 uuid=str(uuid.uuid4()), status="printing",
+                 klipper_state="ready", state_message="Printer is ready",
+                 extruders=[{"temperature": 215.2, "target": 215.}],
+                 heater_bed={"temperature": 60.1, "target": 60.},
+                 plate_clear=True, progress=0.42, camera=True,
+                 group_member=True)
+    ender = dict(member, friendly_name="ender", unique_name="ender",
+                 uuid=str(uuid.uuid4()), status="unreachable",
+                 klipper_state="unreachable",
+                 state_message="http://127.0.0.1:7126: connection refused",
+                 extruders=[], heater_bed=None, plate_clear=True,
+                 progress=None, camera=False, group_member=True)
+
+    def job(name, status, printer=None, target=None, **fields):
+        d = {"uuid": str(uuid.uuid4()), "name": name, "owner": "alice",
+             "created_at": "2026-12-08T08:00:00Z", "status": status,
+             "started": status != "queued", "force": False,
+             "machine_variant": host["machine_variant"],
+             "time_total": 3600, "time_elapsed": 0,
+             "configuration": host["configuration"],
+             "constraints": {"require_printer_name": target} if target
+             else [],
+             "configuration_changes_required": [],
+             "impediments_to_printing": [], "build_plate": {"type": "glass"},
+             "compatible_machine_families": [host["machine_variant"]],
+             "filename": name + ".gcode", "source": "cura",
+             "has_preview": True, "finished_at": None}
+        if printer:
+            d["printer_uuid"] = d["assigned_to"] = printer["uuid"]
+        d.update(fields)
+        return d
+    print_jobs = [
+        job("cube", "wait_cleanup", host, time_elapsed=3500,
+            finished_at="2026-12-08T09:00:00Z"),
+        job("gear", "printing", voron, time_elapsed=1500),
+        job("bracket", "queued", target="ender", has_preview=False),
+        job("clip", "queued", time_total=600)]
+    history = [job("hook", "finished", printed_on_uuid=voron["uuid"],
+                   time_elapsed=1200, finished_at="2026-12-08T07:00:00Z")]
+    return [host, voron, ender], print_jobs, history
+
+
+def test_page_shows_every_printer_of_a_group(klippy_factory, browser):
+    k = klippy_factory(module_options={"name": "workshop"})
+    base = k.base_url()
+    # the page as the module serves it; its JSON a group's
+    r = httpc.request(base, "GET", "/print_jobs",
+                      headers={"Accept": "text/html"})
+    assert r.status == 200, r
+    printers, print_jobs, history = group_replies(
+        httpc.get_json(base, "/cluster-api/v1/printers")[0])
+    host, voron, ender = printers
+    server = GroupServer(r.body, printers, print_jobs, history)
+    try:
+        run_group_scenario(browser, server, host, voron, ender, print_jobs)
+    finally:
+        server.close()
+
+
+def panel(printer, css=""):
+    """The selector of (css in) a member's section."""
+    return 'section.member[data-uuid="%s"] %s' % (printer["uuid"], css)
+
+
+def run_group_scenario(browser, server, host, voron, ender, print_jobs):
+    cube, gear, bracket, clip = print_jobs
+    browser.get(server.url() + "/print_jobs")
+    wait_for(lambda: browser.execute_script(
+        "return document.body.dataset.loaded"), what="page loaded")
+    # this printer as on its own, then one section per member, in order
+    assert text(browser, "printer-name") == "workshop"
+    assert texts(browser, "section.member h2") == ["voron", "ender"]
+    assert texts(browser, "#current-job .name") == ["cube"]
+    assert "Finished" in text(browser, "current-job")
+    # voron prints gear: its progress, its buttons, no plate button
+    gear_box = texts(browser, panel(voron, ".member-job"))[0]
+    assert "gear" in gear_box and "Printing" in gear_box
+    assert "42 %" in gear_box and "left" in gear_box
+    assert texts(browser, panel(voron, ".pill")) == ["Printing"]
+    assert "215°" in texts(browser, panel(voron, ".temps"))[0]
+    assert texts(browser, panel(voron, "button")) == [
+        "Pause", "Abort", "Pause camera"]
+    # ender is unreachable, says why, has no job and no camera
+    assert texts(browser, panel(ender, ".pill")) == ["Unreachable"]
+    assert texts(browser, panel(ender, ".msg")) == [
+        "http://127.0.0.1:7126: connection refused"]
+    assert texts(browser, panel(ender, ".member-job")) == [
+        "No job on the printer."]
+    assert not browser.find_element(
+        "css selector", panel(ender, ".member-camera")).is_displayed()
+    # the plate button only where a job waits for its plate: this printer
+    assert len(browser.find_elements("css selector", ".plate-cleared")) == 1
+    assert browser.find_elements("id", "plate-cleared")
+    # the queue says which printer each job waits for; no "plate" notice
+    # (another printer may take the next job)
+    assert texts(browser, "#queue-list .name") == ["bracket", "clip"]
+    assert texts(browser, "#queue-list .target") == [
+        "Printer: ender", "Printer: First available"]
+    assert "waits until the build plate" not in text(browser, "queue-list")
+    # the history says where a job printed
+    assert "on voron" in text(browser, "history-list")
+    # each camera through its own URL: this printer's as always, voron's
+    # through its relay; none for ender
+    camera_of = {"host": "#camera-image",
+                 "voron": panel(voron, "img.stream")}
+    for what, css in camera_of.items():
+        wait_for(lambda: browser.execute_script(
+            "const i = document.querySelector(arguments[0]);"
+            "return i.complete && i.naturalWidth", css) == 320,
+            what="%s camera" % (what,))
+    asked = [path for method, path, body in server.requests]
+    assert any(p.startswith("/printers/camera?action=stream&")
+               for p in asked)
+    assert any(p.startswith("/cluster-api/v1/printers/%s/camera?action="
+                            "stream&" % (voron["uuid"],)) for p in asked)
+    assert not any(ender["uuid"] in p for p in asked)
+    # one id per element, whatever the number of printers
+    assert browser.execute_script(
+        "const ids = [...document.querySelectorAll('[id]')].map(e => e.id);"
+        "return ids.length === new Set(ids).size")
+    # the whole page in the picture
+    browser.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", {
+        "width": 1100, "height": 2400, "deviceScaleFactor": 1,
+        "mobile": False})
+    time.sleep(0.3)
+    shot = screenshot(browser, "web_page_group_desktop.png")
+    assert os.path.getsize(shot) > 10000
+
+    # this printer's plate button: to this printer's uuid
+    click(browser, "#plate-cleared")
+    wait_for(lambda: server.sent(), what="plate cleared sent")
+    assert server.sent() == [
+        ("POST", "/cluster-api/v1/printers/%s/action/plate_cleared"
+         % (host["uuid"],), {})]
+    # voron's abort asks twice, then acts on voron's job
+    abort = panel(voron, "button.abort")
+    click(browser, abort)
+    assert texts(browser, abort) == ["Sure? Abort"]
+    assert len(server.sent()) == 1                  # not yet
+    click(browser, abort)
+    wait_for(lambda: len(server.sent()) == 2, what="abort sent")
+    assert server.sent()[1] == (
+        "PUT", "/cluster-api/v1/print_jobs/%s/action" % (gear["uuid"],),
+        {"action": "abort"})
+
+    # a phone-sized screen: nothing wider than it
+    browser.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", {
+        "width": 390, "height": 2400, "deviceScaleFactor": 2,
+        "mobile": True})
+    browser.get(server.url() + "/printers")
+    wait_for(lambda: browser.execute_script(
+        "return document.body.dataset.loaded"), what="page on a phone")
+    wait_for(lambda: browser.execute_script(
+        "const i = document.querySelector(arguments[0]);"
+        "return i.complete && i.naturalWidth", camera_of["voron"]),
+        what="voron's camera on a phone")
+    assert browser.execute_script(
+        "return document.documentElement.scrollWidth <= 390")
+    screenshot(browser, "web_page_group_phone.png")
+    browser.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})

@@ -43,6 +43,10 @@ LAYOUTS = {
     "two": {"printer_1": "klipper-1", "printer_2": "klipper-2"},
     "named": {"printer": "klipper", "voron": "klipper-voron"},
     "second only": {"printer_2": "klipper-2"},
+    "three": {"printer": "klipper", "printer_2": "klipper-2",
+              "printer_3": "klipper-3"},
+    # a name the group_printers option would not take as it is
+    "odd name": {"printer": "klipper", "ender3:v2": "klipper-ender3:v2"},
 }
 
 
@@ -201,7 +205,9 @@ def test_flags_choose_the_instance(kiauh, flags):
     # its own port in the hint (no other instance has one yet: 8080)
     assert "    [cura_connection]\n    port: 8080\n" in res.stdout
     assert "path: ~/printer_2_data/gcodes" in res.stdout
-    assert "group_printers" not in res.output
+    # the other instance, as a member of a group this one would host
+    assert group_lines(res) == [
+        "group_printers: printer_1=http://127.0.0.1:7125"]
 
 
 @pytest.mark.parametrize("kiauh", ["two"], indirect=True)
@@ -229,7 +235,8 @@ def test_second_instance_gets_a_port_of_its_own(kiauh):
     assert ("port 8080 is already the [cura_connection] port of klipper-1"
             in res.stderr)
     assert "its port is 8090, but port 80 now leads to 8080" in res.stderr
-    assert "group_printers" not in res.output
+    assert group_lines(res) == [
+        "group_printers: printer_1=http://127.0.0.1:7125"]
 
     # "port: 0" (any free port) cannot be where port 80 leads
     cfg = kiauh.config_of("printer_2") / "printer.cfg"
@@ -261,6 +268,7 @@ def test_one_instance_needs_no_choice(kiauh):
     assert MR_BEGIN in kiauh.moonraker_conf("printer_2")
     assert would_run(res.output)[-1] == "systemctl restart klipper-2"
     assert "[cura_connection]\n    #port: 8080" in res.stdout   # as before
+    assert "group_printers" not in res.output     # no other instance
 
 
 @pytest.mark.parametrize("kiauh", ["two", "one"], indirect=True)
@@ -354,6 +362,7 @@ def test_uninstall_is_for_the_chosen_instance(kiauh):
     assert kiauh.link.is_symlink() and _charon_linked(kiauh)
     assert kiauh.snippet.exists() and MARK in kiauh.site.read_text()
     assert would_run(res.output) == ["systemctl restart klipper-2"]
+    assert "group_printers" not in res.output
 
     # the last one: everything goes, and its Klipper stays stopped while
     # its printer.cfg still has the section
@@ -394,3 +403,70 @@ def test_an_instance_of_a_template_unit_is_a_service(kiauh):
     res = kiauh.install("--service", "klipperx@voron", "--no-port80",
                         check=False)
     assert "there is no service klipperx@voron" in res.stderr
+
+
+def group_lines(res):
+    """The group_printers lines install.sh printed (indented, to paste)."""
+    return [line.strip() for line in res.stdout.splitlines()
+            if line.strip().startswith("group_printers")]
+
+
+@pytest.mark.parametrize("kiauh", ["three"], indirect=True)
+def test_the_other_instances_as_a_group_line(kiauh):
+    printer_cfgs = {n: (kiauh.config_of(n) / "printer.cfg").read_bytes()
+                    for n in kiauh.instances}
+    res = kiauh.install("--service", "klipper", "--no-port80")
+    assert group_lines(res) == [
+        "group_printers: printer_2=http://127.0.0.1:7126, "
+        "printer_3=http://127.0.0.1:7127"]
+    # where it goes, and that it is a choice
+    assert ("for Cura to see this host's other Klipper instances as one "
+            "group with this one,\n    add this line under [cura_connection]"
+            " in ~/printer_data/config/printer.cfg:") in res.stdout
+    # printed, never written
+    for n, data in printer_cfgs.items():
+        assert (kiauh.config_of(n) / "printer.cfg").read_bytes() == data
+
+    # from another instance: the others, in their order
+    res = kiauh.install("--config-dir", str(kiauh.config_of("printer_2")),
+                        "--no-port80")
+    assert group_lines(res) == [
+        "group_printers: printer=http://127.0.0.1:7125, "
+        "printer_3=http://127.0.0.1:7127"]
+    assert "under [cura_connection] in ~/printer_2_data/config/printer.cfg" \
+        in res.stdout
+
+    # each Moonraker's own [server] port (7125 when it sets none), never
+    # another section's
+    conf = kiauh.config_of("printer_3") / "moonraker.conf"
+    conf.write_text(conf.read_text().replace("port: 7127", "port : 7300 "
+                                             "# moved") + "\n[mqtt]\n"
+                    "address: 127.0.0.1\nport: 1883\n")
+    conf = kiauh.config_of("printer") / "moonraker.conf"
+    conf.write_text(conf.read_text().replace("port: 7125\n", ""))
+    res = kiauh.install("--service", "klipper-2", "--no-port80")
+    assert group_lines(res) == [
+        "group_printers: printer=http://127.0.0.1:7125, "
+        "printer_3=http://127.0.0.1:7300"]
+
+    # uninstalling prints none
+    res = kiauh.install("--uninstall", "--service", "klipper-2",
+                        "--no-port80")
+    assert "group_printers" not in res.output
+
+
+@pytest.mark.parametrize("kiauh", ["named", "odd name"], indirect=True)
+def test_a_named_instance_in_the_group_line(kiauh):
+    member = "voron" if "voron" in kiauh.instances else "ender3_v2"
+    folder = next(n for n in kiauh.instances if n != "printer")
+    res = kiauh.install("--service", "klipper", "--no-port80")
+    assert group_lines(res) == [
+        "group_printers: %s=http://127.0.0.1:7126" % (member,)]
+    # the line the module's option takes (names: letters, digits - _ .)
+    import re
+    assert re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", member)
+    # and the other way round
+    res = kiauh.install("--config-dir", str(kiauh.config_of(folder)),
+                        "--no-port80")
+    assert group_lines(res) == [
+        "group_printers: printer=http://127.0.0.1:7125"]
