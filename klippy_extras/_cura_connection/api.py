@@ -287,6 +287,7 @@ class CuraApi:
             status = "printing"
         else:
             status = "idle"
+        progress = (st["virtual_sdcard"] or {}).get("progress")
         ip = req.reachable_ip()
         if member.camera is not None:
             # Cura opens http://<ip_address>:8080/?action=stream: this
@@ -313,7 +314,7 @@ class CuraApi:
             "state_message": st["state_message"] or st["error"],
             "extruders": st["extruders"], "heater_bed": st["heater_bed"],
             "plate_clear": member.plate_clear,
-            "progress": st["virtual_sdcard"].get("progress"),
+            "progress": progress,
             "camera": member.camera is not None, "group_member": True,
         }
 

@@ -22,7 +22,7 @@ from .gcode_meta import fits
 from .jobs import (
     ACTIONS, ACTION_VERBS, ACTIVE, ENDED, END_OF_PRINT, Job, PrinterSlot)
 from .lifecycle import ACTION_SETTLE, klipper_print_state
-from .members import MemberError, MoonrakerMember
+from .members import MemberError, MoonrakerMember, empty_status
 from .names import job_name
 from .threads import never_reactor
 
@@ -93,11 +93,10 @@ def parse_group(printers_text, keys_text, auto_start_text, host_name):
     return out
 
 
-def unreached_status(why):
-    return {"reachable": False, "error": why, "klippy_state": None,
-            "state_message": "", "print_stats": {}, "virtual_sdcard": {},
-            "pause_resume": {}, "extruders": [], "heater_bed": None,
-            "axis_minimum": None, "axis_maximum": None}
+def member_printing(status):
+    # The member's Klipper prints (or pauses) a file now
+    return status["reachable"] and status["klippy_state"] == "ready" \
+        and klipper_print_state(status) in ("printing", "pausing", "paused")
 
 
 class GroupMember(PrinterSlot):
@@ -112,7 +111,7 @@ class GroupMember(PrinterSlot):
         # LoadedMaterials of MEMBER_EXTRUDERS: SET_CURA_MATERIAL PRINTER=
         # on this console, or the member's own through its macro
         self.loaded = loaded
-        self.status = unreached_status("not reached yet")
+        self.status = empty_status("not reached yet")
         self.seq = 0
         # Held while the follower or an action decides on the member's
         # state (not while a file is sent)
@@ -280,7 +279,7 @@ class PrinterGroup:
         remote = member.remote_file(job)
         try:
             member.client.upload(os.path.join(self.gcodes, job.filename),
-                                 remote)
+                                 job.filename, REMOTE_DIR)
         except (MemberError, OSError) as e:
             with member.lock:
                 if member.current is job and job.starting == "waiting":
@@ -301,8 +300,7 @@ class PrinterGroup:
             except MemberError as e:
                 self.store.set_starting(job, None)
                 status = member.client.poll()
-                if klipper_print_state(status) in (
-                        "printing", "pausing", "paused"):
+                if member_printing(status):
                     self.store.member_requeue(member, job, "Waiting: %s was "
                                               "busy (%s)" % (member.name, e))
                 else:

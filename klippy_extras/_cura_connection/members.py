@@ -276,16 +276,20 @@ class MoonrakerMember:
 
     # Files
     @never_reactor
-    def upload(self, path, remote_name):
-        """Send the local file into the member's gcodes root as
-        remote_name, with its SHA-256: Moonraker keeps it only when whole
-        and matching.  Streams it; MemberError on any failure."""
+    def upload(self, path, remote_name, folder=""):
+        """Send the local file into the member's gcodes root (its folder
+        there, made when missing) as remote_name, with its SHA-256:
+        Moonraker keeps it only when whole and matching.  Streams it;
+        MemberError on any failure."""
         check_remote_name(remote_name)
+        if folder:
+            check_remote_name(folder)
         checksum = sha256_of(path)
         boundary = uuid.uuid4().hex
-        head, tail = multipart_parts(
-            boundary, [("root", "gcodes"), ("checksum", checksum)],
-            remote_name)
+        fields = [("root", "gcodes"), ("checksum", checksum)]
+        if folder:
+            fields.append(("path", folder))
+        head, tail = multipart_parts(boundary, fields, remote_name)
         with open(path, "rb") as f:
             size = f.seek(0, 2)
             f.seek(0)

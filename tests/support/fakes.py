@@ -155,12 +155,11 @@ class FakeMoonraker:
         return MemberError
 
     def poll(self):
+        from _cura_connection.members import empty_status
         if not self.reachable:
-            return {"reachable": False, "error": "connection refused",
-                    "klippy_state": None, "state_message": "",
-                    "print_stats": {}, "virtual_sdcard": {},
-                    "pause_resume": {}, "extruders": [], "heater_bed": None,
-                    "axis_minimum": None, "axis_maximum": None}
+            return empty_status("connection refused")
+        if self.kstate != "ready":
+            return empty_status(klippy_state=self.kstate)
         return {"reachable": True, "error": "", "klippy_state": self.kstate,
                 "state_message": "", "print_stats": {
                     "state": self.state, "filename": self.filename,
@@ -174,8 +173,9 @@ class FakeMoonraker:
                 "axis_minimum": [0., 0., 0.],
                 "axis_maximum": list(self.axis_maximum)}
 
-    def upload(self, path, remote):
+    def upload(self, path, remote, folder=""):
         error = self._check()
+        remote = folder + "/" + remote if folder else remote
         self.calls.append(("upload", remote))
         if self.fail_upload:
             raise error(self.fail_upload)

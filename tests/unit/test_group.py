@@ -215,8 +215,8 @@ def test_a_start_the_member_refuses_fails_the_job_and_keeps_the_plate(
     m0, = farm.members
     fake = farm.fakes[0]
     real_upload = fake.upload
-    def lose_file(path, remote):
-        real_upload(path, remote)
+    def lose_file(path, remote, folder):
+        real_upload(path, remote, folder)
         fake.files.clear()      # (gone before the start)
     fake.upload = lose_file
     a = farm.job("a")
@@ -273,8 +273,8 @@ def test_an_abort_while_the_file_is_sent_removes_it(tmp_path):
     fake = farm.fakes[0]
     real_upload = fake.upload
     answers = []
-    def abort_meanwhile(path, remote):
-        real_upload(path, remote)
+    def abort_meanwhile(path, remote, folder):
+        real_upload(path, remote, folder)
         answers.append(farm.group.act(m0, m0.current, "abort"))
     fake.upload = abort_meanwhile
     a = farm.job("a")
