@@ -227,7 +227,10 @@ class PrinterGroup:
         active = cur is not None and cur.status in ACTIVE
         kstate = status["klippy_state"]
         if kstate != "ready":
-            if active and not cur.starting:
+            # (startup, disconnected: Moonraker (re)connecting to a Klippy
+            # that may print on: its state decides once ready)
+            if active and not cur.starting and kstate in ("shutdown",
+                                                          "error"):
                 store.end(cur, "failed_wait_cleanup", "%s: Klipper is %s%s"
                           % (member.name, kstate, status["state_message"]
                              and " (%s)" % (status["state_message"],)))

@@ -180,6 +180,19 @@ def test_an_unreachable_member_keeps_its_job_and_its_restart_ends_it(
     assert farm.fakes[0].state == "standby" and a not in farm.store.queue
 
 
+def test_a_member_whose_moonraker_reconnects_goes_on_printing(tmp_path):
+    farm = Farm(tmp_path, n=1)
+    a = farm.job("a")
+    farm.tick()
+    for state in ("disconnected", "startup"):
+        farm.fakes[0].kstate = state
+        farm.tick()
+        assert a.status == "printing"
+    farm.fakes[0].kstate = "ready"
+    farm.tick()
+    assert a.status == "printing" and a is farm.members[0].current
+
+
 def test_a_member_klipper_shutdown_fails_its_print(tmp_path):
     farm = Farm(tmp_path, n=1)
     a = farm.job("a")

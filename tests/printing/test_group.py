@@ -1,0 +1,185 @@
+"""A group in real parts: the host is a real Klippy with cura_connection,
+each member a real Klippy with the real Moonraker 0.11.0 (no
+cura_connection).  Cura's own client uploads with and without a chosen
+printer; the cards, the jobs, actions and plate clears go through the
+module's HTTP API, as Cura and the web page use it."""
+import os
+
+import pytest
+
+import cura_client
+import gcode_samples
+import httpc
+from httpc import get_json, jobs, wait_for
+from job_actions import action
+from moonraker_member import start_member
+
+from _cura_connection.members import MoonrakerMember
+
+PRINTERS = "/cluster-api/v1/printers"
+
+
+@pytest.fixture
+def members(tmp_path, flavor):
+    started = []
+
+    def make(name):
+        m = start_member(tmp_path / name, flavor)
+        m.name = name
+        started.append(m)
+        return m
+    yield make
+    for m in started:
+        m.close()
+
+
+def host_of(klippy_factory, *members, **options):
+    options["group_printers"] = ", ".join(
+        "%s=%s" % (m.name, m.url) for m in members)
+    return klippy_factory(module_options=options)
+
+
+def cards(base):
+    return {c["friendly_name"]: c for c in get_json(base, PRINTERS)}
+
+
+def wait_card(base, name, pred, what):
+    return wait_for(lambda: (lambda c: c if pred(c) else None)(
+        cards(base)[name]), 20., what)
+
+
+def slow_file(tmp_path, name, moves=400):
+    path = os.path.join(str(tmp_path), name)
+    with open(path, "w") as f:
+        f.write(gcode_samples.moves(moves, 10, 0.1))
+    return path
+
+
+def job_named(base, name):
+    try:
+        found = [j for j in jobs(base) if j["name"] == name]
+    except OSError:
+        return None     # (a restarting host: answered again in a moment)
+    return found[0] if found else None
+
+
+def wait_job(base, name, pred, what):
+    return wait_for(lambda: (lambda j: j if j and pred(j) else None)(
+        job_named(base, name)), 30., what)
+
+
+def test_a_job_sent_to_a_chosen_member_prints_there(tmp_path, klippy_factory,
+                                                   members):
+    voron = members("voron")
+    host = host_of(klippy_factory, voron)
+    base = host.base_url()
+    addr = "127.0.0.1:%d" % (host.cura_port(),)
+    listed = get_json(base, PRINTERS)
+    assert [c["friendly_name"] for c in listed] == [
+        listed[0]["friendly_name"], "voron"]
+    card = wait_card(base, "voron", lambda c: c["status"] == "idle",
+                     "voron reached")
+    assert card["unique_name"] == "voron" and card["plate_clear"]
+    status, body = cura_client.upload(addr, slow_file(tmp_path, "a.gcode"),
+                                      unique_name="voron")
+    assert status == 200, body
+    job = wait_job(base, "a", lambda j: j["status"] == "printing",
+                   "a printing on voron")
+    assert job["printer_uuid"] == card["uuid"]
+    assert job["constraints"] == {"require_printer_name": "voron"}
+    with open(os.path.join(voron.gcodes_dir, "cura_connection",
+                           "a.gcode")) as f, open(os.path.join(
+                               str(tmp_path), "a.gcode")) as sent:
+        assert f.read() == sent.read()
+    assert cards(base)["voron"]["status"] == "printing"
+    # the host's own printer has nothing to do with it
+    host_card = get_json(base, PRINTERS)[0]
+    assert host_card["status"] == "idle"
+    # Cura's actions reach the member and take effect
+    reply = action(base, job["uuid"], "pause")
+    assert reply.status == 200, reply
+    client = MoonrakerMember("voron", voron.url)
+    assert client.poll()["print_stats"]["state"] == "paused"
+    reply = action(base, job["uuid"], "pause")
+    assert reply.status == 409 and b"it is paused" in reply.body
+    assert action(base, job["uuid"], "print").status == 200
+    assert client.poll()["print_stats"]["state"] == "printing"
+    assert action(base, job["uuid"], "abort").status == 200
+    assert client.poll()["print_stats"]["state"] == "cancelled"
+    job = job_named(base, "a")
+    assert job["status"] == "aborted_wait_cleanup"
+    assert job["printer_uuid"] == card["uuid"]
+    # the next job for voron waits for its plate
+    status, body = cura_client.upload(addr, slow_file(tmp_path, "b.gcode"),
+                                      unique_name="voron")
+    assert status == 200, body
+    b = wait_job(base, "b", lambda j: j["status"] == "queued", "b queued")
+    assert "printer_uuid" not in b and not cards(base)["voron"][
+        "plate_clear"]
+    reply = httpc.request(base, "POST", "%s/%s/action/plate_cleared" % (
+        PRINTERS, card["uuid"]), json_body={})
+    assert reply.status == 200, reply
+    wait_job(base, "b", lambda j: j["status"] == "printing"
+             and j["printer_uuid"] == card["uuid"], "b printing on voron")
+    client.close()
+
+
+def test_any_printer_jobs_and_a_member_that_goes_away(tmp_path,
+                                                     klippy_factory,
+                                                     members):
+    voron = members("voron")
+    host = host_of(klippy_factory, voron)
+    base = host.base_url()
+    addr = "127.0.0.1:%d" % (host.cura_port(),)
+    card = wait_card(base, "voron", lambda c: c["status"] == "idle",
+                     "voron reached")
+    # a print started on voron from its own Moonraker shows on its card
+    client = MoonrakerMember("voron", voron.url)
+    client.upload(slow_file(tmp_path, "benchy.gcode"), "benchy.gcode")
+    client.start("benchy.gcode")
+    own = wait_job(base, "benchy", lambda j: j["status"] == "printing",
+                   "voron's own print")
+    assert own["printer_uuid"] == card["uuid"] and own["owner"] == "voron"
+    # an upload for any printer goes to the free one: the host
+    status, body = cura_client.upload(addr, slow_file(tmp_path, "c.gcode"))
+    assert status == 200, body
+    c = wait_job(base, "c", lambda j: j["status"] == "printing",
+                 "c printing")
+    host_uuid = get_json(base, PRINTERS)[0]["uuid"]
+    assert c["printer_uuid"] == host_uuid and c["constraints"] == []
+    # voron's Moonraker goes away: its card stays, unreachable, its job too
+    voron.stop_moonraker(kill=True)
+    wait_card(base, "voron", lambda c: c["status"] == "unreachable",
+              "voron unreachable")
+    assert len(get_json(base, PRINTERS)) == 2
+    assert job_named(base, "benchy")["status"] == "printing"
+    voron.start_moonraker()
+    wait_card(base, "voron", lambda c: c["status"] == "printing",
+              "voron back")
+    assert job_named(base, "benchy")["uuid"] == own["uuid"]
+    client.close()
+
+
+def test_the_host_restarts_while_a_member_prints(tmp_path, klippy_factory,
+                                                 members):
+    voron = members("voron")
+    host = host_of(klippy_factory, voron)
+    base = host.base_url()
+    addr = "127.0.0.1:%d" % (host.cura_port(),)
+    wait_card(base, "voron", lambda c: c["status"] == "idle",
+              "voron reached")
+    status, body = cura_client.upload(addr, slow_file(tmp_path, "d.gcode",
+                                                      1200),
+                                      unique_name="voron")
+    assert status == 200, body
+    d = wait_job(base, "d", lambda j: j["status"] == "printing",
+                 "d printing on voron")
+    host.restart()
+    base = host.base_url()      # (the test's port is chosen anew)
+    again = wait_job(base, "d", lambda j: j["status"] == "printing",
+                     "d still printing after the host's restart")
+    assert again["uuid"] == d["uuid"]
+    assert again["printer_uuid"] == d["printer_uuid"]
+    host.restart(firmware=True)
+    wait_job(host.base_url(), "d", lambda j: j["status"] == "printing"
+             and j["uuid"] == d["uuid"], "d after FIRMWARE_RESTART")
