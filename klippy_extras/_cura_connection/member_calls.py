@@ -98,10 +98,17 @@ class MemberCalls:
             daemon=True)
         self._thread.start()
 
-    def close(self, timeout=CONNECT_TIMEOUT + 2.):
-        """End the thread and its socket (any thread but this one's)."""
+    def stop(self):
+        """Ask the thread to end, without waiting: stop() every member
+        first, then close() each, and they end together."""
         self._stop.set()
         self._wake()
+
+    def close(self, timeout=CONNECT_TIMEOUT + 2.):
+        """End the thread and its socket (any thread but this one's):
+        at once, or within CONNECT_TIMEOUT when the thread waits in a TCP
+        connect (a member that is off)."""
+        self.stop()
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None

@@ -6,6 +6,7 @@ console."""
 import json
 import logging
 import os
+import signal
 import socket
 import subprocess
 import threading
@@ -17,6 +18,7 @@ import pytest
 
 import httpc
 import klippy_harness
+from _cura_connection import member_calls
 from _cura_connection.member_calls import MEMBER_MACROS, MemberCalls
 
 MOONRAKER_PYTHON = os.path.join(klippy_harness.VENV_DIR, "moonraker", "bin",
@@ -291,6 +293,32 @@ def test_macro_without_host(member, open_calls):
              "Unknown method received: cura_plate_cleared"
              in member.log_text())
     assert rec.calls == []
+
+
+def test_frozen_moonraker(member, open_calls, monkeypatch):
+    """A Moonraker that stops answering (a member switched off leaves the
+    connection open) is given up; close() ends the thread while it waits
+    in a new connection's handshake."""
+    monkeypatch.setattr(member_calls, "PING_EVERY", 0.5)
+    monkeypatch.setattr(member_calls, "LIVE_LIMIT", 1.5)
+    # a handshake that only close() can end before this test's timeout
+    monkeypatch.setattr(member_calls, "CONNECT_TIMEOUT", 600.)
+    rec = Recorder()
+    calls = open_calls("voron", member.url, None, rec.methods())
+    wait_registered(member, calls, 1)
+    first = calls._ws
+    os.kill(member.proc.pid, signal.SIGSTOP)
+    try:
+        wait_for("the loss seen", lambda: not calls.connected)
+        assert "no answer from Moonraker" in calls.last_error
+        # the next attempt: TCP connects (the kernel accepts), the
+        # handshake waits for a frozen Moonraker
+        wait_for("a handshake under way", lambda: calls._ws not in (
+            None, first) and calls._ws.sock is not None)
+        calls.close()
+        assert not calls_threads()
+    finally:
+        os.kill(member.proc.pid, signal.SIGCONT)
 
 
 class RecordingStop(threading.Event):
