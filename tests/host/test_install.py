@@ -113,8 +113,8 @@ def test_install_with_nginx(host, seen):
     assert charon.is_symlink() and os.readlink(charon) == str(
         host.charon_dir)
     subprocess.run([str(host.venv / "bin" / "python"), "-c",
-                    "import zeroconf, python_multipart, defusedxml, Charon, "
-                    "Charon.VirtualFile"], check=True)
+                    "import zeroconf, python_multipart, defusedxml, websocket,"
+                    " Charon, Charon.VirtualFile"], check=True)
 
     # 4. the port-80 server block includes the snippet ...
     site = host.site.read_text()
