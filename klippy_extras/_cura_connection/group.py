@@ -17,11 +17,13 @@ import time
 import uuid
 
 from .camera import CameraProxy, camera_snapshot_url
-from .errors import Conflict, NotFound
+from .errors import Conflict, CuraError, NotFound
 from .gcode_meta import fits
 from .jobs import (
     ACTIONS, ACTION_VERBS, ACTIVE, ENDED, END_OF_PRINT, Job, PrinterSlot)
 from .lifecycle import ACTION_SETTLE, klipper_print_state
+from .materials import parse_material_words
+from .member_calls import MemberCalls, REPLY_MACRO
 from .members import MemberError, MoonrakerMember, empty_status
 from .names import job_name
 from .threads import never_reactor
@@ -107,7 +109,9 @@ class GroupMember(PrinterSlot):
         PrinterSlot.__init__(self, member_uuid(host_uuid, name), name,
                              auto_start_next)
         self.url = url
+        self.api_key = api_key
         self.client = client or MoonrakerMember(name, url, api_key)
+        self.calls = None           # MemberCalls: its console's macros
         # LoadedMaterials of MEMBER_EXTRUDERS: SET_CURA_MATERIAL PRINTER=
         # on this console, or the member's own through its macro
         self.loaded = loaded
@@ -143,21 +147,32 @@ class PrinterGroup:
         self.closing = False
         self.version = 0               # a card changed
 
-    def start(self):
+    def start(self, calls=True):
         for m in self.members:
             m.thread = threading.Thread(
                 target=self._run, args=(m,), daemon=True,
                 name="cura_connection member %s" % (m.name,))
             m.thread.start()
+            if calls:
+                m.calls = MemberCalls(m.name, m.url, m.api_key, {
+                    "cura_plate_cleared": lambda params, m=m:
+                        self._called_plate_cleared(m, params),
+                    "cura_set_material": lambda params, m=m:
+                        self._called_set_material(m, params)})
+                m.calls.start()
 
     def close(self):
         self.closing = True
         for m in self.members:
             m.wake.set()
+            m.client.close()        # (ends a request under way)
+            if m.calls is not None:
+                m.calls.stop()
         for m in self.members:
             if m.thread is not None:
                 m.thread.join(10.)
-            m.client.close()
+            if m.calls is not None:
+                m.calls.close()
 
     # Which printer: by uuid (actions, plate clears) or name (uploads)
     def member(self, printer_uuid):
@@ -428,6 +443,41 @@ class PrinterGroup:
                 self._follow(member, member.client.poll())
         self.store.member_plate_cleared(member)
         member.wake.set()
+
+    # A member's own console (MEMBER_MACROS), in its calls thread: the
+    # same operations as on this console, answered on the member's
+    def _called_plate_cleared(self, member, params):
+        try:
+            self.plate_cleared(member)
+            reply = "Build plate marked clear; %d job(s) queued" % (
+                len(self.store.queue),)
+        except CuraError as e:
+            reply = e.message
+        self._reply(member, reply)
+
+    def _called_set_material(self, member, params):
+        name = str(params.get("extruder") or "extruder")
+        words = {str(k).upper(): str(v) for k, v in params.items()
+                 if k != "extruder"}
+        try:
+            member.loaded.set(name, parse_material_words(words))
+            reply = "%s: material set for Cura" % (name,)
+        except ValueError as e:
+            reply = str(e)
+        except CuraError as e:
+            reply = e.message
+        member.wake.set()
+        self._reply(member, reply)
+
+    def _reply(self, member, text):
+        # (a message G-code's parser reads whole: no quotes or comments)
+        text = re.sub(r'["#;*\n\r]', " ", text)[:200]
+        try:
+            member.client.gcode_script('%s MSG="Cura group: %s"' % (
+                REPLY_MACRO, text))
+        except MemberError as e:
+            logging.info("cura_connection: answering %s: %s", member.name,
+                         e)
 
     # The cards
     def card_key(self):

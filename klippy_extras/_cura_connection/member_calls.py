@@ -57,7 +57,14 @@ gcode:
     {% endif %}
   {% endfor %}
   {action_call_remote_method("cura_set_material", **words)}
+
+[gcode_macro _CURA_GROUP_REPLY]
+description: Shows what the Cura group host answered
+gcode:
+  {action_respond_info(params.MSG|default(""))}
 """
+# The macro the host answers a call with (REPLY_MACRO MSG="...")
+REPLY_MACRO = "_CURA_GROUP_REPLY"
 
 
 class MemberCallError(Exception):

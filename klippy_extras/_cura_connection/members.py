@@ -353,6 +353,14 @@ class MoonrakerMember:
             if e.status not in (400, 404):
                 raise
 
+    @never_reactor
+    def gcode_script(self, script):
+        """Run a G-code script on the member (its console shows what it
+        answers)."""
+        self._request("POST", self._path("/printer/gcode/script",
+                                         script=script),
+                      "to run " + script.split(" ", 1)[0])
+
     # Printing
     @never_reactor
     def start(self, filename):

@@ -14,6 +14,7 @@ from httpc import get_json, jobs, wait_for
 from job_actions import action
 from moonraker_member import start_member
 
+from _cura_connection.member_calls import MEMBER_MACROS
 from _cura_connection.members import MoonrakerMember
 
 PRINTERS = "/cluster-api/v1/printers"
@@ -183,3 +184,60 @@ def test_the_host_restarts_while_a_member_prints(tmp_path, klippy_factory,
     host.restart(firmware=True)
     wait_job(host.base_url(), "d", lambda j: j["status"] == "printing"
              and j["uuid"] == d["uuid"], "d after FIRMWARE_RESTART")
+
+
+def test_plate_clears_and_materials_from_every_place(tmp_path,
+                                                     klippy_factory,
+                                                     members, flavor):
+    # voron's printer.cfg has the macros README gives for members
+    voron = start_member(tmp_path / "voron", flavor, extra_cfg=MEMBER_MACROS)
+    voron.name = "voron"
+    try:
+        host = host_of(klippy_factory, voron)
+        base = host.base_url()
+        addr = "127.0.0.1:%d" % (host.cura_port(),)
+        card = wait_card(base, "voron", lambda c: c["status"] == "idle",
+                         "voron reached")
+        client = MoonrakerMember("voron", voron.url)
+        # the member's own console: SET_CURA_MATERIAL reaches its card
+        wait_for(lambda: "registering remote method" in open(
+            voron.klippy.log_path).read(), 20., "the host's methods")
+        client.gcode_script("SET_CURA_MATERIAL MATERIAL=PETG BRAND=Generic "
+                            "COLOR=Red")
+        card = wait_card(base, "voron", lambda c: c["configuration"][0][
+            "material"], "voron's material")
+        assert card["configuration"][0]["material"]["name"] \
+            == "Generic PETG Red"
+        for where in ("web page", "host console", "member console"):
+            name = "p%d" % (len(where),)
+            status, body = cura_client.upload(
+                addr, slow_file(tmp_path, name + ".gcode", 20),
+                unique_name="voron")
+            assert status == 200, body
+            wait_job(base, name, lambda j: j["status"] == "wait_cleanup",
+                     "%s printed on voron" % (name,))
+            assert not cards(base)["voron"]["plate_clear"]
+            if where == "web page":
+                reply = httpc.request(base, "POST", "%s/%s/action/"
+                                      "plate_cleared" % (PRINTERS,
+                                                         card["uuid"]),
+                                      json_body={})
+                assert reply.status == 200, reply
+            elif where == "host console":
+                host.gcode("CURA_BUILD_PLATE_CLEARED PRINTER=voron")
+            else:
+                client.gcode_script("CURA_BUILD_PLATE_CLEARED")
+            wait_card(base, "voron", lambda c: c["plate_clear"],
+                      "voron's plate cleared from the %s" % (where,))
+            assert job_named(base, name) is None    # (in the history)
+        # the member's console was answered (Moonraker's console history)
+        def console():
+            return [e["message"] for e in voron.moonraker.get(
+                "/server/gcode_store?count=200")["result"]["gcode_store"]]
+        wait_for(lambda: any("Cura group: Build plate marked clear" in line
+                             for line in console()), 10., "the answer")
+        assert any("Cura group: extruder: material set for Cura" in line
+                   for line in console()), console()
+        client.close()
+    finally:
+        voron.close()
