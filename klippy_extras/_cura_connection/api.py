@@ -537,7 +537,9 @@ class CuraApi:
         try:
             target = self.target_of(meta.get("require_printer_name") or "",
                                     bounds, filename)
-        except CuraError:
+        except CuraError as e:
+            logging.info("cura_connection: refused %s from %s: %s",
+                         filename, owner, e.message)
             self.intake.remove(filename, meta["preview"])
             raise
         job = Job(name=name or os.path.splitext(filename)[0],

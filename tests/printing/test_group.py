@@ -4,6 +4,7 @@ cura_connection).  Cura's own client uploads with and without a chosen
 printer; the cards, the jobs, actions and plate clears go through the
 module's HTTP API, as Cura and the web page use it."""
 import os
+import urllib.parse
 
 import pytest
 
@@ -12,6 +13,7 @@ import gcode_samples
 import httpc
 from httpc import get_json, jobs, wait_for
 from job_actions import action
+from mjpeg_source import MjpegSource, StreamReader
 from moonraker_member import start_member
 
 from _cura_connection.member_calls import MEMBER_MACROS
@@ -241,3 +243,38 @@ def test_plate_clears_and_materials_from_every_place(tmp_path,
         client.close()
     finally:
         voron.close()
+
+
+def test_each_card_shows_its_printers_camera(tmp_path, klippy_factory,
+                                            flavor):
+    source = MjpegSource()
+    voron = start_member(tmp_path / "voron", flavor,
+                         webcam_url=source.url("stream"))
+    voron.name = "voron"
+    try:
+        host = host_of(klippy_factory, voron)
+        base = host.base_url()
+        card = wait_card(base, "voron", lambda c: c["camera"],
+                         "voron's webcam found")
+        # Cura builds http://<ip_address>:8080/?action=stream; the rest of
+        # what it builds is a fragment it never sends
+        url = urllib.parse.urlsplit("http://%s:8080/?action=stream"
+                                    % (card["ip_address"],))
+        assert url.hostname == "127.0.0.1" and url.port == 8080
+        assert url.path == "/cluster-api/v1/printers/%s/camera" % (
+            card["uuid"],)
+        assert url.query == "action=stream"
+        # (this test's host listens on a port of its own, not 8080)
+        viewer = StreamReader(base, url.path + "?" + url.query)
+        try:
+            assert viewer.frame() in source.frames
+            assert viewer.frame() in source.frames
+        finally:
+            viewer.close()
+        reply = httpc.request(base, "GET", url.path + "?action=snapshot")
+        assert reply.status == 200 and reply.body in source.frames
+        # the host's own card is not the member's camera
+        assert get_json(base, PRINTERS)[0]["ip_address"] == "127.0.0.1"
+    finally:
+        voron.close()
+        source.close()
