@@ -20,7 +20,8 @@ from .camera import CameraProxy, camera_snapshot_url
 from .errors import Conflict, CuraError, NotFound
 from .gcode_meta import fits
 from .jobs import (
-    ACTIONS, ACTION_VERBS, ACTIVE, ENDED, END_OF_PRINT, Job, PrinterSlot)
+    ACTIONS, ACTION_VERBS, ACTIVE, ENDED, END_OF_PRINT, Job, PrinterSlot,
+    action_answer, action_failed)
 from .lifecycle import ACTION_SETTLE, klipper_print_state
 from .materials import parse_material_words
 from .member_calls import MemberCalls, REPLY_MACRO
@@ -392,17 +393,10 @@ class PrinterGroup:
                     store.set_status(job, before, None)
             self._follow(member, status)
         member.wake.set()
-        ok = {"pause": ("paused",), "print": ("printing",) + tuple(ENDED)
-              }.get(action, tuple(ENDED))
-        if job.status in ok or (action == "abort"
-                                and member.current is not job):
-            return 200, job.status
-        if action == "pause" and job.status == "pausing":
-            return 202, job.status
-        raise Conflict("%s did not %s print job %s: %s" % (
-            member.name, verb, job.name,
-            "its print ended first (it is %s)" % (job.status,)
-            if job.status in ENDED else "it is %s" % (job.status,)))
+        answer = action_answer(job, action, member.current is not job)
+        if answer is not None:
+            return answer
+        raise action_failed(job, action, member.name)
 
     def _check(self, member, job, action, status):
         if not status["reachable"]:

@@ -763,3 +763,26 @@ ACTIONS = {"pause": (("printing",), "pausing"),
            "print": (("paused",), "resuming"),
            "abort": (ACTIVE, "aborting")}
 ACTION_VERBS = {"pause": "pause", "print": "resume", "abort": "abort"}
+# action -> the statuses that show it took effect
+ACTION_DONE = {"pause": ("paused",), "print": ("printing",) + tuple(ENDED),
+               "abort": tuple(ENDED)}
+
+
+def action_answer(job, action, left_printer):
+    """After an action was carried out: (200, status) when job shows it
+    (an aborted job that left its printer too), (202, status) for a
+    pause that waits for the file's current command, else None."""
+    if job.status in ACTION_DONE[action] or (action == "abort"
+                                             and left_printer):
+        return 200, job.status
+    if action == "pause" and job.status == "pausing":
+        return 202, job.status
+    return None
+
+
+def action_failed(job, action, who):
+    """The Conflict for an action who carried out without its effect."""
+    return Conflict("%s did not %s print job %s: %s" % (
+        who, ACTION_VERBS[action], job.name,
+        "its print ended first (it is %s)" % (job.status,)
+        if job.status in ENDED else "it is %s" % (job.status,)))
