@@ -20,8 +20,8 @@ from .camera import CameraProxy, camera_snapshot_url
 from .errors import Conflict, CuraError, NotFound
 from .gcode_meta import fits
 from .jobs import (
-    ACTIONS, ACTION_VERBS, ACTIVE, ENDED, END_OF_PRINT, Job, PrinterSlot,
-    action_answer, action_failed)
+    ACTIONS, ACTION_VERBS, ACTIVE, END_OF_PRINT, Job, PrinterSlot,
+    action_answer, action_failed, check_action)
 from .lifecycle import ACTION_SETTLE, klipper_print_state
 from .materials import parse_material_words
 from .member_calls import MemberCalls, REPLY_MACRO
@@ -406,14 +406,9 @@ class PrinterGroup:
                                           status["klippy_state"])
         elif job is not member.current:
             why = "it is not on %s (it is %s)" % (member.name, job.status)
-        elif job.status in ENDED:
-            why = "its print has ended (it is %s)" % (job.status,)
-        elif job.status not in ACTIONS[action][0]:
-            why = "it is %s" % (job.status,)
         else:
-            return
-        raise Conflict("Cannot %s print job %s: %s; nothing was done" % (
-            ACTION_VERBS[action], job.name, why))
+            why = None
+        check_action(job, action, why)
 
     def _settle(self, member, action):
         # Polls until the member shows the action's effect (a pause waits

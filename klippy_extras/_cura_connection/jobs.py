@@ -768,6 +768,20 @@ ACTION_DONE = {"pause": ("paused",), "print": ("printing",) + tuple(ENDED),
                "abort": tuple(ENDED)}
 
 
+def check_action(job, action, why=None):
+    """Conflict saying why action does not apply to job now: why, the
+    printer's reason if it has one, else the job's status."""
+    if why is None:
+        if job.status in ENDED:
+            why = "its print has ended (it is %s)" % (job.status,)
+        elif job.status not in ACTIONS[action][0]:
+            why = "it is %s" % (job.status,)
+        else:
+            return
+    raise Conflict("Cannot %s print job %s: %s; nothing was done" % (
+        ACTION_VERBS[action], job.name, why))
+
+
 def action_answer(job, action, left_printer):
     """After an action was carried out: (200, status) when job shows it
     (an aborted job that left its printer too), (202, status) for a

@@ -11,8 +11,8 @@ import logging
 from .bridge import ScriptError, NoCall
 from .errors import Conflict, CuraError, NotFound
 from .jobs import (
-    ACTIONS, ACTION_VERBS, ACTIVE, ENDED, END_OF_PRINT, Job, action_answer,
-    action_failed)
+    ACTIONS, ACTION_VERBS, ACTIVE, END_OF_PRINT, Job, action_answer,
+    action_failed, check_action)
 from .names import job_name
 from .threads import reactor_only
 
@@ -251,14 +251,9 @@ class JobLifecycle:
         elif job.action is not None:
             why = "Klipper is still carrying out a %s (it is %s)" % (
                 ACTION_VERBS[job.action], job.status)
-        elif job.status in ENDED:
-            why = "its print has ended (it is %s)" % (job.status,)
-        elif job.status not in ACTIONS[action][0]:
-            why = "it is %s" % (job.status,)
         else:
-            return
-        raise Conflict("Cannot %s print job %s: %s; nothing was done" % (
-            ACTION_VERBS[action], job.name, why))
+            why = None
+        check_action(job, action, why)
 
     def _carry_out(self, job, action, snap):
         # Inside the G-code mutex, with Klipper's print (snap) in the

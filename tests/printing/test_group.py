@@ -42,6 +42,16 @@ def host_of(klippy_factory, *members, **options):
     return klippy_factory(module_options=options)
 
 
+def group_with(klippy_factory, member):
+    """(host, its base URL, Cura's address of it, member's card once the
+    host reached it) for a host whose group has member."""
+    host = host_of(klippy_factory, member)
+    base = host.base_url()
+    card = wait_card(base, member.name, lambda c: c["status"] == "idle",
+                     "%s reached" % (member.name,))
+    return host, base, "127.0.0.1:%d" % (host.cura_port(),), card
+
+
 def cards(base):
     return {c["friendly_name"]: c for c in get_json(base, PRINTERS)}
 
@@ -131,11 +141,7 @@ def test_any_printer_jobs_and_a_member_that_goes_away(tmp_path,
                                                      klippy_factory,
                                                      members):
     voron = members("voron")
-    host = host_of(klippy_factory, voron)
-    base = host.base_url()
-    addr = "127.0.0.1:%d" % (host.cura_port(),)
-    card = wait_card(base, "voron", lambda c: c["status"] == "idle",
-                     "voron reached")
+    host, base, addr, card = group_with(klippy_factory, voron)
     # a print started on voron from its own Moonraker shows on its card
     client = MoonrakerMember("voron", voron.url)
     client.upload(slow_file(tmp_path, "benchy.gcode"), "benchy.gcode")
@@ -166,11 +172,7 @@ def test_any_printer_jobs_and_a_member_that_goes_away(tmp_path,
 def test_the_host_restarts_while_a_member_prints(tmp_path, klippy_factory,
                                                  members):
     voron = members("voron")
-    host = host_of(klippy_factory, voron)
-    base = host.base_url()
-    addr = "127.0.0.1:%d" % (host.cura_port(),)
-    wait_card(base, "voron", lambda c: c["status"] == "idle",
-              "voron reached")
+    host, base, addr, card = group_with(klippy_factory, voron)
     status, body = cura_client.upload(addr, slow_file(tmp_path, "d.gcode",
                                                       1200),
                                       unique_name="voron")
@@ -195,11 +197,7 @@ def test_plate_clears_and_materials_from_every_place(tmp_path,
     voron = start_member(tmp_path / "voron", flavor, extra_cfg=MEMBER_MACROS)
     voron.name = "voron"
     try:
-        host = host_of(klippy_factory, voron)
-        base = host.base_url()
-        addr = "127.0.0.1:%d" % (host.cura_port(),)
-        card = wait_card(base, "voron", lambda c: c["status"] == "idle",
-                         "voron reached")
+        host, base, addr, card = group_with(klippy_factory, voron)
         client = MoonrakerMember("voron", voron.url)
         # the member's own console: SET_CURA_MATERIAL reaches its card
         wait_for(lambda: "registering remote method" in open(
