@@ -230,6 +230,7 @@ class JobStore(SavedState):
         self.held = None
         self.status_cache = {}
         self.by_uuid = {}       # every job in current, queue and history
+        self.next_cache = {}    # printer uuid -> (version, next_for's job)
         self._load()
 
     def _load(self):
@@ -423,9 +424,10 @@ class JobStore(SavedState):
                         others.append(cur)
                 elif cur is not None:
                     linked.append((m.uuid, cur))
-            shown = {id(job) for _, job in linked}
-            others += [j for j in self.queue if id(j) not in shown]
-            return linked, others
+            queue = list(self.queue)
+        # (the queue is scanned outside the lock the reactor takes)
+        shown = {id(job) for _, job in linked}
+        return linked, others + [j for j in queue if id(j) not in shown]
 
     def printer_of(self, job):
         """The member slot whose job this is, or None (this printer's,
@@ -435,14 +437,25 @@ class JobStore(SavedState):
             return printer
         return None
 
-    def next_for(self, printer_uuid, fits):
+    def next_for(self, printer_uuid, fits, cached=False):
         """The first queued job this printer may print: one the upload
-        named it for, or any printer's, that fits(job) (None: none)."""
+        named it for, or any printer's, that fits(job) (None: none).
+        cached (for a fits() that cannot change while the store does
+        not: this printer's own limits): the answer is kept until the
+        store changes, so the reactor's status tick scans the queue (in a
+        group, past the jobs named for others) only after a change."""
         with self.lock:
+            key = (self.version, printer_uuid)
+            hit = self.next_cache.get(printer_uuid)
+            if cached and hit is not None and hit[0] == key:
+                return hit[1]
+            found = None
             for job in self.queue:
                 if job.target in ("", printer_uuid) and fits(job):
-                    return job
-            return None
+                    found = job
+                    break
+            self.next_cache[printer_uuid] = (key, found)
+            return found
 
     def find(self, job_uuid):
         return self.by_uuid.get(job_uuid)

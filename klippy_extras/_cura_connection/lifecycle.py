@@ -90,7 +90,7 @@ class JobLifecycle:
         # (in a group: the first job for this printer; the others'
         # followers take theirs)
         head = store.next_for(store.host_uuid, lambda job: self.fits(
-            job, snap)) if store.queue else None
+            job, snap), cached=True) if store.queue else None
         if head is not None and self.changes(head):
             # until the material is loaded or forced
             store.hold_for_material(head)
