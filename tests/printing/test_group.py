@@ -276,3 +276,25 @@ def test_each_card_shows_its_printers_camera(tmp_path, klippy_factory,
     finally:
         voron.close()
         source.close()
+
+
+def test_restarts_leave_no_member_thread_behind(tmp_path, klippy_factory,
+                                                members):
+    # RESTART and FIRMWARE_RESTART end each member's follower and its
+    # macros' websocket, also of a member that cannot be reached
+    voron = members("voron")
+    host = klippy_factory(module_options={
+        "group_printers": "voron=%s, gone=http://127.0.0.1:9" % (voron.url,)})
+    wait_card(host.base_url(), "voron", lambda c: c["status"] == "idle",
+              "voron reached")
+    threads = host.thread_count()
+    for firmware in (False, True, False):
+        host.restart(firmware=firmware)
+        wait_card(host.base_url(), "voron", lambda c: c["status"] == "idle",
+                  "voron reached again")
+    wait_for(lambda: host.thread_count() <= threads, 10.,
+             "no thread left over (%d before)" % (threads,))
+    # and the member sees one host, not one per restart
+    agents = voron.moonraker.get("/server/extensions/list")["result"][
+        "agents"]
+    assert [a["name"] for a in agents] == ["cura_connection"]
