@@ -125,6 +125,17 @@ if [ "$(cat "$T/.done" 2>/dev/null)" != "$want" ]; then
     pip_install "$T" -r "$ROOT/tests/requirements.txt"
     echo "$want" > "$T/.done"
 fi
+# The group's members (tests/support/moonraker_member.py): the real
+# Moonraker from PyPI, in a venv of its own
+M="$VENVS/moonraker"
+want=$(stamp moonraker "$ROOT/tests/requirements-moonraker.txt")
+if [ "$(cat "$M/.done" 2>/dev/null)" != "$want" ]; then
+    echo "making the Moonraker venv in $M"
+    rm -rf "$M"
+    "$PY" -m venv "$M"
+    pip_install "$M" -r "$ROOT/tests/requirements-moonraker.txt"
+    echo "$want" > "$M/.done"
+fi
 # The Cura 5 leg (tests/support/cura5_client.py): its own interpreter with PyQt6,
 # only where Cura 5 source trees are given (CURA5_DIR, see README).
 if [ -n "${CURA5_DIR:-}" ]; then
