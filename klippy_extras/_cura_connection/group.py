@@ -212,7 +212,16 @@ class PrinterGroup:
                         j))
             self._hold(member)
         if job is not None:
-            self._send(member, job)
+            try:
+                self._send(member, job)
+            except Exception:
+                logging.exception("cura_connection: sending %s to %s",
+                                  job.filename, member.name)
+                with member.lock:
+                    if member.current is job and job.starting:
+                        self.store.member_requeue(
+                            member, job, "Internal error; see klippy.log")
+                        member.retry_at = time.monotonic() + RETRY_AFTER
         self._check_webcam(member, status)
 
     def _hold(self, member):
