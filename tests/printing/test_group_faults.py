@@ -159,6 +159,39 @@ def test_a_member_gone_mid_upload_keeps_no_half_file_and_gets_the_job_later(
         proxy.close()
 
 
+def test_the_host_restarting_mid_upload_sends_the_job_again(
+        tmp_path, klippy_factory, members):
+    voron = members("voron")
+    src = slow_file(tmp_path, "a.gcode", 2000)
+    proxy = BreakingProxy(voron.moonraker.port, os.path.getsize(src) // 2,
+                          hold=True, uploads_only=True)
+    try:
+        host = host_of(klippy_factory, voron, urls={"voron": proxy.url})
+        base = host.base_url()
+        addr = "127.0.0.1:%d" % (host.cura_port(),)
+        card = wait_card(base, "voron", lambda c: c["status"] == "idle",
+                         "voron reached")
+        before = files_under(voron.gcodes_dir)
+        status, body = cura_client.upload(addr, src, unique_name="voron")
+        assert status == 200, body
+        assert proxy.reached.wait(30), "the upload never reached voron"
+        host.restart()
+        proxy.release.set()
+        base = host.base_url()
+        job = wait_job(base, "a", lambda j: j["status"] == "printing",
+                       "a sent again", timeout=RETRY_AFTER + 60.)
+        assert job["printer_uuid"] == card["uuid"]
+        # one whole file, no other
+        assert files_under(voron.gcodes_dir) - before == {
+            "cura_connection/a.gcode"}
+        with open(os.path.join(voron.gcodes_dir, "cura_connection",
+                               "a.gcode")) as f, open(src) as sent:
+            assert f.read() == sent.read()
+        assert action(base, job["uuid"], "abort").status == 200
+    finally:
+        proxy.close()
+
+
 # 2. A member's Klippy restarts mid-print
 def test_a_member_klippy_restarting_mid_print_fails_the_job_for_good(
         tmp_path, klippy_factory, members):
@@ -305,6 +338,30 @@ def test_files_go_only_where_they_fit(tmp_path, klippy_factory, members):
     assert mid["status"] in ("printing", "wait_cleanup"), mid
     assert "mid.gcode" not in files_under(small.gcodes_dir) | files_under(
         os.path.join(small.gcodes_dir, "cura_connection"))
+
+
+@pytest.mark.xfail(strict=True, reason="bug: a member's reach is forgotten "
+                   "while it is unreachable; the file is accepted and then "
+                   "waits, pinned to small, for good and without a message")
+def test_a_member_out_of_reach_keeps_its_build_volume(
+        tmp_path, klippy_factory, members):
+    # The host learnt small's reach; small's Moonraker goes away: a file
+    # pinned to small that does not fit it is still refused
+    small = members("small", extra_cfg=cartesian_cfg(SMALL, SMALL, SMALL))
+    host = host_of(klippy_factory, small)
+    base = host.base_url()
+    addr = "127.0.0.1:%d" % (host.cura_port(),)
+    wait_card(base, "small", lambda c: c["status"] == "idle",
+              "small reached")
+    small.stop_moonraker()
+    wait_card(base, "small", lambda c: c["status"] == "unreachable",
+              "small unreachable")
+    status, body = cura_client.upload(
+        addr, boxed_file(tmp_path, "mid.gcode", MID_BOX),
+        unique_name="small")
+    assert status == 409, (status, body, jobs(base))
+    assert b"small reaches 0.0..100.0" in body, body
+    assert jobs(base) == []
 
 
 # 5. Actions on every printer
