@@ -159,6 +159,51 @@ def test_a_member_gone_mid_upload_keeps_no_half_file_and_gets_the_job_later(
         proxy.close()
 
 
+def test_a_job_aborted_while_it_is_sent_stays_aborted(tmp_path,
+                                                     klippy_factory,
+                                                     members):
+    voron = members("voron")
+    src = slow_file(tmp_path, "a.gcode", 2000)
+    proxy = BreakingProxy(voron.moonraker.port, os.path.getsize(src) // 2,
+                          hold=True, uploads_only=True)
+    try:
+        host = host_of(klippy_factory, voron, urls={"voron": proxy.url})
+        base = host.base_url()
+        addr = "127.0.0.1:%d" % (host.cura_port(),)
+        card = wait_card(base, "voron", lambda c: c["status"] == "idle",
+                         "voron reached")
+        before = files_under(voron.gcodes_dir)
+        status, body = cura_client.upload(addr, src, unique_name="voron")
+        assert status == 200, body
+        assert proxy.reached.wait(30), "the upload never reached voron"
+        job = wait_job(base, "a", lambda j: j["status"] == "pre_print",
+                       "a being sent to voron")
+        reply = action(base, job["uuid"], "abort")
+        assert reply.status == 200, reply
+        assert job_named(base, "a")["status"] == "aborted_wait_cleanup"
+        proxy.release.set()
+        # the broken upload does not bring it back to the queue, nor
+        # anything to voron: once voron's follower (the sender) has sent
+        # the next job, a is still the aborted one
+        reply = httpc.request(base, "POST", "%s/%s/action/plate_cleared" % (
+            PRINTERS, card["uuid"]), json_body={})
+        assert reply.status == 200, reply
+        status, body = cura_client.upload(
+            addr, slow_file(tmp_path, "b.gcode", 20), unique_name="voron")
+        assert status == 200, body
+        wait_job(base, "b", lambda j: j.get("printer_uuid") == card["uuid"]
+                 and j["status"] in ("printing", "wait_cleanup"),
+                 "b printed on voron")
+        job = job_named(base, "a") or [
+            j for j in httpc.all_jobs(base) if j["name"] == "a"][0]
+        assert job["status"] in ("aborted_wait_cleanup", "aborted"), job
+        assert job["message"] == "Aborted before it started", job
+        assert files_under(voron.gcodes_dir) - before == {
+            "cura_connection/b.gcode"}
+    finally:
+        proxy.close()
+
+
 def test_the_host_restarting_mid_upload_sends_the_job_again(
         tmp_path, klippy_factory, members):
     voron = members("voron")
