@@ -462,6 +462,17 @@ def test_actions_reach_the_printer_that_has_the_job(tmp_path, klippy_factory,
     assert job_named(base, "q1") is None
     assert job_named(base, "q2")["constraints"] == {
         "require_printer_name": "voron"}
+    # voron out of reach: nothing can be done there, and the reply says so
+    voron.stop_moonraker(kill=True)
+    wait_card(base, "voron", lambda c: c["status"] == "unreachable",
+              "voron unreachable")
+    reply = action(base, v["uuid"], "pause")
+    assert reply.status == 409 and b"voron is unreachable" in reply.body, \
+        reply
+    voron.start_moonraker()
+    wait_card(base, "voron", lambda c: c["status"] == "printing",
+              "voron back")
+    assert job_named(base, "v")["status"] == "printing"
     for job, state in ((h, host_state), (v, lambda: member_state(voron))):
         assert action(base, job["uuid"], "abort").status == 200
         assert state() == "cancelled"
