@@ -12,7 +12,7 @@ import pytest
 import cura_client
 import gcode_samples
 import httpc
-from httpc import get_json, jobs, wait_for
+from httpc import JOBS, get_json, jobs, wait_for
 from job_actions import action
 from klippy_harness import cartesian_cfg
 from moonraker_member import UNTRUSTED, BreakingProxy, start_member
@@ -21,7 +21,6 @@ from _cura_connection.group import RETRY_AFTER
 from _cura_connection.members import MemberError, MoonrakerMember
 
 PRINTERS = "/cluster-api/v1/printers"
-JOBS = "/cluster-api/v1/print_jobs"
 
 
 @pytest.fixture
