@@ -384,9 +384,6 @@ def test_files_go_only_where_they_fit(tmp_path, klippy_factory, members):
         os.path.join(small.gcodes_dir, "cura_connection"))
 
 
-@pytest.mark.xfail(strict=True, reason="bug: a member's reach is forgotten "
-                   "while it is unreachable; the file is accepted and then "
-                   "waits, pinned to small, for good and without a message")
 def test_a_member_out_of_reach_keeps_its_build_volume(
         tmp_path, klippy_factory, members):
     # The host learnt small's reach; small's Moonraker goes away: a file
