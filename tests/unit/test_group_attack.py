@@ -1,0 +1,277 @@
+"""Attacks on the group: each test shows a promise of issue 21 that does
+not hold yet (xfail strict: it passes once the group code is fixed)."""
+import http.server
+import json
+import threading
+import time
+
+import pytest
+
+from _cura_connection.errors import CuraError
+from _cura_connection.group import parse_group
+from _cura_connection.jobs import Job, JobStore
+from _cura_connection.members import MoonrakerMember
+
+from .test_group import Farm, HOST
+
+
+UNKNOWN = "11111111-1111-4111-8111-111111111111"
+
+
+def write_state(path, **fields):
+    state = {"version": 1, "plate_clear": True, "current": None,
+             "queue": [], "history": []}
+    state.update(fields)
+    with open(path, "w") as f:
+        json.dump(state, f)
+
+
+def saved(job_uuid, status, **fields):
+    d = Job(uuid=job_uuid, name="a", filename="a.gcode", status=status,
+            started=status != "queued", **fields).to_dict()
+    return d
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "JobStore._load_members retires the job of a printer that left the "
+    "group through _retire, whose history trim deletes by_uuid entries; "
+    "with history_size: 0 the retired job is not in by_uuid yet: KeyError "
+    "and Klippy does not load"))
+def test_a_renamed_member_with_a_job_loads_with_no_history(tmp_path):
+    path = str(tmp_path / "queue.json")
+    job_uuid = "22222222-2222-4222-8222-222222222222"
+    write_state(path, printers={UNKNOWN: {
+        "plate_clear": False,
+        "current": saved(job_uuid, "printing", printer=UNKNOWN)}})
+    store = JobStore(path, 0, False, HOST, [])
+    assert store.find(job_uuid) is None and store.history == []
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "a member's saved current whose 'printer' is not that member (hostile "
+    "or hand-edited queue.json) is loaded onto it as is: printer_of() "
+    "then does not find it, so a plate clear puts it in the history but "
+    "leaves it on the member, and the next clear or claim retires it "
+    "again: one job twice in the history and on a printer"))
+def test_a_saved_member_job_with_another_printer_keeps_one_place(tmp_path):
+    farm = Farm(tmp_path, n=1)
+    m0, = farm.members
+    job_uuid = "33333333-3333-4333-8333-333333333333"
+    write_state(str(tmp_path / "queue.json"), printers={m0.uuid: {
+        "plate_clear": False,
+        "current": saved(job_uuid, "wait_cleanup", printer="")}})
+    again = Farm(tmp_path, reload_from=farm)
+    m0 = again.members[0]
+    assert m0.current is not None and m0.current.uuid == job_uuid
+    again.group.plate_cleared(m0, wait=False)
+    again.group.plate_cleared(m0, wait=False)
+    assert m0.current is None
+    assert [j.uuid for j in again.store.history] == [job_uuid]
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "a job saved both in the queue and as a member's current (hostile "
+    "queue.json) keeps the queued copy and drops the member's: while the "
+    "member prints it, the follower makes it an external job and the "
+    "queued one is sent again -- the same file printed twice"))
+def test_a_job_queued_and_on_a_member_is_not_sent_again(tmp_path):
+    farm = Farm(tmp_path, n=2)
+    m0, m1 = farm.members
+    a = farm.job("a")
+    farm.tick(m0)
+    assert a.status == "printing" and m0.current is a
+    state = farm.store.state()
+    state["queue"] = [dict(state["printers"][m0.uuid]["current"],
+                           status="queued", started=False, printer="")]
+    state["printers"][m0.uuid]["current"]["status"] = "printing"
+    with open(str(tmp_path / "queue.json"), "w") as f:
+        json.dump(state, f)
+    again = Farm(tmp_path, reload_from=farm)
+    again.tick()
+    # m0 still prints a; m1 must not get it too
+    assert again.fakes[0].filename.endswith("a.gcode")
+    assert ("start", "cura_connection/a.gcode") not in again.fakes[1].calls
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "group_printers takes two names for one Moonraker URL: both "
+    "followers send jobs to the same printer and each shows the other's "
+    "print as an external one"))
+def test_two_members_with_one_url_are_refused():
+    with pytest.raises(ValueError):
+        parse_group("voron=http://127.0.0.1:7126, ender=http://127.0.0.1:7126",
+                    "", "", "host")
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "the follower of one of two members at one URL takes the other's print "
+    "for an external one: the job list shows the same print twice"))
+def test_one_print_is_not_shown_on_two_cards(tmp_path):
+    farm = Farm(tmp_path, n=2)
+    m0, m1 = farm.members
+    m1.client = farm.fakes[0]        # both names, one Moonraker
+    a = farm.job("a")
+    farm.tick()
+    linked, _ = farm.store.printer_jobs()
+    assert len(linked) == 1, linked
+
+
+class GarbageMoonraker(http.server.BaseHTTPRequestHandler):
+    """A Moonraker whose answers are JSON of the wrong shape."""
+    protocol_version = "HTTP/1.1"
+    bodies = {}
+
+    def _answer(self):
+        length = int(self.headers.get("Content-Length") or 0)
+        if length:
+            self.rfile.read(length)
+        body = json.dumps(self.bodies.get(self.path.split("?")[0],
+                                          {"result": {}})).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_GET = do_POST = _answer
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def garbage():
+    servers = []
+
+    def start(bodies):
+        handler = type("H", (GarbageMoonraker,), {"bodies": bodies})
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return "http://127.0.0.1:%d" % (server.server_address[1],)
+    yield start
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+GARBAGE = [
+    {"/server/info": {"result": []}},
+    {"/server/info": {"result": {"klippy_state": "ready"}},
+     "/printer/objects/list": {"result": {"objects": 5}}},
+    {"/server/info": {"result": {"klippy_state": "ready"}},
+     "/printer/objects/list": {"result": {"objects": ["toolhead"]}},
+     "/printer/objects/query": {"result": {"status": {"toolhead": {
+         "axis_minimum": 7, "axis_maximum": [1, 2, 3]}}}}},
+    {"/server/info": {"result": {"klippy_state": "ready"}},
+     "/printer/objects/list": {"result": {"objects": ["webhooks"]}},
+     "/printer/objects/query": {"result": {"status": []}}},
+]
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "MoonrakerMember.poll() promises never to raise for what the member "
+    "answers, but JSON of the wrong shape raises AttributeError/TypeError: "
+    "the follower logs a traceback every second and the card keeps the "
+    "last status (a print shown going on) instead of 'unreachable' with "
+    "the reason; an action's poll makes the request a 500, not a 409"))
+@pytest.mark.parametrize("bodies", GARBAGE)
+def test_a_member_answering_odd_json_is_shown_unreachable(garbage, bodies):
+    client = MoonrakerMember("odd", garbage(bodies), timeout=2.)
+    try:
+        status = client.poll()
+    finally:
+        client.close()
+    assert not status["reachable"] or status["klippy_state"] != "ready"
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "an action on a member whose Moonraker answers JSON of the wrong "
+    "shape raises a non-Cura error from the poll: the request answers 500 "
+    "instead of 409 with the reason"))
+def test_an_action_on_a_member_answering_odd_json_is_a_409(tmp_path,
+                                                           garbage):
+    farm = Farm(tmp_path, n=1)
+    m0, = farm.members
+    a = farm.job("a")
+    farm.tick()
+    assert a.status == "printing"
+    m0.client = MoonrakerMember("m0", garbage(GARBAGE[0]), timeout=2.)
+    try:
+        with pytest.raises(CuraError):
+            farm.group.act(m0, a, "pause")
+    finally:
+        m0.client.close()
+
+
+ODD_NAMES = ["my part v2 (final).gcode", "sub/dir/ein Teil ä ö 🙂.gcode",
+             "sub dir/%s.gcode" % ("x" * 240,), "a/b/c/d/e/f.GCO",
+             "tab\there.g", "#;comment*.gcode", "weird\u00a0nbsp.gcode"]
+
+
+@pytest.mark.parametrize("filename", ODD_NAMES)
+def test_external_member_prints_with_odd_names_read_back(tmp_path,
+                                                         filename):
+    farm = Farm(tmp_path, n=1)
+    m0, = farm.members
+    fake = farm.fakes[0]
+    fake.files[filename] = b"G28\n"
+    fake.start(filename)
+    farm.tick()
+    job = m0.current
+    assert job is not None and job.filename == filename
+    fake.duration = 5.
+    fake.finish()
+    farm.tick()
+    farm.group.plate_cleared(m0, wait=False)
+    before = farm.store.state()
+    again = farm.reload()
+    assert again.store.state() == before
+    assert again.store.find(job.uuid).filename == filename
+
+
+class DribblingMoonraker(GarbageMoonraker):
+    """A Moonraker that answers, but a byte at a time (a member on a
+    failing link, or one swapping itself to death)."""
+    def _answer(self):
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", "100000")
+        self.end_headers()
+        try:
+            for _ in range(100):
+                self.wfile.write(b" ")
+                self.wfile.flush()
+                time.sleep(0.3)
+        except OSError:
+            pass
+
+    do_GET = do_POST = _answer
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "MoonrakerMember._request applies its deadline as a socket timeout "
+    "per read, not to the whole answer: a member that answers a byte at a "
+    "time holds poll() (and the connection lock) for as long as it "
+    "dribbles -- the card never turns unreachable, and an action on that "
+    "member (its request thread waits for the lock) gets no reply"))
+def test_a_member_that_answers_a_byte_at_a_time_is_given_up(tmp_path):
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0),
+                                             DribblingMoonraker)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    client = MoonrakerMember("slow", "http://127.0.0.1:%d" % (
+        server.server_address[1],), timeout=1.)
+    out = []
+    poller = threading.Thread(target=lambda: out.append(client.poll()),
+                              daemon=True)
+    started = time.monotonic()
+    poller.start()
+    poller.join(6.)
+    took = time.monotonic() - started
+    client.close()
+    poller.join(5.)
+    server.shutdown()
+    server.server_close()
+    assert took < 5., "poll() took %.1f s with a 1 s timeout" % (took,)
+    assert out and not out[0]["reachable"]
