@@ -4,6 +4,7 @@ import http.server
 import json
 import threading
 import time
+import types
 
 import pytest
 
@@ -275,3 +276,38 @@ def test_a_member_that_answers_a_byte_at_a_time_is_given_up(tmp_path):
     server.server_close()
     assert took < 5., "poll() took %.1f s with a 1 s timeout" % (took,)
     assert out and not out[0]["reachable"]
+
+
+class Gcmd:
+    def __init__(self, **params):
+        self.params = params
+        self.said = []
+
+    def get(self, name, default=None):
+        return self.params.get(name, default)
+
+    def respond_info(self, text):
+        self.said.append(text)
+
+    def error(self, text):
+        return Exception(text)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "CURA_QUEUE takes store.all_jobs()[0][0] as this printer's job, but "
+    "in a group that list also holds the members' jobs: with this printer "
+    "idle and a member printing, the console says 'Printer: <the member's "
+    "job> (printing)'"))
+def test_cura_queue_does_not_show_a_members_job_as_this_printers(
+        tmp_path):
+    from _cura_connection.lifecycle import JobCommands
+    farm = Farm(tmp_path, n=1)
+    a = farm.job("a")
+    farm.tick()
+    assert a.status == "printing" and farm.store.current is None
+    gcmd = Gcmd()
+    JobCommands(None, farm.store, types.SimpleNamespace(
+        configuration_changes=lambda job: []), lambda: None,
+        farm.group).cmd_CURA_QUEUE(gcmd)
+    lines = gcmd.said[0].splitlines()
+    assert not lines[0].startswith("Printer: a "), lines
