@@ -2,6 +2,7 @@
 not hold yet (xfail strict: it passes once the group code is fixed)."""
 import http.server
 import json
+import os
 import threading
 import time
 import types
@@ -311,3 +312,22 @@ def test_cura_queue_does_not_show_a_members_job_as_this_printers(
         farm.group).cmd_CURA_QUEUE(gcmd)
     lines = gcmd.said[0].splitlines()
     assert not lines[0].startswith("Printer: a "), lines
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "PrinterGroup._send treats a local file that is gone (deleted from the "
+    "host's G-code folder by Mainsail/Fluidd) like a member that refused "
+    "the upload: the job goes back to the queue head, and every member "
+    "claims it again after RETRY_AFTER -- the jobs behind it never print; "
+    "this printer's own start ends such a job failed"))
+def test_a_job_whose_file_is_gone_does_not_block_the_group(tmp_path):
+    farm = Farm(tmp_path, n=2)
+    m0, m1 = farm.members
+    a, b = farm.job("a"), farm.job("b")
+    os.remove(os.path.join(farm.gcodes, "a.gcode"))
+    for _ in range(3):
+        for m in farm.members:
+            m.retry_at = 0.         # (as RETRY_AFTER later)
+        farm.tick()
+    assert b.status == "printing", (a.status, a.message, b.status)
+    assert a.status != "queued"
