@@ -356,3 +356,39 @@ def test_a_member_looks_for_its_job_outside_the_store_lock(tmp_path):
     farm.tick()
     assert held and not any(held), "%d of %d checks under the lock" % (
         sum(held), len(held))
+
+
+def group_api(farm, tmp_path):
+    from _cura_connection.materials import LoadedMaterials
+    from real_inputs import cura_api
+    return cura_api(farm.gcodes, str(tmp_path / "data"), store=farm.store,
+                    group=farm.group, loaded=LoadedMaterials(
+                        str(tmp_path / "loaded.json"), [("extruder", None)],
+                        True), definition=types.SimpleNamespace(id="test"))
+
+
+class Req:
+    @staticmethod
+    def reachable_ip():
+        return "10.0.0.5"
+
+
+def member_cards(api):
+    return json.loads(api.replies.printers(api.bridge.snapshot, Req))[1:]
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "the /printers reply is cached on a key (ReplyCache.printers: "
+    "group.card_key()) that leaves out the members' loaded materials: "
+    "SET_CURA_MATERIAL PRINTER=<member> (or the member's macro) does not "
+    "reach its card while the member's status stays the same"))
+def test_a_members_card_shows_the_material_just_set(tmp_path):
+    farm = Farm(tmp_path, n=1)
+    m0, = farm.members
+    api = group_api(farm, tmp_path)
+    farm.tick()
+    before = member_cards(api)[0]["configuration"][0]["material"]
+    m0.loaded.set("extruder", {"material": "PETG", "brand": "Generic"})
+    farm.tick()
+    after = member_cards(api)[0]["configuration"][0]["material"]
+    assert after != before and after["material"] == "PETG"
