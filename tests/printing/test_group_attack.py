@@ -5,6 +5,8 @@ import urllib.parse
 
 import pytest
 
+import httpc
+
 from mjpeg_source import MjpegSource
 from moonraker_member import start_member
 
@@ -30,6 +32,31 @@ def test_a_members_camera_link_reaches_this_host_on_its_port(
         url = urllib.parse.urlsplit("http://%s:8080/?action=stream"
                                     % (card["ip_address"],))
         assert url.port == host.cura_port()
+    finally:
+        voron.close()
+        source.close()
+
+
+def test_every_card_carries_the_asking_curas_address(tmp_path,
+                                                     klippy_factory, flavor):
+    # (held) the front's published /printers: each Cura gets its own
+    # address in every card, the members' camera links included
+    source = MjpegSource()
+    voron = start_member(tmp_path / "voron", flavor,
+                         webcam_url=source.url("stream"))
+    voron.name = "voron"
+    try:
+        host = host_of(klippy_factory, voron)
+        base = host.base_url()
+        wait_card(base, "voron", lambda c: c["camera"], "voron's webcam")
+        for ip in ("127.0.0.2", "127.0.0.3", "127.0.0.2"):
+            reply = httpc.request(base, "GET", "/cluster-api/v1/printers",
+                                  headers={"Host": "%s:%d" % (
+                                      ip, host.cura_port())})
+            assert reply.status == 200
+            cards = reply.json()
+            assert [c["ip_address"].split(":")[0].split("/")[0]
+                    for c in cards] == [ip, ip], cards
     finally:
         voron.close()
         source.close()
