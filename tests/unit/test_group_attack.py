@@ -392,3 +392,27 @@ def test_a_members_card_shows_the_material_just_set(tmp_path):
     farm.tick()
     after = member_cards(api)[0]["configuration"][0]["material"]
     assert after != before and after["material"] == "PETG"
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "the member's card relays the first webcam Moonraker lists, whatever "
+    "its service: a WebRTC/HLS camera (crowsnest camera-streamer) listed "
+    "before an MJPEG one gives Cura a stream it cannot show, and the "
+    "MJPEG camera is never used (webcams() drops 'service')"))
+def test_a_members_card_relays_its_mjpeg_webcam(tmp_path, garbage):
+    url = garbage({"/server/webcams/list": {"result": {"webcams": [
+        {"name": "front", "service": "webrtc-camerastreamer",
+         "enabled": True, "stream_url": "/webcam/webrtc",
+         "snapshot_url": "/webcam/?action=snapshot"},
+        {"name": "top", "service": "mjpegstreamer-adaptive",
+         "enabled": True, "stream_url": "/webcam2/?action=stream",
+         "snapshot_url": "/webcam2/?action=snapshot"}]}}})
+    farm = Farm(tmp_path, n=1)
+    m0, = farm.members
+    m0.client = MoonrakerMember("m0", url, timeout=2.)
+    try:
+        farm.group._check_webcam(m0, {"reachable": True})
+    finally:
+        m0.client.close()
+    assert m0.camera is not None
+    assert m0.camera.stream_url.endswith("/webcam2/?action=stream")
