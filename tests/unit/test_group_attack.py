@@ -436,3 +436,53 @@ def test_a_member_card_is_idle_once_the_job_being_sent_is_aborted(
     assert farm.group.act(m0, a, "abort")[0] == 200
     assert a.status == "aborted_wait_cleanup"
     assert member_cards(api)[0]["status"] == "idle"
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "a start whose answer is lost (Moonraker's /printer/print/start waits "
+    "for Klipper's G-code queue, longer than the 5 s timeout when the "
+    "member is heating or running a long macro) is taken for a refusal: "
+    "the member then prints the file, and _send puts the job back in the "
+    "queue ('busy') and _follow adds the print as an external job -- one "
+    "job in two places, and the queued copy is sent and printed again"))
+def test_a_start_whose_answer_is_lost_is_not_printed_twice(tmp_path):
+    from _cura_connection.members import MemberError
+    farm = Farm(tmp_path, n=1)
+    m0, = farm.members
+    fake = farm.fakes[0]
+    start = fake.start
+
+    def slow_start(remote):
+        start(remote)       # Klipper takes the file...
+        raise MemberError("m0 (http://127.0.0.1:7125) is unreachable: no "
+                          "answer in time")     # ...after the timeout
+    fake.start = slow_start
+    a = farm.job("a")
+    farm.tick()
+    assert fake.filename == "cura_connection/a.gcode"
+    assert a not in farm.store.queue, a.message
+    assert m0.current is a and a.status == "printing"
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "a start whose answer is lost while the member's G-code queue is busy "
+    "(M190 from its console): the job ends failed at once, then Klipper "
+    "runs the start and the member prints it as an 'external' job -- the "
+    "job list says failed for the print that runs"))
+def test_a_start_that_runs_late_shows_as_that_job(tmp_path):
+    from _cura_connection.members import MemberError
+    farm = Farm(tmp_path, n=1)
+    m0, = farm.members
+    fake = farm.fakes[0]
+    late = []
+
+    def slow_start(remote):
+        late.append(remote)
+        raise MemberError("m0 (http://127.0.0.1:7125) is unreachable: no "
+                          "answer in time")
+    start, fake.start = fake.start, slow_start
+    a = farm.job("a")
+    farm.tick()
+    start(late[0])          # the heating ends; Klipper starts the file
+    farm.tick()
+    assert m0.current is a and a.status == "printing", (a.status, a.message)
