@@ -486,3 +486,26 @@ def test_a_start_that_runs_late_shows_as_that_job(tmp_path):
     start(late[0])          # the heating ends; Klipper starts the file
     farm.tick()
     assert m0.current is a and a.status == "printing", (a.status, a.message)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "member_json writes the camera link as '<ip>:8080/...' with the bare "
+    "address Cura used: for a Cura that reached the host over IPv6 that "
+    "is 'fd00::5:8080/...', which Cura's URL parser cannot split into "
+    "host and port (an IPv6 address needs brackets)"))
+def test_a_members_camera_link_over_ipv6(tmp_path):
+    import urllib.parse
+    from _cura_connection.camera import CameraProxy
+    farm = Farm(tmp_path, n=1)
+    m0, = farm.members
+    m0.camera = CameraProxy("http://127.0.0.1:1/?action=stream", None)
+    api = group_api(farm, tmp_path)
+
+    class Req6:
+        @staticmethod
+        def reachable_ip():
+            return "fd00::5"
+    card = api.member_json(m0, Req6)
+    url = urllib.parse.urlsplit("http://%s:8080/?action=stream"
+                                % (card["ip_address"],))
+    assert url.hostname == "fd00::5"
