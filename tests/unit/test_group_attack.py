@@ -509,3 +509,44 @@ def test_a_members_camera_link_over_ipv6(tmp_path):
     url = urllib.parse.urlsplit("http://%s:8080/?action=stream"
                                 % (card["ip_address"],))
     assert url.hostname == "fd00::5"
+
+
+def test_history_trims_member_jobs_and_reads_back(tmp_path):
+    # (held) member jobs in a full history: the oldest leave the index,
+    # and the saved store reads back field for field
+    farm = Farm(tmp_path, n=2)
+    made = []
+    for i in range(8):
+        made.append(farm.job("j%d" % (i,)))
+    for _ in range(8):
+        farm.tick()
+        for m, fake in zip(farm.members, farm.fakes):
+            if m.current is not None and m.current.status == "printing":
+                fake.finish()
+        farm.tick()
+        for m in farm.members:
+            if m.current is not None and m.current.status != "printing":
+                farm.group.plate_cleared(m, wait=False)
+    cur, queue, history = farm.store.all_jobs()
+    assert len(history) == 5 and not queue
+    assert set(farm.store.by_uuid) == {j.uuid for j in cur + history}
+    before = farm.store.state()
+    assert farm.reload().store.state() == before
+
+
+def test_a_job_being_sent_cannot_be_moved_deleted_or_cleared(tmp_path):
+    # (held) while the follower sends it: 409 with the reason, nothing done
+    from _cura_connection.errors import Conflict
+    farm = Farm(tmp_path, n=1)
+    m0, = farm.members
+    farm.tick()
+    a, b = farm.job("a"), farm.job("b")
+    assert farm.store.claim(m0, lambda j: True) is a
+    for change in (lambda: farm.store.delete(a.uuid),
+                   lambda: farm.store.move(a.uuid, 1),
+                   lambda: farm.group.plate_cleared(m0, wait=False),
+                   lambda: farm.group.act(m0, a, "pause")):
+        with pytest.raises(Conflict):
+            change()
+    assert m0.current is a and a.status == "pre_print"
+    assert farm.store.queue == [b]
