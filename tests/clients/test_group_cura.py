@@ -16,7 +16,7 @@ import gcode_samples
 import httpc
 import other_host
 import real_inputs
-from moonraker_member import start_member
+from moonraker_member import group_printers
 
 from _cura_connection.members import MoonrakerMember
 
@@ -24,24 +24,9 @@ HOST = "farm-host"
 SOME_MATERIALS = ["generic_pla", "generic_petg", "ultimaker_pla_black"]
 
 
-@pytest.fixture
-def members(tmp_path, flavor):
-    started = []
-
-    def make(name):
-        m = start_member(tmp_path / name, flavor)
-        m.name = name
-        started.append(m)
-        return m
-    yield make
-    for m in started:
-        m.close()
-
-
 def host_of(klippy_factory, *members, **options):
     options.setdefault("name", HOST)
-    options["group_printers"] = ", ".join(
-        "%s=%s" % (m.name, m.url) for m in members)
+    options["group_printers"] = group_printers(members)
     return klippy_factory(module_options=options)
 
 

@@ -216,6 +216,11 @@ class Member:
         self.close()
 
 
+def group_printers(members):
+    """The host's group_printers option for these members."""
+    return ", ".join("%s=%s" % (m.name, m.url) for m in members)
+
+
 def start_member(workdir, flavor, trusted="127.0.0.0/8", **klippy_kw):
     """A started member (Klippy ready, Moonraker connected to it).
     klippy_kw go to klippy_harness.Klippy (extruders=2, ...)."""
