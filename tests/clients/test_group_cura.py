@@ -188,6 +188,19 @@ def test_cura413_draws_the_group_and_prints_where_asked(
     assert [q["name"] for q in state["queue"]] == ["next_on_voron",
                                                    "next_anywhere"]
     print(cards_text("Cura 4.13, ender's job aborted", state))
+    # ender's plate cleared (the web page's button): the job for any
+    # printer goes there, past the one that waits for voron
+    reply = httpc.request(host.base_url(), "POST",
+                          "/cluster-api/v1/printers/%s/action/plate_cleared"
+                          % (card(state, "ender")["key"],), json_body={})
+    assert reply.status == 200, reply
+    state = wait_view(api, view, lambda s: printing_on(
+        s, "ender", "next_anywhere"), "next_anywhere printing on ender")
+    assert [(q["name"], q["printer_text"]) for q in state["queue"]] == [
+        ("next_on_voron", "First available")]
+    assert [job_on(state, p)["state"] for p in (HOST, "voron")] == [
+        "printing", "printing"]
+    print(cards_text("Cura 4.13, ender's plate cleared", state))
 
 
 def waiting_ids(k):
@@ -267,6 +280,16 @@ def test_cura5_draws_the_group_and_prints_where_asked(
               or r["status"] >= 400]
     assert failed == [] and state["crashes"] == [], failed
     print(cards_text("Cura 5, voron's job aborted", state))
+    # voron's plate cleared from the host's console: its job goes there
+    host.gcode("CURA_BUILD_PLATE_CLEARED PRINTER=voron")
+    state = cura5.wait(lambda s: job_on(s, "voron") and job_on(s, "voron")[
+        "name"] == "next_on_voron" and not s["queue"], timeout=40,
+        what="next_on_voron on voron's card")
+    assert moonraker_state(voron)[1] == "cura_connection/next_on_voron.gcode"
+    assert [j["name"] for j in state["jobs"]] == sorted(
+        [j["name"] for j in state["jobs"]], key=["anywhere",
+                                                 "next_on_voron"].index)
+    print(cards_text("Cura 5, voron's plate cleared", state))
 
 
 def test_a_member_on_another_host(cura, tmp_path, klippy_factory, flavor,
@@ -309,5 +332,20 @@ def test_a_member_on_another_host(cura, tmp_path, klippy_factory, flavor,
                                         ).read()
             print("\n" + cards_text("Cura 4.13, prusa on another host",
                                     state))
+            # prusa's cable out: its card says so, the others go on; back
+            # in, its card shows its print again
+            key = job_on(state, "prusa")["key"]
+            there.unplug()
+            state = wait_view(api, view, lambda s: card(
+                s, "prusa")["state"] == "unreachable", "prusa unreachable")
+            assert [p["name"] for p in state["printers"]] == [
+                HOST, "voron", "prusa"]
+            assert [p["state"] for p in state["printers"][:2]] == [
+                "idle", "idle"]
+            print(cards_text("Cura 4.13, prusa's cable out", state))
+            there.unplug(False)
+            state = wait_view(api, view, lambda s: printing_on(
+                s, "prusa", "far_away"), "prusa back")
+            assert job_on(state, "prusa")["key"] == key
         finally:
             prusa.close()

@@ -72,6 +72,12 @@ class OtherHost:
             self.close()
             raise
 
+    def unplug(self, unplugged=True):
+        """The other host's cable out (or back in): its end of the link
+        goes down; packets to it are lost, nothing answers or refuses."""
+        _ip("-n", self.name, "link", "set", self.veth + "p",
+            "down" if unplugged else "up")
+
     def exec_prefix(self):
         """Put before a command line to run it there."""
         return ["ip", "netns", "exec", self.name]
