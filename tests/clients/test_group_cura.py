@@ -78,7 +78,7 @@ def cards_text(title, state):
     lines = ["%s: clusterSize %d" % (title, state["cluster_size"])]
     for p in state["printers"]:
         j = p["active_job"]
-        job = "no job" if j is None else "%s %s %.0f %%" % (
+        job = "no job" if j is None else "%s %s %.1f %%" % (
             j["name"], j["state"], 100. * (j["progress"] or 0.))
         lines.append("  card %-10s %-11s %s" % (p["name"], p["state"], job))
     for q in state["queue"]:
@@ -255,8 +255,7 @@ def test_cura5_draws_the_group_and_prints_where_asked(
                                      for p in (HOST, "ender")),
                        timeout=40, what="anywhere printing on a free one")
     # voron is busy: the next job for it waits in the queue
-    sent = cura5.upload(ufp("next_on_voron", print_time=60, count=20),
-                        unique_name="voron")
+    sent = cura5.upload(ufp("next_on_voron", **long), unique_name="voron")
     assert sent["reply"]["status"] == 200 and sent["reply"]["signed"], sent
     state = cura5.wait(lambda s: [(q["name"], q["printer_text"])
                                   for q in s["queue"]] == [
@@ -282,13 +281,12 @@ def test_cura5_draws_the_group_and_prints_where_asked(
     print(cards_text("Cura 5, voron's job aborted", state))
     # voron's plate cleared from the host's console: its job goes there
     host.gcode("CURA_BUILD_PLATE_CLEARED PRINTER=voron")
-    state = cura5.wait(lambda s: job_on(s, "voron") and job_on(s, "voron")[
-        "name"] == "next_on_voron" and not s["queue"], timeout=40,
-        what="next_on_voron on voron's card")
+    state = cura5.wait(lambda s: printing_on(s, "voron", "next_on_voron")
+                       and not s["queue"] and moving(s), timeout=40,
+                       what="next_on_voron printing on voron")
     assert moonraker_state(voron)[1] == "cura_connection/next_on_voron.gcode"
-    assert [j["name"] for j in state["jobs"]] == sorted(
-        [j["name"] for j in state["jobs"]], key=["anywhere",
-                                                 "next_on_voron"].index)
+    assert sorted(j["name"] for j in state["jobs"]) == [
+        "anywhere", "next_on_voron"]
     print(cards_text("Cura 5, voron's plate cleared", state))
 
 
