@@ -106,6 +106,19 @@ def camera_action(path):
 JOB_REPLY_KEY = operator.attrgetter(*JOB_FIELDS)
 
 
+def card_status(kstate, cur, print_stats):
+    """Cura's status of a printer whose Klipper is in kstate, with the
+    job cur on it and print_stats as Klipper shows them."""
+    if kstate == "startup":
+        return "booting"
+    if kstate != "ready":
+        return "error"
+    if (cur is not None and cur.status in ACTIVE) or \
+            print_stats.get("state") in ("printing", "paused"):
+        return "printing"
+    return "idle"
+
+
 class ReplyCache:
     """Replies serialized once and reused while what they show is unchanged.
 
@@ -240,17 +253,8 @@ class CuraApi:
                 or "Unknown"}
 
     def printer_json(self, snap, req):
-        cur = self.store.current
         kstate = snap["klippy_state"]
-        if kstate == "startup":
-            status = "booting"
-        elif kstate != "ready":
-            status = "error"
-        elif (cur is not None and cur.status in ACTIVE) or \
-                snap["print_stats"].get("state") in ("printing", "paused"):
-            status = "printing"
-        else:
-            status = "idle"
+        status = card_status(kstate, self.store.current, snap["print_stats"])
         return {
             "enabled": True, "firmware_version": FIRMWARE_VERSION,
             "friendly_name": self.identity.name,
@@ -274,19 +278,10 @@ class CuraApi:
 
     def member_json(self, member, req):
         """A group member's card, from what its Moonraker said last."""
-        st, cur = member.status, member.current
+        st = member.status
         kstate = st["klippy_state"]
-        if not st["reachable"]:
-            status = "unreachable"
-        elif kstate == "startup":
-            status = "booting"
-        elif kstate != "ready":
-            status = "error"
-        elif (cur is not None and cur.status in ACTIVE) or \
-                st["print_stats"].get("state") in ("printing", "paused"):
-            status = "printing"
-        else:
-            status = "idle"
+        status = card_status(kstate, member.current, st["print_stats"]) \
+            if st["reachable"] else "unreachable"
         progress = (st["virtual_sdcard"] or {}).get("progress")
         ip = req.reachable_ip()
         if member.camera is not None:
@@ -537,7 +532,9 @@ class CuraApi:
         try:
             target = self.target_of(meta.get("require_printer_name") or "",
                                     bounds, filename)
-        except CuraError:
+        except CuraError as e:
+            logging.info("cura_connection: refused %s from %s: %s",
+                         filename, owner, e.message)
             self.intake.remove(filename, meta["preview"])
             raise
         job = Job(name=name or os.path.splitext(filename)[0],

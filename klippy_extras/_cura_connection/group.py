@@ -20,7 +20,8 @@ from .camera import CameraProxy, camera_snapshot_url
 from .errors import Conflict, CuraError, NotFound
 from .gcode_meta import fits
 from .jobs import (
-    ACTIONS, ACTION_VERBS, ACTIVE, ENDED, END_OF_PRINT, Job, PrinterSlot)
+    ACTIONS, ACTION_VERBS, ACTIVE, END_OF_PRINT, Job, PrinterSlot,
+    action_answer, action_failed, check_action)
 from .lifecycle import ACTION_SETTLE, klipper_print_state
 from .materials import parse_material_words
 from .member_calls import MemberCalls, REPLY_MACRO
@@ -211,7 +212,16 @@ class PrinterGroup:
                         j))
             self._hold(member)
         if job is not None:
-            self._send(member, job)
+            try:
+                self._send(member, job)
+            except Exception:
+                logging.exception("cura_connection: sending %s to %s",
+                                  job.filename, member.name)
+                with member.lock:
+                    if member.current is job and job.starting:
+                        self.store.member_requeue(
+                            member, job, "Internal error; see klippy.log")
+                        member.retry_at = time.monotonic() + RETRY_AFTER
         self._check_webcam(member, status)
 
     def _hold(self, member):
@@ -392,17 +402,10 @@ class PrinterGroup:
                     store.set_status(job, before, None)
             self._follow(member, status)
         member.wake.set()
-        ok = {"pause": ("paused",), "print": ("printing",) + tuple(ENDED)
-              }.get(action, tuple(ENDED))
-        if job.status in ok or (action == "abort"
-                                and member.current is not job):
-            return 200, job.status
-        if action == "pause" and job.status == "pausing":
-            return 202, job.status
-        raise Conflict("%s did not %s print job %s: %s" % (
-            member.name, verb, job.name,
-            "its print ended first (it is %s)" % (job.status,)
-            if job.status in ENDED else "it is %s" % (job.status,)))
+        answer = action_answer(job, action, member.current is not job)
+        if answer is not None:
+            return answer
+        raise action_failed(job, action, member.name)
 
     def _check(self, member, job, action, status):
         if not status["reachable"]:
@@ -412,14 +415,9 @@ class PrinterGroup:
                                           status["klippy_state"])
         elif job is not member.current:
             why = "it is not on %s (it is %s)" % (member.name, job.status)
-        elif job.status in ENDED:
-            why = "its print has ended (it is %s)" % (job.status,)
-        elif job.status not in ACTIONS[action][0]:
-            why = "it is %s" % (job.status,)
         else:
-            return
-        raise Conflict("Cannot %s print job %s: %s; nothing was done" % (
-            ACTION_VERBS[action], job.name, why))
+            why = None
+        check_action(job, action, why)
 
     def _settle(self, member, action):
         # Polls until the member shows the action's effect (a pause waits

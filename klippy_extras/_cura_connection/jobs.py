@@ -230,6 +230,7 @@ class JobStore(SavedState):
         self.held = None
         self.status_cache = {}
         self.by_uuid = {}       # every job in current, queue and history
+        self.next_cache = {}    # printer uuid -> (version, next_for's job)
         self._load()
 
     def _load(self):
@@ -423,9 +424,10 @@ class JobStore(SavedState):
                         others.append(cur)
                 elif cur is not None:
                     linked.append((m.uuid, cur))
-            shown = {id(job) for _, job in linked}
-            others += [j for j in self.queue if id(j) not in shown]
-            return linked, others
+            queue = list(self.queue)
+        # (the queue is scanned outside the lock the reactor takes)
+        shown = {id(job) for _, job in linked}
+        return linked, others + [j for j in queue if id(j) not in shown]
 
     def printer_of(self, job):
         """The member slot whose job this is, or None (this printer's,
@@ -435,14 +437,25 @@ class JobStore(SavedState):
             return printer
         return None
 
-    def next_for(self, printer_uuid, fits):
+    def next_for(self, printer_uuid, fits, cached=False):
         """The first queued job this printer may print: one the upload
-        named it for, or any printer's, that fits(job) (None: none)."""
+        named it for, or any printer's, that fits(job) (None: none).
+        cached (for a fits() that cannot change while the store does
+        not: this printer's own limits): the answer is kept until the
+        store changes, so the reactor's status tick scans the queue (in a
+        group, past the jobs named for others) only after a change."""
         with self.lock:
+            key = (self.version, printer_uuid)
+            hit = self.next_cache.get(printer_uuid)
+            if cached and hit is not None and hit[0] == key:
+                return hit[1]
+            found = None
             for job in self.queue:
                 if job.target in ("", printer_uuid) and fits(job):
-                    return job
-            return None
+                    found = job
+                    break
+            self.next_cache[printer_uuid] = (key, found)
+            return found
 
     def find(self, job_uuid):
         return self.by_uuid.get(job_uuid)
@@ -763,3 +776,40 @@ ACTIONS = {"pause": (("printing",), "pausing"),
            "print": (("paused",), "resuming"),
            "abort": (ACTIVE, "aborting")}
 ACTION_VERBS = {"pause": "pause", "print": "resume", "abort": "abort"}
+# action -> the statuses that show it took effect
+ACTION_DONE = {"pause": ("paused",), "print": ("printing",) + tuple(ENDED),
+               "abort": tuple(ENDED)}
+
+
+def check_action(job, action, why=None):
+    """Conflict saying why action does not apply to job now: why, the
+    printer's reason if it has one, else the job's status."""
+    if why is None:
+        if job.status in ENDED:
+            why = "its print has ended (it is %s)" % (job.status,)
+        elif job.status not in ACTIONS[action][0]:
+            why = "it is %s" % (job.status,)
+        else:
+            return
+    raise Conflict("Cannot %s print job %s: %s; nothing was done" % (
+        ACTION_VERBS[action], job.name, why))
+
+
+def action_answer(job, action, left_printer):
+    """After an action was carried out: (200, status) when job shows it
+    (an aborted job that left its printer too), (202, status) for a
+    pause that waits for the file's current command, else None."""
+    if job.status in ACTION_DONE[action] or (action == "abort"
+                                             and left_printer):
+        return 200, job.status
+    if action == "pause" and job.status == "pausing":
+        return 202, job.status
+    return None
+
+
+def action_failed(job, action, who):
+    """The Conflict for an action who carried out without its effect."""
+    return Conflict("%s did not %s print job %s: %s" % (
+        who, ACTION_VERBS[action], job.name,
+        "its print ended first (it is %s)" % (job.status,)
+        if job.status in ENDED else "it is %s" % (job.status,)))

@@ -10,7 +10,9 @@ import logging
 
 from .bridge import ScriptError, NoCall
 from .errors import Conflict, CuraError, NotFound
-from .jobs import ACTIONS, ACTION_VERBS, ACTIVE, ENDED, END_OF_PRINT, Job
+from .jobs import (
+    ACTIONS, ACTION_VERBS, ACTIVE, END_OF_PRINT, Job, action_answer,
+    action_failed, check_action)
 from .names import job_name
 from .threads import reactor_only
 
@@ -88,7 +90,7 @@ class JobLifecycle:
         # (in a group: the first job for this printer; the others'
         # followers take theirs)
         head = store.next_for(store.host_uuid, lambda job: self.fits(
-            job, snap)) if store.queue else None
+            job, snap), cached=True) if store.queue else None
         if head is not None and self.changes(head):
             # until the material is loaded or forced
             store.hold_for_material(head)
@@ -215,21 +217,14 @@ class JobLifecycle:
                 # (not ended meanwhile)
                 self.store.set_status(job, status, None)
         self.follow(self.bridge.publish_now())
-        ok = {"pause": ("paused",), "print": ("printing",) + tuple(ENDED)
-              }.get(action, tuple(ENDED))
-        if job.status in ok or (action == "abort"
-                                and job is not self.store.current):
-            return 200, job.status
-        if action == "pause" and job.status == "pausing":
-            return 202, job.status
+        answer = action_answer(job, action, job is not self.store.current)
+        if answer is not None:
+            return answer
         if action == "pause":
             # its print ended before it paused: the pause is no one's
             with self.bridge.gcode_mutex():
                 self._clear_stale_pause()
-        raise Conflict("Klipper did not %s print job %s: %s" % (
-            ACTION_VERBS[action], job.name,
-            "its print ended first (it is %s)" % (job.status,)
-            if job.status in ENDED else "it is %s" % (job.status,)))
+        raise action_failed(job, action, "Klipper")
 
     def _at_rest(self):
         # Inside the G-code mutex the file runs no command, but a Klipper
@@ -256,14 +251,9 @@ class JobLifecycle:
         elif job.action is not None:
             why = "Klipper is still carrying out a %s (it is %s)" % (
                 ACTION_VERBS[job.action], job.status)
-        elif job.status in ENDED:
-            why = "its print has ended (it is %s)" % (job.status,)
-        elif job.status not in ACTIONS[action][0]:
-            why = "it is %s" % (job.status,)
         else:
-            return
-        raise Conflict("Cannot %s print job %s: %s; nothing was done" % (
-            ACTION_VERBS[action], job.name, why))
+            why = None
+        check_action(job, action, why)
 
     def _carry_out(self, job, action, snap):
         # Inside the G-code mutex, with Klipper's print (snap) in the

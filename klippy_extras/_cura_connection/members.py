@@ -62,6 +62,16 @@ def parse_member_url(url):
     return u.hostname, port
 
 
+def shut_down(sock):
+    # Ends a blocking read or write on sock in another thread (None: no
+    # connection)
+    if sock is not None:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+
 def check_remote_name(name):
     # A plain name in the gcodes root (the multipart header carries it)
     if (not name or name.startswith(".")
@@ -416,9 +426,4 @@ class MoonrakerMember:
 
     @staticmethod
     def _break(conn):
-        sock = conn.sock if conn is not None else None
-        if sock is not None:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+        shut_down(conn.sock if conn is not None else None)

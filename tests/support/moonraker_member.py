@@ -45,8 +45,8 @@ validate_config: False
 enable_object_processing: False
 
 [webcam {webcam}]
-stream_url: /webcam/?action=stream
-snapshot_url: /webcam/?action=snapshot
+stream_url: {stream_url}
+snapshot_url: {snapshot_url}
 """
 
 WEBCAM = "bedcam"
@@ -70,8 +70,8 @@ class Moonraker:
     it listens on; exec_prefix: put before its command line (another
     network namespace)."""
     def __init__(self, data_path, klippy_sock, port=None,
-                 trusted="127.0.0.0/8", tmp_dir=None, host="127.0.0.1",
-                 exec_prefix=()):
+                 trusted="127.0.0.0/8", tmp_dir=None, webcam_url=None,
+                 host="127.0.0.1", exec_prefix=()):
         self.host = host
         self.exec_prefix = list(exec_prefix)
         self.data_path = str(data_path)
@@ -79,6 +79,8 @@ class Moonraker:
         self.port = port or free_port()
         self.trusted = trusted
         self.tmp_dir = tmp_dir
+        # (its webcam list: crowsnest's relative URL unless given)
+        self.webcam_url = webcam_url
         self.proc = None
         self.out = None
         self.log_path = os.path.join(self.data_path, "logs", "moonraker.log")
@@ -96,9 +98,12 @@ class Moonraker:
         os.makedirs(os.path.dirname(self.log_path), exist_ok=True)
         cfg = os.path.join(cfg_dir, "moonraker.conf")
         with open(cfg, "w") as f:
-            f.write(CONFIG.format(host=self.host, port=self.port,
-                                  sock=self.klippy_sock,
-                                  trusted=self.trusted, webcam=WEBCAM))
+            stream = self.webcam_url or "/webcam/?action=stream"
+            f.write(CONFIG.format(
+                host=self.host, port=self.port, sock=self.klippy_sock,
+                trusted=self.trusted, webcam=WEBCAM, stream_url=stream,
+                snapshot_url=stream.replace("action=stream",
+                                            "action=snapshot")))
         env = dict(os.environ)
         if self.tmp_dir:
             os.makedirs(self.tmp_dir, exist_ok=True)
@@ -166,14 +171,16 @@ class Moonraker:
 
 class Member:
     """A Klippy and its Moonraker; see the module's docstring."""
-    def __init__(self, workdir, flavor, trusted="127.0.0.0/8", **klippy_kw):
+    def __init__(self, workdir, flavor, trusted="127.0.0.0/8",
+                 webcam_url=None, **klippy_kw):
         workdir = str(workdir)
         self.name = os.path.basename(workdir.rstrip("/"))
         self.klippy = klippy_harness.Klippy(flavor, workdir,
                                             with_module=False, **klippy_kw)
         self.tmp_dir = os.path.join(workdir, "tmp")
         self.moonraker = Moonraker(workdir, self.klippy.sock_path,
-                                   trusted=trusted, tmp_dir=self.tmp_dir)
+                                   trusted=trusted, tmp_dir=self.tmp_dir,
+                                   webcam_url=webcam_url)
 
     @property
     def url(self):
@@ -221,10 +228,12 @@ def group_printers(members):
     return ", ".join("%s=%s" % (m.name, m.url) for m in members)
 
 
-def start_member(workdir, flavor, trusted="127.0.0.0/8", **klippy_kw):
-    """A started member (Klippy ready, Moonraker connected to it).
-    klippy_kw go to klippy_harness.Klippy (extruders=2, ...)."""
-    member = Member(workdir, flavor, trusted, **klippy_kw)
+def start_member(workdir, flavor, trusted="127.0.0.0/8", webcam_url=None,
+                 **klippy_kw):
+    """A started member (Klippy ready, Moonraker connected to it; its
+    webcam list names webcam_url).  klippy_kw go to klippy_harness.Klippy
+    (extruders=2, ...)."""
+    member = Member(workdir, flavor, trusted, webcam_url, **klippy_kw)
     try:
         return member.start()
     except BaseException:

@@ -9,7 +9,7 @@ import types
 
 import pytest
 
-from fakes import FakeMoonraker
+from fakes import FakeKlipper, FakeMoonraker
 from real_inputs import cura_api
 
 from _cura_connection.errors import Conflict, NotFound
@@ -17,6 +17,7 @@ from _cura_connection.group import (
     GroupMember, MEMBER_EXTRUDERS, PrinterGroup, REMOTE_DIR, member_uuid,
     parse_group)
 from _cura_connection.jobs import Job, JobStore
+from _cura_connection.lifecycle import JobLifecycle
 from _cura_connection.materials import LoadedMaterials
 
 
@@ -435,3 +436,29 @@ def test_materials_route_jobs_and_hold_the_one_named_for_a_member(
     farm.tick()
     assert pinned.status == "printing" and pinned.printer == m0.uuid
     assert m0.held is None
+
+
+def test_this_printer_passes_over_jobs_named_for_members(tmp_path):
+    farm = Farm(tmp_path, n=1)
+    m0, = farm.members
+    klipper = FakeKlipper()
+    life = JobLifecycle(klipper, farm.store, lambda job: None)
+    pinned = farm.job("pinned", target=m0.uuid)
+    anyone = farm.job("anyone")
+    farm.fakes[0].reachable = False      # (m0 takes nothing meanwhile)
+    farm.tick()
+    klipper.follow(life)
+    klipper.run_callbacks()
+    assert anyone.status == "printing" and anyone.printer == HOST
+    assert pinned.status == "queued" and farm.store.queue == [pinned]
+    # the same answer on every tick: the queue is scanned once per change
+    klipper.finish()
+    klipper.follow(life)
+    asked = []
+    life.fits = lambda job, snap: asked.append(job.name) and False
+    big = farm.job("big")
+    life.plate_cleared()
+    for _ in range(4):
+        klipper.follow(life)
+    assert asked == ["big"] and big.status == "queued"
+    assert pinned.status == "queued" and klipper.filename == "anyone.gcode"
