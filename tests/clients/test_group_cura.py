@@ -34,7 +34,7 @@ def address(k):
     return "127.0.0.1:%d" % (k.cura_port(),)
 
 
-def slow_file(tmp_path, name, moves=3000):
+def slow_file(tmp_path, name, moves=6000):
     # prints for a while (TEST_SLEEP every 10 moves): seen printing
     path = tmp_path / (name + ".gcode")
     path.write_text(gcode_samples.moves(moves, 10, 0.1))
@@ -241,7 +241,7 @@ def test_cura5_draws_the_group_and_prints_where_asked(
             real_inputs.snapshot(), [gcode_samples.ULTIMAKER_PLA_BLACK],
             cura5=True))
         return path
-    long = dict(print_time=900, count=3000, sleep_every=10, sleep_s=0.1)
+    long = dict(print_time=900, count=6000, sleep_every=10, sleep_s=0.1)
     sent = cura5.upload(ufp("on_voron", **long), unique_name="voron")
     assert sent["reply"]["status"] == 200 and sent["reply"]["signed"], sent
     state = cura5.wait(lambda s: printing_on(s, "voron", "on_voron"),
