@@ -100,13 +100,14 @@ def klippy(klippy_factory):
 
 @pytest.fixture
 def members(tmp_path, flavor):
-    """members(name): a started group member (moonraker_member.py: a real
-    Klippy and a real Moonraker) named name; all closed at the end."""
+    """members(name, **kw): a started group member (moonraker_member.py:
+    a real Klippy and a real Moonraker; kw go to start_member) named name;
+    all closed at the end."""
     from moonraker_member import start_member
     started = []
 
-    def make(name):
-        m = start_member(tmp_path / name, flavor)
+    def make(name, **kw):
+        m = start_member(tmp_path / name, flavor, **kw)
         m.name = name
         started.append(m)
         return m

@@ -578,8 +578,7 @@ class CuraApi:
         printers = [(host, self.identity.name, snap.get("axis_minimum"),
                      snap.get("axis_maximum"))]
         if self.group is not None:
-            printers += [(m.uuid, m.name, m.status.get("axis_minimum"),
-                          m.status.get("axis_maximum"))
+            printers += [(m.uuid, m.name) + m.reach
                          for m in self.group.members]
         if wanted:
             printers = [p for p in printers if p[1] == wanted]

@@ -117,6 +117,9 @@ class GroupMember(PrinterSlot):
         # on this console, or the member's own through its macro
         self.loaded = loaded
         self.status = empty_status("not reached yet")
+        # (axis_minimum, axis_maximum) its Klipper showed last: kept while
+        # it cannot be reached (a file it cannot print is refused then too)
+        self.reach = (None, None)
         self.seq = 0
         # Held while the follower or an action decides on the member's
         # state (not while a file is sent)
@@ -226,16 +229,25 @@ class PrinterGroup:
 
     def _hold(self, member):
         # The first job named for member waits there for its material
-        # (shown on its card, where Cura offers Override)
+        # (shown on its card, where Cura offers Override); one that turned
+        # out not to fit it (sent before its reach was known) says why
         store = self.store
-        head = store.next_for(member.uuid, lambda j: j.target == member.uuid
-                              and self.fits(member, j)[0])
+        head = store.next_for(member.uuid, lambda j: j.target == member.uuid)
+        if head is not None:
+            ok, why = self.fits(member, head)
+            if not ok:
+                store.note(head, "Waits for %s, which it does not fit: %s "
+                           "(delete it)" % (member.name, why))
+                head = None
         store.member_hold(member, head if head is not None and
                           member.loaded.configuration_changes(head) else None)
 
     def _set_status(self, member, status):
         old = member.status
         member.status = status
+        if status["axis_minimum"] is not None \
+                and status["axis_maximum"] is not None:
+            member.reach = (status["axis_minimum"], status["axis_maximum"])
         if any(old.get(k) != status.get(k) for k in (
                 "reachable", "klippy_state", "print_stats", "extruders",
                 "heater_bed", "pause_resume")):
@@ -363,8 +375,8 @@ class PrinterGroup:
     # Request threads: what fits where
     def fits(self, member, job):
         """(True, "") or (False, why) for job's file on member."""
-        return fits(job.bounds, member.status.get("axis_minimum"),
-                    member.status.get("axis_maximum"), member.name)
+        return fits(job.bounds, member.reach[0], member.reach[1],
+                    member.name)
 
     # Request threads: actions on a member's job
     @never_reactor

@@ -680,6 +680,13 @@ class JobStore(SavedState):
             self._changed()
             return job
 
+    def note(self, job, message):
+        """A queued job's message (why it waits)."""
+        with self.lock:
+            if job.message != message:
+                job.message = message
+                self._changed()
+
     def member_hold(self, member, job):
         """The job named for member waits there for a configuration
         change (None: none waits)."""

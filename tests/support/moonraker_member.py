@@ -242,43 +242,73 @@ def start_member(workdir, flavor, trusted="127.0.0.0/8", webcam_url=None,
 
 
 class BreakingProxy:
-    """A loopback TCP relay to a member's Moonraker for one connection
-    that breaks an upload half way: after cut_after bytes from the client
-    it stops relaying and sets .reached; once .release is set (at once
-    unless hold) it closes both sides.  proxy.url stands for the member."""
-    def __init__(self, port, cut_after, hold=False):
+    """A loopback TCP relay to a member's Moonraker that breaks an upload
+    half way: after cut_after bytes from the client it stops relaying and
+    sets .reached; once .release is set (at once unless hold) it closes
+    both sides.  proxy.url stands for the member.  By default it relays
+    one connection, the one it breaks; with uploads_only it relays every
+    connection (polls, websockets) whole and breaks only the first file
+    upload (POST /server/files/upload): a whole member behind it."""
+    UPLOAD = b"POST /server/files/upload"
+
+    def __init__(self, port, cut_after, hold=False, uploads_only=False):
         self.port = port
         self.cut_after = cut_after
+        self.uploads_only = uploads_only
+        self.broken = False
         self.reached = threading.Event()
         self.release = threading.Event()
         if not hold:
             self.release.set()
+        self.sockets = []
+        self.lock = threading.Lock()
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.url = "http://127.0.0.1:%d" % (self.listener.getsockname()[1],)
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
 
     def _run(self):
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:          # closed
+                return
+            if not self.uploads_only:
+                self._serve(client, True)
+                return
+            threading.Thread(target=self._serve, args=(client, False),
+                             daemon=True).start()
+
+    def _serve(self, client, cut):
         try:
-            client, _ = self.listener.accept()
-        except OSError:          # closed unused
+            upstream = socket.create_connection(("127.0.0.1", self.port))
+        except OSError:
+            client.close()
             return
-        upstream = socket.create_connection(("127.0.0.1", self.port))
+        with self.lock:
+            self.sockets += [client, upstream]
         back = threading.Thread(target=self._back, args=(upstream, client),
                                 daemon=True)
         back.start()
         sent = 0
         try:
-            while sent < self.cut_after:
-                data = client.recv(min(65536, self.cut_after - sent))
-                if not data:
+            first = client.recv(65536)
+            with self.lock:
+                if not cut and not self.broken \
+                        and first.startswith(self.UPLOAD):
+                    cut = self.broken = True
+            while first:
+                if cut and sent + len(first) >= self.cut_after:
+                    upstream.sendall(first[:self.cut_after - sent])
                     break
-                upstream.sendall(data)
-                sent += len(data)
+                upstream.sendall(first)
+                sent += len(first)
+                first = client.recv(65536)
         except OSError:
             pass
-        self.reached.set()
-        self.release.wait()
+        if cut:
+            self.reached.set()
+            self.release.wait()
         for s in (client, upstream):
             try:
                 s.shutdown(socket.SHUT_RDWR)
@@ -301,4 +331,10 @@ class BreakingProxy:
     def close(self):
         self.release.set()
         self.listener.close()
+        with self.lock:
+            for s in self.sockets:
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
         self.thread.join(10)

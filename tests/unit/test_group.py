@@ -462,3 +462,19 @@ def test_this_printer_passes_over_jobs_named_for_members(tmp_path):
         klipper.follow(life)
     assert asked == ["big"] and big.status == "queued"
     assert pinned.status == "queued" and klipper.filename == "anyone.gcode"
+
+
+def test_a_job_named_for_a_member_it_does_not_fit_says_so(tmp_path):
+    # (sent before the member was ever reached: its reach was not known)
+    farm = Farm(tmp_path, n=1)
+    m0, = farm.members
+    big = farm.job("big", target=m0.uuid,
+                   bounds=[0., 0., 0., 400., 10., 10.])
+    farm.tick()
+    assert big.status == "queued" and "does not fit" in big.message
+    assert "needs X 0.0..400.0 mm, m0 reaches 0.0..300.0" in big.message
+    # its reach is kept while it cannot be reached
+    farm.fakes[0].reachable = False
+    farm.tick()
+    assert m0.reach == ([0., 0., 0.], [300., 300., 300.])
+    assert not farm.group.fits(m0, big)[0]
