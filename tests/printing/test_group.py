@@ -6,15 +6,13 @@ module's HTTP API, as Cura and the web page use it."""
 import os
 import urllib.parse
 
-import pytest
-
 import cura_client
 import gcode_samples
 import httpc
 from httpc import get_json, jobs, wait_for
 from job_actions import action
 from mjpeg_source import MjpegSource, StreamReader
-from moonraker_member import start_member
+from moonraker_member import group_printers, start_member
 
 from _cura_connection.member_calls import MEMBER_MACROS
 from _cura_connection.members import MoonrakerMember
@@ -22,23 +20,8 @@ from _cura_connection.members import MoonrakerMember
 PRINTERS = "/cluster-api/v1/printers"
 
 
-@pytest.fixture
-def members(tmp_path, flavor):
-    started = []
-
-    def make(name):
-        m = start_member(tmp_path / name, flavor)
-        m.name = name
-        started.append(m)
-        return m
-    yield make
-    for m in started:
-        m.close()
-
-
 def host_of(klippy_factory, *members, **options):
-    options["group_printers"] = ", ".join(
-        "%s=%s" % (m.name, m.url) for m in members)
+    options["group_printers"] = group_printers(members)
     return klippy_factory(module_options=options)
 
 

@@ -15,26 +15,12 @@ import httpc
 from httpc import JOBS, get_json, jobs, wait_for
 from job_actions import action
 from klippy_harness import cartesian_cfg
-from moonraker_member import UNTRUSTED, BreakingProxy, start_member
+from moonraker_member import UNTRUSTED, BreakingProxy
 
 from _cura_connection.group import RETRY_AFTER
 from _cura_connection.members import MemberError, MoonrakerMember
 
 PRINTERS = "/cluster-api/v1/printers"
-
-
-@pytest.fixture
-def members(tmp_path, flavor):
-    started = []
-
-    def make(name, **kw):
-        m = start_member(tmp_path / name, flavor, **kw)
-        m.name = name
-        started.append(m)
-        return m
-    yield make
-    for m in started:
-        m.close()
 
 
 def host_of(klippy_factory, *members, urls=None, extra_cfg="", **options):

@@ -216,6 +216,9 @@ class Klippy:
         self.extra_cfg = extra_cfg
         self.with_module = with_module
         self.extruders = extruders
+        # Put before Klippy's command line (run it in another network
+        # namespace: ["ip", "netns", "exec", name])
+        self.exec_prefix = []
         self.proc = None
         self._api = None
         self._out = None
@@ -347,7 +350,8 @@ path: %s
         self._log_offset = (os.path.getsize(self.log_path)
                             if os.path.exists(self.log_path) else 0)
         spec = FLAVORS[self.flavor]
-        cmd = _die_with_parent() + [spec["python"]] + spec["args"] + [
+        cmd = _die_with_parent() + self.exec_prefix + [spec["python"]] \
+            + spec["args"] + [
             self.cfg_path, "-o", "/dev/null", "-d", self.dict_path,
             "-a", self.sock_path, "-I", self.pty_path, "-l", self.log_path]
         self._out = open(self.out_path, "ab")

@@ -27,7 +27,7 @@ PYTHON = os.path.join(klippy_harness.VENV_DIR, "moonraker", "bin", "python")
 
 CONFIG = """\
 [server]
-host: 127.0.0.1
+host: {host}
 port: {port}
 klippy_uds_address: {sock}
 max_upload_size: 2048
@@ -66,9 +66,14 @@ def free_port():
 class Moonraker:
     """The real Moonraker process.  trusted: the [authorization]
     trusted_clients range; one that leaves out 127.0.0.1 makes it ask
-    loopback clients for an API key (401 without)."""
+    loopback clients for an API key (401 without).  host: the address
+    it listens on; exec_prefix: put before its command line (another
+    network namespace)."""
     def __init__(self, data_path, klippy_sock, port=None,
-                 trusted="127.0.0.0/8", tmp_dir=None, webcam_url=None):
+                 trusted="127.0.0.0/8", tmp_dir=None, webcam_url=None,
+                 host="127.0.0.1", exec_prefix=()):
+        self.host = host
+        self.exec_prefix = list(exec_prefix)
         self.data_path = str(data_path)
         self.klippy_sock = klippy_sock
         self.port = port or free_port()
@@ -95,8 +100,8 @@ class Moonraker:
         with open(cfg, "w") as f:
             stream = self.webcam_url or "/webcam/?action=stream"
             f.write(CONFIG.format(
-                port=self.port, sock=self.klippy_sock, trusted=self.trusted,
-                webcam=WEBCAM, stream_url=stream,
+                host=self.host, port=self.port, sock=self.klippy_sock,
+                trusted=self.trusted, webcam=WEBCAM, stream_url=stream,
                 snapshot_url=stream.replace("action=stream",
                                             "action=snapshot")))
         env = dict(os.environ)
@@ -106,7 +111,8 @@ class Moonraker:
         self.out = open(os.path.join(self.data_path, "logs",
                                      "moonraker.out"), "ab")
         self.proc = subprocess.Popen(
-            [PYTHON, "-m", "moonraker", "-d", self.data_path, "-c", cfg,
+            self.exec_prefix + [
+                PYTHON, "-m", "moonraker", "-d", self.data_path, "-c", cfg,
              "-l", self.log_path],
             stdin=subprocess.DEVNULL, stdout=self.out, env=env,
             stderr=subprocess.STDOUT, start_new_session=True)
@@ -137,8 +143,8 @@ class Moonraker:
         return self.proc is not None and self.proc.poll() is None
 
     def get(self, path, api_key=None):
-        req = urllib.request.Request("http://127.0.0.1:%d%s"
-                                     % (self.port, path))
+        req = urllib.request.Request("http://%s:%d%s"
+                                     % (self.host, self.port, path))
         if api_key:
             req.add_header("X-Api-Key", api_key)
         with urllib.request.urlopen(req, timeout=10) as r:
@@ -178,7 +184,7 @@ class Member:
 
     @property
     def url(self):
-        return "http://127.0.0.1:%d" % (self.moonraker.port,)
+        return "http://%s:%d" % (self.moonraker.host, self.moonraker.port)
 
     @property
     def gcodes_dir(self):
@@ -215,6 +221,11 @@ class Member:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def group_printers(members):
+    """The host's group_printers option for these members."""
+    return ", ".join("%s=%s" % (m.name, m.url) for m in members)
 
 
 def start_member(workdir, flavor, trusted="127.0.0.0/8", webcam_url=None,
