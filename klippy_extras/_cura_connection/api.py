@@ -31,8 +31,6 @@ from .names import MAX_JOB_NAME, clean_text, label_text
 
 # Cura refuses firmware below 4.0.0 and sends UFP from 4.4 on.
 FIRMWARE_VERSION = "5.2.11"
-# The port Cura opens a printer's camera on (it builds the URL itself)
-CURA_CAMERA_PORT = 8080
 
 
 class Payload:
@@ -206,6 +204,7 @@ class CuraApi:
         self.definition = definition    # MachineDefinition
         self.camera = camera            # CameraProxy or None
         self.max_queue = max_queue
+        self.port = 8080                # the server's, once bound
         self.group = group              # PrinterGroup, or None (not loaded
         #                                 in the front process)
         self.replies = ReplyCache(self)
@@ -286,9 +285,10 @@ class CuraApi:
         ip = req.reachable_ip()
         if member.camera is not None:
             # Cura opens http://<ip_address>:8080/?action=stream: this
-            # makes it the member's relay (the rest is a URL fragment)
+            # makes it the member's relay on this server's port (the rest
+            # is a URL fragment)
             ip = "%s:%d/cluster-api/v1/printers/%s/camera?action=stream#" \
-                % (ip, CURA_CAMERA_PORT, member.uuid)
+                % (ip, self.port, member.uuid)
         return {
             "enabled": True, "firmware_version": FIRMWARE_VERSION,
             "friendly_name": member.name, "unique_name": member.name,

@@ -25,7 +25,8 @@ from .jobs import (
 from .lifecycle import ACTION_SETTLE, klipper_print_state
 from .materials import parse_material_words
 from .member_calls import MemberCalls, REPLY_MACRO
-from .members import MemberError, MoonrakerMember, empty_status
+from .members import (
+    MemberError, MoonrakerMember, empty_status, parse_member_url)
 from .names import job_name
 from .threads import never_reactor
 
@@ -41,6 +42,9 @@ WEBCAM_CHECK = 60.
 # The extruders a member's loaded materials are kept for (its Klipper's
 # names; its card shows as many as its Moonraker lists)
 MEMBER_EXTRUDERS = ["extruder"] + ["extruder%d" % i for i in range(1, 8)]
+# Moonraker's webcam services that serve MJPEG (None: an older Moonraker)
+MJPEG_SERVICES = (None, "mjpegstreamer", "mjpegstreamer-adaptive",
+                  "uv4l-mjpeg")
 MEMBER_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -84,7 +88,18 @@ def parse_group(printers_text, keys_text, auto_start_text, host_name):
                 raise ValueError("%s: %s is not in group_printers"
                                  % (option, name))
     out = []
+    seen = {}
     for name, url in printers.items():
+        try:
+            where = parse_member_url(url)
+        except ValueError as e:
+            raise ValueError("group_printers: %s: %s" % (name, e))
+        where = (where[0].lower(), where[1])
+        if where in seen:
+            # (two followers would send jobs to one printer)
+            raise ValueError("group_printers: %s and %s are one Moonraker "
+                             "(%s)" % (seen[where], name, url))
+        seen[where] = name
         if name == host_name:
             raise ValueError("group_printers: %s is this printer's name"
                              % (name,))
@@ -317,9 +332,17 @@ class PrinterGroup:
         # Follower thread, without member.lock: the file to the member's
         # G-code folder (Moonraker keeps no half file), then the start
         remote = member.remote_file(job)
+        local = os.path.join(self.gcodes, job.filename)
+        if not os.path.isfile(local):
+            # (deleted from Mainsail...): no member can print it
+            with member.lock:
+                if member.current is job and job.starting == "waiting":
+                    self.store.member_start_failed(
+                        member, job, "Its file is gone from this printer's "
+                        "G-code folder")
+            return
         try:
-            member.client.upload(os.path.join(self.gcodes, job.filename),
-                                 job.filename, REMOTE_DIR)
+            member.client.upload(local, job.filename, REMOTE_DIR)
         except (MemberError, OSError) as e:
             with member.lock:
                 if member.current is job and job.starting == "waiting":
@@ -364,8 +387,12 @@ class PrinterGroup:
         if not status["reachable"] or now < member.webcam_at:
             return
         member.webcam_at = now + WEBCAM_CHECK
-        cams = member.client.webcams()
-        stream = cams[0].get("stream_url") if cams else None
+        # Cura's camera view shows MJPEG: the first such webcam (a
+        # webcam of no service named is taken for one)
+        cams = [c for c in member.client.webcams()
+                if c.get("service") in MJPEG_SERVICES
+                and isinstance(c.get("stream_url"), str)]
+        stream = cams[0]["stream_url"] if cams else None
         if not stream:
             member.camera = None
         elif member.camera is None or member.camera.stream_url != stream:
@@ -491,5 +518,9 @@ class PrinterGroup:
 
     # The cards
     def card_key(self):
+        # (the cards show each member's plate, camera, loaded materials
+        # and whether a job is on it)
         return self.version, tuple(
-            (m.plate_clear, m.camera is not None) for m in self.members)
+            (m.plate_clear, m.camera is not None, m.loaded.version,
+             m.current and (m.current.uuid, m.current.status))
+            for m in self.members)

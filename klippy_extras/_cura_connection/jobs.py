@@ -260,11 +260,16 @@ class JobStore(SavedState):
             return out
         cur = jobs("current", list(ACTIVE) + list(ENDED))
         self.current = cur[0] if cur else None
+        # (the jobs on printers first: a job also listed after them is
+        # dropped as a second copy)
+        self.history = []
+        self._load_members(data.get("printers"), jobs)
         self.queue = jobs("queue", ("queued",))
-        self.history = jobs("history", list(ENDED.values()))
+        self.history += jobs("history", list(ENDED.values()))
         del self.history[self.history_size:]
         self.by_uuid = {j.uuid: j for j in cur + self.queue + self.history}
-        self._load_members(data.get("printers"), jobs)
+        self.by_uuid.update((m.current.uuid, m.current) for m in
+                            self.members.values() if m.current)
         known = set(self.members) | {self.host_uuid}
         for job in self.queue:
             if job.target and job.target not in known:
@@ -310,14 +315,14 @@ class JobStore(SavedState):
             if slot is not None:
                 slot.current = job
                 slot.plate_clear = plate_clear
+                if job is not None:
+                    job.printer = slot.uuid     # (whatever the file says)
             elif job is not None:
                 if job.status in ACTIVE:
                     self._end(job, "failed_wait_cleanup",
                               "Its printer left the group")
                 self._retire(job)
                 self.dirty = True
-            if job is not None:
-                self.by_uuid[job.uuid] = job
 
     def state(self):
         return {"version": 1, "plate_clear": self.plate_clear,
@@ -580,7 +585,7 @@ class JobStore(SavedState):
         job.status = ENDED.get(job.status, job.status)
         self.history.insert(0, job)
         for old in self.history[self.history_size:]:
-            del self.by_uuid[old.uuid]
+            self.by_uuid.pop(old.uuid, None)
         del self.history[self.history_size:]
 
     def begin_start(self, job):

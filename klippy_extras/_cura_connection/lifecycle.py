@@ -379,24 +379,43 @@ class JobCommands:
 
     cmd_CURA_QUEUE_help = "List the jobs Cura sent to this printer"
     def cmd_CURA_QUEUE(self, gcmd):
-        cur, queue, _ = self.store.all_jobs()
+        store = self.store
+        queue = store.all_jobs()[1]
+        cur = store.current
         lines = ["Printer: %s (%s)" % (
-            cur[0].name, cur[0].status) if cur else "Printer: no job"]
+            cur.name, cur.status) if cur else "Printer: no job"]
+        # (a group's members: one line each, as configured)
+        members = self.group.members if self.group else []
+        names = {m.uuid: m.name for m in members}
+        for m in members:
+            job = m.current
+            lines.append("%s: %s%s" % (m.name, "%s (%s)" % (
+                job.name, job.status) if job else "no job", "" if (
+                    m.plate_clear or (job and job.status in ACTIVE)) else
+                ", waiting for CURA_BUILD_PLATE_CLEARED PRINTER=%s"
+                % (m.name,)))
         # (a reactor command: the first jobs only, however long the queue)
-        shown = self.store.STATUS_JOBS
-        lines += ["%d. %s (%s, from %s)" % (i + 1, j.name, j.status, j.owner)
-                  for i, j in enumerate(queue[:shown])]
+        shown = store.STATUS_JOBS
+        lines += ["%d. %s (%s, from %s%s)" % (
+            i + 1, j.name, j.status, j.owner,
+            ", for %s" % (names[j.target],) if j.target in names else "")
+            for i, j in enumerate(queue[:shown])]
         if len(queue) > shown:
             lines.append("... and %d more" % (len(queue) - shown,))
-        waits = queue and self.loaded.configuration_changes(queue[0])
-        for index, wanted, loaded in waits or ():
-            lines.append("%s waits for %s in extruder %d (SET_CURA_MATERIAL"
-                         " or Override in Cura)" % (
-                             queue[0].name, wanted.get("name") or wanted.get(
-                                 "material") or wanted.get("guid"), index))
+        held = [(store.held or (queue[0] if queue and not members
+                                else None), self.loaded)]
+        held += [(m.held, m.loaded) for m in members]
+        for job, loaded in held:
+            for index, wanted, have in (job and loaded.configuration_changes(
+                    job)) or ():
+                lines.append("%s waits for %s in extruder %d "
+                             "(SET_CURA_MATERIAL or Override in Cura)" % (
+                                 job.name, wanted.get("name") or wanted.get(
+                                     "material") or wanted.get("guid"),
+                                 index))
         if not queue:
             lines.append("Queue is empty")
-        if not self.store.plate_clear and queue and not (
-                cur and cur[0].status in ACTIVE):
+        if not store.plate_clear and queue and not (
+                cur and cur.status in ACTIVE):
             lines.append("Waiting for CURA_BUILD_PLATE_CLEARED")
         gcmd.respond_info("\n".join(lines))

@@ -400,14 +400,15 @@ class MoonrakerMember:
         try:
             cams = self._request("GET", "/server/webcams/list",
                                  "the webcams")["webcams"]
-        except MemberError:
-            return []
-        base = "http://%s/" % (self.url[7:].rsplit(":", 1)[0],)
-        resolve = lambda u: urllib.parse.urljoin(base, u) if u else u
-        return [{"name": c.get("name"),
-                 "stream_url": resolve(c.get("stream_url")),
-                 "snapshot_url": resolve(c.get("snapshot_url"))}
-                for c in cams if c.get("enabled", True)]
+            base = "http://%s/" % (self.url[7:].rsplit(":", 1)[0],)
+            resolve = lambda u: urllib.parse.urljoin(base, u) if u else u
+            return [{"name": c.get("name"), "service": c.get("service"),
+                     "stream_url": resolve(c.get("stream_url")),
+                     "snapshot_url": resolve(c.get("snapshot_url"))}
+                    for c in cams if c.get("enabled", True)]
+        except (MemberError, AttributeError, TypeError, KeyError,
+                ValueError):
+            return []      # (none, or not Moonraker's answer)
 
     def close(self):
         """Close every connection; never blocks (any thread).  A request

@@ -238,14 +238,14 @@ def test_each_card_shows_its_printers_camera(tmp_path, klippy_factory,
         card = wait_card(base, "voron", lambda c: c["camera"],
                          "voron's webcam found")
         # Cura builds http://<ip_address>:8080/?action=stream; the rest of
-        # what it builds is a fragment it never sends
+        # what it builds is a fragment it never sends: the relay on the
+        # host's own port
         url = urllib.parse.urlsplit("http://%s:8080/?action=stream"
                                     % (card["ip_address"],))
-        assert url.hostname == "127.0.0.1" and url.port == 8080
+        assert url.hostname == "127.0.0.1" and url.port == host.cura_port()
         assert url.path == "/cluster-api/v1/printers/%s/camera" % (
             card["uuid"],)
         assert url.query == "action=stream"
-        # (this test's host listens on a port of its own, not 8080)
         viewer = StreamReader(base, url.path + "?" + url.query)
         try:
             assert viewer.frame() in source.frames

@@ -34,11 +34,6 @@ def saved(job_uuid, status, **fields):
     return d
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "JobStore._load_members retires the job of a printer that left the "
-    "group through _retire, whose history trim deletes by_uuid entries; "
-    "with history_size: 0 the retired job is not in by_uuid yet: KeyError "
-    "and Klippy does not load"))
 def test_a_renamed_member_with_a_job_loads_with_no_history(tmp_path):
     path = str(tmp_path / "queue.json")
     job_uuid = "22222222-2222-4222-8222-222222222222"
@@ -49,12 +44,6 @@ def test_a_renamed_member_with_a_job_loads_with_no_history(tmp_path):
     assert store.find(job_uuid) is None and store.history == []
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a member's saved current whose 'printer' is not that member (hostile "
-    "or hand-edited queue.json) is loaded onto it as is: printer_of() "
-    "then does not find it, so a plate clear puts it in the history but "
-    "leaves it on the member, and the next clear or claim retires it "
-    "again: one job twice in the history and on a printer"))
 def test_a_saved_member_job_with_another_printer_keeps_one_place(tmp_path):
     farm = Farm(tmp_path, n=1)
     m0, = farm.members
@@ -71,11 +60,6 @@ def test_a_saved_member_job_with_another_printer_keeps_one_place(tmp_path):
     assert [j.uuid for j in again.store.history] == [job_uuid]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a job saved both in the queue and as a member's current (hostile "
-    "queue.json) keeps the queued copy and drops the member's: while the "
-    "member prints it, the follower makes it an external job and the "
-    "queued one is sent again -- the same file printed twice"))
 def test_a_job_queued_and_on_a_member_is_not_sent_again(tmp_path):
     farm = Farm(tmp_path, n=2)
     m0, m1 = farm.members
@@ -95,27 +79,10 @@ def test_a_job_queued_and_on_a_member_is_not_sent_again(tmp_path):
     assert ("start", "cura_connection/a.gcode") not in again.fakes[1].calls
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "group_printers takes two names for one Moonraker URL: both "
-    "followers send jobs to the same printer and each shows the other's "
-    "print as an external one"))
 def test_two_members_with_one_url_are_refused():
     with pytest.raises(ValueError):
         parse_group("voron=http://127.0.0.1:7126, ender=http://127.0.0.1:7126",
                     "", "", "host")
-
-
-@pytest.mark.xfail(strict=True, reason=(
-    "the follower of one of two members at one URL takes the other's print "
-    "for an external one: the job list shows the same print twice"))
-def test_one_print_is_not_shown_on_two_cards(tmp_path):
-    farm = Farm(tmp_path, n=2)
-    m0, m1 = farm.members
-    m1.client = farm.fakes[0]        # both names, one Moonraker
-    a = farm.job("a")
-    farm.tick()
-    linked, _ = farm.store.printer_jobs()
-    assert len(linked) == 1, linked
 
 
 class GarbageMoonraker(http.server.BaseHTTPRequestHandler):
@@ -294,11 +261,6 @@ class Gcmd:
         return Exception(text)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "CURA_QUEUE takes store.all_jobs()[0][0] as this printer's job, but "
-    "in a group that list also holds the members' jobs: with this printer "
-    "idle and a member printing, the console says 'Printer: <the member's "
-    "job> (printing)'"))
 def test_cura_queue_does_not_show_a_members_job_as_this_printers(
         tmp_path):
     from _cura_connection.lifecycle import JobCommands
@@ -314,12 +276,6 @@ def test_cura_queue_does_not_show_a_members_job_as_this_printers(
     assert not lines[0].startswith("Printer: a "), lines
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "PrinterGroup._send treats a local file that is gone (deleted from the "
-    "host's G-code folder by Mainsail/Fluidd) like a member that refused "
-    "the upload: the job goes back to the queue head, and every member "
-    "claims it again after RETRY_AFTER -- the jobs behind it never print; "
-    "this printer's own start ends such a job failed"))
 def test_a_job_whose_file_is_gone_does_not_block_the_group(tmp_path):
     farm = Farm(tmp_path, n=2)
     m0, m1 = farm.members
@@ -377,11 +333,6 @@ def member_cards(api):
     return json.loads(api.replies.printers(api.bridge.snapshot, Req))[1:]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "the /printers reply is cached on a key (ReplyCache.printers: "
-    "group.card_key()) that leaves out the members' loaded materials: "
-    "SET_CURA_MATERIAL PRINTER=<member> (or the member's macro) does not "
-    "reach its card while the member's status stays the same"))
 def test_a_members_card_shows_the_material_just_set(tmp_path):
     farm = Farm(tmp_path, n=1)
     m0, = farm.members
@@ -394,11 +345,6 @@ def test_a_members_card_shows_the_material_just_set(tmp_path):
     assert after != before and after["material"] == "PETG"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "the member's card relays the first webcam Moonraker lists, whatever "
-    "its service: a WebRTC/HLS camera (crowsnest camera-streamer) listed "
-    "before an MJPEG one gives Cura a stream it cannot show, and the "
-    "MJPEG camera is never used (webcams() drops 'service')"))
 def test_a_members_card_relays_its_mjpeg_webcam(tmp_path, garbage):
     url = garbage({"/server/webcams/list": {"result": {"webcams": [
         {"name": "front", "service": "webrtc-camerastreamer",
@@ -418,11 +364,6 @@ def test_a_members_card_relays_its_mjpeg_webcam(tmp_path, garbage):
     assert m0.camera.stream_url.endswith("/webcam2/?action=stream")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a job aborted while it is sent to a member ends without any change "
-    "of the member's status or plate (it stays not clear): the /printers "
-    "cache key (group.card_key) does not see the job on the card end, so "
-    "the member's card keeps 'printing' for a job that was aborted"))
 def test_a_member_card_is_idle_once_the_job_being_sent_is_aborted(
         tmp_path):
     farm = Farm(tmp_path, n=1)
