@@ -32,6 +32,10 @@ STATUS_OBJECTS = {
     "toolhead": ["axis_minimum", "axis_maximum"],
 }
 HEATER_FIELDS = ["temperature", "target"]
+# Pieces of an answer read at a time, and the most an answer may hold
+# (a status, a webcam list: a few kB)
+READ_PIECE = 64 * 1024
+MAX_ANSWER = 1 << 20
 HTTP_ERROR_DETAIL = re.compile(r"HTTPError: HTTP \d+: ([^(]*)\((.*)\)\s*$")
 
 
@@ -203,7 +207,8 @@ class MoonrakerMember:
                 try:
                     self.conn.request(method, path, body, headers)
                     resp = self.conn.getresponse()
-                    data = resp.read()
+                    data = self._read_answer(resp, time.monotonic()
+                                             + timeout)
                     break
                 except (OSError, http.client.HTTPException) as e:
                     self.conn.close()
@@ -221,6 +226,24 @@ class MoonrakerMember:
             raise MemberError("%s answered %s with no result" % (
                 self.name, path), resp.status)
 
+    def _read_answer(self, resp, end):
+        # The body by pieces, within the request's time however slowly
+        # they come, and no bigger than any answer of Moonraker's we ask
+        parts, size = [], 0
+        while True:
+            left = end - time.monotonic()
+            if left <= 0:
+                raise socket.timeout("no whole answer in time")
+            self.conn.sock.settimeout(left)
+            part = resp.read1(READ_PIECE)
+            if not part:
+                return b"".join(parts)
+            size += len(part)
+            if size > MAX_ANSWER:
+                raise http.client.HTTPException("an answer over %d bytes"
+                                                % (MAX_ANSWER,))
+            parts.append(part)
+
     def _path(self, path, **query):
         return path + "?" + urllib.parse.urlencode(query) if query else path
 
@@ -229,8 +252,18 @@ class MoonrakerMember:
     def poll(self):
         """The member's status as a plain dict (empty_status's keys); the
         objects' fields are None (extruders []) unless Klippy is ready.
-        Never raises for the network: reachable False and the reason."""
+        Never raises for the network or for an answer of another shape
+        than Moonraker's: reachable False and the reason."""
         deadline = time.monotonic() + self.timeout
+        try:
+            return self._poll(deadline)
+        except (AttributeError, TypeError, KeyError, IndexError,
+                ValueError):
+            self.objects = None
+            return empty_status("%s answered its status with something "
+                                "that is not Moonraker's" % (self.name,))
+
+    def _poll(self, deadline):
         info = None
         try:
             info = self._request("GET", "/server/info", "the status",
@@ -273,7 +306,8 @@ class MoonrakerMember:
             self.objects = None
         status["state_message"] = web.get("state_message", "")
         for name in ("print_stats", "virtual_sdcard", "pause_resume"):
-            status[name] = found.get(name)
+            # (a Klipper without one of them shows it empty)
+            status[name] = found.get(name) or {}
         def heater(name):
             return {f: found.get(name, {}).get(f) for f in HEATER_FIELDS}
         status["extruders"] = [heater(n) for n in extruders]
@@ -281,7 +315,12 @@ class MoonrakerMember:
             status["heater_bed"] = heater("heater_bed")
         for axis in ("axis_minimum", "axis_maximum"):
             value = found.get("toolhead", {}).get(axis)
-            status[axis] = list(value[:3]) if value else None
+            status[axis] = [float(v) for v in value[:3]] if value else None
+            if status[axis] is not None and len(status[axis]) != 3:
+                raise ValueError(axis)
+        for name in ("print_stats", "virtual_sdcard", "pause_resume"):
+            if not isinstance(status[name], dict):
+                raise TypeError(name)
         return status
 
     # Files

@@ -138,12 +138,6 @@ GARBAGE = [
 ]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "MoonrakerMember.poll() promises never to raise for what the member "
-    "answers, but JSON of the wrong shape raises AttributeError/TypeError: "
-    "the follower logs a traceback every second and the card keeps the "
-    "last status (a print shown going on) instead of 'unreachable' with "
-    "the reason; an action's poll makes the request a 500, not a 409"))
 @pytest.mark.parametrize("bodies", GARBAGE)
 def test_a_member_answering_odd_json_is_shown_unreachable(garbage, bodies):
     client = MoonrakerMember("odd", garbage(bodies), timeout=2.)
@@ -154,10 +148,6 @@ def test_a_member_answering_odd_json_is_shown_unreachable(garbage, bodies):
     assert not status["reachable"] or status["klippy_state"] != "ready"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "an action on a member whose Moonraker answers JSON of the wrong "
-    "shape raises a non-Cura error from the poll: the request answers 500 "
-    "instead of 409 with the reason"))
 def test_an_action_on_a_member_answering_odd_json_is_a_409(tmp_path,
                                                            garbage):
     farm = Farm(tmp_path, n=1)
@@ -218,12 +208,6 @@ class DribblingMoonraker(GarbageMoonraker):
     do_GET = do_POST = _answer
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "MoonrakerMember._request applies its deadline as a socket timeout "
-    "per read, not to the whole answer: a member that answers a byte at a "
-    "time holds poll() (and the connection lock) for as long as it "
-    "dribbles -- the card never turns unreachable, and an action on that "
-    "member (its request thread waits for the lock) gets no reply"))
 def test_a_member_that_answers_a_byte_at_a_time_is_given_up(tmp_path):
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0),
                                              DribblingMoonraker)
