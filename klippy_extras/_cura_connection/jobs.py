@@ -454,13 +454,17 @@ class JobStore(SavedState):
             hit = self.next_cache.get(printer_uuid)
             if cached and hit is not None and hit[0] == key:
                 return hit[1]
-            found = None
-            for job in self.queue:
-                if job.target in ("", printer_uuid) and fits(job):
-                    found = job
-                    break
-            self.next_cache[printer_uuid] = (key, found)
-            return found
+            queue = list(self.queue)
+        # (fits() is Python per job: outside the lock the reactor takes)
+        found = None
+        for job in queue:
+            if job.target in ("", printer_uuid) and fits(job):
+                found = job
+                break
+        if cached:
+            with self.lock:
+                self.next_cache[printer_uuid] = (key, found)
+        return found
 
     def find(self, job_uuid):
         return self.by_uuid.get(job_uuid)
@@ -661,14 +665,19 @@ class JobStore(SavedState):
         (pre_print, waiting to be sent), or None: its plate is not clear,
         it has a job, or no queued job is for it.  The first job for it
         that is still arriving is waited for, not passed over."""
-        with self.lock:
+        def free():
             cur = member.current
-            if not member.plate_clear or (cur is not None
-                                          and cur.status in ACTIVE):
+            return member.plate_clear and not (cur is not None
+                                               and cur.status in ACTIVE)
+        if not free():
+            return None
+        job = self.next_for(member.uuid, fits)
+        with self.lock:
+            # (as the store is now: the job may have gone meanwhile)
+            if job is None or job.arriving or job not in self.queue \
+                    or not free():
                 return None
-            job = self.next_for(member.uuid, fits)
-            if job is None or job.arriving:
-                return None
+            cur = member.current
             self.queue.remove(job)
             if cur is not None:
                 self._retire(cur)

@@ -273,13 +273,6 @@ def test_a_job_whose_file_is_gone_does_not_block_the_group(tmp_path):
     assert a.status != "queued"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "JobStore.claim runs the follower's fits() (the member's reach and "
-    "its loaded materials' configuration_changes, Python per queued job) "
-    "inside the store's lock, which the reactor takes on every status "
-    "tick: with a long queue no member can take, each follower holds the "
-    "reactor up every second for a scan of the whole queue (the store's "
-    "rule: under the lock only copies or scans at C speed)"))
 def test_a_member_looks_for_its_job_outside_the_store_lock(tmp_path):
     farm = Farm(tmp_path, n=1)
     m0, = farm.members
