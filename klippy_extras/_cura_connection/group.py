@@ -37,6 +37,10 @@ REMOTE_DIR = "cura_connection"
 POLL_INTERVAL = 1.
 # After a send failed, the member gets its next job this much later
 RETRY_AFTER = 30.
+# A start Moonraker did not answer (it answers once Klipper ran it, after
+# what its G-code queue is doing): decided by what the member then shows;
+# not started if its queue is idle this long after
+UNANSWERED_START = 5.
 # How often a member's webcam list is read again
 WEBCAM_CHECK = 60.
 # The extruders a member's loaded materials are kept for (its Klipper's
@@ -287,10 +291,14 @@ class PrinterGroup:
                           % (member.name, kstate, status["state_message"]
                              and " (%s)" % (status["state_message"],)))
             return
-        if cur is not None and (cur.starting or cur.action):
-            return      # the sender or the action decides
         state = klipper_print_state(status)
         ps = status["print_stats"]
+        if cur is not None and cur.starting == "unanswered":
+            if not self._started_late(member, cur, status):
+                return
+            active = True
+        if cur is not None and (cur.starting or cur.action):
+            return      # the sender or the action decides
         if state in ("printing", "pausing", "paused"):
             if not active or member.remote_file(cur) != ps.get("filename"):
                 cur = self._external(member, cur, ps.get("filename") or "")
@@ -317,6 +325,28 @@ class PrinterGroup:
                               status["virtual_sdcard"].get("progress"))
         store.end(cur, END_OF_PRINT.get(state, "aborted_wait_cleanup"),
                   ps.get("message") or "")
+
+    def _started_late(self, member, job, status):
+        # A start without an answer: True once the member shows it ran
+        # (the job is then printing, or ended there); put back in the
+        # queue once its G-code queue is idle without it
+        ps = status["print_stats"]
+        if ps.get("filename") == member.remote_file(job) and ps.get(
+                "state") in ("printing", "paused", "complete", "cancelled",
+                             "error"):
+            self.store.set_status(job, "printing")
+            self.store.set_starting(job, None)
+            return True
+        if member_printing(status):
+            self.store.member_requeue(member, job, "Waiting: %s was busy "
+                                      "with another print" % (member.name,))
+        elif not status.get("busy") and time.monotonic() - job.sent_at \
+                > UNANSWERED_START:
+            self.store.member_requeue(member, job, "Not started on %s: "
+                                      "its start got no answer" % (
+                                          member.name,))
+            member.retry_at = time.monotonic() + RETRY_AFTER
+        return False
 
     def _external(self, member, cur, filename):
         # Started from the member's Mainsail, Fluidd, KlipperScreen...
@@ -361,9 +391,19 @@ class PrinterGroup:
             try:
                 member.client.start(remote)
             except MemberError as e:
+                if e.status is None:
+                    # no answer: what the member shows decides
+                    job.sent_at = time.monotonic()
+                    self.store.set_starting(job, "unanswered")
+                    self._follow(member, member.client.poll())
+                    member.wake.set()
+                    return
                 self.store.set_starting(job, None)
                 status = member.client.poll()
-                if member_printing(status):
+                if member_printing(status) and status["print_stats"].get(
+                        "filename") == remote:
+                    self.store.set_status(job, "printing")
+                elif member_printing(status):
                     self.store.member_requeue(member, job, "Waiting: %s was "
                                               "busy (%s)" % (member.name, e))
                 else:

@@ -91,6 +91,9 @@ class Job:
         # An upload's job until its queue is saved: it does not start
         # before (a job that cannot be saved is taken back)
         self.arriving = False
+        # (a group member's job: when its start got no answer, starting
+        # "unanswered"; group.py decides on what the member shows)
+        self.sent_at = 0.
 
     def __setattr__(self, name, value):
         if name in JOB_FIELD_SET:

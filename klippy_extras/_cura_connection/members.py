@@ -30,6 +30,8 @@ STATUS_OBJECTS = {
                        "file_size"],
     "pause_resume": ["is_paused"],
     "toolhead": ["axis_minimum", "axis_maximum"],
+    # "Printing" while its G-code queue runs a command (a start waits)
+    "idle_timeout": ["state"],
 }
 HEATER_FIELDS = ["temperature", "target"]
 # Pieces of an answer read at a time, and the most an answer may hold
@@ -144,7 +146,7 @@ def empty_status(error="", klippy_state=None):
             "klippy_state": klippy_state, "state_message": "",
             "print_stats": None, "virtual_sdcard": None,
             "pause_resume": None, "extruders": [], "heater_bed": None,
-            "axis_minimum": None, "axis_maximum": None}
+            "axis_minimum": None, "axis_maximum": None, "busy": False}
 
 
 class MoonrakerMember:
@@ -321,6 +323,8 @@ class MoonrakerMember:
         for name in ("print_stats", "virtual_sdcard", "pause_resume"):
             if not isinstance(status[name], dict):
                 raise TypeError(name)
+        status["busy"] = found.get("idle_timeout", {}).get(
+            "state") == "Printing"
         return status
 
     # Files

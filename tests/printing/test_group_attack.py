@@ -21,11 +21,6 @@ from _cura_connection.members import MoonrakerMember
 from .test_group import host_of, wait_card
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a member's card sends Cura's camera to port 8080 (CURA_CAMERA_PORT) "
-    "whatever port the host listens on: with port: set to anything else "
-    "(crowsnest holds 8080 on a default MainsailOS) Cura opens the "
-    "member's camera on whatever holds 8080, not on the host's relay"))
 def test_a_members_camera_link_reaches_this_host_on_its_port(
         tmp_path, klippy_factory, flavor):
     source = MjpegSource()
@@ -70,12 +65,6 @@ def test_every_card_carries_the_asking_curas_address(tmp_path,
         source.close()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "Moonraker answers /printer/print/start only once Klipper ran "
-    "SDCARD_PRINT_FILE, after what its G-code queue is doing (M109/M190 "
-    "from its console): past the member client's 5 s timeout the job ends "
-    "failed, then the member prints the file anyway and the job list "
-    "shows that print as a second, external job"))
 def test_a_job_sent_to_a_busy_member_prints_as_itself(
         tmp_path, klippy_factory, flavor):
     voron = start_member(tmp_path / "voron", flavor)

@@ -478,3 +478,27 @@ def test_a_job_named_for_a_member_it_does_not_fit_says_so(tmp_path):
     farm.tick()
     assert m0.reach == ([0., 0., 0.], [300., 300., 300.])
     assert not farm.group.fits(m0, big)[0]
+
+
+def test_a_start_that_got_no_answer_and_never_ran_goes_back(tmp_path):
+    from _cura_connection.members import MemberError
+    farm = Farm(tmp_path, n=1)
+    m0, = farm.members
+    fake = farm.fakes[0]
+
+    def lost(remote):
+        raise MemberError("m0 is unreachable: no answer in time")
+    fake.start = lost
+    a = farm.job("a")
+    farm.tick()
+    assert a.status == "pre_print" and a.starting == "unanswered"
+    # its G-code queue still runs a command (heating): the start may come
+    fake.busy = True
+    a.sent_at -= 60.
+    farm.tick()
+    assert a.status == "pre_print"
+    # idle without it: not started, back to the queue, never twice
+    fake.busy = False
+    farm.tick()
+    assert a.status == "queued" and "start got no answer" in a.message
+    assert m0.plate_clear and m0.current is None

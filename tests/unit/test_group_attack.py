@@ -356,13 +356,6 @@ def test_a_member_card_is_idle_once_the_job_being_sent_is_aborted(
     assert member_cards(api)[0]["status"] == "idle"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a start whose answer is lost (Moonraker's /printer/print/start waits "
-    "for Klipper's G-code queue, longer than the 5 s timeout when the "
-    "member is heating or running a long macro) is taken for a refusal: "
-    "the member then prints the file, and _send puts the job back in the "
-    "queue ('busy') and _follow adds the print as an external job -- one "
-    "job in two places, and the queued copy is sent and printed again"))
 def test_a_start_whose_answer_is_lost_is_not_printed_twice(tmp_path):
     from _cura_connection.members import MemberError
     farm = Farm(tmp_path, n=1)
@@ -382,11 +375,6 @@ def test_a_start_whose_answer_is_lost_is_not_printed_twice(tmp_path):
     assert m0.current is a and a.status == "printing"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a start whose answer is lost while the member's G-code queue is busy "
-    "(M190 from its console): the job ends failed at once, then Klipper "
-    "runs the start and the member prints it as an 'external' job -- the "
-    "job list says failed for the print that runs"))
 def test_a_start_that_runs_late_shows_as_that_job(tmp_path):
     from _cura_connection.members import MemberError
     farm = Farm(tmp_path, n=1)
