@@ -37,7 +37,7 @@ host's front, in its own group on CPU 1) under a CFS quota of a Pi 4
 core's share of CPU 0, the members and the sessions on CPU 1 (they are
 other computers on a real network).
 
-Run (Klippy's test venv has what it needs; the bench venv too):
+Run with the bench venv (benchmarks/run.sh makes it and Moonraker's):
 
     .venv/bench/bin/python benchmarks/group.py --flavors klipper,kalico \\
         --legs x86,pi --rounds 2 --seconds 30
@@ -344,6 +344,8 @@ class Group:
         with bench.CpuWatch() as cpu:
             run = sessions.Sessions(host.cura_port(), n, seconds, False,
                                     self.ufps, nice=serving.LOAD_NICE)
+            if not n:       # the group alone: its members' polling
+                time.sleep(seconds)
             res = run.result()
         hcpu = cpu_of([host.pid]) - hcpu
         mcpu = cpu_of(self.member_pids(members)) - mcpu
@@ -464,9 +466,9 @@ def main():
     print(table)
     for _f, _l, _v, rounds in each(res):
         for r in rounds:
-            if True:
-                r["samples_host"] = len(r.pop("s_host"))
-                r["samples_bare"] = len(r.pop("s_bare"))
+            r["samples_host"] = len(r.pop("s_host"))
+            r["samples_bare"] = len(r.pop("s_bare"))
+    res["args"]["out"] = os.path.basename(args.out)
     with open(args.out, "w") as f:
         json.dump(res, f, indent=1)
     with open(os.path.splitext(args.out)[0] + ".md", "w") as f:
