@@ -167,7 +167,8 @@ class MemberCalls:
 
     def _session(self):
         """One connection: True once it was registered."""
-        ws = websocket.WebSocket(enable_multithread=True)
+        ws = websocket.WebSocket(enable_multithread=True,
+                                 skip_utf8_validation=True)
         with self._lock:
             if self._stop.is_set():
                 return False
