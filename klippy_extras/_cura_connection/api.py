@@ -138,6 +138,7 @@ class ReplyCache:
         # whole, so a thread never sees one job's key with another's JSON
         self.entries = {}
         self.listing = ([], [b"[]"])   # the last list: parts, chunks
+        self.cards = {}                # member uuid -> (key, JSON bytes)
 
     def printers(self, snap, req):
         """JSON bytes of the /printers list for this snapshot."""
@@ -147,12 +148,24 @@ class ReplyCache:
         key = (snap["seq"], req.reachable_ip(), config, api.store.plate_clear,
                cur and JOB_REPLY_KEY(cur), api.group and api.group.card_key())
         if self.printer[0] != key:
-            cards = [api.printer_json(snap, req)]
+            cards = [json.dumps(api.printer_json(snap, req)).encode()]
             if api.group is not None:
-                cards += [api.member_json(m, req)
+                cards += [self.member_card(m, req)
                           for m in api.group.members]
-            self.printer = (key, json.dumps(cards).encode())
+            self.printer = (key, b"[" + b", ".join(cards) + b"]")
         return self.printer[1]
+
+    def member_card(self, member, req):
+        # A member's card, encoded again only once it changed
+        cur = member.current
+        key = (member.seq, req.reachable_ip(), member.plate_clear,
+               member.camera is not None, member.loaded.version,
+               cur and (cur.uuid, cur.status), self.api.port)
+        entry = self.cards.get(member.uuid)
+        if entry is None or entry[0] != key:
+            entry = self.cards[member.uuid] = (key, json.dumps(
+                self.api.member_json(member, req)).encode())
+        return entry[1]
 
     def job(self, job, linked, config, entries):
         """JSON bytes of one job (config: CuraApi.jobs_basis()); its

@@ -43,6 +43,9 @@ RETRY_AFTER = 30.
 UNANSWERED_START = 5.
 # How often a member's webcam list is read again
 WEBCAM_CHECK = 60.
+# A member's card is redrawn at most this often for its temperatures and
+# progress alone (Cura polls every 2 s or so)
+CARD_REFRESH = 2.
 # The extruders a member's loaded materials are kept for (its Klipper's
 # names; its card shows as many as its Moonraker lists)
 MEMBER_EXTRUDERS = ["extruder"] + ["extruder%d" % i for i in range(1, 8)]
@@ -115,6 +118,11 @@ def parse_group(printers_text, keys_text, auto_start_text, host_name):
     return out
 
 
+def print_state(status):
+    ps = status.get("print_stats") or {}
+    return ps.get("state"), ps.get("filename")
+
+
 def member_printing(status):
     # The member's Klipper prints (or pauses) a file now
     return status["reachable"] and status["klippy_state"] == "ready" \
@@ -139,7 +147,8 @@ class GroupMember(PrinterSlot):
         # (axis_minimum, axis_maximum) its Klipper showed last: kept while
         # it cannot be reached (a file it cannot print is refused then too)
         self.reach = (None, None)
-        self.seq = 0
+        self.seq = 0                # its card changed
+        self.card_at = 0.
         # Held while the follower or an action decides on the member's
         # state (not while a file is sent)
         self.lock = threading.Lock()
@@ -267,10 +276,18 @@ class PrinterGroup:
         if status["axis_minimum"] is not None \
                 and status["axis_maximum"] is not None:
             member.reach = (status["axis_minimum"], status["axis_maximum"])
+        # (its card: redrawn at once for a change of its state, at most
+        # every CARD_REFRESH for its temperatures and progress alone)
+        now = time.monotonic()
         if any(old.get(k) != status.get(k) for k in (
-                "reachable", "klippy_state", "print_stats", "extruders",
-                "heater_bed", "pause_resume")):
+                "reachable", "klippy_state", "pause_resume")) \
+                or print_state(old) != print_state(status) or (
+                    now >= member.card_at and any(
+                        old.get(k) != status.get(k) for k in (
+                            "print_stats", "virtual_sdcard", "extruders",
+                            "heater_bed"))):
             member.seq += 1
+            member.card_at = now + CARD_REFRESH
             self.version += 1
 
     def _follow(self, member, status):

@@ -1,12 +1,10 @@
 """Attacks on the group in real parts (a real host Klippy, members with
 the real Moonraker): each xfail test shows a promise of issue 21 that does
 not hold yet."""
-import json
 import os
 import threading
 import urllib.parse
 
-import pytest
 
 import httpc
 
