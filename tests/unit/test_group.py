@@ -435,3 +435,32 @@ def test_materials_route_jobs_and_hold_the_one_named_for_a_member(
     farm.tick()
     assert pinned.status == "printing" and pinned.printer == m0.uuid
     assert m0.held is None
+
+
+@pytest.mark.parametrize("end", ["complete", "cancelled"])
+def test_a_job_the_member_ran_while_the_host_was_stopped_ends_there(
+        tmp_path, end):
+    # Found by test_group_model: the host stopped after the member had
+    # started the job (saved as pre_print); the member's print ended
+    # before the new host's follower looked.  The job ran: it ends, and
+    # is not sent and printed again.
+    farm = Farm(tmp_path, n=1)
+    m0, = farm.members
+    fake = farm.fakes[0]
+    a = farm.job("a")
+    assert farm.store.claim(m0, lambda j: True) is a
+    remote = "%s/a.gcode" % (REMOTE_DIR,)
+    fake.upload(str(tmp_path / "a.gcode"), "a.gcode", REMOTE_DIR)
+    fake.start(remote)
+    again = farm.reload()
+    if end == "complete":
+        fake.finish()
+    else:
+        fake.state = "cancelled"     # (its own console)
+    again.tick()
+    job = again.store.find(a.uuid)
+    assert job.status == {"complete": "wait_cleanup",
+                          "cancelled": "aborted_wait_cleanup"}[end]
+    assert fake.calls.count(("start", remote)) == 1
+    again.tick()
+    assert fake.calls.count(("start", remote)) == 1 and job.printer == m0.uuid
