@@ -26,7 +26,10 @@ After every step:
     of the job the store says is on it;
   - no job starts twice (successful starts counted on each printer) and
     an ended job never comes back (an interrupted print is not restarted
-    by itself);
+    by itself).  One exception, which no follower can tell apart: this
+    printer stopped just after a member started a job (saved as still
+    being sent) and the member's Klipper restarted before any follower
+    saw the print: its job goes back to the queue and is sent again;
   - what is saved reads back field for field (the one change: this
     printer's own active job ends failed on a load);
 and every action either took effect on the printer or was refused with
@@ -119,6 +122,8 @@ class HostKlipper(FakeKlipper):
         snap = FakeKlipper.publish_now(self)
         snap["axis_minimum"] = [0., 0., 0.]
         snap["axis_maximum"] = list(HOST_MAX)
+        snap["extruders"] = [{"temperature": 21., "target": 0.}]
+        snap["heater_bed"] = {"temperature": 21., "target": 0.}
         return snap
 
     def run_script_from_command(self, script):
@@ -161,6 +166,10 @@ class GroupModel(RuleBasedStateMachine):
                       for name, (axis, _) in MEMBERS.items()}
         self.starts = {}        # job uuid -> successful starts
         self.ended = set()      # uuids of jobs seen ended
+        # member uuid -> a job it started that no follower has seen since
+        # this printer stopped; the jobs whose member reset before then
+        self.unseen = {}
+        self.ambiguous = set()
         self.synced = {}        # printer uuid -> followed since it changed
         self.restarts = 0
         self.load()
@@ -201,6 +210,12 @@ class GroupModel(RuleBasedStateMachine):
 
     def started(self, printer_uuid, job):
         self.starts[job.uuid] = self.starts.get(job.uuid, 0) + 1
+        if job.uuid in self.ambiguous:
+            # (the one start no one can tell from a send that did not
+            # reach it: see the module doc)
+            event("a start that was never seen: sent again")
+            self.ambiguous.discard(job.uuid)
+            return
         assert self.starts[job.uuid] == 1, ("started twice", job.to_dict())
         assert job.uuid not in self.ended, ("ended job restarted",
                                             job.to_dict())
@@ -409,28 +424,41 @@ class GroupModel(RuleBasedStateMachine):
 
     @precondition(lambda self: self.store.queue)
     @rule(n=st.integers(0, 2), stage=st.sampled_from(
-        ["claimed", "sent", "started"]))
-    def host_stops_while_sending(self, n, stage):
+        ["claimed", "sent", "started"]), meanwhile=st.sampled_from(
+            [None, "complete", "cancelled", "restart"]))
+    def host_stops_while_sending(self, n, stage, meanwhile):
         """This printer stops while a member's follower sends it a job:
         once it took the job, once the file is there, once the member
-        started it (before the store heard)."""
-        m = self.member(n)
-        f = m.client
-        if not (f.reachable and f.kstate == "ready"):
+        started it (before the store heard); meanwhile, the member's
+        print may end or its Klipper restart."""
+        for i in range(n, n + len(self.members)):
+            # (the first member from n on that takes a job)
+            m = self.member(i)
+            f = m.client
+            if not (f.reachable and f.kstate == "ready"):
+                continue
+            # the follower's own steps: what _tick follows, then claims
+            self.group._follow(m, f.poll())
+            job = self.store.claim(m, lambda j: self.group.fits(m, j)[0]
+                                   and not m.loaded.configuration_changes(j))
+            if job is not None:
+                break
+        else:
             return
-        # (the follower's own steps: what _tick follows, then claims)
-        self.group._follow(m, f.poll())
-        job = self.store.claim(m, lambda j: self.group.fits(m, j)[0]
-                               and not m.loaded.configuration_changes(j))
-        if job is None:
-            return
+        n = self.members.index(m)
+        event("this printer stopped while sending: %s" % (stage,))
         if stage != "claimed" and not f.fail_upload:
             f.upload(os.path.join(self.gcodes, job.filename), job.filename,
                      REMOTE_DIR)
             if stage == "started" and f.state not in ("printing", "paused"):
                 self.store.set_starting(job, "running")
                 f.start(m.remote_file(job))
+                self.unseen[m.uuid] = job.uuid
         self.host_restart()
+        if meanwhile == "restart":
+            self.member_klipper(n, "restart")
+        elif meanwhile is not None:
+            self.member_print_ends(n, meanwhile)
 
     # The members
 
@@ -446,6 +474,8 @@ class GroupModel(RuleBasedStateMachine):
         m = self.member(n)
         self.group._tick(m)
         self.synced[m.uuid] = True
+        if m.client.reachable and m.client.kstate == "ready":
+            self.unseen.pop(m.uuid, None)
         event("member tick: %s" % (m.current and m.current.status,))
 
     @rule(n=st.integers(0, 2),
@@ -511,6 +541,9 @@ class GroupModel(RuleBasedStateMachine):
         ["shutdown", "startup", "disconnected", "ready", "restart"]))
     def member_klipper(self, n, kstate):
         f = self.member(n).client
+        if kstate in ("restart", "shutdown") \
+                and self.member(n).uuid in self.unseen:
+            self.ambiguous.add(self.unseen.pop(self.member(n).uuid))
         if kstate == "restart":
             f.restart_klipper()
             f.kstate = "ready"
@@ -605,6 +638,21 @@ class GroupModel(RuleBasedStateMachine):
         shown = [j for _, j in linked] + others
         assert len({id(j) for j in shown}) == len(shown)
         assert all(j in shown for j in self.store.queue)
+
+    @invariant()
+    def cura_is_told_the_same(self):
+        # Cura's /print_jobs and /printers as they are served
+        linked, others = self.store.printer_jobs()
+        jobs = json.loads(b"".join(self.api.print_jobs_reply(lambda: None)))
+        assert [j["uuid"] for j in jobs] == [
+            j.uuid for j in [job for _, job in linked] + others]
+        pointing = [(j["printer_uuid"], j["uuid"]) for j in jobs
+                    if "printer_uuid" in j]
+        assert pointing == [(p, job.uuid) for p, job in linked]
+        cards = json.loads(self.api.replies.printers(
+            self.klipper.snapshot, Req))
+        assert [c["uuid"] for c in cards] == [HOST] + [
+            m.uuid for m in self.members]
 
     @invariant()
     def jobs_run_where_they_may(self):
