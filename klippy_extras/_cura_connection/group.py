@@ -321,7 +321,11 @@ class PrinterGroup:
             except MemberError as e:
                 self.store.set_starting(job, None)
                 status = member.client.poll()
-                if member_printing(status):
+                if member_printing(status) and status["print_stats"].get(
+                        "filename") == remote:
+                    # it started: only its answer was lost
+                    self.store.set_status(job, "printing")
+                elif member_printing(status):
                     self.store.member_requeue(member, job, "Waiting: %s was "
                                               "busy (%s)" % (member.name, e))
                 else:
