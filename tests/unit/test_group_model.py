@@ -11,19 +11,25 @@ JobLifecycle) and each member's follower step (PrinterGroup._tick over a
 fakes.FakeMoonraker); prints ending on either; pause, resume and abort
 as Cura's PUT /action routes them; queue moves, deletes and Override;
 plates cleared from the web page, the host's console and the member's
-own; members unreachable, restarted, shut down, refusing a file;
-materials set on members; a host restart (the store saved and read back
-by a new JobStore and PrinterGroup over the same members).
+own; members unreachable, restarted, shut down, refusing a file, gone
+once the file is there, starting a file whose answer is lost; prints
+started on a member's or this printer's own console; materials set on
+members; a host restart (the store saved and read back by a new JobStore
+and PrinterGroup over the same members), also while a member is sent a
+job.
 
 After every step:
   - every job is in exactly one place (a printer, the queue, the
     history) and by_uuid is exactly those jobs;
   - printer_jobs() links a printer only to the job it has or holds, one
-    job per printer, and lists every other queued job once;
+    job per printer, and lists every other queued job once; Cura's
+    /print_jobs lists them so (printer_uuid on those jobs only) and
+    /printers has a card per printer;
   - a job the upload named a printer for runs on no other printer, and no
     job runs where its box does not fit;
   - once its follower has stepped since, a member prints exactly the file
     of the job the store says is on it;
+  - no printer prints the file of a queued job (it would print twice);
   - no job starts twice (successful starts counted on each printer) and
     an ended job never comes back (an interrupted print is not restarted
     by itself).  One exception, which no follower can tell apart: this
@@ -35,6 +41,9 @@ After every step:
 and every action either took effect on the printer or was refused with
 Conflict, leaving the printer (and, when the store was up to date, the
 job) as it was.
+
+150 examples of up to 40 steps by default (about 30 s); a longer run:
+    CURA_GROUP_MODEL_EXAMPLES=2000 pytest tests/unit/test_group_model.py
 """
 import json
 import os
@@ -66,7 +75,7 @@ HOST_MAX = [235., 235., 250.]
 # name -> (axis_maximum, auto_start_next): a small one (Griffin's box,
 # X 9..173, does not fit), a big one, a low one (Z 58 does not fit)
 MEMBERS = {"voron": ([150., 150., 150.], True),
-           "ender-3": ([300., 300., 300.], False),
+           "ender-3": ([300., 300., 300.], True),
            "mk4.s": ([200., 200., 40.], False)}
 HISTORY = 5
 SAMPLES = real_inputs.samples()
@@ -141,14 +150,31 @@ class MemberMoonraker(FakeMoonraker):
         FakeMoonraker.__init__(self, name, axis_maximum)
         self.machine = machine
         self.replies = []
+        # the next send: its start's answer is lost (the member started
+        # it), or the member is gone once the file is there
+        self.fault = None
+
+    def upload(self, path, remote, folder=""):
+        FakeMoonraker.upload(self, path, remote, folder)
+        if self.fault == "gone after the file":
+            event("a member gone once the file was there")
+            self.fault = None
+            self.reachable = False
 
     def start(self, remote):
         FakeMoonraker.start(self, remote)
         m = self.machine.group.by_name[self.name]
         job = m.current
-        if job is not None and job.starting == "running" \
-                and m.remote_file(job) == remote:
+        sent = job is not None and job.starting == "running" \
+            and m.remote_file(job) == remote
+        if sent:
             self.machine.started(m.uuid, job)
+        if sent and self.fault == "start answer lost":
+            event("a start's answer was lost")
+            self.fault = None
+            from _cura_connection.members import MemberError
+            raise MemberError("%s is unreachable: no answer in time"
+                              % (self.name,))
 
     def gcode_script(self, script):
         self._check()
@@ -447,6 +473,7 @@ class GroupModel(RuleBasedStateMachine):
             return
         n = self.members.index(m)
         event("this printer stopped while sending: %s" % (stage,))
+        f.fault = None          # (the follower's faults: member_send_faults)
         if stage != "claimed" and not f.fail_upload:
             f.upload(os.path.join(self.gcodes, job.filename), job.filename,
                      REMOTE_DIR)
@@ -553,11 +580,17 @@ class GroupModel(RuleBasedStateMachine):
             f.kstate = kstate
         self.synced[self.member(n).uuid] = False
 
-    @rule(n=st.integers(0, 2), fail=st.booleans())
-    def member_refuses_files(self, n, fail):
+    @rule(n=st.integers(0, 2), fault=st.sampled_from(
+        [None, "refuses files", "start answer lost", "gone after the file"]))
+    def member_send_faults(self, n, fault):
         m = self.member(n)
-        m.client.fail_upload = "No space left on device" if fail else None
+        m.client.fail_upload = "No space left on device" \
+            if fault == "refuses files" else None
+        m.client.fault = fault
         m.retry_at = 0.     # (the retry delay has passed)
+        if fault is not None:
+            # its next status step (a send, when a job is there for it)
+            self.member_tick(n)
 
     @precondition(lambda self: any(
         m.client.state not in ("printing", "paused") for m in self.members))
@@ -682,6 +715,19 @@ class GroupModel(RuleBasedStateMachine):
                     m.name, f.state, cur.to_dict())
 
     @invariant()
+    def no_queued_job_is_printing(self):
+        # (it would be printed a second time)
+        printing = {"%s/%s" % (REMOTE_DIR, job.filename)
+                    for job in self.store.queue}
+        for m in self.members:
+            f = m.client
+            if f.state in ("printing", "paused"):
+                assert f.filename not in printing, (m.name, f.filename)
+        k = self.klipper
+        if k.state in ("printing", "paused"):
+            assert k.filename not in {j.filename for j in self.store.queue}
+
+    @invariant()
     def ended_jobs_stay_ended(self):
         for job in self.jobs():
             if job.uuid in self.ended:
@@ -692,7 +738,7 @@ class GroupModel(RuleBasedStateMachine):
 
 
 GroupModel.TestCase.settings = settings(
-    max_examples=int(os.environ.get("CURA_GROUP_MODEL_EXAMPLES", "40")),
+    max_examples=int(os.environ.get("CURA_GROUP_MODEL_EXAMPLES", "150")),
     stateful_step_count=40, deadline=None, database=None,
     suppress_health_check=list(HealthCheck))
 test_group_model = GroupModel.TestCase
