@@ -37,7 +37,6 @@ make_venv() {   # dir, requirements file
     fi
 }
 make_venv "$VENVS/bench" "$ROOT/benchmarks/requirements.txt"
-make_venv "$VENVS/moonraker" "$ROOT/benchmarks/moonraker-requirements.txt"
 # libcharon is not on PyPI: the UFP generator uses Debian's, like the tests
 site=$("$VENVS/bench/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 ln -sfn /usr/lib/python3/dist-packages/Charon "$site/Charon"

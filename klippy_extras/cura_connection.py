@@ -351,7 +351,7 @@ class CuraConnection:
         except OSError as e:
             raise config.error("cura_connection: cannot listen on %s:%d: %s"
                                % (self.address, self.port, e.strerror))
-        self.bound_port = self.server.server_address[1]
+        self.bound_port = self.api.port = self.server.server_address[1]
         self.server.request_timeout = request_timeout
         self.server_threads = []
         if self.front_process:

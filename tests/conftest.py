@@ -3,6 +3,7 @@
     flavor          each Klippy flavor in $KLIPPY_FLAVORS (klipper, kalico)
     klippy          a started, ready Klippy with [cura_connection] defaults
     klippy_factory  klippy_factory(start=True, wait=True, **Klippy kwargs)
+    members         members(name): a started group member (Klippy + Moonraker)
 
 The test files import the helpers in support/ by their module names and
 the module's package as Klippy's side does (from _cura_connection.jobs
@@ -95,6 +96,24 @@ def klippy_factory(flavor, tmp_path, request):
 @pytest.fixture
 def klippy(klippy_factory):
     return klippy_factory()
+
+
+@pytest.fixture
+def members(tmp_path, flavor):
+    """members(name, **kw): a started group member (moonraker_member.py:
+    a real Klippy and a real Moonraker; kw go to start_member) named name;
+    all closed at the end."""
+    from moonraker_member import start_member
+    started = []
+
+    def make(name, **kw):
+        m = start_member(tmp_path / name, flavor, **kw)
+        m.name = name
+        started.append(m)
+        return m
+    yield make
+    for m in started:
+        m.close()
 
 
 @pytest.fixture(scope="session")

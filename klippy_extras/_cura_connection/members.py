@@ -30,8 +30,14 @@ STATUS_OBJECTS = {
                        "file_size"],
     "pause_resume": ["is_paused"],
     "toolhead": ["axis_minimum", "axis_maximum"],
+    # "Printing" while its G-code queue runs a command (a start waits)
+    "idle_timeout": ["state"],
 }
 HEATER_FIELDS = ["temperature", "target"]
+# Pieces of an answer read at a time, and the most an answer may hold
+# (a status, a webcam list: a few kB)
+READ_PIECE = 64 * 1024
+MAX_ANSWER = 1 << 20
 HTTP_ERROR_DETAIL = re.compile(r"HTTPError: HTTP \d+: ([^(]*)\((.*)\)\s*$")
 
 
@@ -60,6 +66,16 @@ def parse_member_url(url):
     if u.path.strip("/") or u.query or u.fragment or u.username:
         raise ValueError("'%s': give only http://host:port" % (url,))
     return u.hostname, port
+
+
+def shut_down(sock):
+    # Ends a blocking read or write on sock in another thread (None: no
+    # connection)
+    if sock is not None:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
 
 
 def check_remote_name(name):
@@ -130,7 +146,7 @@ def empty_status(error="", klippy_state=None):
             "klippy_state": klippy_state, "state_message": "",
             "print_stats": None, "virtual_sdcard": None,
             "pause_resume": None, "extruders": [], "heater_bed": None,
-            "axis_minimum": None, "axis_maximum": None}
+            "axis_minimum": None, "axis_maximum": None, "busy": False}
 
 
 class MoonrakerMember:
@@ -193,7 +209,8 @@ class MoonrakerMember:
                 try:
                     self.conn.request(method, path, body, headers)
                     resp = self.conn.getresponse()
-                    data = resp.read()
+                    data = self._read_answer(resp, time.monotonic()
+                                             + timeout)
                     break
                 except (OSError, http.client.HTTPException) as e:
                     self.conn.close()
@@ -211,6 +228,24 @@ class MoonrakerMember:
             raise MemberError("%s answered %s with no result" % (
                 self.name, path), resp.status)
 
+    def _read_answer(self, resp, end):
+        # The body by pieces, within the request's time however slowly
+        # they come, and no bigger than any answer of Moonraker's we ask
+        parts, size = [], 0
+        while True:
+            left = end - time.monotonic()
+            if left <= 0:
+                raise socket.timeout("no whole answer in time")
+            self.conn.sock.settimeout(left)
+            part = resp.read1(READ_PIECE)
+            if not part:
+                return b"".join(parts)
+            size += len(part)
+            if size > MAX_ANSWER:
+                raise http.client.HTTPException("an answer over %d bytes"
+                                                % (MAX_ANSWER,))
+            parts.append(part)
+
     def _path(self, path, **query):
         return path + "?" + urllib.parse.urlencode(query) if query else path
 
@@ -219,8 +254,18 @@ class MoonrakerMember:
     def poll(self):
         """The member's status as a plain dict (empty_status's keys); the
         objects' fields are None (extruders []) unless Klippy is ready.
-        Never raises for the network: reachable False and the reason."""
+        Never raises for the network or for an answer of another shape
+        than Moonraker's: reachable False and the reason."""
         deadline = time.monotonic() + self.timeout
+        try:
+            return self._poll(deadline)
+        except (AttributeError, TypeError, KeyError, IndexError,
+                ValueError):
+            self.objects = None
+            return empty_status("%s answered its status with something "
+                                "that is not Moonraker's" % (self.name,))
+
+    def _poll(self, deadline):
         info = None
         try:
             info = self._request("GET", "/server/info", "the status",
@@ -263,7 +308,8 @@ class MoonrakerMember:
             self.objects = None
         status["state_message"] = web.get("state_message", "")
         for name in ("print_stats", "virtual_sdcard", "pause_resume"):
-            status[name] = found.get(name)
+            # (a Klipper without one of them shows it empty)
+            status[name] = found.get(name) or {}
         def heater(name):
             return {f: found.get(name, {}).get(f) for f in HEATER_FIELDS}
         status["extruders"] = [heater(n) for n in extruders]
@@ -271,7 +317,14 @@ class MoonrakerMember:
             status["heater_bed"] = heater("heater_bed")
         for axis in ("axis_minimum", "axis_maximum"):
             value = found.get("toolhead", {}).get(axis)
-            status[axis] = list(value[:3]) if value else None
+            status[axis] = [float(v) for v in value[:3]] if value else None
+            if status[axis] is not None and len(status[axis]) != 3:
+                raise ValueError(axis)
+        for name in ("print_stats", "virtual_sdcard", "pause_resume"):
+            if not isinstance(status[name], dict):
+                raise TypeError(name)
+        status["busy"] = found.get("idle_timeout", {}).get(
+            "state") == "Printing"
         return status
 
     # Files
@@ -390,14 +443,15 @@ class MoonrakerMember:
         try:
             cams = self._request("GET", "/server/webcams/list",
                                  "the webcams")["webcams"]
-        except MemberError:
-            return []
-        base = "http://%s/" % (self.url[7:].rsplit(":", 1)[0],)
-        resolve = lambda u: urllib.parse.urljoin(base, u) if u else u
-        return [{"name": c.get("name"),
-                 "stream_url": resolve(c.get("stream_url")),
-                 "snapshot_url": resolve(c.get("snapshot_url"))}
-                for c in cams if c.get("enabled", True)]
+            base = "http://%s/" % (self.url[7:].rsplit(":", 1)[0],)
+            resolve = lambda u: urllib.parse.urljoin(base, u) if u else u
+            return [{"name": c.get("name"), "service": c.get("service"),
+                     "stream_url": resolve(c.get("stream_url")),
+                     "snapshot_url": resolve(c.get("snapshot_url"))}
+                    for c in cams if c.get("enabled", True)]
+        except (MemberError, AttributeError, TypeError, KeyError,
+                ValueError):
+            return []      # (none, or not Moonraker's answer)
 
     def close(self):
         """Close every connection; never blocks (any thread).  A request
@@ -416,9 +470,4 @@ class MoonrakerMember:
 
     @staticmethod
     def _break(conn):
-        sock = conn.sock if conn is not None else None
-        if sock is not None:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+        shut_down(conn.sock if conn is not None else None)

@@ -4,15 +4,15 @@ cura_connection).  Cura's own client uploads with and without a chosen
 printer; the cards, the jobs, actions and plate clears go through the
 module's HTTP API, as Cura and the web page use it."""
 import os
-
-import pytest
+import urllib.parse
 
 import cura_client
 import gcode_samples
 import httpc
 from httpc import get_json, jobs, wait_for
 from job_actions import action
-from moonraker_member import start_member
+from mjpeg_source import MjpegSource, StreamReader
+from moonraker_member import group_printers, start_member
 
 from _cura_connection.member_calls import MEMBER_MACROS
 from _cura_connection.members import MoonrakerMember
@@ -20,24 +20,19 @@ from _cura_connection.members import MoonrakerMember
 PRINTERS = "/cluster-api/v1/printers"
 
 
-@pytest.fixture
-def members(tmp_path, flavor):
-    started = []
-
-    def make(name):
-        m = start_member(tmp_path / name, flavor)
-        m.name = name
-        started.append(m)
-        return m
-    yield make
-    for m in started:
-        m.close()
-
-
 def host_of(klippy_factory, *members, **options):
-    options["group_printers"] = ", ".join(
-        "%s=%s" % (m.name, m.url) for m in members)
+    options["group_printers"] = group_printers(members)
     return klippy_factory(module_options=options)
+
+
+def group_with(klippy_factory, member):
+    """(host, its base URL, Cura's address of it, member's card once the
+    host reached it) for a host whose group has member."""
+    host = host_of(klippy_factory, member)
+    base = host.base_url()
+    card = wait_card(base, member.name, lambda c: c["status"] == "idle",
+                     "%s reached" % (member.name,))
+    return host, base, "127.0.0.1:%d" % (host.cura_port(),), card
 
 
 def cards(base):
@@ -129,11 +124,7 @@ def test_any_printer_jobs_and_a_member_that_goes_away(tmp_path,
                                                      klippy_factory,
                                                      members):
     voron = members("voron")
-    host = host_of(klippy_factory, voron)
-    base = host.base_url()
-    addr = "127.0.0.1:%d" % (host.cura_port(),)
-    card = wait_card(base, "voron", lambda c: c["status"] == "idle",
-                     "voron reached")
+    host, base, addr, card = group_with(klippy_factory, voron)
     # a print started on voron from its own Moonraker shows on its card
     client = MoonrakerMember("voron", voron.url)
     client.upload(slow_file(tmp_path, "benchy.gcode"), "benchy.gcode")
@@ -164,11 +155,7 @@ def test_any_printer_jobs_and_a_member_that_goes_away(tmp_path,
 def test_the_host_restarts_while_a_member_prints(tmp_path, klippy_factory,
                                                  members):
     voron = members("voron")
-    host = host_of(klippy_factory, voron)
-    base = host.base_url()
-    addr = "127.0.0.1:%d" % (host.cura_port(),)
-    wait_card(base, "voron", lambda c: c["status"] == "idle",
-              "voron reached")
+    host, base, addr, card = group_with(klippy_factory, voron)
     status, body = cura_client.upload(addr, slow_file(tmp_path, "d.gcode",
                                                       1200),
                                       unique_name="voron")
@@ -193,11 +180,7 @@ def test_plate_clears_and_materials_from_every_place(tmp_path,
     voron = start_member(tmp_path / "voron", flavor, extra_cfg=MEMBER_MACROS)
     voron.name = "voron"
     try:
-        host = host_of(klippy_factory, voron)
-        base = host.base_url()
-        addr = "127.0.0.1:%d" % (host.cura_port(),)
-        card = wait_card(base, "voron", lambda c: c["status"] == "idle",
-                         "voron reached")
+        host, base, addr, card = group_with(klippy_factory, voron)
         client = MoonrakerMember("voron", voron.url)
         # the member's own console: SET_CURA_MATERIAL reaches its card
         wait_for(lambda: "registering remote method" in open(
@@ -241,3 +224,60 @@ def test_plate_clears_and_materials_from_every_place(tmp_path,
         client.close()
     finally:
         voron.close()
+
+
+def test_each_card_shows_its_printers_camera(tmp_path, klippy_factory,
+                                            flavor):
+    source = MjpegSource()
+    voron = start_member(tmp_path / "voron", flavor,
+                         webcam_url=source.url("stream"))
+    voron.name = "voron"
+    try:
+        host = host_of(klippy_factory, voron)
+        base = host.base_url()
+        card = wait_card(base, "voron", lambda c: c["camera"],
+                         "voron's webcam found")
+        # Cura builds http://<ip_address>:8080/?action=stream; the rest of
+        # what it builds is a fragment it never sends: the relay on the
+        # host's own port
+        url = urllib.parse.urlsplit("http://%s:8080/?action=stream"
+                                    % (card["ip_address"],))
+        assert url.hostname == "127.0.0.1" and url.port == host.cura_port()
+        assert url.path == "/cluster-api/v1/printers/%s/camera" % (
+            card["uuid"],)
+        assert url.query == "action=stream"
+        viewer = StreamReader(base, url.path + "?" + url.query)
+        try:
+            assert viewer.frame() in source.frames
+            assert viewer.frame() in source.frames
+        finally:
+            viewer.close()
+        reply = httpc.request(base, "GET", url.path + "?action=snapshot")
+        assert reply.status == 200 and reply.body in source.frames
+        # the host's own card is not the member's camera
+        assert get_json(base, PRINTERS)[0]["ip_address"] == "127.0.0.1"
+    finally:
+        voron.close()
+        source.close()
+
+
+def test_restarts_leave_no_member_thread_behind(tmp_path, klippy_factory,
+                                                members):
+    # RESTART and FIRMWARE_RESTART end each member's follower and its
+    # macros' websocket, also of a member that cannot be reached
+    voron = members("voron")
+    host = klippy_factory(module_options={
+        "group_printers": "voron=%s, gone=http://127.0.0.1:9" % (voron.url,)})
+    wait_card(host.base_url(), "voron", lambda c: c["status"] == "idle",
+              "voron reached")
+    threads = host.thread_count()
+    for firmware in (False, True, False):
+        host.restart(firmware=firmware)
+        wait_card(host.base_url(), "voron", lambda c: c["status"] == "idle",
+                  "voron reached again")
+    wait_for(lambda: host.thread_count() <= threads, 10.,
+             "no thread left over (%d before)" % (threads,))
+    # and the member sees one host, not one per restart
+    agents = voron.moonraker.get("/server/extensions/list")["result"][
+        "agents"]
+    assert [a["name"] for a in agents] == ["cura_connection"]

@@ -7,8 +7,6 @@ import json
 import logging
 import os
 import signal
-import socket
-import subprocess
 import threading
 import urllib.error
 import urllib.parse
@@ -17,77 +15,31 @@ import urllib.request
 import pytest
 
 import httpc
-import klippy_harness
+import moonraker_member
+from moonraker_member import UNTRUSTED
 from _cura_connection import member_calls
 from _cura_connection.member_calls import MEMBER_MACROS, MemberCalls
-
-MOONRAKER_PYTHON = os.path.join(klippy_harness.VENV_DIR, "moonraker", "bin",
-                                "python")
-# A trusted_clients range without loopback: Moonraker asks for an API key
-UNTRUSTED = "10.255.255.0/24"
-MOONRAKER_CONFIG = """\
-[server]
-host: 127.0.0.1
-port: {port}
-klippy_uds_address: {sock}
-
-[authorization]
-trusted_clients:
-  {trusted}
-
-[machine]
-provider: none
-validate_service: False
-validate_config: False
-
-[file_manager]
-enable_object_processing: False
-"""
-
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
 
 def wait_for(what, fn, timeout=30.):
     return httpc.wait_for(fn, timeout, what, interval=0.05)
 
 
-class Moonraker:
-    """The member's real Moonraker; its data path is the Klippy's work
-    dir.  A minimal starter (the members' helper will replace it)."""
+class Moonraker(moonraker_member.Moonraker):
+    """The member's real Moonraker (its data path is the Klippy's work
+    dir), with what these tests ask of it: requests with the API key,
+    macros run as from its console, its agents."""
     def __init__(self, klippy):
+        moonraker_member.Moonraker.__init__(self, klippy.workdir,
+                                            klippy.sock_path)
         self.klippy = klippy
-        self.data_path = klippy.workdir
-        self.port = free_port()
         self.url = "http://127.0.0.1:%d" % (self.port,)
-        self.log_path = os.path.join(self.data_path, "logs", "moonraker.log")
-        self.proc = None
         self.api_key = None     # sent with each request when set
 
     def start(self, trusted="127.0.0.0/8", timeout=60.):
-        cfg = os.path.join(self.data_path, "config", "moonraker.conf")
-        os.makedirs(os.path.dirname(cfg), exist_ok=True)
-        os.makedirs(os.path.dirname(self.log_path), exist_ok=True)
-        with open(cfg, "w") as f:
-            f.write(MOONRAKER_CONFIG.format(
-                port=self.port, sock=self.klippy.sock_path, trusted=trusted))
-        self.out = open(os.path.join(self.data_path, "logs",
-                                     "moonraker.out"), "ab")
-        self.proc = subprocess.Popen(
-            [MOONRAKER_PYTHON, "-m", "moonraker", "-d", self.data_path,
-             "-c", cfg, "-l", self.log_path],
-            stdin=subprocess.DEVNULL, stdout=self.out,
-            stderr=subprocess.STDOUT, start_new_session=True)
+        self.trusted = trusted
+        moonraker_member.Moonraker.start(self, timeout, wait_klippy=False)
 
         def klippy_ready():
-            if self.proc.poll() is not None:
-                raise RuntimeError("Moonraker exited; see %s"
-                                   % (self.log_path,))
             try:
                 return self.klippy_state() == "ready"
             except OSError:
@@ -137,19 +89,6 @@ class Moonraker:
     def log_text(self):
         with open(self.log_path, errors="replace") as f:
             return f.read()
-
-    def stop(self):
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-        self.proc.wait()
-        self.out.close()
-        self.proc = None
 
 
 @pytest.fixture

@@ -100,8 +100,11 @@ class Cura5:
     def get(self, what, uuid=None):
         return self.call("get", what=what, uuid=uuid)
 
-    def upload(self, path, file_name=None):
-        return self.call("upload", path=str(path), file_name=file_name)
+    def upload(self, path, file_name=None, unique_name=None):
+        """unique_name: the printer chosen in Cura's printer-selection
+        dialog (None: "Automatic")."""
+        return self.call("upload", path=str(path), file_name=file_name,
+                         unique_name=unique_name)
 
     def action(self, kind, uuid):
         return self.call("action", kind=kind, uuid=uuid)["reply"]

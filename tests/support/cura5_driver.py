@@ -421,6 +421,11 @@ class Session:
             "registered": d.getId() in APP.output_devices.devices,
             "printers": [_printer_dict(p) for p in d._printers],
             "jobs": [_job_dict(j) for j in d._print_jobs],
+            # the Monitor tab's queue, each with the printer its row names
+            "queue": [dict(_job_dict(j), printer_text=cura_client
+                           .queue_label(j)) for j in d.queuedPrintJobs],
+            # > 1: "Print over network" shows the printer selection
+            "cluster_size": d.clusterSize,
             "messages": [_message_dict(m) for m in APP.messages
                          if m.visible],
             "shown": [_message_dict(m) for m in APP.messages],
@@ -444,13 +449,16 @@ class Session:
             APP.messages.append(AuthorizationRequiredMessage._getInstance())
         return {}
 
-    def cmd_upload(self, path, file_name=None, timeout=60.):
+    def cmd_upload(self, path, file_name=None, unique_name=None,
+                   timeout=60.):
+        """unique_name: the printer chosen in the printer-selection
+        dialog (None: "Automatic")."""
         with open(path, "rb") as f:
             data = f.read()
         start = len(self.replies)
         self.device._active_exported_job = cura_client._PreparedJob(
             file_name or os.path.basename(path), data)
-        self.device._startPrintJobUpload()
+        self.device._startPrintJobUpload(unique_name)
         reply = self.run_until_reply(start, "POST",
                                      "/cluster-api/v1/print_jobs/", timeout)
         return {"reply": reply, "progress_visible":
@@ -550,6 +558,7 @@ def _job_dict(job):
 
 def _printer_dict(printer):
     return {"key": printer.key, "name": printer.name,
+            "unique_name": printer.uniqueName,
             "type": printer.type, "state": printer.state,
             "camera_url": printer.cameraUrl.toString(),
             "extruders": [{"hotend_id": e.hotendID,

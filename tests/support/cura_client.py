@@ -537,8 +537,10 @@ class _MonitorDevice:
     """Stand-in for UltimakerNetworkedPrinterOutputDevice: holds the Monitor
     tab's models; Cura's own _updatePrinters/_updatePrintJobs fill them."""
 
-    def __init__(self, key):
+    def __init__(self, key, address=None):
         self.key = key
+        self.address = address  # where Cura's job actions go (setJobState)
+        self._cluster_api = None
         self._printers = []
         self._print_jobs = []
         self._active_printer = None
@@ -557,6 +559,11 @@ class _MonitorDevice:
 
     def isConnected(self):
         return self._connected
+
+    def getProperty(self, key):
+        # The zeroconf TXT record (clusterSize reads cluster_size before
+        # the first printers): none here, as for a printer added by IP
+        return ""
 
     def close(self):
         self._connected = False
@@ -639,6 +646,7 @@ _BORROWED = {
             "_responseReceived", "_updatePrinters", "_checkIfClusterHost", "setActivePrinter",
             "_updatePrintJobs", "_createPrintJobModel", "_updateAssignedPrinter",
             "QUEUED_PRINT_JOBS_STATES"],
+        "LocalClusterOutputDevice": ["setJobState", "_getApiClient"],
     },
     _PostingDevice: {
         "LocalClusterOutputDevice": ["_startPrintJobUpload", "_onPrintJobUploadProgress"],
@@ -667,9 +675,11 @@ class MonitorView:
     printers and jobs (Cura model objects from ClusterApi, or plain dicts as
     the server would send them). Cura polls printers, then print jobs."""
 
-    def __init__(self, key="manual:127.0.0.1"):
+    def __init__(self, key="manual:127.0.0.1", address=None):
+        """address: the printer ("127.0.0.1:<port>") that set_job_state()
+        sends Cura's job actions to."""
         load()
-        self.device = _MonitorDevice(key)
+        self.device = _MonitorDevice(key, address)
 
     def update(self, printers, jobs):
         try:  # parse dicts like ClusterApiClient._parseModels does
@@ -692,6 +702,23 @@ class MonitorView:
         """One poll cycle as Cura runs it: GET printers, then print_jobs."""
         return self.update(api.printers(), api.print_jobs())
 
+    def set_job_state(self, key, state, timeout=10.0):
+        """A job's button on the Monitor tab (Pause, Resume, Abort): the
+        job model's own setState(), through Cura's ClusterOutputController
+        and the device's setJobState.  Returns the reply's HTTP status."""
+        job = next(j for j in self.device._print_jobs if j.key == key)
+        finished = []
+        manager = self.device._getApiClient()._manager
+        manager.finished.connect(finished.append)
+        try:
+            job.setState(state)
+            if not _run_until(lambda: finished, timeout):
+                _abort_unfinished(manager)
+                raise CuraTimeoutError("%s: no reply within %ss" % (state, timeout))
+            return finished[0].attribute(HTTP_STATUS)
+        finally:
+            manager.finished.disconnect(finished.append)
+
     def view(self):
         """What the Monitor tab shows, read from Cura's own Qt models:
 
@@ -702,10 +729,13 @@ class MonitorView:
                                                   "type", "color", "guid"}}],
                        "active_job": None or a job dict}],
          "queue": [{"key", "name", "owner", "state", "time_total",
-                    "assigned_printer", "machine_variant"}],  # queuedPrintJobs
+                    "assigned_printer", "machine_variant",
+                    "printer_text"}],  # queuedPrintJobs (queue_label)
          "active_jobs": [names],  # activePrintJobs
          "jobs": [job dict for every job Cura keeps, in reply order],
          "active_printer": name of the selected printer card,
+         "cluster_size": clusterSize (> 1: "Print over network" shows
+                         the printer-selection dialog),
          "not_cluster_host": bool}
 
         A job dict: key, name, owner, state, time_elapsed, time_total,
@@ -723,6 +753,7 @@ class MonitorView:
             "active_jobs": [j.name for j in active],
             "jobs": [_job_dict(j) for j in device._print_jobs],
             "active_printer": device.activePrinter.name if device.activePrinter else None,
+            "cluster_size": cls.clusterSize.fget(device),
             # Set after six polls without printers: Cura then shows "not a
             # group host" and drops the connection.
             "not_cluster_host": device.not_cluster_host_message,
@@ -766,10 +797,21 @@ def _change_dict(change):
             "can_override": change.canOverride}
 
 
+def queue_label(job):
+    """The printer a queued job's row names on the Monitor tab: what
+    MonitorPrintJobCard.qml's printerAssignmentLabel makes of the model
+    (its assignedPrinter only; the job's constraints never reach it)."""
+    if job.assignedPrinter is None:
+        return "Unavailable printer" if job.state == "error" else "First available"
+    return job.assignedPrinter.name
+
+
 def _queued_job_dict(job):
     keys = ("key", "name", "owner", "state", "time_total", "assigned_printer", "machine_variant")
     full = _job_dict(job)
-    return {k: full[k] for k in keys}
+    queued = {k: full[k] for k in keys}
+    queued["printer_text"] = queue_label(job)
+    return queued
 
 
 def _printer_dict(printer):

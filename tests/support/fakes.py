@@ -146,6 +146,7 @@ class FakeMoonraker:
         self.calls = []
         self.fail_upload = None     # a MemberError message
         self.webcam = []
+        self.busy = False           # its G-code queue runs a command
 
     def _check(self):
         from _cura_connection.members import MemberError
@@ -171,7 +172,8 @@ class FakeMoonraker:
                 "extruders": [{"temperature": 20., "target": 0.}],
                 "heater_bed": {"temperature": 20., "target": 0.},
                 "axis_minimum": [0., 0., 0.],
-                "axis_maximum": list(self.axis_maximum)}
+                "axis_maximum": list(self.axis_maximum),
+                "busy": self.busy}
 
     def upload(self, path, remote, folder=""):
         error = self._check()
@@ -185,10 +187,11 @@ class FakeMoonraker:
     def start(self, remote):
         error = self._check()
         self.calls.append(("start", remote))
+        # (refusals: Moonraker's answer, with its HTTP status)
         if self.state in ("printing", "paused"):
-            raise error("Printer is busy")
+            raise error("Printer is busy", 400)
         if remote not in self.files:
-            raise error("File %s does not exist" % (remote,))
+            raise error("File %s does not exist" % (remote,), 400)
         self.state, self.filename = "printing", remote
         self.duration, self.progress = 0., 0.
 
@@ -196,14 +199,14 @@ class FakeMoonraker:
         error = self._check()
         self.calls.append(("pause",))
         if self.state != "printing":
-            raise error("Print is not in progress")
+            raise error("Print is not in progress", 400)
         self.state, self.is_paused = "paused", True
 
     def resume(self):
         error = self._check()
         self.calls.append(("resume",))
         if self.state != "paused":
-            raise error("Print is not paused")
+            raise error("Print is not paused", 400)
         self.state, self.is_paused = "printing", False
 
     def cancel(self):

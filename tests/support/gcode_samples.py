@@ -125,13 +125,16 @@ def embedded_thumbnail(data, width=16, height=16, kind="", sep="x"):
         + ["; thumbnail%s end" % (kind,)]) + "\n"
 
 
-def cura_marlin_header(print_time=2345):
-    # What Cura writes for a Marlin-flavour printer
+def cura_marlin_header(print_time=2345,
+                       box=(90.1, 90.1, 0.2, 129.9, 129.9, 20)):
+    # What Cura writes for a Marlin-flavour printer; box: the print's
+    # min x, y, z, max x, y, z (mm)
     return "\n".join([
         ";FLAVOR:Marlin", ";TIME:%d" % (print_time,),
-        ";Filament used: 1.23456m", ";Layer height: 0.2",
-        ";MINX:90.1", ";MINY:90.1", ";MINZ:0.2", ";MAXX:129.9",
-        ";MAXY:129.9", ";MAXZ:20", ";TARGET_MACHINE.NAME:Creality Ender-3",
+        ";Filament used: 1.23456m", ";Layer height: 0.2"] + [
+        ";%s%s:%g" % (end, axis, value) for (end, axis), value in zip(
+            [(e, a) for e in ("MIN", "MAX") for a in "XYZ"], box)] + [
+        ";TARGET_MACHINE.NAME:Creality Ender-3",
         ";Generated with Cura_SteamEngine 5.6.0"]) + "\n"
 
 

@@ -115,6 +115,22 @@ def install_module(flavor):
     return dest_dir
 
 
+def cartesian_cfg(x, y, z):
+    """extra_cfg that makes the harness's printer a cartesian one reaching
+    0..x, 0..y, 0..z mm (its toolhead's axis_minimum/axis_maximum; the
+    printer is never homed: its print files must not move X, Y or Z)."""
+    parts = ["[printer]\nkinematics: cartesian\nmax_z_velocity: 10\n"
+             "max_z_accel: 100\n"]
+    for i, (axis, reach) in enumerate(zip("xyz", (x, y, z))):
+        parts.append("[stepper_%s]\nstep_pin: PB%d\ndir_pin: PB%d\n"
+                     "enable_pin: !PB%d\nmicrosteps: 16\n"
+                     "rotation_distance: 40\nendstop_pin: ^PB%d\n"
+                     "position_endstop: 0\nposition_max: %g\n"
+                     "homing_speed: 50\n" % (axis, 4 * i, 4 * i + 1,
+                                             4 * i + 2, 4 * i + 3, reach))
+    return "\n".join(parts)
+
+
 def own_tracebacks(log):
     """Tracebacks in klippy.log, but for Klippy's own failed writes of
     G-code responses to its pseudo-terminal, which the harness never
@@ -200,6 +216,9 @@ class Klippy:
         self.extra_cfg = extra_cfg
         self.with_module = with_module
         self.extruders = extruders
+        # Put before Klippy's command line (run it in another network
+        # namespace: ["ip", "netns", "exec", name])
+        self.exec_prefix = []
         self.proc = None
         self._api = None
         self._out = None
@@ -331,7 +350,8 @@ path: %s
         self._log_offset = (os.path.getsize(self.log_path)
                             if os.path.exists(self.log_path) else 0)
         spec = FLAVORS[self.flavor]
-        cmd = _die_with_parent() + [spec["python"]] + spec["args"] + [
+        cmd = _die_with_parent() + self.exec_prefix + [spec["python"]] \
+            + spec["args"] + [
             self.cfg_path, "-o", "/dev/null", "-d", self.dict_path,
             "-a", self.sock_path, "-I", self.pty_path, "-l", self.log_path]
         self._out = open(self.out_path, "ab")

@@ -27,7 +27,7 @@ PYTHON = os.path.join(klippy_harness.VENV_DIR, "moonraker", "bin", "python")
 
 CONFIG = """\
 [server]
-host: 127.0.0.1
+host: {host}
 port: {port}
 klippy_uds_address: {sock}
 max_upload_size: 2048
@@ -45,8 +45,8 @@ validate_config: False
 enable_object_processing: False
 
 [webcam {webcam}]
-stream_url: /webcam/?action=stream
-snapshot_url: /webcam/?action=snapshot
+stream_url: {stream_url}
+snapshot_url: {snapshot_url}
 """
 
 WEBCAM = "bedcam"
@@ -66,14 +66,21 @@ def free_port():
 class Moonraker:
     """The real Moonraker process.  trusted: the [authorization]
     trusted_clients range; one that leaves out 127.0.0.1 makes it ask
-    loopback clients for an API key (401 without)."""
+    loopback clients for an API key (401 without).  host: the address
+    it listens on; exec_prefix: put before its command line (another
+    network namespace)."""
     def __init__(self, data_path, klippy_sock, port=None,
-                 trusted="127.0.0.0/8", tmp_dir=None):
+                 trusted="127.0.0.0/8", tmp_dir=None, webcam_url=None,
+                 host="127.0.0.1", exec_prefix=()):
+        self.host = host
+        self.exec_prefix = list(exec_prefix)
         self.data_path = str(data_path)
         self.klippy_sock = klippy_sock
         self.port = port or free_port()
         self.trusted = trusted
         self.tmp_dir = tmp_dir
+        # (its webcam list: crowsnest's relative URL unless given)
+        self.webcam_url = webcam_url
         self.proc = None
         self.out = None
         self.log_path = os.path.join(self.data_path, "logs", "moonraker.log")
@@ -91,8 +98,12 @@ class Moonraker:
         os.makedirs(os.path.dirname(self.log_path), exist_ok=True)
         cfg = os.path.join(cfg_dir, "moonraker.conf")
         with open(cfg, "w") as f:
-            f.write(CONFIG.format(port=self.port, sock=self.klippy_sock,
-                                  trusted=self.trusted, webcam=WEBCAM))
+            stream = self.webcam_url or "/webcam/?action=stream"
+            f.write(CONFIG.format(
+                host=self.host, port=self.port, sock=self.klippy_sock,
+                trusted=self.trusted, webcam=WEBCAM, stream_url=stream,
+                snapshot_url=stream.replace("action=stream",
+                                            "action=snapshot")))
         env = dict(os.environ)
         if self.tmp_dir:
             os.makedirs(self.tmp_dir, exist_ok=True)
@@ -100,7 +111,8 @@ class Moonraker:
         self.out = open(os.path.join(self.data_path, "logs",
                                      "moonraker.out"), "ab")
         self.proc = subprocess.Popen(
-            [PYTHON, "-m", "moonraker", "-d", self.data_path, "-c", cfg,
+            self.exec_prefix + [
+                PYTHON, "-m", "moonraker", "-d", self.data_path, "-c", cfg,
              "-l", self.log_path],
             stdin=subprocess.DEVNULL, stdout=self.out, env=env,
             stderr=subprocess.STDOUT, start_new_session=True)
@@ -131,8 +143,8 @@ class Moonraker:
         return self.proc is not None and self.proc.poll() is None
 
     def get(self, path, api_key=None):
-        req = urllib.request.Request("http://127.0.0.1:%d%s"
-                                     % (self.port, path))
+        req = urllib.request.Request("http://%s:%d%s"
+                                     % (self.host, self.port, path))
         if api_key:
             req.add_header("X-Api-Key", api_key)
         with urllib.request.urlopen(req, timeout=10) as r:
@@ -159,18 +171,20 @@ class Moonraker:
 
 class Member:
     """A Klippy and its Moonraker; see the module's docstring."""
-    def __init__(self, workdir, flavor, trusted="127.0.0.0/8", **klippy_kw):
+    def __init__(self, workdir, flavor, trusted="127.0.0.0/8",
+                 webcam_url=None, **klippy_kw):
         workdir = str(workdir)
         self.name = os.path.basename(workdir.rstrip("/"))
         self.klippy = klippy_harness.Klippy(flavor, workdir,
                                             with_module=False, **klippy_kw)
         self.tmp_dir = os.path.join(workdir, "tmp")
         self.moonraker = Moonraker(workdir, self.klippy.sock_path,
-                                   trusted=trusted, tmp_dir=self.tmp_dir)
+                                   trusted=trusted, tmp_dir=self.tmp_dir,
+                                   webcam_url=webcam_url)
 
     @property
     def url(self):
-        return "http://127.0.0.1:%d" % (self.moonraker.port,)
+        return "http://%s:%d" % (self.moonraker.host, self.moonraker.port)
 
     @property
     def gcodes_dir(self):
@@ -209,10 +223,17 @@ class Member:
         self.close()
 
 
-def start_member(workdir, flavor, trusted="127.0.0.0/8", **klippy_kw):
-    """A started member (Klippy ready, Moonraker connected to it).
-    klippy_kw go to klippy_harness.Klippy (extruders=2, ...)."""
-    member = Member(workdir, flavor, trusted, **klippy_kw)
+def group_printers(members):
+    """The host's group_printers option for these members."""
+    return ", ".join("%s=%s" % (m.name, m.url) for m in members)
+
+
+def start_member(workdir, flavor, trusted="127.0.0.0/8", webcam_url=None,
+                 **klippy_kw):
+    """A started member (Klippy ready, Moonraker connected to it; its
+    webcam list names webcam_url).  klippy_kw go to klippy_harness.Klippy
+    (extruders=2, ...)."""
+    member = Member(workdir, flavor, trusted, webcam_url, **klippy_kw)
     try:
         return member.start()
     except BaseException:
@@ -221,43 +242,73 @@ def start_member(workdir, flavor, trusted="127.0.0.0/8", **klippy_kw):
 
 
 class BreakingProxy:
-    """A loopback TCP relay to a member's Moonraker for one connection
-    that breaks an upload half way: after cut_after bytes from the client
-    it stops relaying and sets .reached; once .release is set (at once
-    unless hold) it closes both sides.  proxy.url stands for the member."""
-    def __init__(self, port, cut_after, hold=False):
+    """A loopback TCP relay to a member's Moonraker that breaks an upload
+    half way: after cut_after bytes from the client it stops relaying and
+    sets .reached; once .release is set (at once unless hold) it closes
+    both sides.  proxy.url stands for the member.  By default it relays
+    one connection, the one it breaks; with uploads_only it relays every
+    connection (polls, websockets) whole and breaks only the first file
+    upload (POST /server/files/upload): a whole member behind it."""
+    UPLOAD = b"POST /server/files/upload"
+
+    def __init__(self, port, cut_after, hold=False, uploads_only=False):
         self.port = port
         self.cut_after = cut_after
+        self.uploads_only = uploads_only
+        self.broken = False
         self.reached = threading.Event()
         self.release = threading.Event()
         if not hold:
             self.release.set()
+        self.sockets = []
+        self.lock = threading.Lock()
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.url = "http://127.0.0.1:%d" % (self.listener.getsockname()[1],)
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
 
     def _run(self):
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:          # closed
+                return
+            if not self.uploads_only:
+                self._serve(client, True)
+                return
+            threading.Thread(target=self._serve, args=(client, False),
+                             daemon=True).start()
+
+    def _serve(self, client, cut):
         try:
-            client, _ = self.listener.accept()
-        except OSError:          # closed unused
+            upstream = socket.create_connection(("127.0.0.1", self.port))
+        except OSError:
+            client.close()
             return
-        upstream = socket.create_connection(("127.0.0.1", self.port))
+        with self.lock:
+            self.sockets += [client, upstream]
         back = threading.Thread(target=self._back, args=(upstream, client),
                                 daemon=True)
         back.start()
         sent = 0
         try:
-            while sent < self.cut_after:
-                data = client.recv(min(65536, self.cut_after - sent))
-                if not data:
+            first = client.recv(65536)
+            with self.lock:
+                if not cut and not self.broken \
+                        and first.startswith(self.UPLOAD):
+                    cut = self.broken = True
+            while first:
+                if cut and sent + len(first) >= self.cut_after:
+                    upstream.sendall(first[:self.cut_after - sent])
                     break
-                upstream.sendall(data)
-                sent += len(data)
+                upstream.sendall(first)
+                sent += len(first)
+                first = client.recv(65536)
         except OSError:
             pass
-        self.reached.set()
-        self.release.wait()
+        if cut:
+            self.reached.set()
+            self.release.wait()
         for s in (client, upstream):
             try:
                 s.shutdown(socket.SHUT_RDWR)
@@ -280,4 +331,10 @@ class BreakingProxy:
     def close(self):
         self.release.set()
         self.listener.close()
+        with self.lock:
+            for s in self.sockets:
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
         self.thread.join(10)

@@ -9,7 +9,7 @@ import types
 
 import pytest
 
-from fakes import FakeMoonraker
+from fakes import FakeKlipper, FakeMoonraker
 from real_inputs import cura_api
 
 from _cura_connection.errors import Conflict, NotFound
@@ -17,6 +17,7 @@ from _cura_connection.group import (
     GroupMember, MEMBER_EXTRUDERS, PrinterGroup, REMOTE_DIR, member_uuid,
     parse_group)
 from _cura_connection.jobs import Job, JobStore
+from _cura_connection.lifecycle import JobLifecycle
 from _cura_connection.materials import LoadedMaterials
 from _cura_connection.members import MemberError
 
@@ -490,3 +491,69 @@ def test_a_start_whose_answer_was_lost_is_not_sent_again(tmp_path):
     farm.tick()
     assert a.status == "wait_cleanup" and farm.store.queue == []
     assert fake.calls.count(("start", "%s/a.gcode" % (REMOTE_DIR,))) == 1
+
+
+def test_this_printer_passes_over_jobs_named_for_members(tmp_path):
+    farm = Farm(tmp_path, n=1)
+    m0, = farm.members
+    klipper = FakeKlipper()
+    life = JobLifecycle(klipper, farm.store, lambda job: None)
+    pinned = farm.job("pinned", target=m0.uuid)
+    anyone = farm.job("anyone")
+    farm.fakes[0].reachable = False      # (m0 takes nothing meanwhile)
+    farm.tick()
+    klipper.follow(life)
+    klipper.run_callbacks()
+    assert anyone.status == "printing" and anyone.printer == HOST
+    assert pinned.status == "queued" and farm.store.queue == [pinned]
+    # the same answer on every tick: the queue is scanned once per change
+    klipper.finish()
+    klipper.follow(life)
+    asked = []
+    life.fits = lambda job, snap: asked.append(job.name) and False
+    big = farm.job("big")
+    life.plate_cleared()
+    for _ in range(4):
+        klipper.follow(life)
+    assert asked == ["big"] and big.status == "queued"
+    assert pinned.status == "queued" and klipper.filename == "anyone.gcode"
+
+
+def test_a_job_named_for_a_member_it_does_not_fit_says_so(tmp_path):
+    # (sent before the member was ever reached: its reach was not known)
+    farm = Farm(tmp_path, n=1)
+    m0, = farm.members
+    big = farm.job("big", target=m0.uuid,
+                   bounds=[0., 0., 0., 400., 10., 10.])
+    farm.tick()
+    assert big.status == "queued" and "does not fit" in big.message
+    assert "needs X 0.0..400.0 mm, m0 reaches 0.0..300.0" in big.message
+    # its reach is kept while it cannot be reached
+    farm.fakes[0].reachable = False
+    farm.tick()
+    assert m0.reach == ([0., 0., 0.], [300., 300., 300.])
+    assert not farm.group.fits(m0, big)[0]
+
+
+def test_a_start_that_got_no_answer_and_never_ran_goes_back(tmp_path):
+    from _cura_connection.members import MemberError
+    farm = Farm(tmp_path, n=1)
+    m0, = farm.members
+    fake = farm.fakes[0]
+
+    def lost(remote):
+        raise MemberError("m0 is unreachable: no answer in time")
+    fake.start = lost
+    a = farm.job("a")
+    farm.tick()
+    assert a.status == "pre_print" and a.starting == "unanswered"
+    # its G-code queue still runs a command (heating): the start may come
+    fake.busy = True
+    a.sent_at -= 60.
+    farm.tick()
+    assert a.status == "pre_print"
+    # idle without it: not started, back to the queue, never twice
+    fake.busy = False
+    farm.tick()
+    assert a.status == "queued" and "start got no answer" in a.message
+    assert m0.plate_clear and m0.current is None

@@ -254,12 +254,14 @@ def test_ready_status_reads_every_extruder_in_order(stub):
 
 def test_webcam_urls_resolve_against_the_members_host(stub):
     stub.routes[("GET", "/server/webcams/list")] = ok({"webcams": [
-        {"name": "bed", "enabled": True, "stream_url": "/webcam/?action="
-         "stream", "snapshot_url": "http://10.0.0.9:8081/snap.jpg"},
+        {"name": "bed", "enabled": True, "service": "mjpegstreamer",
+         "stream_url": "/webcam/?action=stream",
+         "snapshot_url": "http://10.0.0.9:8081/snap.jpg"},
         {"name": "off", "enabled": False, "stream_url": "/webcam2/"}]})
     member = MoonrakerMember("voron", stub.url)
     assert member.webcams() == [{
-        "name": "bed", "stream_url": "http://127.0.0.1/webcam/?action=stream",
+        "name": "bed", "service": "mjpegstreamer",
+        "stream_url": "http://127.0.0.1/webcam/?action=stream",
         "snapshot_url": "http://10.0.0.9:8081/snap.jpg"}]
     member.close()
 
