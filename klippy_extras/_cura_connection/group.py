@@ -325,8 +325,11 @@ class PrinterGroup:
             return
         if not active:
             return
-        if cur.status == "pre_print":
-            # loaded as it was being sent when this Klippy stopped
+        if cur.status == "pre_print" and (
+                member.remote_file(cur) != ps.get("filename")
+                or state == "standby"):
+            # loaded as it was being sent when this Klippy stopped (a
+            # file the member ran and ended is ended below, not re-sent)
             store.member_requeue(member, cur, "Not started on %s: sending "
                                  "it was interrupted" % (member.name,))
             return
@@ -419,6 +422,7 @@ class PrinterGroup:
                 status = member.client.poll()
                 if member_printing(status) and status["print_stats"].get(
                         "filename") == remote:
+                    # it started: only its answer was lost
                     self.store.set_status(job, "printing")
                 elif member_printing(status):
                     self.store.member_requeue(member, job, "Waiting: %s was "

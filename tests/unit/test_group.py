@@ -19,6 +19,7 @@ from _cura_connection.group import (
 from _cura_connection.jobs import Job, JobStore
 from _cura_connection.lifecycle import JobLifecycle
 from _cura_connection.materials import LoadedMaterials
+from _cura_connection.members import MemberError
 
 
 HOST = "00000000-0000-4000-8000-000000000000"
@@ -436,6 +437,60 @@ def test_materials_route_jobs_and_hold_the_one_named_for_a_member(
     farm.tick()
     assert pinned.status == "printing" and pinned.printer == m0.uuid
     assert m0.held is None
+
+
+@pytest.mark.parametrize("end", ["complete", "cancelled"])
+def test_a_job_the_member_ran_while_the_host_was_stopped_ends_there(
+        tmp_path, end):
+    # Found by test_group_model: the host stopped after the member had
+    # started the job (saved as pre_print); the member's print ended
+    # before the new host's follower looked.  The job ran: it ends, and
+    # is not sent and printed again.
+    farm = Farm(tmp_path, n=1)
+    m0, = farm.members
+    fake = farm.fakes[0]
+    a = farm.job("a")
+    assert farm.store.claim(m0, lambda j: True) is a
+    remote = "%s/a.gcode" % (REMOTE_DIR,)
+    fake.upload(str(tmp_path / "a.gcode"), "a.gcode", REMOTE_DIR)
+    fake.start(remote)
+    again = farm.reload()
+    if end == "complete":
+        fake.finish()
+    else:
+        fake.state = "cancelled"     # (its own console)
+    again.tick()
+    job = again.store.find(a.uuid)
+    assert job.status == {"complete": "wait_cleanup",
+                          "cancelled": "aborted_wait_cleanup"}[end]
+    assert fake.calls.count(("start", remote)) == 1
+    again.tick()
+    assert fake.calls.count(("start", remote)) == 1 and job.printer == m0.uuid
+
+
+def test_a_start_whose_answer_was_lost_is_not_sent_again(tmp_path):
+    # Found by test_group_model: the member started the file but its
+    # answer did not come back (a timeout).  The member prints the job:
+    # it is that job's print, not a busy member's, and it is not queued
+    # to be printed a second time.
+    farm = Farm(tmp_path, n=1, auto_start_next=True)
+    m0, = farm.members
+    fake = farm.fakes[0]
+    real_start = fake.start
+    def answer_lost(remote):
+        real_start(remote)
+        fake.start = real_start
+        raise MemberError("m0 is unreachable: no answer in time")
+    fake.start = answer_lost
+    a = farm.job("a")
+    farm.tick()
+    assert a.status == "printing" and m0.current is a
+    assert farm.store.queue == []
+    fake.finish()
+    farm.tick()
+    farm.tick()
+    assert a.status == "wait_cleanup" and farm.store.queue == []
+    assert fake.calls.count(("start", "%s/a.gcode" % (REMOTE_DIR,))) == 1
 
 
 def test_this_printer_passes_over_jobs_named_for_members(tmp_path):
