@@ -706,6 +706,10 @@ class GroupModel(RuleBasedStateMachine):
                     or f.kstate != "ready":
                 continue
             cur = m.current
+            if cur is not None and cur.starting == "unanswered":
+                # (a start that got no answer: undecided until the member
+                # shows it printing, or its G-code queue idle for a while)
+                continue
             if f.state in ("printing", "paused"):
                 assert cur is not None and cur.status in ACTIVE, (
                     m.name, f.state, f.filename, cur and cur.to_dict())
