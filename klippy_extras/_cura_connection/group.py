@@ -280,7 +280,8 @@ class PrinterGroup:
         # every CARD_REFRESH for its temperatures and progress alone)
         now = time.monotonic()
         if any(old.get(k) != status.get(k) for k in (
-                "reachable", "klippy_state", "pause_resume")) \
+                "reachable", "error", "klippy_state", "state_message",
+                "pause_resume")) \
                 or print_state(old) != print_state(status) or (
                     now >= member.card_at and any(
                         old.get(k) != status.get(k) for k in (

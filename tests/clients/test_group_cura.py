@@ -16,7 +16,7 @@ import gcode_samples
 import httpc
 import other_host
 import real_inputs
-from moonraker_member import group_printers
+import group_host
 
 from _cura_connection.members import MoonrakerMember
 
@@ -26,8 +26,7 @@ SOME_MATERIALS = ["generic_pla", "generic_petg", "ultimaker_pla_black"]
 
 def host_of(klippy_factory, *members, **options):
     options.setdefault("name", HOST)
-    options["group_printers"] = group_printers(members)
-    return klippy_factory(module_options=options)
+    return group_host.host_of(klippy_factory, *members, **options)
 
 
 def address(k):

@@ -7,61 +7,17 @@ import os
 import urllib.parse
 
 import cura_client
-import gcode_samples
 import httpc
-from httpc import get_json, jobs, wait_for
+from group_host import (
+    PRINTERS, cards, group_with, host_of, job_named, slow_file, wait_card,
+    wait_job)
+from httpc import get_json, wait_for
 from job_actions import action
 from mjpeg_source import MjpegSource, StreamReader
-from moonraker_member import group_printers, start_member
+from moonraker_member import start_member
 
 from _cura_connection.member_calls import MEMBER_MACROS
 from _cura_connection.members import MoonrakerMember
-
-PRINTERS = "/cluster-api/v1/printers"
-
-
-def host_of(klippy_factory, *members, **options):
-    options["group_printers"] = group_printers(members)
-    return klippy_factory(module_options=options)
-
-
-def group_with(klippy_factory, member):
-    """(host, its base URL, Cura's address of it, member's card once the
-    host reached it) for a host whose group has member."""
-    host = host_of(klippy_factory, member)
-    base = host.base_url()
-    card = wait_card(base, member.name, lambda c: c["status"] == "idle",
-                     "%s reached" % (member.name,))
-    return host, base, "127.0.0.1:%d" % (host.cura_port(),), card
-
-
-def cards(base):
-    return {c["friendly_name"]: c for c in get_json(base, PRINTERS)}
-
-
-def wait_card(base, name, pred, what):
-    return wait_for(lambda: (lambda c: c if pred(c) else None)(
-        cards(base)[name]), 20., what)
-
-
-def slow_file(tmp_path, name, moves=400):
-    path = os.path.join(str(tmp_path), name)
-    with open(path, "w") as f:
-        f.write(gcode_samples.moves(moves, 10, 0.1))
-    return path
-
-
-def job_named(base, name):
-    try:
-        found = [j for j in jobs(base) if j["name"] == name]
-    except OSError:
-        return None     # (a restarting host: answered again in a moment)
-    return found[0] if found else None
-
-
-def wait_job(base, name, pred, what):
-    return wait_for(lambda: (lambda j: j if j and pred(j) else None)(
-        job_named(base, name)), 30., what)
 
 
 def test_a_job_sent_to_a_chosen_member_prints_there(tmp_path, klippy_factory,

@@ -16,7 +16,7 @@ from moonraker_member import start_member
 
 from _cura_connection.members import MoonrakerMember
 
-from .test_group import host_of, wait_card
+from group_host import host_of, wait_card
 
 
 def test_a_members_camera_link_reaches_this_host_on_its_port(

@@ -12,66 +12,22 @@ import pytest
 import cura_client
 import gcode_samples
 import httpc
-from httpc import JOBS, get_json, jobs, wait_for
+from httpc import JOBS, jobs, wait_for
 from job_actions import action
 from klippy_harness import cartesian_cfg
+from group_host import (
+    PRINTERS, cards, host_card, host_of, job_named, slow_file, wait_card,
+    wait_job, write)
 from moonraker_member import UNTRUSTED, BreakingProxy
 
 from _cura_connection.group import RETRY_AFTER
 from _cura_connection.members import MemberError, MoonrakerMember
-
-PRINTERS = "/cluster-api/v1/printers"
-
-
-def host_of(klippy_factory, *members, urls=None, extra_cfg="", **options):
-    urls = urls or {}
-    options["group_printers"] = ", ".join(
-        "%s=%s" % (m.name, urls.get(m.name, m.url)) for m in members)
-    return klippy_factory(module_options=options, extra_cfg=extra_cfg)
-
-
-def cards(base):
-    return {c["friendly_name"]: c for c in get_json(base, PRINTERS)}
-
-
-def host_card(base):
-    return get_json(base, PRINTERS)[0]
-
-
-def wait_card(base, name, pred, what, timeout=30.):
-    return wait_for(lambda: (lambda c: c if pred(c) else None)(
-        cards(base)[name]), timeout, what)
-
-
-def write(tmp_path, name, text):
-    path = os.path.join(str(tmp_path), name)
-    with open(path, "w") as f:
-        f.write(text)
-    return path
-
-
-def slow_file(tmp_path, name, moves=400):
-    return write(tmp_path, name, gcode_samples.moves(moves, 10, 0.1))
-
 
 def boxed_file(tmp_path, name, box, sleeps=5):
     # A Cura (Marlin flavour) file whose header says the print's box; its
     # body only waits (the cartesian test printers are never homed)
     return write(tmp_path, name, gcode_samples.cura_marlin_header(box=box)
                  + "TEST_SLEEP S=0.1\n" * sleeps)
-
-
-def job_named(base, name):
-    try:
-        found = [j for j in jobs(base) if j["name"] == name]
-    except OSError:
-        return None
-    return found[0] if found else None
-
-
-def wait_job(base, name, pred, what, timeout=30.):
-    return wait_for(lambda: (lambda j: j if j and pred(j) else None)(
-        job_named(base, name)), timeout, what)
 
 
 def files_under(folder):

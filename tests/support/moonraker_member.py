@@ -223,9 +223,12 @@ class Member:
         self.close()
 
 
-def group_printers(members):
-    """The host's group_printers option for these members."""
-    return ", ".join("%s=%s" % (m.name, m.url) for m in members)
+def group_printers(members, urls=None):
+    """The host's group_printers option for these members (urls: name ->
+    another URL for that member, such as a proxy's)."""
+    urls = urls or {}
+    return ", ".join("%s=%s" % (m.name, urls.get(m.name, m.url))
+                     for m in members)
 
 
 def start_member(workdir, flavor, trusted="127.0.0.0/8", webcam_url=None,

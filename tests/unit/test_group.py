@@ -557,3 +557,27 @@ def test_a_start_that_got_no_answer_and_never_ran_goes_back(tmp_path):
     farm.tick()
     assert a.status == "queued" and "start got no answer" in a.message
     assert m0.plate_clear and m0.current is None
+
+
+def test_a_members_card_shows_why_it_is_unreachable_at_once(tmp_path):
+    farm = Farm(tmp_path, n=1)
+    m0, = farm.members
+    api = cura_api(farm.gcodes, str(tmp_path / "data"), store=farm.store,
+                   group=farm.group, loaded=LoadedMaterials(
+                       str(tmp_path / "loaded.json"), [("extruder", None)],
+                       True), definition=types.SimpleNamespace(id="test"))
+
+    class Req:
+        @staticmethod
+        def reachable_ip():
+            return "10.0.0.5"
+    farm.fakes[0].reachable = False
+    farm.tick()
+    card = json.loads(api.replies.printers(api.bridge.snapshot, Req))[1]
+    assert card["status"] == "unreachable"
+    assert card["state_message"] == "connection refused"
+    farm.fakes[0].poll = lambda: dict(FakeMoonraker.poll(farm.fakes[0]),
+                                      error="refused the API key (401)")
+    farm.tick()
+    card = json.loads(api.replies.printers(api.bridge.snapshot, Req))[1]
+    assert card["state_message"] == "refused the API key (401)"
