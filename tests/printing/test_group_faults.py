@@ -45,6 +45,8 @@ def member_state(member):
 
 
 # 1. A member that disappears mid-upload
+@pytest.mark.slow
+@pytest.mark.one_flavor   # waits out RETRY_AFTER: the first flavor is enough
 @pytest.mark.parametrize("how", ["connection_broken", "moonraker_killed"])
 def test_a_member_gone_mid_upload_keeps_no_half_file_and_gets_the_job_later(
         tmp_path, klippy_factory, members, how):
@@ -145,6 +147,8 @@ def test_a_job_aborted_while_it_is_sent_stays_aborted(tmp_path,
         proxy.close()
 
 
+@pytest.mark.slow
+@pytest.mark.one_flavor   # waits out RETRY_AFTER: the first flavor is enough
 def test_the_host_restarting_mid_upload_sends_the_job_again(
         tmp_path, klippy_factory, members):
     voron = members("voron")
