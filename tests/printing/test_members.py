@@ -249,8 +249,9 @@ def test_klippy_restart_not_ready_then_ready(member, client):
 
 
 def test_webcams_of_the_member(member, client):
+    # (Moonraker's default service: the MJPEG streamer crowsnest runs)
     assert client.webcams() == [{
-        "name": "bedcam",
+        "name": "bedcam", "service": "mjpegstreamer",
         "stream_url": "http://127.0.0.1/webcam/?action=stream",
         "snapshot_url": "http://127.0.0.1/webcam/?action=snapshot"}]
 
