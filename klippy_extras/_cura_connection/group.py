@@ -495,8 +495,10 @@ class PrinterGroup:
                                             "print": "resume",
                                             "abort": "cancel"}[action])()
                 except MemberError as e:
-                    raise Conflict("%s did not %s print job %s: %s" % (
-                        member.name, verb, job.name, e))
+                    if e.status is not None:
+                        raise Conflict("%s did not %s print job %s: %s" % (
+                            member.name, verb, job.name, e))
+                    # (no answer: what the member then shows decides)
                 status = self._settle(member, action)
             finally:
                 if job.action == action:

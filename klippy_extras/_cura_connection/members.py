@@ -215,10 +215,15 @@ class MoonrakerMember:
                 except (OSError, http.client.HTTPException) as e:
                     self.conn.close()
                     self.conn = None
-                    # Moonraker may have closed an idle keep-alive: once
-                    # more on a new connection (a start sent twice is
-                    # refused by Klippy: already printing)
-                    if fresh or attempt == 2 or isinstance(e, socket.timeout):
+                    # Moonraker may have closed an idle keep-alive: a read
+                    # once more on a new connection.  Never a command
+                    # (start, pause...): it may have arrived, and a start
+                    # sent twice is refused as "already printing"; its
+                    # caller decides on what the member then shows
+                    reads = method == "GET" or path.startswith(
+                        "/printer/objects/")
+                    if fresh or attempt == 2 or not reads \
+                            or isinstance(e, socket.timeout):
                         raise self._unreachable(e)
         if resp.status >= 300:
             raise self._refused(what, resp.status, resp.reason, data)
@@ -236,9 +241,16 @@ class MoonrakerMember:
             left = end - time.monotonic()
             if left <= 0:
                 raise socket.timeout("no whole answer in time")
+            if resp.length == 0:
+                # (read whole: closed, so the connection takes the next
+                # request; read1() leaves that to its caller)
+                resp.close()
+            if resp.isclosed():
+                return b"".join(parts)
             self.conn.sock.settimeout(left)
             part = resp.read1(READ_PIECE)
             if not part:
+                resp.close()
                 return b"".join(parts)
             size += len(part)
             if size > MAX_ANSWER:
