@@ -17,7 +17,7 @@ import uuid
 
 from .errors import Conflict, NotFound
 from .gate import Breather
-from .gcode_meta import valid_job_materials
+from .gcode_meta import checked_bounds, valid_job_materials
 from .names import (
     GCODE_EXTENSIONS, preview_beside, safe_base_name, safe_relative_path)
 from .storage import SavedState
@@ -138,19 +138,14 @@ SAVED_JOB_FIELDS = {
     "materials": lambda v: valid_job_materials(v),
     "target": lambda v: _printer_ref(v),
     "printer": lambda v: _printer_ref(v),
-    "bounds": lambda v: v is None or valid_bounds(v),
+    # (the check an upload's box passes: gcode_meta.checked_bounds)
+    "bounds": lambda v: v is None or (isinstance(v, list)
+                                      and checked_bounds(v) is not None),
 }
 
 
 def _printer_ref(v):
     return v == "" or (isinstance(v, str) and bool(JOB_UUID_RE.match(v)))
-
-
-def valid_bounds(v):
-    return isinstance(v, list) and len(v) == 6 and all(
-        isinstance(x, (int, float)) and not isinstance(x, bool)
-        and -1e5 <= x <= 1e5 for x in v) and all(
-            v[i] <= v[i + 3] for i in range(3))
 
 
 def saved_job(data, statuses):
