@@ -51,6 +51,15 @@ class Farm:
         self.store.add(job)
         return job
 
+    def api(self):
+        """A CuraApi over this farm's store and group (this printer's own
+        materials unknown)."""
+        return cura_api(self.gcodes, str(self.tmp / "data"), store=self.store,
+                        group=self.group, loaded=LoadedMaterials(
+                            str(self.tmp / "loaded.json"),
+                            [("extruder", None)], True),
+                        definition=types.SimpleNamespace(id="test"))
+
     def tick(self, *which):
         for m in which or self.members:
             self.group._tick(m)
@@ -356,10 +365,7 @@ def test_a_printer_that_left_the_group(tmp_path):
 def test_cards_and_jobs_as_cura_reads_them(tmp_path):
     farm = Farm(tmp_path)
     m0, m1 = farm.members
-    api = cura_api(farm.gcodes, str(tmp_path / "data"), store=farm.store,
-                   group=farm.group, loaded=LoadedMaterials(
-                       str(tmp_path / "loaded.json"), [("extruder", None)],
-                       True), definition=types.SimpleNamespace(id="test"))
+    api = farm.api()
     a = farm.job("a", target=m1.uuid)
     b = farm.job("b")
     farm.fakes[0].reachable = False
@@ -386,8 +392,7 @@ def test_uploads_name_a_printer_that_fits(tmp_path):
     m0, m1 = farm.members
     farm.fakes[1].axis_maximum = [500., 500., 500.]
     farm.tick()
-    api = cura_api(farm.gcodes, str(tmp_path / "data"), store=farm.store,
-                   group=farm.group)
+    api = farm.api()
     big = [0., 0., 0., 400., 400., 100.]
     assert api.target_of("m1", big, "x.gcode") == m1.uuid
     assert api.target_of("", big, "x.gcode") == ""
@@ -425,10 +430,7 @@ def test_materials_route_jobs_and_hold_the_one_named_for_a_member(
     farm.tick()
     assert pinned.status == "queued" and m0.held is pinned
     assert (m0.uuid, pinned) in farm.store.printer_jobs()[0]
-    api = cura_api(farm.gcodes, str(tmp_path / "data"), store=farm.store,
-                   group=farm.group, loaded=LoadedMaterials(
-                       str(tmp_path / "loaded.json"), [("extruder", None)]),
-                   definition=types.SimpleNamespace(id="test"))
+    api = farm.api()
     changes = api.job_json(pinned, m0.uuid)["configuration_changes_required"]
     assert [(c["origin_name"], c["target_name"]) for c in changes] == [
         ("PLA", "PETG")]
@@ -562,10 +564,7 @@ def test_a_start_that_got_no_answer_and_never_ran_goes_back(tmp_path):
 def test_a_members_card_shows_why_it_is_unreachable_at_once(tmp_path):
     farm = Farm(tmp_path, n=1)
     m0, = farm.members
-    api = cura_api(farm.gcodes, str(tmp_path / "data"), store=farm.store,
-                   group=farm.group, loaded=LoadedMaterials(
-                       str(tmp_path / "loaded.json"), [("extruder", None)],
-                       True), definition=types.SimpleNamespace(id="test"))
+    api = farm.api()
 
     class Req:
         @staticmethod

@@ -292,12 +292,7 @@ def test_a_member_looks_for_its_job_outside_the_store_lock(tmp_path):
 
 
 def group_api(farm, tmp_path):
-    from _cura_connection.materials import LoadedMaterials
-    from real_inputs import cura_api
-    return cura_api(farm.gcodes, str(tmp_path / "data"), store=farm.store,
-                    group=farm.group, loaded=LoadedMaterials(
-                        str(tmp_path / "loaded.json"), [("extruder", None)],
-                        True), definition=types.SimpleNamespace(id="test"))
+    return farm.api()
 
 
 class Req:
