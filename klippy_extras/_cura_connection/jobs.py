@@ -1,11 +1,14 @@
-# Jobs: the queue, the job on the printer and the history.
+# Jobs: the queue, the job on each printer of the group and the history.
 #
 # Job and JobStore with what is saved in queue.json and how it is read
-# back.  The store changes in the reactor, through the lifecycle (two
-# exceptions: arrived(), a flag a request thread sets under its lock, and
-# set_metadata(), which a reactor callback of the disk worker calls with
-# what it read in a print's file); any thread reads it; the disk worker
-# and request threads save it.
+# back.  This printer's job and the queue change in the reactor, through
+# the lifecycle (two exceptions: arrived(), a flag a request thread sets
+# under its lock, and set_metadata(), which a reactor callback of the disk
+# worker calls with what it read in a print's file); a group member's job
+# and plate (PrinterSlot), and the queued job a member takes, change in
+# that member's follower thread or an action's request thread (group.py),
+# under the store's lock.  Any thread reads it; the disk worker and
+# request threads save it.
 #
 # This file may be distributed under the terms of the GNU GPLv3 license.
 import json
@@ -205,10 +208,12 @@ class PrinterSlot:
 class JobStore(SavedState):
     """The queue, the job on the printer (current) and the history.
 
-    Only JobLifecycle changes it, in the reactor, under self.lock (held
-    for a few lines, never across a reactor pause; of the work that grows
-    with the queue, only a copy or a scan of its references, at C speed);
-    other threads read with all_jobs(), find() and get()."""
+    JobLifecycle changes it in the reactor, a group's followers and
+    actions (group.py) for their members in their threads, all under
+    self.lock (held for a few lines, never across a reactor pause; of the
+    work that grows with the queue, only a copy or a scan of its
+    references, at C speed); other threads read with all_jobs(), find()
+    and get()."""
     # Jobs listed in get_status() (the reactor's copy stays this small)
     STATUS_JOBS = 10
     def __init__(self, path, history_size, auto_start_next, host_uuid="",
