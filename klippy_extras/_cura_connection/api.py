@@ -5,7 +5,8 @@
 # (@route), and the table is checked at import.  Handlers run in request
 # threads of Klippy's process; they change jobs only through
 # bridge.call(lifecycle...), in the reactor (but for the upload's
-# store.arrived(), a flag).  The reads marked front=True are answered by
+# store.arrived(), a flag), and a group member's job through
+# PrinterGroup (act, plate_cleared) in the request thread itself.  The reads marked front=True are answered by
 # the front process from what front_link publishes; it also uses the
 # route table and receive_upload() in its own request threads.
 #
@@ -202,7 +203,8 @@ class ReplyCache:
 class CuraApi:
     """The cluster API: turns requests into JSON from snapshots and store.
     Handlers run in HTTP threads: they read snapshots and the store, and
-    change jobs only through bridge.call(lifecycle...), in the reactor."""
+    change jobs only through bridge.call(lifecycle...), in the reactor,
+    or, for a group member's job, through the PrinterGroup."""
     def __init__(self, bridge, store, lifecycle, intake, materials, loaded,
                  identity, access, definition, camera=None, max_queue=100,
                  group=None):
