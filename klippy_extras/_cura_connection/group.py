@@ -168,7 +168,9 @@ class GroupMember(PrinterSlot):
 class PrinterGroup:
     """The members of the group and their followers.  Threads: the
     followers; request threads (act, plate_cleared, route, the cards);
-    the reactor only for plate_cleared(wait=False) (no network)."""
+    the reactor only for the console's commands: plate_cleared(wait=False)
+    and a member's materials (memory only, no network), and CURA_QUEUE's
+    line per member."""
     def __init__(self, store, members, gcodes, host_name):
         self.store = store
         self.members = members          # [GroupMember], in card order
